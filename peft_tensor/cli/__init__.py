@@ -1,0 +1,57 @@
+"""The ``peft-tensor`` command line.
+
+Each sub-package contributes its subcommands through a ``register(subparsers)`` function listed in
+``_COMMAND_MODULES``; a module whose optional dependencies are missing is skipped with a note in ``--help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+_COMMAND_MODULES = (
+    "peft_tensor.cli.hub",  # push, info, load
+    "peft_tensor.cli.recipes",  # list, copy, run, demo
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="peft-tensor",
+        description="Tensor-decomposition PEFT for 3D medical imaging (tCURLoRA, LoRA-PT, HyPS).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    unavailable = []
+    for mod_name in _COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(mod_name)
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.startswith("peft_tensor.cli"):
+                continue  # module not written yet in this checkout
+            unavailable.append(f"{mod_name.rsplit('.', 1)[-1]} (missing {exc.name}; pip install 'peft-tensor[recipes]')")
+            continue
+        mod.register(sub)
+    if unavailable:
+        parser.epilog = "Unavailable command groups: " + "; ".join(unavailable)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:  # pragma: no cover
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
+        print(f"peft-tensor {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

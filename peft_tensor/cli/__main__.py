@@ -1,0 +1,5 @@
+import sys
+
+from peft_tensor.cli import main
+
+sys.exit(main())

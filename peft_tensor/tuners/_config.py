@@ -1,0 +1,69 @@
+"""Fields and checks shared by every peft_tensor config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from packaging.version import InvalidVersion, Version
+
+from ..errors import AdapterLoadError, PeftTensorError
+from ..version import __version__
+
+
+@dataclass
+class PeftTensorConfigMixin:
+    """Mixed into every peft_tensor ``PeftConfig`` subclass (before ``PeftConfig`` in the bases)."""
+
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": "Names (suffix match) or a regex (full match) of the nn.Linear modules to adapt. MONAI networks "
+            "have no default: name them, e.g. ['attn.qkv', 'attn.out_proj', 'mlp.linear1', 'mlp.linear2'] for UNETR."
+        },
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Names or a regex of modules to leave alone even if target_modules match."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None,
+        metadata={
+            "help": "Modules trained in full and saved with the adapter, e.g. the UNETR decoder and head as in the "
+            "papers. Use dotted names ('out.conv.conv'), a bare 'out' also matches dropout modules."
+        },
+    )
+    init_weights: bool = field(
+        default=True,
+        metadata={
+            "help": "True: the adapter is an exact identity at initialisation. False: trainable factors are "
+            "perturbed at random (for tests that must see a non-trivial adapter)."
+        },
+    )
+    peft_tensor_version: Optional[str] = field(
+        default=None, metadata={"help": "Version of peft_tensor that wrote this config; filled in automatically."}
+    )
+
+    def _check_common(self) -> None:
+        if self.peft_tensor_version is None:
+            self.peft_tensor_version = __version__
+        else:
+            try:
+                written, installed = Version(str(self.peft_tensor_version)), Version(__version__)
+            except InvalidVersion as exc:
+                raise AdapterLoadError(
+                    f"adapter_config.json has an invalid peft_tensor_version {self.peft_tensor_version!r}."
+                ) from exc
+            if written > installed:
+                raise AdapterLoadError(
+                    f"This adapter was written by peft_tensor {written}, newer than the installed {installed}. "
+                    f"Upgrade with `pip install -U 'peft-tensor>={written}'`."
+                )
+        if isinstance(self.target_modules, list):
+            self.target_modules = list(self.target_modules)
+        if not self.target_modules:
+            raise PeftTensorError(
+                f"{type(self).__name__} needs target_modules: MONAI networks have no default target set. "
+                "For UNETR use ['attn.qkv', 'attn.out_proj', 'mlp.linear1', 'mlp.linear2']."
+            )
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise PeftTensorError(f"r must be a positive integer, got {self.r!r}.")
