@@ -1,0 +1,236 @@
+"""HyPS layers: an ``nn.Linear`` wrapped with a parallel principal-SVD branch and a serial bottleneck branch."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from ...errors import MergeError, RankError
+from .config import HyPSConfig
+
+__all__ = ["HyPSLayer", "Linear", "principal_factors"]
+
+
+def principal_factors(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-r principal factors of a weight matrix, PiSSA style.
+
+    Args:
+        weight: (out, in) matrix, any floating dtype.
+        r: rank, ``1 <= r <= min(out, in)``.
+
+    Returns:
+        ``A = U_r S_r^(1/2)`` (out x r) and ``B = S_r^(1/2) V_r^T`` (r x in), in float32, on ``weight``'s device.
+        The SVD runs in float64 (float32 where the device has no float64, e.g. MPS); ``A @ B`` is the best rank-r
+        approximation of ``weight``. Singular vectors have an arbitrary sign, which is why adapters store ``A0, B0``.
+    """
+    wide = torch.float32 if weight.device.type == "mps" else torch.float64
+    u, s, vh = torch.linalg.svd(weight.detach().to(wide), full_matrices=False)
+    root = s[:r].sqrt()
+    a = u[:, :r] * root  # (out, r)
+    b = root[:, None] * vh[:r]  # (r, in)
+    return a.to(torch.float32), b.to(torch.float32)
+
+
+class HyPSLayer(BaseTunerLayer):
+    """Per-adapter state of a HyPS-wrapped layer.
+
+    Trainable (``adapter_layer_names``): ``hyps_A`` (out x r), ``hyps_B`` (r x in), ``hyps_down`` (Linear out -> d,
+    no bias), ``hyps_up`` (Linear d -> out, no bias). Frozen and saved (``other_param_names``): ``hyps_A0``, ``hyps_B0``
+    (persistent buffers with the initial factors), plus plain per-adapter settings. An adapter with a branch switched
+    off simply has no entry in that branch's containers.
+    """
+
+    adapter_layer_names = ("hyps_A", "hyps_B", "hyps_down", "hyps_up")
+    other_param_names = ("hyps_A0", "hyps_B0", "hyps_r", "hyps_d", "hyps_scale", "hyps_dropout")
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.hyps_A = nn.ParameterDict({})
+        self.hyps_B = nn.ParameterDict({})
+        # Persistent so that a saved adapter carries the exact initial factors: recomputing the SVD at load time could
+        # flip singular-vector signs and would no longer cancel A @ B.
+        self.hyps_A0 = BufferDict({}, persistent=True)
+        self.hyps_B0 = BufferDict({}, persistent=True)
+        self.hyps_down = nn.ModuleDict({})
+        self.hyps_up = nn.ModuleDict({})
+        self.hyps_r: dict[str, int] = {}
+        self.hyps_d: dict[str, int] = {}
+        self.hyps_scale: dict[str, float] = {}
+        # A plain probability, not an nn.Dropout module: a module name ending in "dropout" would be matched by
+        # modules_to_save=["out"] (PEFT matches modules_to_save by bare suffix).
+        self.hyps_dropout: dict[str, float] = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.kwargs = kwargs
+
+        base = self.get_base_layer()
+        if not isinstance(base, nn.Linear):  # the tuner checks this first; this guards direct construction
+            raise TypeError(f"HyPS wraps nn.Linear only, got {type(base).__name__}.")
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+
+    def update_layer(self, adapter_name: str, config: HyPSConfig, layer_name: str = "") -> None:
+        """Create (or re-create) the adapter ``adapter_name`` on this layer from ``config``."""
+        out_features, in_features = self.out_features, self.in_features
+        where = f" at {layer_name!r}" if layer_name else ""
+        if config.parallel and config.r > min(out_features, in_features):
+            raise RankError(
+                f"HyPS r={config.r} exceeds min(out, in) = {min(out_features, in_features)} of the Linear{where} "
+                f"({out_features} x {in_features}). Lower r or exclude that layer via exclude_modules."
+            )
+
+        self.hyps_r[adapter_name] = config.r
+        self.hyps_d[adapter_name] = config.d
+        self.hyps_scale[adapter_name] = config.serial_scale
+        self.hyps_dropout[adapter_name] = config.dropout
+
+        base_weight = self.get_base_layer().weight
+        if config.parallel:
+            if base_weight.device.type == "meta":
+                a0 = torch.empty(out_features, config.r, device="meta")
+                b0 = torch.empty(config.r, in_features, device="meta")
+            else:
+                a0, b0 = principal_factors(base_weight, config.r)
+            self.hyps_A0[adapter_name] = a0
+            self.hyps_B0[adapter_name] = b0
+            a, b = a0.clone(), b0.clone()
+            if not config.init_weights and a.device.type != "meta":
+                # A visibly non-trivial adapter for tests: perturb the trainable copies, keep A0/B0 the true factors.
+                a = a + 0.1 * a.abs().mean().clamp_min(1e-3) * torch.randn_like(a)
+                b = b + 0.1 * b.abs().mean().clamp_min(1e-3) * torch.randn_like(b)
+            self.hyps_A[adapter_name] = nn.Parameter(a)
+            self.hyps_B[adapter_name] = nn.Parameter(b)
+
+        if config.serial:
+            down = nn.Linear(out_features, config.d, bias=False, device=base_weight.device)
+            up = nn.Linear(config.d, out_features, bias=False, device=base_weight.device)
+            if down.weight.device.type != "meta":
+                nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
+                if config.init_weights:
+                    nn.init.zeros_(up.weight)
+                else:
+                    nn.init.normal_(up.weight, std=1.0 / config.d)
+            self.hyps_down[adapter_name] = down
+            self.hyps_up[adapter_name] = up
+
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters)
+
+    # ----------------------------------------------------------------------------------------------------- merging
+
+    def _has_parallel(self, adapter: str) -> bool:
+        return adapter in self.hyps_A
+
+    def _has_serial(self, adapter: str) -> bool:
+        return adapter in self.hyps_down
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """``A @ B - A0 @ B0`` (out x in) for ``adapter``, computed in float32 or wider, in the base weight's dtype."""
+        weight = self.get_base_layer().weight
+        compute = torch.promote_types(self.hyps_A[adapter].dtype, torch.float32)
+        a, b = self.hyps_A[adapter].to(compute), self.hyps_B[adapter].to(compute)
+        a0, b0 = self.hyps_A0[adapter].to(compute), self.hyps_B0[adapter].to(compute)
+        return (a @ b - a0 @ b0).to(weight.dtype)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Add the parallel branch ``A B - A0 B0`` of each adapter to the base weight.
+
+        Raises:
+            MergeError: an adapter to merge has a serial branch (checked for all adapters before anything changes),
+                or, with ``safe_merge``, the merged weight would contain NaN/inf.
+        """
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        for adapter in adapter_names:
+            if self._has_serial(adapter):
+                raise MergeError(serial_merge_message(adapter))
+
+        base_layer = self.get_base_layer()
+        for adapter in adapter_names:
+            if not self._has_parallel(adapter):
+                continue
+            delta = self.get_delta_weight(adapter)
+            if safe_merge:
+                merged = base_layer.weight.data + delta
+                if not torch.isfinite(merged).all():
+                    raise MergeError(
+                        f"NaN/inf in the merged weight of HyPS adapter {adapter!r}: its factors are broken (diverged "
+                        "training or a corrupted file). The base weight was left unchanged; check the adapter."
+                    )
+                base_layer.weight.data = merged
+            else:
+                base_layer.weight.data += delta
+            self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        """Subtract every merged parallel branch from the base weight again."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            if self._has_parallel(adapter):
+                self.get_base_layer().weight.data -= self.get_delta_weight(adapter)
+
+
+def serial_merge_message(adapter: str) -> str:
+    return (
+        f"HyPS adapter {adapter!r} has a serial branch, y = h + scale * Up(ReLU(Down(h))). It is non-linear in the "
+        "layer input, so it cannot be folded into the Linear weight. Either run unmerged inference (the PeftModel works "
+        "as is; only the parallel branch is mergeable), use unload() to drop the adapter without merging, or train "
+        "with HyPSConfig(serial=False) for a fully mergeable parallel-only adapter."
+    )
+
+
+class Linear(nn.Module, HyPSLayer):
+    """HyPS around an ``nn.Linear``.
+
+    Forward, for input x (..., in) and each active adapter in order:
+    ``h = base(x) + [A (B drop(x)) - A0 (B0 drop(x))]`` (parallel; skipped if merged), then
+    ``h = h + scale * Up(ReLU(Down(drop(h))))`` (serial). Adapter math runs in the adapter's dtype (float32 under
+    PEFT's autocast for float16/bfloat16 bases) and the output is cast back to the base output dtype.
+    """
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: HyPSConfig, layer_name: str = "", **kwargs):
+        super().__init__()
+        HyPSLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, layer_name=layer_name)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+
+        result = self.base_layer(x, *args, **kwargs)
+        result_dtype = result.dtype
+        for adapter in self.active_adapters:
+            p = self.hyps_dropout.get(adapter, 0.0)
+            if self._has_parallel(adapter) and adapter not in self.merged_adapters:
+                a, b = self.hyps_A[adapter], self.hyps_B[adapter]
+                xa = self._cast_input_dtype(x, a.dtype)
+                if p > 0.0:
+                    xa = F.dropout(xa, p=p, training=self.training)
+                # Two low-rank paths, never the dense (out x in) update: cheaper for many tokens, and exactly zero
+                # while A == A0 and B == B0 (identical computations cancel bit for bit).
+                delta = F.linear(F.linear(xa, b), a) - F.linear(F.linear(xa, self.hyps_B0[adapter]), self.hyps_A0[adapter])
+                result = result + delta.to(result_dtype)
+            if self._has_serial(adapter):
+                down, up = self.hyps_down[adapter], self.hyps_up[adapter]
+                h = self._cast_input_dtype(result, down.weight.dtype)
+                if p > 0.0:
+                    h = F.dropout(h, p=p, training=self.training)
+                result = result + (self.hyps_scale[adapter] * up(F.relu(down(h)))).to(result_dtype)
+        return result
+
+    def __repr__(self) -> str:
+        return "hyps." + super().__repr__()

@@ -1,0 +1,157 @@
+"""The HyPS tuner: decides which layers to wrap and enforces HyPS's rules for merging."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule
+from torch import nn
+
+from ...errors import MergeError, RankError, TargetModulesError
+from .config import HyPSConfig
+from .layer import HyPSLayer, Linear, serial_merge_message
+
+__all__ = ["HyPSModel"]
+
+_MAX_LISTED = 12
+
+
+def _available_linear_names(model: nn.Module) -> list[str]:
+    """Suffixes (last two name parts) of the model's nn.Linear modules, in order, without repeats."""
+    seen: dict[str, None] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and not isinstance(module, BaseTunerLayer) and ".hyps_" not in name:
+            seen.setdefault(".".join(name.split(".")[-2:]), None)
+    return list(seen)
+
+
+class HyPSModel(BaseTuner):
+    """Hybrid parallel + serial adaptation (HyPS, arXiv 2409.00884) of every targeted ``nn.Linear``.
+
+    See [`HyPSConfig`] for the maths. There are no default targets (MONAI networks have no PEFT model-type mapping):
+    pass ``target_modules``, e.g. [`SWINUNETR_HYPS_TARGETS`] for SwinUNETR or
+    ``["attn.qkv", "attn.out_proj", "mlp.linear1", "mlp.linear2"]`` for UNETR.
+
+    Merging: only the parallel branch is mergeable (exactly, ``W += A B - A0 B0``). Merging an adapter that has a
+    serial branch raises [`MergeError`] before any weight changes; with ``serial=False``, ``merge_and_unload()``
+    returns the plain base network.
+    """
+
+    prefix: str = "hyps_"
+    tuner_layer_cls = HyPSLayer
+    target_module_mapping: dict = {}
+
+    # ------------------------------------------------------------------------------------------------- injection
+
+    def _prepare_adapter_config(self, peft_config: HyPSConfig, model_config: dict) -> HyPSConfig:
+        if not peft_config.target_modules:
+            raise TargetModulesError(
+                "HyPS needs target_modules (there is no default target set for this model). For SwinUNETR use "
+                "SWINUNETR_HYPS_TARGETS = ['attn.qkv', 'attn.proj', 'mlp.linear1', 'mlp.linear2', "
+                "'downsample.reduction']."
+            )
+        return peft_config
+
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: Optional[dict[str, torch.Tensor]] = None,
+    ) -> None:
+        # Validate every match before PEFT starts replacing modules, so bad input never leaves a half-wrapped model.
+        if state_dict is None:
+            self._check_targets(model, self.peft_config[adapter_name])
+        super().inject_adapter(
+            model,
+            adapter_name,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+            state_dict=state_dict,
+        )
+
+    def _check_targets(self, model: nn.Module, config: HyPSConfig) -> None:
+        tuner_layers = [name + "." for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+        matched = []
+        for name, module in model.named_modules():
+            if not name or any(name.startswith(prefix) for prefix in tuner_layers):
+                continue
+            result = self._check_target_module_exists(config, name)
+            if result and not isinstance(result, _ExcludedModule):
+                matched.append((name, module))
+
+        if not matched:
+            available = _available_linear_names(model)
+            listed = ", ".join(repr(n) for n in available[:_MAX_LISTED])
+            more = f" (and {len(available) - _MAX_LISTED} more)" if len(available) > _MAX_LISTED else ""
+            raise TargetModulesError(
+                f"HyPS target_modules={config.target_modules!r} match no module of {type(model).__name__}"
+                f"{' outside exclude_modules/modules_to_save' if config.exclude_modules or config.modules_to_save else ''}. "
+                f"Name nn.Linear modules by suffix; this model's Linear layers end in: {listed or 'none'}{more}."
+            )
+
+        for name, module in matched:
+            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+            if not isinstance(base, nn.Linear):
+                raise TargetModulesError(
+                    f"HyPS adapts nn.Linear layers only, but target_modules={config.target_modules!r} matched {name!r}, "
+                    f"a {type(base).__name__}. Make the pattern more specific (e.g. 'attn.proj' instead of 'proj') or "
+                    "add that module to exclude_modules."
+                )
+            if config.parallel and config.r > min(base.in_features, base.out_features):
+                raise RankError(
+                    f"HyPS r={config.r} exceeds min(out, in) = {min(base.in_features, base.out_features)} of the "
+                    f"Linear {name!r} ({base.out_features} x {base.in_features}). Lower r or add {name!r} to "
+                    "exclude_modules."
+                )
+
+    def _create_and_replace(
+        self,
+        hyps_config: HyPSConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs,
+    ) -> None:
+        if isinstance(target, HyPSLayer):
+            target.update_layer(adapter_name, hyps_config, layer_name=current_key)
+            return
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if not isinstance(base, nn.Linear):
+            raise TargetModulesError(
+                f"HyPS adapts nn.Linear layers only; {current_key!r} is a {type(base).__name__}. Narrow target_modules."
+            )
+        new_module = Linear(target, adapter_name, hyps_config, layer_name=current_key)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    # --------------------------------------------------------------------------------------------------- merging
+
+    def _check_mergeable(self, adapter_names: Optional[list[str]]) -> None:
+        names = self.active_adapters if adapter_names is None else adapter_names
+        for name in names:
+            config = self.peft_config.get(name)
+            if config is not None and config.serial:
+                raise MergeError(serial_merge_message(name))
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        self._check_mergeable(adapter_names)
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def _unload_and_optionally_merge(
+        self,
+        merge: bool = True,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: Optional[list[str]] = None,
+    ):
+        if merge:
+            self._check_mergeable(adapter_names)
+        return super()._unload_and_optionally_merge(
+            merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
