@@ -49,11 +49,42 @@ def _real_slice_ids(n_slices: int) -> list[int]:
     return ids
 
 
-def _svd_fourier(a_hat: torch.Tensor, n_slices: int):
-    """Slice-wise thin SVD of rfft slices, real on the DC/Nyquist slices. Returns complex U, real s, complex Vh."""
-    u, s, vh = torch.linalg.svd(a_hat, full_matrices=False)
+def _randomized_svd(m: torch.Tensor, rank: int, oversample: int = 10, n_iter: int = 4):
+    """Top-``rank`` SVD of a batch of matrices by randomized subspace iteration (Halko, Martinsson & Tropp 2011).
+
+    Deterministic for a given device (fixed generator seed). Far cheaper than a full SVD when ``rank`` is much
+    smaller than the matrix; accurate for the decaying spectra of trained weights.
+    """
+    n_rows, n_cols = m.shape[-2:]
+    q = min(rank + oversample, n_rows, n_cols)
+    gen = torch.Generator(device=m.device).manual_seed(0)
+    real_dtype = m.real.dtype if m.is_complex() else m.dtype
+    g = torch.randn(*m.shape[:-2], n_cols, q, generator=gen, device=m.device, dtype=real_dtype).to(m.dtype)
+    m_h = m.mH.contiguous()  # a lazily conjugated view makes every complex matmul take a slow path
+    basis = torch.linalg.qr(m @ g).Q
+    for _ in range(n_iter):
+        basis = torch.linalg.qr(m_h @ basis).Q
+        basis = torch.linalg.qr(m @ basis).Q
+    u_small, s, vh = torch.linalg.svd(basis.mH @ m, full_matrices=False)
+    return (basis @ u_small)[..., :rank], s[..., :rank], vh[..., :rank, :]
+
+
+def _svd(m: torch.Tensor, rank: int, method: str):
+    if method == "auto":
+        method = "randomized" if 4 * (rank + 10) < min(m.shape[-2:]) else "full"
+    if method == "full":
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+        return u[..., :rank], s[..., :rank], vh[..., :rank, :]
+    if method == "randomized":
+        return _randomized_svd(m, rank)
+    raise ValueError(f"svd method must be 'auto', 'full' or 'randomized', got {method!r}")
+
+
+def _svd_fourier(a_hat: torch.Tensor, n_slices: int, rank: int, method: str = "auto"):
+    """Slice-wise truncated SVD of rfft slices, real on the DC/Nyquist slices. Returns complex U, real s, complex Vh."""
+    u, s, vh = _svd(a_hat, rank, method)
     for i in _real_slice_ids(n_slices):
-        ur, sr, vhr = torch.linalg.svd(a_hat[..., i, :, :].real, full_matrices=False)
+        ur, sr, vhr = _svd(a_hat[..., i, :, :].real, rank, method)
         u[..., i, :, :] = ur.to(u.dtype)
         s[..., i, :] = sr
         vh[..., i, :, :] = vhr.to(vh.dtype)
@@ -64,14 +95,18 @@ def t_svd(a: torch.Tensor) -> TSVD:
     """Thin t-SVD of ``a`` ``(..., L, n1, n2)``: ``k = min(n1, n2)``; factors are exactly real."""
     if a.dim() < 3:
         raise ValueError(f"t_svd needs a tensor of shape (..., L, n1, n2), got {tuple(a.shape)}")
-    return truncated_t_svd(a, min(a.shape[-2], a.shape[-1]))
+    return truncated_t_svd(a, min(a.shape[-2], a.shape[-1]), method="full")
 
 
-def truncated_t_svd(a: torch.Tensor, rank: int) -> TSVD:
+def truncated_t_svd(a: torch.Tensor, rank: int, method: str = "auto") -> TSVD:
     """Tubal-rank-``rank`` t-SVD: the principal part ``U_r * S_r * V_r^T`` of ``a``.
 
     ``U_r`` and ``V_r`` are t-orthonormal (``U_r^T * U_r = I``). Ties among singular values, and the sign/phase of
     singular vectors, are not unique: callers that must reproduce a decomposition later should store it.
+
+    ``method``: ``"full"`` (LAPACK SVD of every Fourier slice), ``"randomized"`` (subspace iteration for the top
+    ``rank`` triplets; much faster for large slices) or ``"auto"`` (randomized when ``rank`` is small relative to
+    the slice size).
     """
     if a.dim() < 3:
         raise ValueError(f"truncated_t_svd needs a tensor of shape (..., L, n1, n2), got {tuple(a.shape)}")
@@ -79,8 +114,7 @@ def truncated_t_svd(a: torch.Tensor, rank: int) -> TSVD:
     if not 1 <= rank <= min(n1, n2):
         raise ValueError(f"rank must be in [1, min(n1, n2)] = [1, {min(n1, n2)}], got {rank}")
     a_hat = to_fourier(a)
-    u, s, vh = _svd_fourier(a_hat, n_slices)
-    u, s, vh = u[..., :rank], s[..., :rank], vh[..., :rank, :]
+    u, s, vh = _svd_fourier(a_hat, n_slices, rank, method)
     U = from_fourier(u, n_slices)
     S = from_fourier(torch.diag_embed(s).to(u.dtype), n_slices)
     V = from_fourier(vh.mH, n_slices)

@@ -1,0 +1,20 @@
+"""peft_tensor: tensor-decomposition parameter-efficient fine-tuning for 3D medical imaging, as PEFT methods.
+
+Importing this package registers ``TCURLORA``, ``LORAPT`` and ``HYPS`` with HuggingFace PEFT, so
+``get_peft_model(model, TCURLoraConfig(...))`` and ``PeftModel.from_pretrained`` work on our adapters.
+"""
+
+from .version import __version__
+from .tuners.tcurlora import TCURLoraConfig, TCURLoraModel
+from .tuners.lorapt import LoraPTConfig, LoraPTModel
+from .loading import load_adapter_checked, from_pretrained
+
+__all__ = [
+    "__version__",
+    "TCURLoraConfig",
+    "TCURLoraModel",
+    "LoraPTConfig",
+    "LoraPTModel",
+    "from_pretrained",
+    "load_adapter_checked",
+]

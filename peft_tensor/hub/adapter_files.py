@@ -1,0 +1,192 @@
+"""Reading an adapter directory without touching any model: config, tensor shapes, and shape checks.
+
+Adapter tensor names as PEFT saves them: ``base_model.model.<module path>.<adapter attribute>...`` for per-layer
+state (``...attn.qkv.lora_A.weight``), ``base_model.model.<module path>.<param>`` for ``modules_to_save`` copies,
+and ``base_model.<tuner attribute>...`` for state a tuner keeps once for all layers (shared tensors).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+from torch import nn
+
+from ..errors import AdapterLoadError
+
+CONFIG_FILE = "adapter_config.json"
+SAFE_WEIGHTS = "adapter_model.safetensors"
+PICKLED_WEIGHTS = "adapter_model.bin"
+LAYER_PREFIX = "base_model.model."
+
+# peft_type -> distribution that provides it, for adapters whose method the installed PEFT does not know.
+KNOWN_PROVIDERS = {"TCURLORA": "peft-tensor", "LORAPT": "peft-tensor", "HYPS": "peft-tensor"}
+
+
+def read_adapter_config(adapter_dir: str | os.PathLike) -> dict:
+    path = Path(adapter_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise AdapterLoadError(f"{path} not found: not a PEFT adapter directory (expected {CONFIG_FILE}).")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise AdapterLoadError(f"{path} is not valid JSON ({exc}).") from exc
+    if not isinstance(config, dict) or not config.get("peft_type"):
+        raise AdapterLoadError(f"{path} has no 'peft_type': it does not say which PEFT method wrote it.")
+    return config
+
+
+def check_peft_type(config: dict, provenance: dict | None = None, where: str = "") -> None:
+    """Refuse a peft_type the installed PEFT cannot load, naming the package (and version) that provides it."""
+    import peft
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    peft_type = str(config["peft_type"])
+    if peft_type in PEFT_TYPE_TO_CONFIG_MAPPING:
+        return
+    provider = KNOWN_PROVIDERS.get(peft_type)
+    written = (provenance or {}).get("written_by", {})
+    if provider == "peft-tensor":
+        from ..version import __version__
+
+        version = config.get("peft_tensor_version") or written.get("peft_tensor")
+        need = f"peft-tensor>={version}" if version else "peft-tensor"
+        raise AdapterLoadError(
+            f"{where}adapter_config.json has peft_type {peft_type!r}, a method of {need} (this adapter was written by "
+            f"peft-tensor {version or '?'}); the running peft_tensor {__version__} did not register it with PEFT. "
+            f"`import peft_tensor` before loading, or `pip install -U '{need}'`."
+        )
+    hint = f"It is provided by the '{provider}' package: pip install {provider}" if provider else (
+        "Install the package that provides this method (see the adapter's model card) and import it first")
+    raise AdapterLoadError(
+        f"{where}adapter_config.json has peft_type {peft_type!r}, which the installed peft {peft.__version__} does "
+        f"not know. {hint}."
+    )
+
+
+def tensor_shapes(adapter_dir: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the tensors in ``adapter_model.safetensors`` (header only, nothing is loaded)."""
+    from safetensors import safe_open
+
+    path = Path(adapter_dir) / SAFE_WEIGHTS
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise AdapterLoadError(f"{path} is not a readable safetensors file ({exc}); download or save it again.") from exc
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def adapted_module_shapes(peft_model, adapter_name: str) -> dict[str, dict[str, list[int]]]:
+    """For every base module an adapter wraps: its original parameter shapes (recorded at save time)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    base = peft_model.get_base_model()
+    out: dict[str, dict[str, list[int]]] = {}
+    for name, module in base.named_modules():
+        if isinstance(module, BaseTunerLayer) and adapter_name in _adapter_names(module):
+            original = module.get_base_layer()
+        elif isinstance(module, AuxiliaryTrainingWrapper) and adapter_name in getattr(module, "_adapters", ()):
+            original = module.original_module
+        else:
+            continue
+        out[name] = {p: list(t.shape) for p, t in original.named_parameters(recurse=False)}
+    return out
+
+
+def _adapter_names(layer) -> set[str]:
+    names = set()
+    for attr in getattr(layer, "adapter_layer_names", ()) + getattr(layer, "other_param_names", ()):
+        value = getattr(layer, attr, None)
+        if hasattr(value, "keys"):
+            names.update(value.keys())
+    return names
+
+
+def check_shapes(base: nn.Module, shapes: dict[str, tuple[int, ...]], config: dict, record: dict | None,
+                 where: str = "") -> None:
+    """Check an adapter against a plain (not yet wrapped) base network; raise before anything is modified."""
+    from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
+
+    modules = dict(base.named_modules())
+    prefix = PEFT_TYPE_TO_PREFIX_MAPPING.get(str(config["peft_type"]), "")
+    problems: list[str] = []
+    for name, params in ((record or {}).get("module_shapes") or {}).items():
+        module = modules.get(name)
+        if module is None:
+            problems.append(f"module {name} is missing from the base network")
+            continue
+        for pname, shape in params.items():
+            have = getattr(module, pname, None)
+            if have is None or list(have.shape) != list(shape):
+                problems.append(f"{name}.{pname}: adapter expects {tuple(shape)}, base network has "
+                                f"{tuple(have.shape) if have is not None else 'no such parameter'}")
+    for key, shape in shapes.items():
+        if not key.startswith(LAYER_PREFIX):
+            continue  # tuner-level shared state
+        parts = key[len(LAYER_PREFIX):].split(".")
+        for cut in range(len(parts) - 1, -1, -1):
+            if ".".join(parts[:cut]) in modules:
+                break
+        module_name, rest = ".".join(parts[:cut]), parts[cut:]
+        module = modules[module_name]
+        direct = dict(module.named_parameters(recurse=False)) | dict(module.named_buffers(recurse=False))
+        if len(rest) == 1 and rest[0] in direct:  # a modules_to_save copy: must match exactly
+            if tuple(direct[rest[0]].shape) != shape:
+                problems.append(f"{key}: adapter has {shape}, base network has {tuple(direct[rest[0]].shape)}")
+        elif not (prefix and rest[0].startswith(prefix)):
+            problems.append(f"{key}: the base network has no module {'.'.join(parts[:cut + 1])}")
+        elif isinstance(module, nn.Linear) and len(shape) == 2 and rest[0] in ("lora_A", "lora_B"):
+            want = module.in_features if rest[0] == "lora_A" else module.out_features
+            got = shape[1] if rest[0] == "lora_A" else shape[0]
+            if want != got:
+                problems.append(f"{key}: adapter has {shape}, which does not fit {module_name} "
+                                f"(Linear {module.in_features}->{module.out_features})")
+    if problems:
+        more = f" (and {len(problems) - 6} more)" if len(problems) > 6 else ""
+        raise AdapterLoadError(
+            f"{where}adapter does not fit this base network -- nothing was modified:\n  - "
+            + "\n  - ".join(problems[:6]) + more
+            + "\nLoad it onto the base network it was trained for (see peft_tensor.json / the model card)."
+        )
+
+
+def group_summary(shapes: dict[str, tuple[int, ...]], config: dict) -> list[str]:
+    """Human-readable grouping: adapted modules by name suffix, and shared (tuner-level) tensors."""
+    from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
+
+    prefix = PEFT_TYPE_TO_PREFIX_MAPPING.get(str(config.get("peft_type")), "") or "\0"
+    per_module: dict[str, list[str]] = {}
+    shared, saved_whole = [], set()
+    for key, shape in shapes.items():
+        if not key.startswith(LAYER_PREFIX):
+            shared.append(f"{key[len('base_model.'):]} {list(shape)}")
+            continue
+        parts = key[len(LAYER_PREFIX):].split(".")
+        idx = next((i for i, p in enumerate(parts) if p.startswith(prefix)), None)
+        if idx is None:
+            saved_whole.add(".".join(parts[:-1]))
+        else:
+            per_module.setdefault(".".join(parts[:idx]), []).append(parts[idx])
+    suffixes = Counter(".".join(n.split(".")[-2:]) for n in per_module)
+    lines = []
+    if config.get("grouping"):
+        lines.append(f"grouping={config['grouping']}")
+    if per_module:
+        lines.append(f"{len(per_module)} adapted modules: " + ", ".join(f"{s} x{c}" for s, c in sorted(suffixes.items())))
+    if shared:
+        lines.append(f"{len(shared)} shared tensors: " + "; ".join(shared[:6]) + (" ..." if len(shared) > 6 else ""))
+    if saved_whole:
+        lines.append("trained in full (modules_to_save): " + ", ".join(sorted(saved_whole)))
+    return lines

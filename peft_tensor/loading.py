@@ -1,0 +1,186 @@
+"""Checked loading of adapters: clear errors *before* the base model is touched.
+
+``PeftModel.from_pretrained`` works on our adapters once ``peft_tensor`` is imported, but a bad adapter directory
+surfaces as a ``KeyError`` or a deep ``load_state_dict`` size-mismatch trace, after the base model has already
+been modified in place. :func:`from_pretrained` validates first:
+
+* ``adapter_config.json`` exists, is JSON, has a known ``peft_type``, and was not written by a newer peft_tensor;
+* ``adapter_model.safetensors`` is a complete safetensors file (header parses, data covers the file exactly);
+* for peft_tensor methods, the group tensors planned on *this* base model have the saved shapes (same network,
+  same number of layers);
+
+and if PEFT still fails, the base model is restored (wrappers removed) before the error is re-raised.
+Only safetensors are read here; pickled ``.bin`` adapters are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any, Optional
+
+from torch import nn
+
+from .errors import AdapterLoadError
+
+__all__ = ["from_pretrained", "load_adapter_checked", "read_adapter_config", "read_safetensors_header",
+           "check_adapter_compatible", "restore_base_model"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def read_adapter_config(adapter_dir: str | os.PathLike) -> dict:
+    """Read and sanity-check ``adapter_config.json`` (peft_type present and known to PEFT)."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    path = Path(adapter_dir) / CONFIG_NAME
+    if not path.is_file():
+        raise AdapterLoadError(f"No {CONFIG_NAME} in {adapter_dir}: is this an adapter directory (save_pretrained output)?")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise AdapterLoadError(f"{path} is not valid JSON ({exc}); the file is corrupted, re-save the adapter.") from exc
+    if not isinstance(cfg, dict):
+        raise AdapterLoadError(f"{path} must hold a JSON object, found {type(cfg).__name__}.")
+    peft_type = cfg.get("peft_type")
+    known = sorted(str(k.value if hasattr(k, "value") else k) for k in PEFT_TYPE_TO_CONFIG_MAPPING)
+    if not peft_type:
+        raise AdapterLoadError(
+            f"{path} has no 'peft_type', so PEFT cannot tell which method wrote it. Add the method name, e.g. "
+            '"peft_type": "TCURLORA" (peft_tensor provides TCURLORA, LORAPT, HYPS).'
+        )
+    if str(peft_type) not in known:
+        raise AdapterLoadError(
+            f"{path} has peft_type {peft_type!r}, which neither PEFT nor peft_tensor provides. If another package "
+            "implements it, install and import that package first. Known types: " + ", ".join(known[:12]) + " ..."
+        )
+    return cfg
+
+
+def read_safetensors_header(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """Parse a safetensors header without loading tensors; verify the file is complete. Returns name -> info."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterLoadError(f"Missing {path.name} in {path.parent}. peft_tensor loads safetensors adapters only.")
+    size = path.stat().st_size
+    hint = "The file is corrupted or was cut off while being written or downloaded; save or download it again."
+    with open(path, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) < 8:
+            raise AdapterLoadError(f"{path} is too short to be a safetensors file ({size} bytes). {hint}")
+        (n,) = struct.unpack("<Q", raw)
+        if n > size - 8 or n > 100_000_000:
+            raise AdapterLoadError(f"{path}: header length {n} exceeds the file size {size}. {hint}")
+        try:
+            header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise AdapterLoadError(f"{path}: the safetensors header is not valid JSON. {hint}") from exc
+    header.pop("__metadata__", None)
+    end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+    if 8 + n + end != size:
+        raise AdapterLoadError(f"{path}: header describes {8 + n + end} bytes but the file has {size}. {hint}")
+    return header
+
+
+def check_adapter_compatible(base_model: nn.Module, adapter_dir: str | os.PathLike, config=None) -> None:
+    """For peft_tensor tensor-group methods: raise unless the saved group tensors fit ``base_model``."""
+    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+    from peft.config import PeftConfig
+
+    from .tuners.tensor_group import TensorGroupTuner
+
+    if config is None:
+        config = PeftConfig.from_pretrained(str(adapter_dir))
+    tuner_cls = PEFT_TYPE_TO_TUNER_MAPPING.get(config.peft_type)
+    header = read_safetensors_header(Path(adapter_dir) / WEIGHTS_NAME)
+    if not (isinstance(tuner_cls, type) and issubclass(tuner_cls, TensorGroupTuner)):
+        return
+    try:
+        specs = tuner_cls.plan(base_model, config)
+    except ValueError as exc:
+        raise AdapterLoadError(f"The adapter in {adapter_dir} does not fit this base model: {exc}") from exc
+    prefix = f"base_model.{tuner_cls.groups_attr}."
+    saved_groups = {k[len(prefix):].split(".", 1)[0] for k in header if k.startswith(prefix)}
+    if len(saved_groups) != len(specs):
+        raise AdapterLoadError(
+            f"The adapter in {adapter_dir} has {len(saved_groups)} group tensors, but its config on this "
+            f"{type(base_model).__name__} gives {len(specs)} ({', '.join(s.name for s in specs)}). It was trained on "
+            "another network: load it onto the base model it was trained on."
+        )
+    for i, spec in enumerate(specs):
+        for name, shape in tuner_cls.group_cls.expected_shapes(spec, config).items():
+            key = f"{prefix}{i}.{name}"
+            if key not in header:
+                raise AdapterLoadError(f"{adapter_dir}: tensor {key} is missing from {WEIGHTS_NAME}; the file is incomplete.")
+            saved = tuple(header[key]["shape"])
+            if saved != tuple(shape):
+                raise AdapterLoadError(
+                    f"The adapter in {adapter_dir} does not fit this base model: group {spec.name!r} tensor {name} "
+                    f"was saved with shape {saved}, this model needs {tuple(shape)} (group "
+                    f"{spec.n_slices} x {spec.n1} x {spec.n2}: a different layer width or number of layers). Load it "
+                    "onto the base network it was trained on."
+                )
+
+
+def restore_base_model(model: nn.Module) -> nn.Module:
+    """Remove PEFT wrappers injected into ``model`` in place (used after a failed load)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import ModulesToSaveWrapper
+
+    for name, module in list(model.named_modules()):
+        if not name:
+            continue
+        if isinstance(module, BaseTunerLayer) or isinstance(module, ModulesToSaveWrapper):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            original = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module.original_module
+            setattr(parent, child, original)
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+    return model
+
+
+def _validate(base_model: nn.Module, adapter_dir: str, subfolder: Optional[str]) -> None:
+    path = Path(adapter_dir) / subfolder if subfolder else Path(adapter_dir)
+    if not path.is_dir():
+        return  # a Hub repo id: peft_tensor.hub validates after download
+    read_adapter_config(path)
+    if not (path / WEIGHTS_NAME).is_file() and (path / "adapter_model.bin").is_file():
+        raise AdapterLoadError(
+            f"{path} holds only a pickled adapter_model.bin; peft_tensor loads safetensors only (unpickling untrusted "
+            "files can run code). Convert it with safetensors.torch.save_file in a trusted environment."
+        )
+    from peft.config import PeftConfig
+
+    config = PeftConfig.from_pretrained(str(path))
+    check_adapter_compatible(base_model, path, config)
+
+
+def from_pretrained(base_model: nn.Module, adapter_dir: str, adapter_name: str = "default",
+                    is_trainable: bool = False, subfolder: Optional[str] = None, **kwargs):
+    """``PeftModel.from_pretrained`` with validation first and the base model restored on failure."""
+    from peft import PeftModel
+
+    _validate(base_model, adapter_dir, subfolder)
+    if subfolder:
+        kwargs["subfolder"] = subfolder
+    try:
+        return PeftModel.from_pretrained(base_model, adapter_dir, adapter_name=adapter_name,
+                                         is_trainable=is_trainable, **kwargs)
+    except (RuntimeError, KeyError, ValueError) as exc:
+        restore_base_model(base_model)
+        if isinstance(exc, AdapterLoadError):
+            raise
+        raise AdapterLoadError(f"Loading the adapter from {adapter_dir} failed: {exc}") from exc
+
+
+def load_adapter_checked(peft_model, adapter_dir: str, adapter_name: str, is_trainable: bool = False,
+                         subfolder: Optional[str] = None, **kwargs):
+    """``PeftModel.load_adapter`` with the same validation as :func:`from_pretrained`."""
+    _validate(peft_model.get_base_model(), adapter_dir, subfolder)
+    if subfolder:
+        kwargs["subfolder"] = subfolder
+    return peft_model.load_adapter(adapter_dir, adapter_name=adapter_name, is_trainable=is_trainable, **kwargs)

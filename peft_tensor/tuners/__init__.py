@@ -1,0 +1,1 @@
+"""PEFT methods, one folder each in PEFT's config / layer / model layout, plus the machinery they share."""

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from peft.config import PeftConfig
+
+from ..._registration import ensure_peft_type
+from ...errors import PeftTensorError
+from .._config import PeftTensorConfigMixin
+from ..grouping import DEFAULT_SLICE_ORDER
+
+
+@dataclass
+class LoraPTConfig(PeftTensorConfigMixin, PeftConfig):
+    """LoRA-PT (arXiv 2407.11292): principal tensor singular components of stacked weights train.
+
+    Per group tensor ``W = U * S * V^T`` (t-SVD): the principal part ``P = U_r * S_r * V_r^T`` (tubal rank ``r``)
+    trains, the residual stays frozen; the base weights are never touched: ``W'_k = W_k + [P - P0]_k`` with ``P0``
+    the frozen initial principal part (stored as its factors, so loading needs no new SVD). Exactly ``W`` at init;
+    mergeable. Trainable per group: ``L * (r * (n1 + n2) + r^2)`` with ``core="full"`` (``L * r`` for the core with
+    ``core="diagonal"``); UNETR-B, paper grouping: 165,960 (r=1) ... 1,331,712 (r=8).
+    """
+
+    r: int = field(default=8, metadata={"help": "Tubal rank of the trainable principal part."})
+    grouping: str = field(
+        default="by_shape",
+        metadata={"help": "'by_shape' (same-shape weights stacked in module order; any model; the authors' later "
+                  "code) or 'paper' (UNETR-style blocks: attention tensor from out_proj/q/k/v, MLP-up, MLP-down)."},
+    )
+    slice_order: list[str] = field(
+        default_factory=lambda: list(DEFAULT_SLICE_ORDER),
+        metadata={"help": "Order of the 4 slices each block contributes to the attention tensor under "
+                  "grouping='paper' (the authors use out_proj, q, k, v)."},
+    )
+    core: str = field(
+        default="full",
+        metadata={"help": "'full': the core S is a trainable r x r x L tensor; 'diagonal': f-diagonal, r x L."},
+    )
+    svd_method: str = field(
+        default="auto",
+        metadata={"help": "How the truncated t-SVD is computed at init: 'full' (LAPACK on every Fourier slice), "
+                  "'randomized' (subspace iteration for the top r triplets, much faster on large layers) or "
+                  "'auto' (randomized when r is small relative to the slices). The result is saved with the adapter."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = ensure_peft_type("LORAPT")
+        self._check_common()
+        if self.grouping not in ("by_shape", "paper"):
+            raise PeftTensorError(f"grouping must be 'by_shape' or 'paper', got {self.grouping!r}.")
+        if self.core not in ("full", "diagonal"):
+            raise PeftTensorError(f"core must be 'full' or 'diagonal', got {self.core!r}.")
+        if self.svd_method not in ("auto", "full", "randomized"):
+            raise PeftTensorError(f"svd_method must be 'auto', 'full' or 'randomized', got {self.svd_method!r}.")
+        self.slice_order = list(self.slice_order)

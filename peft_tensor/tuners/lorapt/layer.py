@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ...algebra import from_fourier, to_fourier, truncated_t_svd
+from ..tensor_group import TensorGroup, TensorGroupLayer
+
+
+class LoraPTGroup(TensorGroup):
+    """One group tensor's LoRA-PT state.
+
+    Trainable: ``lorapt_U (L, n1, r)``, ``lorapt_S`` (``(L, r, r)``, or ``(L, r)`` for an f-diagonal core),
+    ``lorapt_V (L, n2, r)``. Frozen and saved: their initial values ``*_init``, which define ``P0``. ``D = U * S * V^T
+    - U0 * S0 * V0^T`` is written as one t-product of thin factors ``[U | U0] * [S * V^T ; -(S0 * V0^T)]``.
+    """
+
+    @staticmethod
+    def expected_shapes(spec, config) -> dict[str, tuple[int, ...]]:
+        L, r = spec.n_slices, config.r
+        core = (L, r) if config.core == "diagonal" else (L, r, r)
+        shapes = {"lorapt_U": (L, spec.n1, r), "lorapt_S": core, "lorapt_V": (L, spec.n2, r)}
+        shapes.update({f"{k}_init": v for k, v in list(shapes.items())})
+        return shapes
+
+    def _init_from_weight(self, weight: torch.Tensor, config) -> None:
+        self.diagonal = config.core == "diagonal"
+        svd = truncated_t_svd(weight, self.rank, method=config.svd_method)
+        s = torch.diagonal(svd.S, dim1=-2, dim2=-1) if self.diagonal else svd.S
+        for name, value in (("U", svd.U), ("S", s), ("V", svd.V)):
+            value = value.contiguous()
+            self.register_buffer(f"lorapt_{name}_init", value.clone())
+            if not config.init_weights:
+                value = value + 0.1 * value.abs().mean() * torch.randn_like(value)
+            setattr(self, f"lorapt_{name}", nn.Parameter(value.clone()))
+
+    def _core_times_vt(self, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        s_hat = to_fourier(torch.diag_embed(s) if self.diagonal else s)
+        return from_fourier(s_hat @ to_fourier(v).mH, self.n_slices)  # S * V^T : (L, r, n2)
+
+    def factors(self):
+        g = self._core_times_vt(self.lorapt_S.float(), self.lorapt_V.float())
+        with torch.no_grad():
+            g0 = self._core_times_vt(self.lorapt_S_init.float(), self.lorapt_V_init.float())
+        a = torch.cat([self.lorapt_U.float(), self.lorapt_U_init.float()], dim=-1)
+        b = torch.cat([g, -g0], dim=-2)
+        return a, b
+
+
+class LoraPTLayer(TensorGroupLayer):
+    """An nn.Linear adapted by LoRA-PT."""
+
+
+__all__ = ["LoraPTGroup", "LoraPTLayer"]

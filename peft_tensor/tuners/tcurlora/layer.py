@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ...algebra import from_fourier, tensor_cur, to_fourier
+from ..tensor_group import TensorGroup, TensorGroupLayer
+
+
+class TCURLoraGroup(TensorGroup):
+    """One group tensor's tCURLoRA state.
+
+    Saved (persistent): ``tcurlora_core`` U ``(L, r, r)`` trainable; ``tcurlora_core_init`` U0 ``(L, r, r)``;
+    ``col_idx``/``row_idx`` ``(r,)``, the selected columns/rows. ``C`` and ``R`` are exact copies of base-weight
+    columns/rows, so they are re-gathered from the base weights by index rather than stored (the adapter file stays
+    tiny and no decomposition is re-run at load). ``R`` is kept in the Fourier domain, where it is used.
+    """
+
+    @staticmethod
+    def expected_shapes(spec, config) -> dict[str, tuple[int, ...]]:
+        L, r = spec.n_slices, config.r
+        return {"tcurlora_core": (L, r, r), "tcurlora_core_init": (L, r, r), "col_idx": (r,), "row_idx": (r,)}
+
+    def _init_from_weight(self, weight: torch.Tensor, config) -> None:
+        cur = tensor_cur(weight, self.rank)
+        self.register_buffer("col_idx", cur.col_idx.clone())
+        self.register_buffer("row_idx", cur.row_idx.clone())
+        self.register_buffer("tcurlora_core_init", cur.U.clone())
+        core = cur.U.clone()
+        if not config.init_weights:
+            core = core + 0.1 * core.abs().mean() * torch.randn_like(core)
+        self.tcurlora_core = nn.Parameter(core)
+        self._set_frozen(cur.C, cur.R)
+
+    def _set_frozen(self, c: torch.Tensor, r: torch.Tensor) -> None:
+        self.register_buffer("cols", c.contiguous(), persistent=False)  # C (L, n1, r)
+        self.register_buffer("rows_hat", to_fourier(r), persistent=False)  # R^ (L//2+1, r, n2), complex
+
+    def refresh_frozen(self) -> None:
+        with torch.no_grad():
+            w = self.stacked_weight().to(self.tcurlora_core.device)
+            c = w[:, :, self.col_idx.long()]
+            r = w[:, self.row_idx.long(), :]
+            self._set_frozen(c, r)
+
+    def _state_tensors(self):
+        yield self.tcurlora_core
+        yield self.tcurlora_core_init
+        yield self.cols
+
+    def factors(self):
+        delta_core = (self.tcurlora_core.float() - self.tcurlora_core_init.float())
+        b = from_fourier(to_fourier(delta_core) @ self.rows_hat, self.n_slices)  # (U - U0) * R : (L, r, n2)
+        return self.cols.float(), b
+
+
+class TCURLoraLayer(TensorGroupLayer):
+    """An nn.Linear adapted by tCURLoRA."""
+
+
+__all__ = ["TCURLoraGroup", "TCURLoraLayer"]
