@@ -1,0 +1,271 @@
+"""Save adapters with their provenance and card, and publish them to the Hub in one commit per repository.
+
+PEFT's inherited ``PeftModel.push_to_hub`` replaces the card with a transformers card and knows nothing of the
+base network, so publishing goes through here: save to a directory, build the card, upload every file with one
+``HfApi.create_commit``. The local directory is only read while pushing; a failed push leaves it as it was and,
+since a commit is all-or-nothing on the Hub, leaves the repository as it was too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import CommitOperationAdd, HfApi
+from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+from ..errors import PeftTensorError
+from .adapter_files import PICKLED_WEIGHTS, SAFE_WEIGHTS, adapted_module_shapes, numel, tensor_shapes
+from .cards import build_adapter_card, eval_results_from, eval_results_to_json
+from .provenance import (
+    FORMAT_VERSION,
+    PROVENANCE_FILE,
+    BaseNetwork,
+    WeightsRef,
+    describe_network,
+    library_versions,
+    read_provenance,
+    sha256_file,
+    write_json_atomic,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Connection-level errors of whichever HTTP client this huggingface_hub uses (httpx2, httpx or requests)."""
+    errors: list[type[BaseException]] = [OSError]
+    for module, attr in (("httpx2", "TransportError"), ("httpx", "TransportError"), ("requests", "ConnectionError")):
+        try:
+            errors.append(getattr(__import__(module), attr))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+BASE_WEIGHTS_FILE = "model.safetensors"
+
+
+class HubPublishError(PeftTensorError, RuntimeError):
+    """Publishing failed; the message says why, what state the repository and local files are in, and the fix."""
+
+
+@dataclass
+class PushResult:
+    repo_id: str
+    commit_sha: str
+    commit_url: str
+    files: list[str]
+    base_weights: WeightsRef | None = None
+
+
+# ------------------------------------------------------------------------------------------------------------ save
+def save_pretrained(model, save_directory: str | os.PathLike, *, base_network: BaseNetwork | None = None,
+                    base_weights: WeightsRef | str | os.PathLike | None = None, training_data: str | None = None,
+                    evaluation: Any = None, license: str | None = None, datasets: list[str] | None = None,
+                    tags: list[str] | None = None, selected_adapters: list[str] | None = None,
+                    repo_id: str | None = None, **save_kwargs) -> Path:
+    """``model.save_pretrained`` (safetensors) plus ``peft_tensor.json`` (provenance) and our ``README.md`` card.
+
+    Args:
+        model: a ``PeftModel`` (any PEFT method).
+        base_network: the base network record; by default read off the model (see ``build_network`` /
+            ``record_network``; transformers models describe themselves through their config).
+        base_weights: a ``WeightsRef`` or the path of a safetensors file with the base weights (see
+            ``save_base_weights``); recorded with its sha256.
+        training_data / evaluation / license / datasets / tags: what the model card states. ``evaluation`` is
+            e.g. ``{"dataset": "MSD Hippocampus", "split": "test", "metrics": {"dice": 0.88, "hd95": 1.9}}``.
+    """
+    save_directory = Path(save_directory)
+    spec = base_network or describe_network(model)
+    if base_weights is not None:
+        spec.weights = base_weights if isinstance(base_weights, WeightsRef) else WeightsRef.from_file(base_weights)
+    save_kwargs.setdefault("safe_serialization", True)
+    model.save_pretrained(str(save_directory), selected_adapters=selected_adapters, **save_kwargs)
+    names = selected_adapters or list(model.peft_config)
+    active = model.active_adapter if isinstance(model.active_adapter, str) else None
+    adapters = {}
+    for name in names:
+        sub = None if name == "default" else name
+        shapes = tensor_shapes(save_directory / (sub or ""))
+        entry = {"subfolder": sub, "peft_type": str(model.peft_config[name].peft_type),
+                 "stored_values": sum(numel(s) for s in shapes.values()),
+                 "module_shapes": adapted_module_shapes(model, name)}
+        if name == active:
+            entry["trainable_params"], entry["all_params"] = model.get_nb_trainable_parameters()
+        adapters[name] = entry
+    record = {
+        "format": "peft_tensor.provenance",
+        "format_version": FORMAT_VERSION,
+        "written_by": library_versions(),
+        "base_network": spec.to_dict(),
+        "adapters": adapters,
+        "card": {k: v for k, v in {
+            "training_data": training_data, "license": license, "datasets": datasets, "tags": tags,
+            "eval_results": eval_results_to_json(eval_results_from(evaluation)) or None,
+        }.items() if v},
+    }
+    write_json_atomic(save_directory / PROVENANCE_FILE, record)
+    card = build_adapter_card(save_directory, record, repo_id=repo_id)
+    _write_text_atomic(save_directory / "README.md", str(card))
+    return save_directory
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# ------------------------------------------------------------------------------------------------------------ push
+def push_to_hub(adapter, repo_id: str, *, token: str | bool | None = None, private: bool | None = None,
+                revision: str | None = None, commit_message: str | None = None, create_repo: bool = True,
+                base_weights_repo: str | None = None, base_weights: str | os.PathLike | None = None,
+                allow_pickle: bool = False, endpoint: str | None = None, **save_kwargs) -> PushResult:
+    """Publish an adapter (a ``PeftModel`` or a saved directory) to ``repo_id`` in a single commit.
+
+    Uploaded: every adapter file of the directory (``adapter_model.safetensors``, ``adapter_config.json``, their
+    subfolders for extra adapters), ``peft_tensor.json`` and a freshly built ``README.md`` card.
+
+    ``base_weights_repo``: also publish the base weights (``base_weights`` path, or the local file recorded in
+    ``peft_tensor.json``) to that repository first, in its own commit, and record the pinned Hub reference
+    (repo, commit sha, file, sha256) in the uploaded ``peft_tensor.json``. The local directory is never modified.
+
+    ``token`` defaults to huggingface_hub's own lookup (``HF_TOKEN``, then the stored login); ``endpoint`` to
+    ``HF_ENDPOINT``. Tokens are never written to disk or logged.
+    """
+    if not isinstance(adapter, (str, os.PathLike)):
+        with tempfile.TemporaryDirectory(prefix="peft-tensor-push-") as tmp:
+            save_pretrained(adapter, tmp, repo_id=repo_id, **save_kwargs)
+            return push_to_hub(tmp, repo_id, token=token, private=private, revision=revision,
+                               commit_message=commit_message, create_repo=create_repo,
+                               base_weights_repo=base_weights_repo, base_weights=base_weights,
+                               allow_pickle=allow_pickle, endpoint=endpoint)
+    if save_kwargs:
+        raise TypeError(f"push_to_hub got unexpected arguments for a directory: {sorted(save_kwargs)}")
+    adapter_dir = Path(adapter)
+    files = _files_to_upload(adapter_dir, allow_pickle)
+    record = read_provenance(adapter_dir)
+    api = HfApi(endpoint=endpoint, token=token)
+
+    pushed_weights = None
+    if base_weights_repo is not None:
+        if record is None or not record.get("base_network"):
+            raise HubPublishError(f"{adapter_dir} has no {PROVENANCE_FILE} with a base network; cannot attach base "
+                                  "weights. Save it with peft_tensor.hub.save_pretrained.")
+        local = base_weights or (record["base_network"].get("weights") or {}).get("path")
+        if not local:
+            raise HubPublishError("base_weights_repo given but no base weights file: pass base_weights=PATH.")
+        pushed_weights = push_base_weights(local, base_weights_repo, api=api, private=private,
+                                           create_repo=create_repo, base_network=record["base_network"])
+        record["base_network"]["weights"] = pushed_weights.to_dict()
+
+    card = build_adapter_card(adapter_dir, record, repo_id=repo_id)
+    operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(adapter_dir / rel))
+                  for rel in files if rel not in ("README.md", PROVENANCE_FILE)]
+    if record is not None:
+        import json
+
+        operations.append(CommitOperationAdd(PROVENANCE_FILE, (json.dumps(record, indent=2) + "\n").encode()))
+    operations.append(CommitOperationAdd("README.md", str(card).encode()))
+    message = commit_message or f"Upload {record_method(adapter_dir)} adapter with peft-tensor"
+    info = _commit(api, repo_id, operations, message, revision=revision, private=private, create_repo=create_repo,
+                   local_dir=adapter_dir)
+    return PushResult(repo_id, info.oid, info.commit_url, [op.path_in_repo for op in operations], pushed_weights)
+
+
+def push_base_weights(weights_file: str | os.PathLike, repo_id: str, *, api: HfApi | None = None,
+                      token: str | bool | None = None, private: bool | None = None, create_repo: bool = True,
+                      base_network: dict | None = None, endpoint: str | None = None) -> WeightsRef:
+    """Publish a base-weights safetensors file to its own repository (one commit); return the pinned reference."""
+    weights_file = Path(weights_file)
+    if weights_file.suffix != ".safetensors":
+        raise HubPublishError(f"Base weights must be a .safetensors file, got {weights_file.name}.")
+    if not weights_file.is_file():
+        raise HubPublishError(f"Base weights file {weights_file} not found.")
+    api = api or HfApi(endpoint=endpoint, token=token)
+    digest = sha256_file(weights_file)
+    desc = BaseNetwork.from_dict(base_network).describe() if base_network else "a base network"
+    readme = (
+        "---\nlibrary_name: peft-tensor\ntags:\n- peft-tensor\n- medical-imaging\n- monai\n---\n\n"
+        f"# Base weights\n\nWeights of `{desc}` used as the frozen base of peft-tensor adapters.\n\n"
+        f"`{BASE_WEIGHTS_FILE}`: sha256 `{digest}`. Research use only; not for clinical use.\n"
+    )
+    operations = [CommitOperationAdd(BASE_WEIGHTS_FILE, str(weights_file)),
+                  CommitOperationAdd("README.md", readme.encode())]
+    info = _commit(api, repo_id, operations, "Upload base weights with peft-tensor", revision=None, private=private,
+                   create_repo=create_repo, local_dir=weights_file.parent)
+    return WeightsRef(sha256=digest, size=weights_file.stat().st_size, repo_id=repo_id, revision=info.oid,
+                      filename=BASE_WEIGHTS_FILE)
+
+
+def record_method(adapter_dir: Path) -> str:
+    from .adapter_files import read_adapter_config
+
+    try:
+        return str(read_adapter_config(adapter_dir)["peft_type"])
+    except PeftTensorError:
+        return "PEFT"
+
+
+def _files_to_upload(adapter_dir: Path, allow_pickle: bool) -> list[str]:
+    if not adapter_dir.is_dir():
+        raise HubPublishError(f"{adapter_dir} is not a directory; pass the folder written by save_pretrained.")
+    found = []
+    for path in sorted(adapter_dir.rglob("*")):
+        rel = path.relative_to(adapter_dir).as_posix()
+        if not path.is_file() or any(part.startswith(".") for part in rel.split("/")):
+            continue
+        if path.name == PICKLED_WEIGHTS and not allow_pickle:
+            logger.warning("Not uploading %s: pickled weights are skipped unless allow_pickle=True.", rel)
+            continue
+        if path.suffix in (".json", ".safetensors", ".md", ".bin"):
+            found.append(rel)
+    configs = [f for f in found if f.endswith("adapter_config.json")]
+    if not configs:
+        raise HubPublishError(f"{adapter_dir} holds no adapter_config.json: not an adapter directory.")
+    for cfg in configs:
+        folder = cfg.rsplit("/", 1)[0] + "/" if "/" in cfg else ""
+        if folder + SAFE_WEIGHTS not in found and not (allow_pickle and folder + PICKLED_WEIGHTS in found):
+            raise HubPublishError(f"{adapter_dir / folder} has {cfg} but no {SAFE_WEIGHTS}; save with "
+                                  "safe_serialization=True.")
+    return found
+
+
+def _commit(api: HfApi, repo_id: str, operations, message: str, *, revision, private, create_repo, local_dir):
+    """One ``create_repo`` (optional) + one ``create_commit``; every failure becomes a HubPublishError."""
+    where = f"{api.endpoint}/{repo_id}"
+    unchanged = f"Nothing was committed to {repo_id}; the local files in {local_dir} are unchanged."
+    try:
+        if create_repo:
+            api.create_repo(repo_id, private=private, exist_ok=True)
+        return api.create_commit(repo_id, operations, commit_message=message, revision=revision)
+    except RepositoryNotFoundError as exc:
+        raise HubPublishError(
+            f"Repository {repo_id} not found at {api.endpoint} (or your token cannot write to it). {unchanged} "
+            "Create it first (or push without --no-create-repo), and check HF_TOKEN / HF_ENDPOINT."
+        ) from exc
+    except RevisionNotFoundError as exc:
+        raise HubPublishError(f"Branch {revision!r} does not exist in {repo_id}. {unchanged}") from exc
+    except HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else "?"
+        hint = ("The Hub had an internal error; retry later." if isinstance(status, int) and status >= 500
+                else "Check the repository id, your token's write permission and HF_ENDPOINT.")
+        raise HubPublishError(f"The Hub refused the upload to {where} (HTTP {status}). {unchanged} {hint}") from exc
+    except (*_transport_errors(), RuntimeError) as exc:
+        if isinstance(exc, PeftTensorError):
+            raise
+        raise HubPublishError(
+            f"The connection to {api.endpoint} broke off during the upload to {repo_id} ({type(exc).__name__}). "
+            f"{unchanged} Check the network and push again."
+        ) from exc
+    except ValueError as exc:  # invalid card metadata reported by the Hub's validate-yaml
+        raise HubPublishError(f"The Hub rejected the upload to {repo_id}: {exc}. {unchanged}") from exc
+
