@@ -162,7 +162,7 @@ def check_shapes(base: nn.Module, shapes: dict[str, tuple[int, ...]], config: di
         )
 
 
-def group_summary(shapes: dict[str, tuple[int, ...]], config: dict) -> list[str]:
+def group_summary(shapes: dict[str, tuple[int, ...]], config: dict, adapted: list[str] | None = None) -> list[str]:
     """Human-readable grouping: adapted modules by name suffix, and shared (tuner-level) tensors."""
     from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
 
@@ -179,12 +179,13 @@ def group_summary(shapes: dict[str, tuple[int, ...]], config: dict) -> list[str]
             saved_whole.add(".".join(parts[:-1]))
         else:
             per_module.setdefault(".".join(parts[:idx]), []).append(parts[idx])
-    suffixes = Counter(".".join(n.split(".")[-2:]) for n in per_module)
+    modules = sorted(set(per_module) | set(adapted or ()) - saved_whole)
+    suffixes = Counter(".".join(n.split(".")[-2:]) for n in modules)
     lines = []
     if config.get("grouping"):
         lines.append(f"grouping={config['grouping']}")
-    if per_module:
-        lines.append(f"{len(per_module)} adapted modules: " + ", ".join(f"{s} x{c}" for s, c in sorted(suffixes.items())))
+    if modules:
+        lines.append(f"{len(modules)} adapted modules: " + ", ".join(f"{s} x{c}" for s, c in sorted(suffixes.items())))
     if shared:
         lines.append(f"{len(shared)} shared tensors: " + "; ".join(shared[:6]) + (" ..." if len(shared) > 6 else ""))
     if saved_whole:

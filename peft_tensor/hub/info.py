@@ -48,7 +48,7 @@ def adapter_info(source: str | os.PathLike, *, revision: str | None = None, subf
                                                        "lora_alpha", "core", "init_weights") if k in config},
         "base_network": base.describe() if base else None,
         "base_weights": base.weights.describe() if base and base.weights else None,
-        "groups": group_summary(shapes, config),
+        "groups": group_summary(shapes, config, list(entry.get("module_shapes") or ())),
         "trainable_params": entry.get("trainable_params"),
         "stored_values": sum(numel(s) for s in shapes.values()) if shapes else None,
         "files": files,

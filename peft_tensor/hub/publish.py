@@ -90,7 +90,7 @@ def save_pretrained(model, save_directory: str | os.PathLike, *, base_network: B
     for name in names:
         sub = None if name == "default" else name
         shapes = tensor_shapes(save_directory / (sub or ""))
-        entry = {"subfolder": sub, "peft_type": str(model.peft_config[name].peft_type),
+        entry = {"subfolder": sub, "peft_type": _peft_type_name(model.peft_config[name].peft_type),
                  "stored_values": sum(numel(s) for s in shapes.values()),
                  "module_shapes": adapted_module_shapes(model, name)}
         if name == active:
@@ -111,6 +111,10 @@ def save_pretrained(model, save_directory: str | os.PathLike, *, base_network: B
     card = build_adapter_card(save_directory, record, repo_id=repo_id)
     _write_text_atomic(save_directory / "README.md", str(card))
     return save_directory
+
+
+def _peft_type_name(peft_type) -> str:
+    return str(getattr(peft_type, "value", peft_type))
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
