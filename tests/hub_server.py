@@ -119,7 +119,6 @@ class HubServer:
             "HF_HOME": str(cache_dir) + "-home",
             "HF_HUB_DISABLE_TELEMETRY": "1",
             "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-            "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1",
         }
         env.update(extra)
         return env
