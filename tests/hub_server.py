@@ -335,8 +335,9 @@ def _make_handler(hub: HubServer):
                 return self._error(400, "this test server only hosts model repos")
             repo_id = f"{body['organization']}/{body['name']}" if body.get("organization") else body["name"]
             with hub.lock:
-                if repo_id in hub.repos:
-                    return self._error(409, "You already created this model repo")
+                if repo_id in hub.repos:  # the Hub answers 409 with the url, which create_repo(exist_ok) reads
+                    return self._send(409, {"error": "You already created this model repo",
+                                            "url": f"{hub.url}/{repo_id}"}, {"X-Error-Message": "repo exists"})
                 hub.create_repo(repo_id)
             self._send(200, {"url": f"{hub.url}/{repo_id}", "name": repo_id, "id": repo_id})
 

@@ -7,6 +7,7 @@ path) point at the server in ``tests/hub_server.py``; subprocesses get the same 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -57,12 +58,16 @@ def hub():
         yield server
 
 
-@pytest.fixture(scope="module")
-def client(hub, tmp_path_factory):
-    """Point this process's huggingface_hub at the local server (module constants only; no function patched)."""
+@contextlib.contextmanager
+def _client_constants(hub, home):
+    """Point this process's huggingface_hub at the local server (module constants only; no function patched).
+
+    Module-level shortcuts such as ``huggingface_hub.file_exists`` are bound to an ``HfApi`` built at import time
+    and keep the import-time endpoint: code that uses them (PEFT's from_pretrained) is tested in a subprocess.
+    """
     from huggingface_hub import constants
 
-    home = tmp_path_factory.mktemp("hf-home")
+    home = Path(home)
     mp = pytest.MonkeyPatch()
     mp.setattr(constants, "ENDPOINT", hub.url)
     mp.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
@@ -74,8 +79,16 @@ def client(hub, tmp_path_factory):
     mp.delenv("HF_TOKEN", raising=False)
     for key in ("HF_ENDPOINT", "HF_HUB_OFFLINE"):
         mp.delenv(key, raising=False)
-    yield hub
-    mp.undo()
+    try:
+        yield hub
+    finally:
+        mp.undo()
+
+
+@pytest.fixture(scope="module")
+def client(hub, tmp_path_factory):
+    with _client_constants(hub, tmp_path_factory.mktemp("hf-home")):
+        yield hub
 
 
 @pytest.fixture
@@ -150,7 +163,7 @@ def _run(code: str, env: dict, timeout: int = 120) -> subprocess.CompletedProces
 
 
 # ------------------------------------------------------------------------------------------------------ round trip
-def test_round_trip_cli_push_then_fresh_process_load(hub, trained, tmp_path):
+def test_round_trip_cli_push_then_fresh_process_load(hub, trained, weights, tmp_path):
     """`peft-tensor push` (HF_ENDPOINT + HF_TOKEN) -> load in a fresh process, empty cache -> identical outputs.
 
     The fresh process also runs the loading snippet of the downloaded model card exactly as written.
@@ -173,18 +186,38 @@ def test_round_trip_cli_push_then_fresh_process_load(hub, trained, tmp_path):
     assert record["base_network"]["weights"]["repo_id"] == "lab/unetr-base"
     assert record["base_network"]["weights"]["revision"] == hub.head("lab/unetr-base")
 
-    torch.save(expected, tmp_path / "expected.pt")
+    # a tCURLoRA adapter too, to check PEFT's own loader on our method in the fresh process
+    from peft_tensor import TCURLoraConfig
+
+    tcur = get_peft_model(fresh_base(), TCURLoraConfig(r=4, target_modules=UNETR_TARGETS, grouping="paper"))
+    _train(tcur, 1, seed=8)
+    with _client_constants(hub, tmp_path / "push2-home"):
+        push_to_hub(tcur, "lab/unetr-tcurlora-peft", base_weights=weights)
+    torch.save({"lora": expected, "tcur": _outputs(tcur)}, tmp_path / "expected.pt")
     cache = tmp_path / "fresh-cache"
     code = f"""
 import re, torch
 from huggingface_hub import hf_hub_download
+from safetensors.torch import load_file
+from peft import PeftModel
 from peft_tensor.hub import load_pretrained
-model = load_pretrained("lab/unetr-lora")
+from tests._models import tiny_unetr
 x = torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(123))
-with torch.no_grad():
-    out = model(x)
 expected = torch.load({str(tmp_path / 'expected.pt')!r})
-assert torch.equal(out, expected), (out - expected).abs().max()
+def base():
+    net = tiny_unetr()
+    net.load_state_dict(load_file({str(weights.path)!r}))
+    return net
+loaded = {{
+    "load_pretrained": (load_pretrained("lab/unetr-lora"), "lora"),
+    "PeftModel.from_pretrained": (PeftModel.from_pretrained(base(), "lab/unetr-lora"), "lora"),
+    "load_pretrained tcurlora": (load_pretrained("lab/unetr-tcurlora-peft"), "tcur"),
+    "PeftModel.from_pretrained tcurlora": (PeftModel.from_pretrained(base(), "lab/unetr-tcurlora-peft"), "tcur"),
+}}
+for name, (model, key) in loaded.items():
+    with torch.no_grad():
+        out = model.eval()(x)
+    assert torch.equal(out, expected[key]), (name, (out - expected[key]).abs().max())
 card = open(hf_hub_download("lab/unetr-lora", "README.md")).read()
 snippet = re.search(r"```python\\n(.*?)```", card, re.S).group(1)
 exec(compile(snippet, "model-card-snippet", "exec"), {{}})
@@ -247,9 +280,8 @@ def test_several_adapters_from_one_repo(client, weights, tmp_path, cache):
     assert torch.equal(_outputs(only_second), expected_second)
 
 
-def test_peft_native_lora_and_peft_from_pretrained(client, trained, weights, tmp_path, cache):
-    """A plain PEFT LoRA folder (no provenance) loads through load_pretrained(base_model=...); PEFT's own
-    PeftModel.from_pretrained(base, repo_id) loads our published adapters."""
+def test_peft_native_lora_adapter(client, weights, tmp_path, cache):
+    """A plain PEFT LoRA folder (no provenance), uploaded with the plain client, loads through load_pretrained."""
     from safetensors.torch import load_file
 
     model = make_lora(seed=4, steps=1)
@@ -269,10 +301,6 @@ def test_peft_native_lora_and_peft_from_pretrained(client, trained, weights, tmp
     loaded = load_pretrained("community/native-lora", base_model=base_with_weights(), cache_dir=cache)
     assert torch.equal(_outputs(loaded), expected)
 
-    adapter_dir, expected_ours = trained
-    push_to_hub(adapter_dir, "lab/for-peft")
-    via_peft = PeftModel.from_pretrained(base_with_weights(), "lab/for-peft").eval()
-    assert torch.equal(_outputs(via_peft), expected_ours)
 
 
 @pytest.mark.parametrize("method", ["tcurlora", "lorapt"])
@@ -289,36 +317,40 @@ def test_tensor_methods_round_trip(client, weights, tmp_path, cache, method):
     assert method in card.data.tags
     loaded = load_pretrained(f"lab/unetr-{method}", revision=result.commit_sha, cache_dir=cache)
     assert torch.equal(_outputs(loaded), expected)
-    # PEFT's own loader works for our methods once peft_tensor is imported
-    from safetensors.torch import load_file
-
-    base = tiny_unetr()
-    base.load_state_dict(load_file(weights.path))
-    assert torch.equal(_outputs(PeftModel.from_pretrained(base, f"lab/unetr-{method}").eval()), expected)
+    info = adapter_info(f"lab/unetr-{method}", cache_dir=cache)
+    assert info["method"] == method.upper() and info["groups"]
 
 
 # ------------------------------------------------------------------------------------------------------ faults
 @pytest.mark.parametrize("fault, message", [("commit_500", "HTTP 500"), ("commit_cut", "broke off")])
 def test_failed_commit_is_clear_and_changes_nothing(client, trained, fault, message):
     adapter_dir, _ = trained
-    push_to_hub(adapter_dir, "lab/faults")
-    head = client.head("lab/faults")
+    repo = f"lab/faults-{fault}"
+    HfApi().create_repo(repo)
+    head = client.head(repo)
     before = _tree_digest(adapter_dir)
     client.fail_next(fault)
     with pytest.raises(HubPublishError, match=message) as err:
-        push_to_hub(adapter_dir, "lab/faults", commit_message="should not land")
+        push_to_hub(adapter_dir, repo, commit_message="should not land")
+    assert fault not in client.faults
     assert "Nothing was committed" in str(err.value) and "unchanged" in str(err.value)
-    assert client.head("lab/faults") == head
+    assert client.head(repo) == head and set(client.files(repo)) == {".gitattributes"}
     assert _tree_digest(adapter_dir) == before
+    assert push_to_hub(adapter_dir, repo).commit_sha == client.head(repo)  # pushing again works
 
 
-def test_upload_cut_midway_then_retried_by_client(client, trained):
+def test_upload_cut_midway_then_retried_by_client(client, weights, tmp_path):
     """A connection dropped halfway through the LFS upload is retried by huggingface_hub; the commit lands once."""
-    adapter_dir, _ = trained
+    torch.manual_seed(99)  # fresh adapter bytes, so the LFS object is new to the server
+    model = get_peft_model(fresh_base(), LoraConfig(r=3, target_modules=["attn.qkv"], init_lora_weights=False))
+    save_pretrained(model, tmp_path / "flaky", base_weights=weights)
     client.fail_next("lfs_put_cut")
-    result = push_to_hub(adapter_dir, "lab/flaky")
-    assert client.head("lab/flaky") == result.commit_sha
+    result = push_to_hub(tmp_path / "flaky", "lab/flaky")
     assert "lfs_put_cut" not in client.faults
+    assert client.head("lab/flaky") == result.commit_sha
+    assert len(client.repos["lab/flaky"].commits) == 2
+    pushed = client.files("lab/flaky")["adapter_model.safetensors"]
+    assert pushed == (tmp_path / "flaky" / "adapter_model.safetensors").read_bytes()
 
 
 def test_missing_repo(client, trained, cache):
@@ -330,8 +362,8 @@ def test_missing_repo(client, trained, cache):
     assert _tree_digest(adapter_dir) == before
     with pytest.raises(AdapterLoadError, match="not found"):
         load_pretrained("nobody/missing", cache_dir=cache)
+    push_to_hub(adapter_dir, "lab/revs")
     with pytest.raises(AdapterLoadError, match="Revision"):
-        push_to_hub(adapter_dir, "lab/revs")
         load_pretrained("lab/revs", revision="0" * 40, cache_dir=cache)
 
 

@@ -131,7 +131,7 @@ def _write_text_atomic(path: Path, text: str) -> None:
 # ------------------------------------------------------------------------------------------------------------ push
 def push_to_hub(adapter, repo_id: str, *, token: str | bool | None = None, private: bool | None = None,
                 revision: str | None = None, commit_message: str | None = None, create_repo: bool = True,
-                base_weights_repo: str | None = None, base_weights: str | os.PathLike | None = None,
+                base_weights_repo: str | None = None, base_weights: WeightsRef | str | os.PathLike | None = None,
                 allow_pickle: bool = False, endpoint: str | None = None, **save_kwargs) -> PushResult:
     """Publish an adapter (a ``PeftModel`` or a saved directory) to ``repo_id`` in a single commit.
 
@@ -147,10 +147,10 @@ def push_to_hub(adapter, repo_id: str, *, token: str | bool | None = None, priva
     """
     if not isinstance(adapter, (str, os.PathLike)):
         with tempfile.TemporaryDirectory(prefix="peft-tensor-push-") as tmp:
-            save_pretrained(adapter, tmp, repo_id=repo_id, **save_kwargs)
+            save_pretrained(adapter, tmp, repo_id=repo_id, base_weights=base_weights, **save_kwargs)
             return push_to_hub(tmp, repo_id, token=token, private=private, revision=revision,
                                commit_message=commit_message, create_repo=create_repo,
-                               base_weights_repo=base_weights_repo, base_weights=base_weights,
+                               base_weights_repo=base_weights_repo,
                                allow_pickle=allow_pickle, endpoint=endpoint)
     if save_kwargs:
         raise TypeError(f"push_to_hub got unexpected arguments for a directory: {sorted(save_kwargs)}")
@@ -164,6 +164,8 @@ def push_to_hub(adapter, repo_id: str, *, token: str | bool | None = None, priva
         if record is None or not record.get("base_network"):
             raise HubPublishError(f"{adapter_dir} has no {PROVENANCE_FILE} with a base network; cannot attach base "
                                   "weights. Save it with peft_tensor.hub.save_pretrained.")
+        if isinstance(base_weights, WeightsRef):
+            base_weights = base_weights.path
         local = base_weights or (record["base_network"].get("weights") or {}).get("path")
         if not local:
             raise HubPublishError("base_weights_repo given but no base weights file: pass base_weights=PATH.")
