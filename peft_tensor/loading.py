@@ -110,7 +110,20 @@ def check_adapter_compatible(base_model: nn.Module, adapter_dir: str | os.PathLi
             f"{type(base_model).__name__} gives {len(specs)} ({', '.join(s.name for s in specs)}). It was trained on "
             "another network: load it onto the base model it was trained on."
         )
+    from safetensors import safe_open
+
     for i, spec in enumerate(specs):
+        key = f"{prefix}{i}.group_shape"
+        if key in header:
+            with safe_open(str(Path(adapter_dir) / WEIGHTS_NAME), framework="pt") as fh:
+                saved_shape = fh.get_tensor(key).tolist()
+            if saved_shape != [spec.n_slices, spec.n1, spec.n2]:
+                raise AdapterLoadError(
+                    f"The adapter in {adapter_dir} does not fit this base model: group {spec.name!r} was a "
+                    f"{' x '.join(map(str, saved_shape))} tensor when trained, this model gives "
+                    f"{spec.n_slices} x {spec.n1} x {spec.n2} (a different layer width or number of layers). Load it "
+                    "onto the base network it was trained on."
+                )
         for name, shape in tuner_cls.group_cls.expected_shapes(spec, config).items():
             key = f"{prefix}{i}.{name}"
             if key not in header:

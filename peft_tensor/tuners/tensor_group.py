@@ -32,7 +32,8 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_t
 from torch import nn
 
 from ..algebra import from_fourier, t_product_fourier, to_fourier
-from ..errors import MergeError, RankError, TargetModulesError
+from ..errors import AdapterLoadError, MergeError, RankError, TargetModulesError
+from ._peft_fixes import MonaiFriendlyTunerMixin
 from .grouping import GroupSpec, plan_groups
 
 __all__ = ["ForwardClock", "TensorGroup", "TensorGroupLayer", "TensorGroupTuner", "SliceAssignment"]
@@ -75,6 +76,8 @@ class TensorGroup(nn.Module):
         self.__dict__["_clock"] = clock
         self.__dict__["_cache"] = {}
         self._roll = {}
+        # saved with the adapter so a load onto a different network is refused by value, not only by shape
+        self.register_buffer("group_shape", torch.tensor([self.n_slices, self.n1, self.n2], dtype=torch.int64))
         with torch.no_grad():
             self._init_from_weight(self.stacked_weight(), config)
 
@@ -99,6 +102,13 @@ class TensorGroup(nn.Module):
         raise NotImplementedError
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        saved = state_dict.get(prefix + "group_shape")
+        if saved is not None and saved.tolist() != self.group_shape.tolist():
+            raise AdapterLoadError(
+                f"Group {self.name!r} of this adapter was saved as a {' x '.join(map(str, saved.tolist()))} tensor, but "
+                f"this base model gives {self.n_slices} x {self.n1} x {self.n2}: the adapter belongs to another network. "
+                "Load it onto the base model it was trained on."
+            )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if any(k.startswith(prefix) for k in state_dict):
             self.refresh_frozen()
@@ -240,7 +250,7 @@ class TensorGroupLayer(nn.Module, BaseTunerLayer):
         return f"{type(self).__name__.split('.')[-1].lower()}." + rep
 
 
-class TensorGroupTuner(BaseTuner):
+class TensorGroupTuner(MonaiFriendlyTunerMixin, BaseTuner):
     """``BaseTuner`` for methods whose trainable state is one set of groups per adapter.
 
     Subclasses set ``prefix``, ``tuner_layer_cls``, ``group_cls`` and ``groups_attr`` (``f"{prefix}groups"``).

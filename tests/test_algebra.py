@@ -1,0 +1,156 @@
+"""The t-product algebra against brute-force definitions, over random shapes (odd/even slice counts, one slice)."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from peft_tensor.algebra import (
+    fourier_slice_weights,
+    t_identity,
+    t_pinv,
+    t_product,
+    t_svd,
+    t_transpose,
+    tensor_cur,
+    to_fourier,
+    truncated_t_svd,
+)
+
+dims = st.integers(1, 6)
+slices = st.integers(1, 6)
+
+
+def brute_t_product(a, b):
+    """Circular convolution over slices, written out: (A*B)_k = sum_a A_a B_{(k-a) mod L}."""
+    n = a.shape[0]
+    return torch.stack([sum(a[i] @ b[(k - i) % n] for i in range(n)) for k in range(n)])
+
+
+def brute_t_transpose(a):
+    n = a.shape[0]
+    return torch.stack([a[(-k) % n].T for k in range(n)])
+
+
+def _rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=slices, n1=dims, n2=dims, n3=dims, seed=st.integers(0, 1000))
+def test_t_product_is_circular_convolution(n, n1, n2, n3, seed):
+    a, b = _rand(n, n1, n2, seed=seed), _rand(n, n2, n3, seed=seed + 1)
+    torch.testing.assert_close(t_product(a, b), brute_t_product(a, b))
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=slices, n1=dims, n2=dims, seed=st.integers(0, 1000))
+def test_t_transpose_and_identity(n, n1, n2, seed):
+    a, b = _rand(n, n1, n2, seed=seed), _rand(n, n2, 3, seed=seed + 1)
+    torch.testing.assert_close(t_transpose(a), brute_t_transpose(a))
+    torch.testing.assert_close(t_transpose(t_product(a, b)), t_product(t_transpose(b), t_transpose(a)))
+    torch.testing.assert_close(t_product(t_identity(n1, n, dtype=a.dtype), a), a)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=slices, n1=dims, n2=dims, seed=st.integers(0, 1000))
+def test_t_svd_reconstructs_is_real_and_orthogonal(n, n1, n2, seed):
+    a = _rand(n, n1, n2, seed=seed)
+    u, s, v = t_svd(a)
+    for f in (u, s, v):
+        assert not f.is_complex() and f.dtype == torch.float64
+    torch.testing.assert_close(t_product(t_product(u, s), t_transpose(v)), a)
+    k = min(n1, n2)
+    eye = t_identity(k, n, dtype=a.dtype)
+    torch.testing.assert_close(t_product(t_transpose(u), u), eye)
+    torch.testing.assert_close(t_product(t_transpose(v), v), eye)
+    # S is f-diagonal: every slice diagonal
+    off = s - torch.diag_embed(torch.diagonal(s, dim1=-2, dim2=-1))
+    assert off.abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("n", [1, 4, 5])
+@pytest.mark.parametrize("method", ["full", "randomized"])
+def test_truncated_t_svd_recovers_low_tubal_rank(n, method):
+    u, v = _rand(n, 40, 3, seed=1), _rand(n, 3, 30, seed=2)
+    a = t_product(u, v)  # tubal rank 3
+    t = truncated_t_svd(a, 3, method=method)
+    torch.testing.assert_close(t_product(t_product(t.U, t.S), t_transpose(t.V)), a, atol=1e-8, rtol=1e-8)
+    # truncation error equals the tail singular values (Eckart-Young per Fourier slice)
+    noisy = a + 1e-3 * _rand(n, 40, 30, seed=3)
+    p_full = truncated_t_svd(noisy, 3, method="full")
+    p = truncated_t_svd(noisy, 3, method=method)
+    rec = lambda t: t_product(t_product(t.U, t.S), t_transpose(t.V))  # noqa: E731
+    torch.testing.assert_close(rec(p), rec(p_full), atol=1e-6, rtol=1e-6)
+
+
+def test_real_slices_use_real_svd():
+    """The DC (and Nyquist) Fourier slices of the factors are real: no imaginary part dropped by irfft."""
+    a = _rand(6, 8, 5, seed=4)
+    u, s, v = t_svd(a)
+    for f in (u, s, v):
+        fh = to_fourier(f)
+        assert fh[0].imag.abs().max() < 1e-12 and fh[3].imag.abs().max() < 1e-12
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=slices, n1=st.integers(2, 7), n2=st.integers(2, 7), seed=st.integers(0, 1000))
+def test_tensor_cur_exact_on_low_rank_and_deterministic(n, n1, n2, seed):
+    r = min(n1, n2)
+    a = _rand(n, n1, n2, seed=seed)
+    cur = tensor_cur(a, r)
+    # C and R are exactly the selected columns / rows
+    assert torch.equal(cur.C, a[:, :, cur.col_idx])
+    assert torch.equal(cur.R, a[:, cur.row_idx, :])
+    assert torch.equal(cur.col_idx, torch.sort(cur.col_idx).values)
+    if n1 == n2:  # full rank square: C U R == A exactly
+        torch.testing.assert_close(t_product(t_product(cur.C, cur.U), cur.R), a, atol=1e-8, rtol=1e-8)
+    again = tensor_cur(a.clone(), r)
+    assert torch.equal(again.col_idx, cur.col_idx) and torch.equal(again.row_idx, cur.row_idx)
+
+
+def test_tensor_cur_selects_by_summed_fourier_norms_and_breaks_ties_low():
+    a = torch.zeros(3, 4, 5, dtype=torch.float64)
+    a[:, :, 3] = 5.0  # strongest column
+    a[:, :, 1] = 1.0  # tied with column 4
+    a[:, :, 4] = 1.0
+    a[:, 2, :] *= 2.0  # strongest row within the selected columns
+    cur = tensor_cur(a, 2)
+    assert cur.col_idx.tolist() == [1, 3]  # 3 first by score, then 1 (tie with 4 goes to the lower index)
+    assert 2 in cur.row_idx.tolist()
+    w = fourier_slice_weights(4)
+    assert w.tolist() == [1.0, 2.0, 1.0]
+    assert fourier_slice_weights(5).tolist() == [1.0, 2.0, 2.0]
+
+
+def test_tensor_cur_low_tubal_rank_reconstruction():
+    a = t_product(_rand(5, 12, 3, seed=7), _rand(5, 3, 9, seed=8))
+    cur = tensor_cur(a, 3)
+    torch.testing.assert_close(t_product(t_product(cur.C, cur.U), cur.R), a, atol=1e-8, rtol=1e-8)
+
+
+def test_t_pinv_is_pseudo_inverse():
+    a = _rand(4, 5, 3, seed=9)
+    p = t_pinv(a)
+    torch.testing.assert_close(t_product(t_product(a, p), a), a)
+
+
+def test_batched_and_float32_compute_and_gradients():
+    a = _rand(2, 3, 4, 5, seed=10).float().requires_grad_()  # batch of 2 tensors with 3 slices
+    b = _rand(2, 3, 5, 2, seed=11).float()
+    out = t_product(a, b)
+    torch.testing.assert_close(out[1], brute_t_product(a[1].detach(), b[1]))
+    out.sum().backward()
+    assert a.grad is not None and a.grad.abs().sum() > 0
+    half = t_product(a.detach().half(), b.half())
+    assert half.dtype == torch.float32  # computed in float32 whatever the input dtype
+    cur = tensor_cur(a.detach(), 2)
+    assert cur.col_idx.shape == (2, 2)
+    torch.testing.assert_close(cur.C[1], a.detach()[1][:, :, cur.col_idx[1]])
+
+
+def test_bad_shapes_raise_clear_errors():
+    with pytest.raises(ValueError, match="same number of slices"):
+        t_product(torch.zeros(2, 3, 3), torch.zeros(3, 3, 3))
+    with pytest.raises(ValueError, match="rank must be"):
+        truncated_t_svd(torch.zeros(2, 3, 3), 4)

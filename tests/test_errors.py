@@ -1,0 +1,149 @@
+"""Bad input gets a clear error naming the culprit and the fix, and nothing the user had is lost."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from peft import get_peft_model
+from torch import nn
+
+import peft_tensor
+from peft_tensor import LoraPTConfig, TCURLoraConfig
+from peft_tensor.errors import AdapterLoadError, GroupingError, PeftTensorError, RankError, TargetModulesError
+from tests._models import UNETR_TARGETS, TinyMLP, tiny_unetr
+
+CONFIGS = [TCURLoraConfig, LoraPTConfig]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_target_modules_matching_nothing(cfg):
+    model = TinyMLP()
+    with pytest.raises(TargetModulesError, match=r"matched no module of TinyMLP.*lin0, lin1"):
+        get_peft_model(model, cfg(target_modules=["attn.qkv"]))
+    assert all(type(m) is not peft_tensor.tuners.tensor_group.TensorGroupLayer for m in model.modules())
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_missing_target_modules(cfg):
+    with pytest.raises(PeftTensorError, match="needs target_modules"):
+        cfg(r=2)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_paper_grouping_on_other_model(cfg):
+    model = TinyMLP()
+    with pytest.raises(GroupingError, match=r"'lin1' does not fit the paper grouping.*by_shape"):
+        get_peft_model(model, cfg(r=2, target_modules=["lin1", "lin2"], grouping="paper"))
+    assert isinstance(model.lin1, nn.Linear) and type(model.lin1) is nn.Linear, "model must be untouched"
+
+
+def test_paper_grouping_blocks_must_match():
+    model = tiny_unetr(num_layers=2)
+    with pytest.raises(GroupingError, match="every block must contribute the same layers"):
+        get_peft_model(model, TCURLoraConfig(r=2, target_modules=["0.attn.qkv", "attn.out_proj"], grouping="paper"))
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_rank_too_large(cfg):
+    model = TinyMLP(width=6)
+    with pytest.raises(RankError, match=r"r=7 exceeds min\(n1, n2\)=6 of group 'shape_6x6'.*Choose r <= 6"):
+        get_peft_model(model, cfg(r=7, target_modules=["lin1", "lin2"]))
+    assert type(model.lin1) is nn.Linear
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_unsupported_layer_type(cfg):
+    model = tiny_unetr(num_layers=1)
+    with pytest.raises(TargetModulesError, match=r"nn.Linear layers only.*patch_embeddings \(Conv3d\)"):
+        get_peft_model(model, cfg(r=2, target_modules=["attn.qkv", "patch_embeddings"]))
+
+
+@pytest.mark.parametrize("bad", [{"r": 0}, {"r": 2.5}, {"grouping": "rows"}])
+def test_invalid_config_values(bad):
+    kwargs = {"r": 2, "target_modules": ["lin1"], **bad}
+    with pytest.raises(PeftTensorError):
+        TCURLoraConfig(**kwargs)
+    with pytest.raises(PeftTensorError, match="core must be"):
+        LoraPTConfig(r=2, target_modules=["lin1"], core="sparse")
+
+
+@pytest.fixture(scope="module")
+def saved_unetr_adapter(tmp_path_factory):
+    path = tmp_path_factory.mktemp("adapter")
+    pm = get_peft_model(tiny_unetr(num_layers=4), TCURLoraConfig(r=4, target_modules=UNETR_TARGETS, grouping="paper"))
+    pm.save_pretrained(path)
+    return path
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("other, match", [
+    (lambda: tiny_unetr(num_layers=3), r"group .attention. was a 16 x 96 x 96 tensor when trained, this model gives 12 x 96 x 96"),
+    (lambda: TinyMLP(), r"matched no module of TinyMLP"),
+])
+def test_load_onto_other_base_model(saved_unetr_adapter, other, match):
+    model = other()
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    with pytest.raises(AdapterLoadError, match=match):
+        peft_tensor.from_pretrained(model, str(saved_unetr_adapter))
+    assert set(model.state_dict()) == set(before), "the base model must be untouched after a refused load"
+    for n, p in model.state_dict().items():
+        assert torch.equal(p, before[n])
+
+
+def test_load_onto_wider_model(saved_unetr_adapter):
+    from monai.networks.nets import UNETR
+
+    wider = UNETR(in_channels=1, out_channels=2, img_size=32, feature_size=8, hidden_size=48, mlp_dim=96,
+                  num_heads=4, proj_type="conv")
+    wider.vit.blocks = wider.vit.blocks[:4]
+    with pytest.raises(AdapterLoadError, match=r"16 x 96 x 96 tensor when trained, this model gives 16 x 48 x 48"):
+        peft_tensor.from_pretrained(wider, str(saved_unetr_adapter))
+    # PEFT's own loader is guarded too: the saved group shape is checked as the state dict loads
+    from peft import PeftModel
+
+    with pytest.raises(AdapterLoadError, match="belongs to another network"):
+        PeftModel.from_pretrained(wider, saved_unetr_adapter)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda c: c.pop("peft_type"), "has no 'peft_type'"),
+    (lambda c: c.__setitem__("peft_type", "FANCYLORA"), "peft_type 'FANCYLORA'.*install and import"),
+    (lambda c: c.__setitem__("peft_tensor_version", "99.0"), r"written by peft_tensor 99.0.*pip install -U"),
+])
+def test_bad_adapter_config(saved_unetr_adapter, tmp_path, edit, match):
+    path = _copy(saved_unetr_adapter, tmp_path / "a")
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    edit(cfg)
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(AdapterLoadError, match=match):
+        peft_tensor.from_pretrained(tiny_unetr(num_layers=4), str(path))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_corrupted_safetensors(saved_unetr_adapter, tmp_path, damage):
+    path = _copy(saved_unetr_adapter, tmp_path / "a")
+    f = path / "adapter_model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"\x10\x00\x00\x00\x00\x00\x00\x00{not json!!!!!!}",
+                   "empty": b""}[damage])
+    model = tiny_unetr(num_layers=4)
+    with pytest.raises(AdapterLoadError, match="corrupted or was cut off"):
+        peft_tensor.from_pretrained(model, str(path))
+    assert not hasattr(model, "peft_config")
+
+
+def test_pickled_only_adapter_is_refused(saved_unetr_adapter, tmp_path):
+    path = _copy(saved_unetr_adapter, tmp_path / "a")
+    (path / "adapter_model.safetensors").rename(path / "adapter_model.bin")
+    with pytest.raises(AdapterLoadError, match="safetensors only"):
+        peft_tensor.from_pretrained(tiny_unetr(num_layers=4), str(path))
+
+
+def test_not_an_adapter_dir(tmp_path):
+    with pytest.raises(AdapterLoadError, match="No adapter_config.json"):
+        peft_tensor.from_pretrained(TinyMLP(), str(tmp_path))

@@ -1,0 +1,49 @@
+"""`import peft_tensor` registers the methods with PEFT: idempotent, reload-safe, clear failure otherwise."""
+
+import importlib
+
+import pytest
+from peft import PeftConfig, get_peft_model
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+from peft.utils import PeftType
+
+import peft_tensor
+from peft_tensor import _registration
+from tests._models import TinyMLP
+
+
+def test_members_and_mappings():
+    for name in ("TCURLORA", "LORAPT"):
+        member = PeftType(name)
+        assert member.name == member.value == name and PeftType[name] is member
+        assert PEFT_TYPE_TO_CONFIG_MAPPING[member].__module__.startswith("peft_tensor")
+        assert PEFT_TYPE_TO_TUNER_MAPPING[name].__module__.startswith("peft_tensor")  # raw JSON string lookup works
+    cfg = PeftConfig.from_peft_type(peft_type="TCURLORA", r=2, target_modules=["lin1"])
+    assert type(cfg).__name__ == "TCURLoraConfig"
+
+
+def test_import_twice_and_reload_are_idempotent():
+    import peft_tensor.tuners.lorapt as lorapt_pkg
+    import peft_tensor.tuners.tcurlora as tcur_pkg
+
+    n_members = len(PeftType)
+    importlib.reload(tcur_pkg)
+    importlib.reload(lorapt_pkg)
+    importlib.reload(peft_tensor)
+    assert len(PeftType) == n_members
+    pm = get_peft_model(TinyMLP(), peft_tensor.TCURLoraConfig(r=2, target_modules=["lin1", "lin2"]))
+    assert pm.peft_type == "TCURLORA"
+
+
+def test_existing_member_is_tolerated():
+    assert _registration.ensure_peft_type("LORA") is PeftType.LORA
+    assert _registration.ensure_peft_type("TCURLORA") is PeftType.TCURLORA
+
+
+def test_unexpected_peft_internals_fail_clearly(monkeypatch):
+    class NotAnEnum(str):
+        __members__ = {}
+
+    monkeypatch.setattr(_registration, "PeftType", NotAnEnum)
+    with pytest.raises(_registration.PeftTensorRegistrationError, match="installed peft is incompatible"):
+        _registration.ensure_peft_type("SOMETHINGNEW")
