@@ -368,6 +368,21 @@ def test_missing_repo(client, trained, cache):
 
 
 # ------------------------------------------------------------------------------------------------------ safety
+def test_token_reaches_the_server_but_not_logs_or_files(client, trained, tmp_path, caplog):
+    import logging
+
+    adapter_dir, _ = trained
+    before = _tree_digest(adapter_dir)
+    with caplog.at_level(logging.DEBUG):
+        push_to_hub(adapter_dir, "lab/token", token=TOKEN)
+        load_pretrained("lab/token", token=TOKEN, cache_dir=str(tmp_path / "cache"))
+    assert TOKEN in client.seen_tokens
+    assert TOKEN not in caplog.text
+    assert _tree_digest(adapter_dir) == before
+    assert not any(TOKEN.encode() in p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
+    assert all(TOKEN.encode() not in data for data in client.files("lab/token").values())
+
+
 def test_pickle_only_repo_refused_unless_opted_in(client, weights, tmp_path, cache):
     from safetensors.torch import load_file
 

@@ -195,7 +195,7 @@ def load_pretrained(source: str | os.PathLike, *, revision: str | None = None, s
         raise AdapterLoadError("base_model already holds adapters; pass the plain base network.")
     # 3. shapes against the still untouched base network
     for name in adapters:
-        rec = (record.get("adapters") or {}).get(name) or _record_for_folder(record, adapters[name])
+        rec = _record_for_folder(record, adapters[name])
         check_shapes(base_model, shapes[name], configs[name], rec, where)
     if device is not None:
         base_model.to(device)
