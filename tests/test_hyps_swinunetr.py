@@ -1,0 +1,180 @@
+"""HyPS on MONAI SwinUNETR, the paper's network: a test-sized model at 64^3 for the lifecycle, the full-size
+SwinUNETR-48 for the exact parameter counts. Each model is built once per module (SwinUNETR is the slow part)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
+from torch import nn
+
+import peft_tensor.tuners.hyps  # noqa: F401  (registers HYPS with PEFT)
+from peft_tensor.errors import MergeError, TargetModulesError
+from peft_tensor.tuners.hyps import SWINUNETR_HYPS_TARGETS, HyPSConfig, HyPSLayer
+from tests._models import SWIN_TARGETS, full_swinunetr, tiny_swinunetr
+
+# The decoder and head that train in full in the paper (dotted "out.conv.conv": PEFT matches modules_to_save by bare
+# suffix, so a plain "out" would also catch any module whose name ends in "out").
+SWIN_DECODER = ["decoder1", "decoder2", "decoder3", "decoder4", "decoder5", "out.conv.conv"]
+
+
+@pytest.fixture(scope="module")
+def swin():
+    """(base model, 64^3 input, base output). SwinUNETR needs sides that are multiples of 32 and >= 64."""
+    base = tiny_swinunetr()
+    x = torch.randn(1, 1, 64, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y0 = base(x)
+    return base, x, y0
+
+
+@pytest.fixture(scope="module")
+def full():
+    return full_swinunetr()
+
+
+def _loss(y):
+    target = torch.randn(y.shape, generator=torch.Generator().manual_seed(3))
+    return ((y - target) ** 2).mean()
+
+
+def _layers(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, HyPSLayer)}
+
+
+def test_paper_target_constant_matches_the_test_models():
+    assert SWINUNETR_HYPS_TARGETS == SWIN_TARGETS
+
+
+def test_swinunetr_paper_setup_identity_training_disable_save_load(swin, tmp_path):
+    base, x, y0 = swin
+    # A randomly initialised Swin produces strongly correlated tokens (across-token std about half the mean), so a
+    # d=2 ReLU bottleneck can come out dead for every token of a layer (each Down row negative on all of them; about
+    # 1 in 4 per such layer). That is a property of the random test network, not of the method; seed the adapter
+    # initialisation so that every serial branch of this network is alive, then require a gradient on every factor.
+    torch.manual_seed(0)
+    pm = get_peft_model(copy.deepcopy(base), HyPSConfig(target_modules=SWINUNETR_HYPS_TARGETS,
+                                                        modules_to_save=SWIN_DECODER))
+    layers = _layers(pm)
+    # depths (1,1,1,1): per stage qkv, proj, linear1, linear2 + the patch-merging reduction; every one an nn.Linear
+    assert len(layers) == 4 * 5
+    assert all(isinstance(m.get_base_layer(), nn.Linear) for m in layers.values())
+    assert not any("patch_embed" in n for n in layers)
+    trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
+    assert any(".decoder5.modules_to_save.default." in n for n in trainable)
+    assert any(".out.conv.conv.modules_to_save.default." in n for n in trainable)
+    assert not any(n.startswith(("base_model.model.encoder", "base_model.model.swinViT.patch_embed")) for n in trainable)
+    assert all("hyps_" in n or "modules_to_save" in n for n in trainable)
+
+    pm.train()
+    opt = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=1e-3)
+    y = pm(x)
+    torch.testing.assert_close(y.detach(), y0, atol=1e-6, rtol=1e-6)  # identity at init
+    _loss(y).backward()
+    for n, p in pm.named_parameters():
+        if not p.requires_grad:
+            assert p.grad is None, f"frozen {n} received a gradient"
+        elif "hyps_down" not in n:  # Up starts at zero, so Down's very first gradient is zero
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reached {n}"
+    opt.step()
+    opt.zero_grad()
+    y = pm(x)
+    _loss(y).backward()
+    for n, p in pm.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reached {n} after one step"
+        else:
+            assert p.grad is None, f"frozen {n} received a gradient"
+    assert not torch.allclose(y.detach(), y0, atol=1e-6), "an optimiser step did not change the output"
+    opt.step()
+
+    pm.eval()
+    with torch.no_grad():
+        trained = pm(x)
+        with pm.disable_adapter():
+            torch.testing.assert_close(pm(x), y0, atol=0, rtol=0)  # base encoder and the original decoder
+
+    pm.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert any("decoder5" in k for k in saved) and any(k.endswith("hyps_A0") for k in saved)
+    assert not any("swinViT" in k and "hyps_" not in k for k in saved), "encoder base weights must not be saved"
+    loaded = PeftModel.from_pretrained(tiny_swinunetr(), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), trained, atol=1e-6, rtol=1e-6)
+    resumed = PeftModel.from_pretrained(tiny_swinunetr(), tmp_path, is_trainable=True)
+    assert resumed.get_nb_trainable_parameters() == pm.get_nb_trainable_parameters()
+    for (n1, p1), (n2, p2) in zip(pm.named_parameters(), resumed.named_parameters()):
+        assert n1 == n2 and p1.requires_grad == p2.requires_grad and torch.equal(p1, p2), n1
+
+
+def test_swinunetr_parallel_only_merge_and_unload_is_a_plain_swinunetr(swin):
+    base, x, _ = swin
+    torch.manual_seed(0)
+    pm = get_peft_model(copy.deepcopy(base), HyPSConfig(target_modules=SWINUNETR_HYPS_TARGETS, serial=False,
+                                                        init_weights=False))
+    with torch.no_grad():
+        expected = pm.base_model.model.swinViT(x)  # every adapted layer lives in the Swin encoder
+    plain = pm.merge_and_unload(safe_merge=True)
+    assert type(plain) is type(base) and not _layers(plain)
+    assert [n for n, _ in plain.named_parameters()] == [n for n, _ in base.named_parameters()]
+    with torch.no_grad():
+        for got, want in zip(plain.swinViT(x), expected):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_swinunetr_merge_with_serial_branch_explains_what_to_do(swin):
+    base, _, _ = swin
+    pm = get_peft_model(copy.deepcopy(base), HyPSConfig(target_modules=SWINUNETR_HYPS_TARGETS))
+    with pytest.raises(MergeError, match=r"cannot be folded into the Linear weight.*unmerged inference.*serial=False"):
+        pm.merge_and_unload()
+    with pytest.raises(MergeError, match="serial branch"):
+        pm.merge_adapter()
+    assert not any(m.merged for m in _layers(pm).values())
+
+
+def test_swinunetr_bare_proj_hits_the_patch_embedding_conv(swin):
+    base, _, _ = swin
+    model = copy.deepcopy(base)
+    with pytest.raises(TargetModulesError, match=r"matched 'swinViT.patch_embed.proj', a Conv3d.*'attn.proj'"):
+        get_peft_model(model, HyPSConfig(target_modules=["qkv", "proj"]))
+    assert not _layers(model)
+
+
+# ------------------------------------------------------------------------------------------- full-size counts
+
+
+def _count(pm, adapter):
+    return sum(p.numel() for n, p in pm.named_parameters() if "hyps_" in n and f".{adapter}" in n)
+
+
+def test_full_swinunetr_exact_counts(full):
+    assert sum(p.numel() for p in full.parameters()) == 62_186_708
+    decoder = sum(p.numel() for name in ["decoder1", "decoder2", "decoder3", "decoder4", "decoder5", "out"]
+                  for p in getattr(full, name).parameters())
+    assert decoder == 19_597_922
+
+    pm = get_peft_model(copy.deepcopy(full), HyPSConfig(target_modules=SWINUNETR_HYPS_TARGETS,
+                                                        modules_to_save=SWIN_DECODER))
+    assert len(_layers(pm)) == 36
+    r, d = 2, 2
+    assert _count(pm, "default") == 28_800 * d + 30_240 * r == 118_080
+    trainable, total = pm.get_nb_trainable_parameters()
+    assert trainable == 118_080 + 19_597_922 == 19_716_002
+    assert total == 62_186_708 + 118_080 + 19_597_922  # base + adapter + the trained copy of the decoder
+
+    # each branch on its own scales exactly with its width: serial 28,800 * d, parallel 30,240 * r
+    for name, cfg in {
+        "serial_d1": HyPSConfig(target_modules=SWINUNETR_HYPS_TARGETS, parallel=False, d=1),
+        "serial_d3": HyPSConfig(target_modules=SWINUNETR_HYPS_TARGETS, parallel=False, d=3),
+        "parallel_r1": HyPSConfig(target_modules=SWINUNETR_HYPS_TARGETS, serial=False, r=1),
+        "parallel_r4": HyPSConfig(target_modules=SWINUNETR_HYPS_TARGETS, serial=False, r=4),
+    }.items():
+        pm.add_adapter(name, cfg)
+        width = int(name[-1])
+        expected = 28_800 * width if name.startswith("serial") else 30_240 * width
+        assert _count(pm, name) == expected, name
+    # the frozen initial factors are buffers, not parameters: 30,240 * r more values in the saved file
+    assert sum(t.numel() for m in _layers(pm).values() for t in (m.hyps_A0["default"], m.hyps_B0["default"])) == 30_240 * 2
