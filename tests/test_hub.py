@@ -11,15 +11,14 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from huggingface_hub import CommitOperationAdd, HfApi, ModelCard
-from peft import LoraConfig, PeftModel, get_peft_model
+from huggingface_hub import HfApi, ModelCard
+from peft import LoraConfig, get_peft_model
 
 from peft_tensor.errors import AdapterLoadError
 from peft_tensor.hub import (
@@ -137,7 +136,7 @@ def fresh_base():
     return record_network(tiny_unetr(), "monai.networks.nets.UNETR", **UNETR_KWARGS)
 
 
-def make_lora(seed: int, steps: int = 2):
+def make_lora(seed: int, steps: int = 1):
     model = get_peft_model(fresh_base(), LoraConfig(r=4, lora_alpha=8, target_modules=UNETR_TARGETS,
                                                     modules_to_save=["out.conv.conv"]))
     _train(model, steps, seed)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from .adapter_files import SAFE_WEIGHTS, group_summary, numel, read_adapter_config, tensor_shapes
 from .load import resolve
