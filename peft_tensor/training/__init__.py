@@ -1,0 +1,24 @@
+"""Training and evaluation machinery shared by the recipes (``peft_tensor/recipes``).
+
+The recipes are plain loops that compose these pieces; nothing here is a framework:
+models and arms (:mod:`.models`, :mod:`.arms`), optimiser / schedule / loss / step / sliding-window evaluation
+(:mod:`.loop`), metrics (:mod:`.metrics`), atomic checkpoints with exact resume (:mod:`.checkpoint`), torchrun
+set-up (:mod:`.distributed`), logs (:mod:`.logging`), plots (:mod:`.plots`), configs (:mod:`.config`)."""
+
+from .arms import ARMS, apply_arm, canonical_arm, param_counts, save_trained
+from .checkpoint import Checkpointer, atomic_torch_save, unwrap
+from .config import apply_overrides, get_dotted, load_config
+from .distributed import DistInfo, barrier, cleanup, init_distributed, wrap_ddp
+from .logging import RunLogger, write_json, write_rows_csv
+from .loop import (evaluate_cases, make_loss, make_optimizer, poly_scheduler, predict, set_seed, step_seed,
+                   train_step)
+from .metrics import case_metrics, remove_small_components, summarize
+from .models import build_model, defaults_for, load_backbone, save_backbone
+
+__all__ = [
+    "ARMS", "Checkpointer", "DistInfo", "RunLogger", "apply_arm", "apply_overrides", "atomic_torch_save", "barrier",
+    "build_model", "canonical_arm", "case_metrics", "cleanup", "defaults_for", "evaluate_cases", "get_dotted",
+    "init_distributed", "load_backbone", "load_config", "make_loss", "make_optimizer", "param_counts",
+    "poly_scheduler", "predict", "remove_small_components", "save_backbone", "save_trained", "set_seed",
+    "step_seed", "summarize", "train_step", "unwrap", "wrap_ddp", "write_json", "write_rows_csv",
+]

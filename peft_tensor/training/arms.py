@@ -1,0 +1,141 @@
+"""Fine-tuning arms by name: which parameters train, and through which PEFT method.
+
+=============  =====================================================================================
+arm            what trains
+=============  =====================================================================================
+tcurlora       tCURLoRA cores U on the encoder Linears + decoder and head (``modules_to_save``)
+lorapt         LoRA-PT principal t-SVD factors + decoder and head
+hyps           HyPS parallel PiSSA + serial adapters (SwinUNETR) + decoder and head
+lora           PEFT LoRA + decoder and head
+pissa          PEFT LoRA with PiSSA initialisation + decoder and head
+full           every parameter
+decoder_only   decoder and head; the encoder is frozen (what the authors' public scripts measure)
+frozen         only the 1x1x1 output head: no encoder and no decoder weight changes (a linear probe)
+=============  =====================================================================================
+
+The decoder trains in every PEFT arm, as in the papers. Arms of our methods are imported lazily, so the others
+work in a checkout where a method is not available yet.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .models import HEAD, defaults_for
+
+ARMS = ("tcurlora", "lorapt", "hyps", "lora", "pissa", "full", "decoder_only", "frozen")
+PEFT_ARMS = ("tcurlora", "lorapt", "hyps", "lora", "pissa")
+_ALIASES = {"decoder-only": "decoder_only", "decoder": "decoder_only", "linear": "decoder_only", "head": "frozen",
+            "tcur": "tcurlora", "lora-pt": "lorapt", "lora_pt": "lorapt", "peft_lora": "lora", "peft_pissa": "pissa"}
+_RESERVED = {"name", "lr", "method_lr"}
+
+
+def canonical_arm(name: str) -> str:
+    key = str(name).lower().replace(" ", "_")
+    key = _ALIASES.get(key, key)
+    if key not in ARMS:
+        raise ValueError(f"unknown arm {name!r}; choose one of {', '.join(ARMS)}")
+    return key
+
+
+def _matches(name: str, patterns) -> bool:
+    return any(name == p or name.endswith("." + p) or name.startswith(p + ".") or f".{p}." in f".{name}."
+               for p in patterns)
+
+
+def _set_trainable(model: torch.nn.Module, patterns) -> None:
+    for pname, param in model.named_parameters():
+        param.requires_grad_(_matches(pname, patterns))
+
+
+def peft_config(arm: str, arm_cfg: dict, model_cfg: dict):
+    """The PEFT config object of a PEFT arm (fields from ``arm_cfg``; targets / decoder default per backbone)."""
+    arm = canonical_arm(arm)
+    d = defaults_for(model_cfg)
+    kw = {k: v for k, v in dict(arm_cfg).items() if k not in _RESERVED}
+    kw.setdefault("target_modules", list(d["target_modules"]))
+    kw.setdefault("modules_to_save", list(d["decoder"]))
+    if arm == "tcurlora":
+        from peft_tensor import TCURLoraConfig
+
+        kw.setdefault("r", 8)
+        return TCURLoraConfig(**kw)
+    if arm == "lorapt":
+        from peft_tensor import LoraPTConfig
+
+        kw.setdefault("r", 32)
+        return LoraPTConfig(**kw)
+    if arm == "hyps":
+        try:
+            from peft_tensor import HyPSConfig
+        except ImportError:
+            from peft_tensor.tuners.hyps import HyPSConfig
+
+        return HyPSConfig(**kw)
+    from peft import LoraConfig
+
+    if arm == "pissa":
+        kw.setdefault("r", 2)
+        kw.setdefault("lora_alpha", kw["r"])
+        kw.setdefault("init_lora_weights", "pissa")
+    else:
+        kw.setdefault("r", 8)
+        kw.setdefault("lora_alpha", 2 * kw["r"])
+    kw.setdefault("lora_dropout", 0.0)
+    return LoraConfig(**kw)
+
+
+def apply_arm(model: torch.nn.Module, arm_cfg: dict | str, model_cfg: dict) -> torch.nn.Module:
+    """Return the model prepared for ``arm_cfg["name"]``: a ``PeftModel`` for PEFT arms, ``model`` itself with the
+    right ``requires_grad`` flags otherwise."""
+    if isinstance(arm_cfg, str):
+        arm_cfg = {"name": arm_cfg}
+    arm = canonical_arm(arm_cfg.get("name", "full"))
+    d = defaults_for(model_cfg)
+    if arm == "full":
+        model.requires_grad_(True)
+        return model
+    if arm == "decoder_only":
+        _set_trainable(model, arm_cfg.get("modules_to_save", d["decoder"]))
+        return model
+    if arm == "frozen":
+        _set_trainable(model, arm_cfg.get("modules_to_save", HEAD))
+        return model
+    from peft import get_peft_model
+
+    return get_peft_model(model, peft_config(arm, arm_cfg, model_cfg))
+
+
+def param_counts(model: torch.nn.Module) -> dict:
+    """Trainable and total parameter counts (tuner-level shared parameters included)."""
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return {"trainable": trainable, "total": total}
+
+
+def save_trained(model: torch.nn.Module, folder, arm: str, card_text: str | None = None) -> None:
+    """PEFT arms: ``save_pretrained`` (adapter + config + card). Other arms: the trainable weights as
+    ``trainable.safetensors``. ``card_text`` is appended to the adapter card (``README.md``)."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from ..data.io import _atomic, atomic_write_text
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if canonical_arm(arm) in PEFT_ARMS and hasattr(model, "save_pretrained"):
+        model.save_pretrained(str(folder))
+    else:
+        state = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+        _atomic(folder / "trainable.safetensors", lambda tmp: save_file(state, tmp))
+    if card_text:
+        card = folder / "README.md"
+        text = card.read_text() if card.is_file() else ""
+        atomic_write_text(card, text + ("\n" if text else "") + card_text)

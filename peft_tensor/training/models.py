@@ -1,0 +1,98 @@
+"""Backbones from config dicts, and the files that record which backbone a checkpoint belongs to."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+UNETR_TARGETS = ["attn.qkv", "attn.out_proj", "mlp.linear1", "mlp.linear2"]
+SWIN_TARGETS = ["attn.qkv", "attn.proj", "mlp.linear1", "mlp.linear2", "downsample.reduction"]
+# What the papers train in every PEFT arm: UNETR's convolutional skip/decoder path and head (the "decoder").
+UNETR_DECODER = ["encoder1", "encoder2", "encoder3", "encoder4", "decoder2", "decoder3", "decoder4", "decoder5",
+                 "out.conv.conv"]
+SWIN_DECODER = ["encoder1", "encoder2", "encoder3", "encoder4", "encoder10", "decoder1", "decoder2", "decoder3",
+                "decoder4", "decoder5", "out.conv.conv"]
+HEAD = ["out.conv.conv"]
+
+_UNETR_DEFAULTS = dict(in_channels=1, out_channels=2, img_size=128, feature_size=16, hidden_size=768, mlp_dim=3072,
+                       num_heads=12, proj_type="conv", norm_name="instance", dropout_rate=0.1, qkv_bias=False)
+_SWIN_DEFAULTS = dict(in_channels=1, out_channels=2, feature_size=48, depths=(2, 2, 2, 2), num_heads=(3, 6, 12, 24))
+
+
+def model_kwargs(cfg: dict) -> tuple[str, dict]:
+    """(name, constructor kwargs) with defaults filled in (UNETR-B / SwinUNETR-48 as in the papers)."""
+    cfg = {k: v for k, v in dict(cfg).items() if k not in ("pretrained",)}
+    name = str(cfg.pop("name", "unetr")).lower()
+    if name == "unetr":
+        kw = {**_UNETR_DEFAULTS, **cfg}
+        if isinstance(kw["img_size"], int):
+            kw["img_size"] = [kw["img_size"]] * 3
+        if any(int(s) % 16 for s in kw["img_size"]):
+            raise ValueError(f"UNETR needs img_size divisible by 16, got {kw['img_size']}")
+        kw["img_size"] = list(kw["img_size"])
+    elif name == "swinunetr":
+        kw = {**_SWIN_DEFAULTS, **cfg}
+        kw.pop("img_size", None)
+        kw["depths"], kw["num_heads"] = list(kw["depths"]), list(kw["num_heads"])
+    else:
+        raise ValueError(f"unknown backbone {name!r}: use 'unetr' or 'swinunetr'")
+    return name, kw
+
+
+def build_model(cfg: dict) -> torch.nn.Module:
+    """A MONAI UNETR or SwinUNETR from ``cfg`` (``name`` plus constructor arguments)."""
+    name, kw = model_kwargs(cfg)
+    if name == "unetr":
+        from monai.networks.nets import UNETR
+
+        return UNETR(**{**kw, "img_size": tuple(kw["img_size"])})
+    from monai.networks.nets import SwinUNETR
+
+    return SwinUNETR(**{**kw, "depths": tuple(kw["depths"]), "num_heads": tuple(kw["num_heads"])})
+
+
+def defaults_for(cfg: dict) -> dict:
+    """Targets and decoder module names for the backbone named in ``cfg``."""
+    name = str(dict(cfg).get("name", "unetr")).lower()
+    if name == "swinunetr":
+        return {"target_modules": SWIN_TARGETS, "decoder": SWIN_DECODER}
+    return {"target_modules": UNETR_TARGETS, "decoder": UNETR_DECODER}
+
+
+def save_backbone(model: torch.nn.Module, cfg: dict, folder: str | os.PathLike, extra: dict | None = None) -> Path:
+    """``model.safetensors`` + ``backbone.json`` (class and constructor arguments) in ``folder``, written
+    atomically. The pair is what :func:`load_backbone` and the finetune recipe's ``model.pretrained`` read."""
+    from safetensors.torch import save_file
+
+    from ..data.io import _atomic, atomic_write_text
+
+    folder = Path(folder)
+    name, kw = model_kwargs(cfg)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    _atomic(folder / "model.safetensors", lambda tmp: save_file(state, tmp))
+    atomic_write_text(folder / "backbone.json", json.dumps({"name": name, "kwargs": kw, **(extra or {})}, indent=1))
+    return folder
+
+
+def load_backbone(folder: str | os.PathLike, cfg: dict | None = None) -> tuple[torch.nn.Module, dict]:
+    """Rebuild the backbone saved by :func:`save_backbone`. ``cfg`` (if given) must agree on the architecture."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / "backbone.json").is_file():
+        raise FileNotFoundError(f"{folder} has no backbone.json: not a pretrained backbone folder (run pretrain first)")
+    meta = json.loads((folder / "backbone.json").read_text())
+    saved_cfg = {"name": meta["name"], **meta["kwargs"]}
+    if cfg is not None:
+        _, want = model_kwargs(cfg)
+        _, have = model_kwargs(saved_cfg)
+        diff = {k: (want[k], have.get(k)) for k in want if k != "dropout_rate" and want[k] != have.get(k)}
+        if diff:
+            raise ValueError(f"pretrained backbone in {folder} differs from model config: {diff} (config, saved)")
+        saved_cfg["dropout_rate"] = model_kwargs(cfg)[1].get("dropout_rate", saved_cfg.get("dropout_rate"))
+    model = build_model(saved_cfg)
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    return model, saved_cfg
