@@ -21,6 +21,16 @@ from tests._models import SWIN_TARGETS, full_swinunetr, tiny_swinunetr
 SWIN_DECODER = ["decoder1", "decoder2", "decoder3", "decoder4", "decoder5", "out.conv.conv"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """On a busy 2-core machine OpenMP barriers (and LAPACK's threads) make two intra-op threads several times slower
+    than one for these models; run this module single-threaded and restore the setting afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def swin():
     """(base model, 64^3 input, base output). SwinUNETR needs sides that are multiples of 32 and >= 64."""
@@ -89,11 +99,10 @@ def test_swinunetr_paper_setup_identity_training_disable_save_load(swin, tmp_pat
         else:
             assert p.grad is None, f"frozen {n} received a gradient"
     assert not torch.allclose(y.detach(), y0, atol=1e-6), "an optimiser step did not change the output"
-    opt.step()
+    trained = y.detach()  # no dropout in this network: the training-mode output is the inference output
 
     pm.eval()
     with torch.no_grad():
-        trained = pm(x)
         with pm.disable_adapter():
             torch.testing.assert_close(pm(x), y0, atol=0, rtol=0)  # base encoder and the original decoder
 
