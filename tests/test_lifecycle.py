@@ -306,6 +306,11 @@ def test_modules_to_save_decoder(make_config, tmp_path):
     loaded = PeftModel.from_pretrained(tiny_unetr(), tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(_out(loaded, inputs), expected, atol=1e-6, rtol=1e-6)
+        # merge_and_unload gives a plain UNETR carrying the trained decoder and the merged encoder update
+        plain = loaded.merge_and_unload()
+        assert type(plain).__name__ == "UNETR"
+        assert not any("modules_to_save" in n or "base_layer" in n for n, _ in plain.named_modules())
+        torch.testing.assert_close(_out(plain, inputs), expected, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.cuda
