@@ -14,7 +14,8 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from ..errors import PeftTensorError
 from .adapter_files import read_adapter_config
 
-TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "model_cards"
+# model_cards/ at the repository root, shipped inside the package through the peft_tensor/model_cards link
+TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "model_cards"
 ADAPTER_TEMPLATE = TEMPLATE_DIR / "adapter_card.md"
 BASE_TAGS = ["peft-tensor", "medical-imaging", "segmentation"]
 TASK_TYPE = "image-segmentation"
