@@ -91,7 +91,7 @@ class CohortSpec:
     rotate_deg: float = 8.0
     scale: float = 0.08
     translate_vox: float = 3.0
-    bias_coeff: float = 0.25
+    bias_coeff: float = 0.1
     gamma: tuple = (0.7, 1.4)
     noise_std: float = 0.03  # relative to the image's 99th percentile
     format_version: int = field(default=_FORMAT_VERSION)

@@ -24,7 +24,7 @@ from peft_tensor.training import (Checkpointer, RunLogger, apply_arm, barrier, b
                                   evaluate_cases, init_distributed, load_backbone, make_loss, make_optimizer,
                                   param_counts, poly_scheduler, save_trained, set_seed, step_seed, summarize,
                                   train_step, wrap_ddp, write_json, write_rows_csv)
-from peft_tensor.training.config import parse_recipe_args, patch_size
+from peft_tensor.training.config import parse_recipe_args, patch_size, total_steps
 from peft_tensor.training.distributed import all_mean
 from peft_tensor.training.plots import plot_best_worst, plot_curves
 
@@ -55,7 +55,7 @@ def main(cfg: dict) -> dict:
     setup_s = time.time() - t_setup
     counts = param_counts(model)
 
-    steps = int(train_cfg["steps"])
+    steps = total_steps(train_cfg, len(train_cases))
     optimizer = make_optimizer(model, {**cfg["optim"], **{k: cfg["arm"][k] for k in ("lr", "method_lr") if k in cfg["arm"]}})
     scheduler = poly_scheduler(optimizer, steps, float(cfg["optim"].get("poly_power", 0.9)))
     loss_fn = make_loss(train_cfg.get("loss", "dice"))

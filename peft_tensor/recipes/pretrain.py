@@ -22,7 +22,7 @@ from peft_tensor.data.transforms import augmentation
 from peft_tensor.training import (Checkpointer, RunLogger, barrier, build_model, cleanup, evaluate_cases,
                                   init_distributed, make_loss, make_optimizer, poly_scheduler, save_backbone,
                                   set_seed, step_seed, summarize, train_step, wrap_ddp, write_json)
-from peft_tensor.training.config import parse_recipe_args, patch_size
+from peft_tensor.training.config import parse_recipe_args, patch_size, total_steps
 from peft_tensor.training.distributed import all_mean
 from peft_tensor.training.plots import plot_curves
 
@@ -45,7 +45,7 @@ def main(cfg: dict) -> dict:
 
     # model, optimiser (Adam amsgrad), poly schedule, soft Dice
     model = build_model(cfg["model"]).to(dist.device)
-    steps = int(train_cfg["steps"])
+    steps = total_steps(train_cfg, len(train_cases))
     optimizer = make_optimizer(model, cfg["optim"])
     scheduler = poly_scheduler(optimizer, steps, float(cfg["optim"].get("poly_power", 0.9)))
     loss_fn = make_loss(train_cfg.get("loss", "dice"))

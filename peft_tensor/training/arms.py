@@ -139,3 +139,26 @@ def save_trained(model: torch.nn.Module, folder, arm: str, card_text: str | None
         card = folder / "README.md"
         text = card.read_text() if card.is_file() else ""
         atomic_write_text(card, text + ("\n" if text else "") + card_text)
+
+
+def load_trained(base_model: torch.nn.Module, folder, arm: str) -> torch.nn.Module:
+    """Inverse of :func:`save_trained`: the fine-tuned model from its pretrained base and the saved folder."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    if canonical_arm(arm) in PEFT_ARMS:
+        if canonical_arm(arm) in ("lora", "pissa"):
+            from peft import PeftModel
+
+            return PeftModel.from_pretrained(base_model, str(folder))
+        from peft_tensor import from_pretrained
+
+        return from_pretrained(base_model, str(folder))
+    from safetensors.torch import load_file
+
+    state = load_file(str(folder / "trainable.safetensors"))
+    missing = set(state) - set(dict(base_model.named_parameters()))
+    if missing:
+        raise ValueError(f"{folder} holds weights the base model lacks: {sorted(missing)[:5]}")
+    base_model.load_state_dict(state, strict=False)
+    return base_model

@@ -95,3 +95,14 @@ def patch_size(cfg: dict) -> tuple:
     """Training crop / inference window: ``train.patch`` or else the model's ``img_size`` (UNETR) or 96."""
     patch = get_dotted(cfg, "train.patch") or get_dotted(cfg, "model.img_size") or 96
     return tuple(int(p) for p in patch) if isinstance(patch, (list, tuple)) else (int(patch),) * 3
+
+
+def total_steps(train_cfg: dict, n_train: int) -> int:
+    """``train.steps`` if given, else ``train.epochs * ceil(n_train / batch_size)`` (the papers count epochs)."""
+    import math
+
+    if train_cfg.get("steps"):
+        return int(train_cfg["steps"])
+    if not train_cfg.get("epochs"):
+        raise ValueError("the config needs train.steps or train.epochs")
+    return int(train_cfg["epochs"]) * math.ceil(n_train / int(train_cfg.get("batch_size", 2)))

@@ -24,7 +24,7 @@ _SWIN_DEFAULTS = dict(in_channels=1, out_channels=2, feature_size=48, depths=(2,
 
 def model_kwargs(cfg: dict) -> tuple[str, dict]:
     """(name, constructor kwargs) with defaults filled in (UNETR-B / SwinUNETR-48 as in the papers)."""
-    cfg = {k: v for k, v in dict(cfg).items() if k not in ("pretrained",)}
+    cfg = {k: v for k, v in dict(cfg).items() if k != "pretrained" and v is not None}
     name = str(cfg.pop("name", "unetr")).lower()
     if name == "unetr":
         kw = {**_UNETR_DEFAULTS, **cfg}

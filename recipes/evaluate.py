@@ -1,0 +1,1 @@
+../peft_tensor/recipes/evaluate.py
