@@ -1,0 +1,653 @@
+"""Measurement helpers for the efficiency benchmark (``recipes/benchmark_efficiency.py``).
+
+One *arm* is one way of fine-tuning a backbone (full, decoder only, floor, PEFT LoRA, PiSSA, tCURLoRA, LoRA-PT,
+HyPS). Each arm lives in its own worker process (:class:`ArmWorker`), so its peak memory is its own; the parent
+drives all workers of a backbone **round-robin, one training step at a time**, so that whatever else runs on the
+machine slows every arm alike. Per arm we record
+
+* trainable parameters (tuner-level shared tensors counted once) and the adapter file size
+  (``save_pretrained`` -> ``adapter_model.safetensors``; non-PEFT arms: their trainable weights as safetensors);
+* set-up time: ``get_peft_model`` including every decomposition (wall and process CPU time);
+* training-step time: zero_grad + forward + soft Dice + backward + Adam (amsgrad) step; median over the timed
+  steps, wall clock and process CPU time (all threads; less sensitive to other processes than wall time);
+* peak memory during training: process peak RSS (``VmHWM``, reset before the first step through
+  ``/proc/self/clear_refs``) on CPU; ``max_memory_allocated`` / ``max_memory_reserved`` on CUDA;
+* inference after ``merge_and_unload`` (``no_grad`` forward, eval mode) against the unchanged base network, which
+  is the floor arm's network (nothing in it trains). Arms that cannot merge are timed unmerged and say so.
+
+The *floor* arm trains nothing but makes the patch-embedding output require a gradient, so the backward pass runs
+through the whole frozen encoder: the cost every encoder adapter pays at least. In the adapter arms the decoder is
+frozen (the adapter-versus-adapter comparison); the decoder-inclusive count of the papers is reported beside it.
+
+Workers can also run in-process (``isolate=False``: one process, arms one after the other, peak memory mixed),
+which the smoke test uses.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+__all__ = ["ArmWorker", "build_backbone", "make_arm", "run_benchmark", "machine_info", "versions", "markdown_report",
+           "profile_arm", "hyps_available"]
+
+MB = 1024 * 1024
+
+
+# -- backbones and arms ---------------------------------------------------------------------------------------------
+def build_backbone(spec: dict, size: int, seed: int = 0) -> torch.nn.Module:
+    """A MONAI UNETR (``img_size`` = the input side) or SwinUNETR from ``spec["network"]`` and ``spec["kwargs"]``."""
+    kw = dict(spec.get("kwargs", {}))
+    torch.manual_seed(seed)
+    if spec["network"] == "unetr":
+        from monai.networks.nets import UNETR
+
+        return UNETR(img_size=(size, size, size), **kw)
+    if spec["network"] == "swinunetr":
+        from monai.networks.nets import SwinUNETR
+
+        if "depths" in kw:
+            kw["depths"] = tuple(kw["depths"])
+        return SwinUNETR(**kw)
+    raise ValueError(f"unknown network {spec['network']!r}: use 'unetr' or 'swinunetr'")
+
+
+def hyps_available() -> bool:
+    try:
+        import peft_tensor.tuners.hyps  # noqa: F401
+    except Exception:  # noqa: BLE001 - any failure means the arm is skipped
+        return False
+    return True
+
+
+def _matches(name: str, patterns) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in patterns)
+
+
+def _set_trainable(model: torch.nn.Module, patterns) -> None:
+    for name, p in model.named_parameters():
+        p.requires_grad_(_matches(name, patterns))
+
+
+def make_arm(model: torch.nn.Module, arm: dict, spec: dict) -> tuple[torch.nn.Module, dict]:
+    """Prepare ``model`` for ``arm`` (``{"method": ..., **fields}``). Returns (model, info)."""
+    method = arm["method"]
+    targets = list(spec["targets"])
+    info: dict[str, Any] = {"peft": False}
+    if method == "full":
+        model.requires_grad_(True)
+        return model, info
+    if method == "decoder_only":
+        _set_trainable(model, spec["decoder"])
+        return model, info
+    if method == "floor":
+        model.requires_grad_(False)
+        hook_module = model.get_submodule(spec["floor_module"])
+        # output of a frozen first layer is a leaf: asking for its gradient makes backward traverse the encoder
+        info["hook"] = hook_module.register_forward_hook(
+            lambda _m, _i, out: out.requires_grad_(True) if torch.is_grad_enabled() else out)
+        return model, info
+    from peft import LoraConfig, get_peft_model
+
+    fields = {k: v for k, v in arm.items() if k not in ("method", "label")}
+    if method in ("lora", "pissa"):
+        fields.setdefault("lora_alpha", fields.get("r", 8))
+        fields.setdefault("lora_dropout", 0.0)
+        config = LoraConfig(target_modules=targets, **fields)
+    elif method == "tcurlora":
+        from peft_tensor import TCURLoraConfig
+
+        config = TCURLoraConfig(target_modules=targets, **fields)
+    elif method == "lorapt":
+        from peft_tensor import LoraPTConfig
+
+        config = LoraPTConfig(target_modules=targets, **fields)
+    elif method == "hyps":
+        from peft_tensor.tuners.hyps import SWINUNETR_HYPS_TARGETS, HyPSConfig
+
+        fields.setdefault("target_modules", list(SWINUNETR_HYPS_TARGETS))
+        config = HyPSConfig(**fields)
+    else:
+        raise ValueError(f"unknown arm method {method!r}")
+    info["peft"] = True
+    return get_peft_model(model, config), info
+
+
+def _unique_params(model: torch.nn.Module):
+    seen = set()
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            yield p
+
+
+# -- memory and time ----------------------------------------------------------------------------------------------
+def _status_kb(field: str) -> Optional[int]:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mb() -> float:
+    hwm = _status_kb("VmHWM")
+    if hwm is not None:
+        return hwm / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _rss_mb() -> float:
+    rss = _status_kb("VmRSS")
+    return rss / 1024 if rss is not None else float("nan")
+
+
+# -- one arm ----------------------------------------------------------------------------------------------------------
+class ArmWorker:
+    """One arm on one backbone. Methods are the commands the parent sends (in this order)."""
+
+    def __init__(self, job: dict) -> None:
+        self.job = job
+        torch.set_num_threads(int(job["threads"]))
+        self.device = torch.device(job["device"])
+        spec, size, batch = job["backbone"], int(job["size"]), int(job["batch"])
+        import peft  # noqa: F401 - imported before timing set-up
+        import peft_tensor  # noqa: F401
+
+        if job["arm"]["method"] == "hyps":
+            import peft_tensor.tuners.hyps  # noqa: F401
+        self.model = build_backbone(spec, size, seed=int(job.get("seed", 0))).to(self.device)
+        gen = torch.Generator().manual_seed(1)
+        self.x = torch.randn(batch, spec.get("kwargs", {}).get("in_channels", 1), size, size, size,
+                             generator=gen).to(self.device)
+        self.y = (torch.rand(batch, 1, size, size, size, generator=gen) > 0.9).float().to(self.device)
+        from monai.losses import DiceLoss
+
+        self.loss_fn = DiceLoss(to_onehot_y=True, softmax=True)
+        self.opt = None
+        self.info: dict = {}
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def ready(self) -> dict:
+        return {"rss_mb": _rss_mb(), "base_params": sum(p.numel() for p in self.model.parameters())}
+
+    def setup(self) -> dict:
+        arm, spec = self.job["arm"], self.job["backbone"]
+        decoder_params = sum(p.numel() for n, p in self.model.named_parameters() if _matches(n, spec["decoder"]))
+        self._sync()
+        w0, c0 = time.perf_counter(), time.process_time()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.model, self.info = make_arm(self.model, arm, spec)
+        self._sync()
+        setup_s, setup_cpu_s = time.perf_counter() - w0, time.process_time() - c0
+        params = [p for p in _unique_params(self.model) if p.requires_grad]
+        trainable = sum(p.numel() for p in params)
+        self.opt = torch.optim.Adam(params, lr=1e-3, weight_decay=2e-5, amsgrad=True) if params else None
+        return {"trainable": trainable, "decoder_params": decoder_params, "setup_s": setup_s,
+                "setup_cpu_s": setup_cpu_s, "adapter_file_bytes": self._file_size(), "rss_after_setup_mb": _rss_mb()}
+
+    def _file_size(self) -> Optional[int]:
+        with tempfile.TemporaryDirectory() as tmp:
+            if self.info.get("peft"):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    self.model.save_pretrained(tmp)
+                path = Path(tmp) / "adapter_model.safetensors"
+            else:
+                from safetensors.torch import save_file
+
+                state = {n: p.detach().contiguous().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
+                if not state:
+                    return 0
+                path = Path(tmp) / "trainable.safetensors"
+                save_file(state, str(path))
+            return path.stat().st_size
+
+    def train_begin(self) -> dict:
+        self.model.train()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return {"rss_before_train_mb": _rss_mb(), "peak_reset": _reset_peak_rss()}
+
+    def step(self) -> dict:
+        self._sync()
+        w0, c0 = time.perf_counter(), time.process_time()
+        if self.opt is not None:
+            self.opt.zero_grad(set_to_none=True)
+        loss = self.loss_fn(self.model(self.x), self.y)
+        loss.backward()
+        if self.opt is not None:
+            self.opt.step()
+        self._sync()
+        return {"wall_s": time.perf_counter() - w0, "cpu_s": time.process_time() - c0, "loss": loss.item()}
+
+    def train_end(self) -> dict:
+        out = {"peak_rss_mb": _peak_rss_mb()}
+        if self.device.type == "cuda":
+            out["max_allocated_mb"] = torch.cuda.max_memory_allocated(self.device) / MB
+            out["max_reserved_mb"] = torch.cuda.max_memory_reserved(self.device) / MB
+        return out
+
+    def merge(self) -> dict:
+        """``merge_and_unload`` where the arm is a PEFT model; drop training state; eval mode."""
+        self.opt = None
+        for p in self.model.parameters():
+            p.grad = None
+        hook = self.info.pop("hook", None)
+        if hook is not None:
+            hook.remove()
+        out: dict[str, Any] = {"merged": False, "merge_s": None, "note": "plain network (no adapter)"}
+        if self.info.get("peft"):
+            self._sync()
+            t0 = time.perf_counter()
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    self.model = self.model.merge_and_unload()
+                self._sync()
+                out.update(merged=True, merge_s=time.perf_counter() - t0, note="merged")
+            except Exception as err:  # noqa: BLE001 - reported, then timed unmerged
+                out["note"] = f"cannot merge ({type(err).__name__}): timed unmerged"
+        self.model.eval()
+        return out
+
+    def infer(self) -> dict:
+        self._sync()
+        w0, c0 = time.perf_counter(), time.process_time()
+        with torch.no_grad():
+            self.model(self.x)
+        self._sync()
+        return {"wall_s": time.perf_counter() - w0, "cpu_s": time.process_time() - c0}
+
+
+def _worker_main(conn, job: dict) -> None:
+    try:
+        worker = ArmWorker(job)
+        conn.send(("ok", worker.ready()))
+    except Exception as err:  # noqa: BLE001
+        conn.send(("error", f"{type(err).__name__}: {err}"))
+        return
+    while True:
+        cmd = conn.recv()
+        if cmd == "close":
+            break
+        try:
+            conn.send(("ok", getattr(worker, cmd)()))
+        except Exception as err:  # noqa: BLE001
+            import traceback
+
+            conn.send(("error", f"{type(err).__name__}: {err}\n{traceback.format_exc()}"))
+
+
+class _Remote:
+    """An :class:`ArmWorker` in a child process (spawn), driven over a pipe."""
+
+    def __init__(self, job: dict) -> None:
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker_main, args=(child, job), daemon=True)
+        self.proc.start()
+        self._ready = None
+
+    def wait_ready(self) -> dict:
+        if self._ready is None:
+            self._ready = self._recv()
+        return self._ready
+
+    def _recv(self) -> dict:
+        status, value = self.conn.recv()
+        if status != "ok":
+            raise RuntimeError(value)
+        return value
+
+    def call(self, cmd: str) -> dict:
+        self.conn.send(cmd)
+        return self._recv()
+
+    def close(self) -> None:
+        try:
+            self.conn.send("close")
+        except (BrokenPipeError, OSError):
+            pass
+        self.proc.join(timeout=30)
+        if self.proc.is_alive():
+            self.proc.kill()
+
+
+class _Local:
+    def __init__(self, job: dict) -> None:
+        self.worker = ArmWorker(job)
+
+    def wait_ready(self) -> dict:
+        return self.worker.ready()
+
+    def call(self, cmd: str) -> dict:
+        return getattr(self.worker, cmd)()
+
+    def close(self) -> None:
+        self.worker = None
+
+
+# -- the run ----------------------------------------------------------------------------------------------------------
+def _median(xs):
+    return statistics.median(xs) if xs else None
+
+
+def _load() -> list[float]:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def _round_robin(workers: dict, names: list[str], cmd: str, rounds: int, warmup: int, log) -> dict:
+    """``rounds`` rounds; in each, every worker runs ``cmd`` once, starting one position later each round."""
+    samples = {n: [] for n in names}
+    for i in range(rounds):
+        order = names[i % len(names):] + names[:i % len(names)]
+        for n in order:
+            r = workers[n].call(cmd)
+            if i >= warmup:
+                samples[n].append(r)
+        log(f"  {cmd} round {i + 1}/{rounds} done (load {_load()})")
+    return samples
+
+
+def run_backbone(name: str, cfg: dict, log=print) -> dict:
+    """All arms of one backbone: start workers, set up one at a time, train and infer round-robin."""
+    spec = cfg["backbones"][name]
+    run = cfg["run"]
+    device = run.get("device", "auto")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    arms = {}
+    skipped = {}
+    for arm_name, arm in spec["arms"].items():
+        if arm["method"] == "hyps" and not hyps_available():
+            skipped[arm_name] = "peft_tensor.tuners.hyps not importable"
+            continue
+        arms[arm_name] = arm
+    if "floor" not in [a["method"] for a in arms.values()]:
+        raise ValueError("every backbone needs a 'floor' arm: its network is the base for the inference ratio")
+    base_arm = next(n for n, a in arms.items() if a["method"] == "floor")
+    jobs = {n: {"backbone": spec, "arm": a, "size": run["size"], "batch": run["batch"], "threads": run["threads"],
+                "device": device, "seed": run.get("seed", 0)} for n, a in arms.items()}
+    make = _Remote if run.get("isolate", True) else _Local
+    names = list(arms)
+    res: dict[str, Any] = {"network": spec["network"], "kwargs": spec.get("kwargs", {}), "targets": spec["targets"],
+                           "decoder": spec["decoder"], "input": [run["batch"], 1, *[run["size"]] * 3],
+                           "device": device, "skipped_arms": skipped, "base_arm": base_arm, "load_average": {}}
+    workers: dict = {}
+    try:
+        log(f"[{name}] starting {len(names)} workers: {', '.join(names)}")
+        for n in names:  # one at a time: model construction in parallel would only fight for the cores
+            workers[n] = make(jobs[n])
+            ready = workers[n].wait_ready()
+        res["base_params"] = ready["base_params"]
+        res["load_average"]["setup"] = _load()
+        per_arm = {n: {"method": arms[n]["method"], "label": arms[n].get("label", n)} for n in names}
+        for n in names:
+            per_arm[n].update(workers[n].call("setup"))
+            log(f"  setup {n}: {per_arm[n]['setup_s']:.2f} s, {per_arm[n]['trainable']:,} trainable")
+        res["decoder_params"] = per_arm[base_arm]["decoder_params"]
+        for n in names:
+            per_arm[n].update(workers[n].call("train_begin"))
+        res["load_average"]["train"] = _load()
+        warmup, steps = int(run["warmup_steps"]), int(run["steps"])
+        samples = _round_robin(workers, names, "step", warmup + steps, warmup, log)
+        for n in names:
+            per_arm[n].update(workers[n].call("train_end"))
+            per_arm[n]["step_s"] = _median([s["wall_s"] for s in samples[n]])
+            per_arm[n]["step_cpu_s"] = _median([s["cpu_s"] for s in samples[n]])
+            per_arm[n]["step_wall_samples"] = [round(s["wall_s"], 4) for s in samples[n]]
+            per_arm[n]["step_cpu_samples"] = [round(s["cpu_s"], 4) for s in samples[n]]
+            per_arm[n].update(workers[n].call("merge"))
+        res["load_average"]["inference"] = _load()
+        iw, reps = int(run["infer_warmup"]), int(run["infer_reps"])
+        samples = _round_robin(workers, names, "infer", iw + reps, iw, log)
+        for n in names:
+            per_arm[n]["infer_s"] = _median([s["wall_s"] for s in samples[n]])
+            per_arm[n]["infer_cpu_s"] = _median([s["cpu_s"] for s in samples[n]])
+            per_arm[n]["infer_wall_samples"] = [round(s["wall_s"], 4) for s in samples[n]]
+        res["load_average"]["end"] = _load()
+    finally:
+        for w in workers.values():
+            w.close()
+    _ratios(per_arm, base_arm, spec.get("reference", "lora"))
+    res["reference_arm"] = spec.get("reference", "lora")
+    res["arms"] = per_arm
+    return res
+
+
+def _ratio(a, b):
+    return None if a is None or b in (None, 0) else a / b
+
+
+def _ratios(per_arm: dict, base_arm: str, ref: str) -> None:
+    base = per_arm[base_arm]
+    r = per_arm.get(ref)
+    for a in per_arm.values():
+        a["infer_vs_base"] = _ratio(a.get("infer_s"), base.get("infer_s"))
+        a["infer_cpu_vs_base"] = _ratio(a.get("infer_cpu_s"), base.get("infer_cpu_s"))
+        if r is None:
+            continue
+        a["vs_ref"] = {
+            "step": _ratio(a.get("step_s"), r.get("step_s")),
+            "step_cpu": _ratio(a.get("step_cpu_s"), r.get("step_cpu_s")),
+            "peak_rss": _ratio(a.get("peak_rss_mb"), r.get("peak_rss_mb")),
+            "train_mem_above_model": _ratio(a["peak_rss_mb"] - a["rss_before_train_mb"],
+                                            r["peak_rss_mb"] - r["rss_before_train_mb"]),
+            "max_allocated": _ratio(a.get("max_allocated_mb"), r.get("max_allocated_mb")),
+            "adapter_file": _ratio(a.get("adapter_file_bytes"), r.get("adapter_file_bytes")),
+            "setup": _ratio(a.get("setup_s"), r.get("setup_s")),
+        }
+
+
+def machine_info(threads: int) -> dict:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "logical_cores": os.cpu_count(), "torch_threads": threads, "platform": platform.platform(),
+            "python": platform.python_version()}
+    try:
+        info["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024 ** 3, 1)
+    except (ValueError, OSError):
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def versions() -> dict:
+    import monai
+    import peft
+    import transformers
+
+    import peft_tensor
+
+    out = {"torch": torch.__version__, "peft": peft.__version__, "transformers": transformers.__version__,
+           "monai": monai.__version__, "peft_tensor": peft_tensor.__version__}
+    try:
+        out["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                           cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        out["git_commit"] = None
+    return out
+
+
+def run_benchmark(cfg: dict, log=print) -> dict:
+    """Every backbone in ``cfg["run"]["backbones"]`` (default: all); returns the JSON-able result."""
+    run = cfg["run"]
+    names = run.get("backbones") or list(cfg["backbones"])
+    result = {"benchmark": "efficiency", "config": copy.deepcopy(cfg), "machine": machine_info(int(run["threads"])),
+              "versions": versions(), "load_average_start": _load(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "isolated_processes": bool(run.get("isolate", True)), "backbones": {}}
+    t0 = time.time()
+    for name in names:
+        result["backbones"][name] = run_backbone(name, cfg, log=log)
+    result["load_average_end"] = _load()
+    result["wall_time_s"] = round(time.time() - t0, 1)
+    return result
+
+
+# -- report -----------------------------------------------------------------------------------------------------------
+def _fmt(v, spec="{:.2f}", none="—"):
+    return none if v is None else spec.format(v)
+
+
+def _size(b):
+    if b is None:
+        return "—"
+    if b < MB:
+        return f"{b / 1024:.1f} KB"
+    return f"{b / MB:.1f} MB"
+
+
+def markdown_report(result: dict) -> str:
+    """Tables (one per backbone) with ratios to the reference arm (PEFT LoRA r=8) and to the base network."""
+    m, v = result["machine"], result["versions"]
+    lines = ["# Efficiency benchmark", "",
+             f"Machine: {m['cpu']}, {m['logical_cores']} logical cores, torch threads {m['torch_threads']}"
+             + (f", GPU {m['gpu']}" if m.get("gpu") else "") + f"; {m.get('memory_gib', '?')} GiB.  ",
+             f"Versions: torch {v['torch']}, peft {v['peft']}, transformers {v['transformers']}, monai {v['monai']}, "
+             f"peft_tensor {v['peft_tensor']} (commit {v.get('git_commit')}).  ",
+             f"Load average (1/5/15 min) at start {result['load_average_start']}, end {result['load_average_end']}; "
+             f"total {result['wall_time_s']} s; started {result['started']}.  ",
+             "Arms run in " + ("separate worker processes" if result["isolated_processes"] else
+                               "ONE process (peak memory mixed across arms)") + ", training steps interleaved "
+             "round-robin. Median over timed steps; CPU = process CPU time (all threads).", ""]
+    for bname, b in result["backbones"].items():
+        ref = b["reference_arm"]
+        run = result["config"]["run"]
+        lines += [f"## {bname}: {b['network']} ({b['base_params']:,} parameters), input {'x'.join(map(str, b['input']))}"
+                  f", {b['device']}", "",
+                  f"Load average: set-up {b['load_average'].get('setup')}, training {b['load_average'].get('train')}, "
+                  f"inference {b['load_average'].get('inference')}. {run['warmup_steps']} warm-up + {run['steps']} "
+                  f"timed steps, {run['infer_warmup']} + {run['infer_reps']} inference passes. Adapter arms: decoder "
+                  f"frozen; '+ decoder' adds the decoder and head ({b['decoder_params']:,}) as the papers train it.", ""]
+        cuda = b["device"] == "cuda"
+        mem_head = "peak alloc MB" if cuda else "peak RSS MB"
+        lines += ["| arm | trainable | + decoder | adapter file | set-up s | step s | step CPU s | step ×LoRA "
+                  f"(wall / CPU) | {mem_head} | train mem above model MB | ×LoRA (peak / above) | inference s | "
+                  "×base | merge |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for n, a in b["arms"].items():
+            r = a.get("vs_ref", {})
+            plus_dec = a["trainable"] + b["decoder_params"] if a["method"] not in ("full", "decoder_only") \
+                else a["trainable"]
+            peak = a.get("max_allocated_mb") if cuda else a.get("peak_rss_mb")
+            above = a["peak_rss_mb"] - a["rss_before_train_mb"]
+            lines.append(
+                f"| {a['label']}{' (ref)' if n == ref else ''} | {a['trainable']:,} | {plus_dec:,} | "
+                f"{_size(a['adapter_file_bytes'])} | {_fmt(a['setup_s'])} | {_fmt(a['step_s'], '{:.3f}')} | "
+                f"{_fmt(a['step_cpu_s'], '{:.3f}')} | {_fmt(r.get('step'))} / {_fmt(r.get('step_cpu'))} | "
+                f"{_fmt(peak, '{:.0f}')} | {above:.0f} | "
+                f"{_fmt(r.get('max_allocated') if cuda else r.get('peak_rss'))} / {_fmt(r.get('train_mem_above_model'))}"
+                f" | {_fmt(a['infer_s'], '{:.3f}')} | {_fmt(a['infer_vs_base'], '{:.3f}')} | {a['note']} |")
+        if b["skipped_arms"]:
+            lines += ["", "Skipped: " + "; ".join(f"{k} ({why})" for k, why in b["skipped_arms"].items())]
+        checks = target_checks(b)
+        if checks:
+            lines += ["", "Targets (issue 6):", "", "| arm | target | value | met |", "|---|---|---:|---|"]
+            lines += [f"| {c['arm']} | {c['target']} | {c['value']} | {'yes' if c['met'] else 'NO'} |" for c in checks]
+        lines.append("")
+    lines += ["Columns: *trainable* = parameters the optimiser updates (shared tensors once); *adapter file* = "
+              "`adapter_model.safetensors` from `save_pretrained` (non-PEFT arms: their trainable weights as "
+              "safetensors); *set-up* = `get_peft_model` incl. decompositions; *step* = zero_grad + forward + soft "
+              "Dice + backward + Adam(amsgrad); *train mem above model* = peak RSS during training minus RSS just "
+              "before it; *inference* = `no_grad` forward after `merge_and_unload`, against the floor arm's "
+              "(unchanged) base network. The floor arm trains nothing but back-propagates through the frozen "
+              "encoder.", ""]
+    return "\n".join(lines)
+
+
+def target_checks(b: dict) -> list[dict]:
+    """Issue 6 targets for tCURLoRA / LoRA-PT arms against the reference arm (only where both ran)."""
+    ref = b["arms"].get(b["reference_arm"])
+    if ref is None:
+        return []
+    out = []
+    for n, a in b["arms"].items():
+        if a["method"] not in ("tcurlora", "lorapt"):
+            continue
+        r = a["vs_ref"]
+        out += [
+            {"arm": a["label"], "target": "step time <= 1.10x LoRA (wall)", "value": _fmt(r["step"]),
+             "met": r["step"] is not None and r["step"] <= 1.10},
+            {"arm": a["label"], "target": "step time <= 1.10x LoRA (CPU time)", "value": _fmt(r["step_cpu"]),
+             "met": r["step_cpu"] is not None and r["step_cpu"] <= 1.10},
+            {"arm": a["label"], "target": "peak memory <= 1.10x LoRA", "value": _fmt(r["max_allocated"] or r["peak_rss"]),
+             "met": (r["max_allocated"] or r["peak_rss"]) <= 1.10},
+            {"arm": a["label"], "target": "merged inference within 2% of base (wall)",
+             "value": _fmt(a["infer_vs_base"], "{:.3f}"), "met": abs(a["infer_vs_base"] - 1) <= 0.02},
+            {"arm": a["label"], "target": "set-up <= 5 s", "value": _fmt(a["setup_s"]) + " s",
+             "met": a["setup_s"] <= 5.0},
+            {"arm": a["label"], "target": "adapter file < LoRA's",
+             "value": f"{_size(a['adapter_file_bytes'])} vs {_size(ref['adapter_file_bytes'])}",
+             "met": a["adapter_file_bytes"] < ref["adapter_file_bytes"]},
+        ]
+    return out
+
+
+def write_outputs(result: dict, out_dir, stem: str) -> tuple[Path, Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for b in result["backbones"].values():
+        b["targets_checked"] = target_checks(b)
+    js, md = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    js.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    md.write_text(markdown_report(result))
+    return js, md
+
+
+# -- profiling ----------------------------------------------------------------------------------------------------------
+def profile_arm(cfg: dict, backbone: str, arm_name: str, steps: int = 3, row_limit: int = 30) -> str:
+    """torch.profiler table (CPU time, self time, shapes) of ``steps`` training steps of one arm, after one warm-up."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    spec, run = cfg["backbones"][backbone], cfg["run"]
+    job = {"backbone": spec, "arm": spec["arms"][arm_name], "size": run["size"], "batch": run["batch"],
+           "threads": run["threads"], "device": "cpu", "seed": run.get("seed", 0)}
+    w = ArmWorker(job)
+    w.setup()
+    w.train_begin()
+    w.step()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(steps):
+            with record_function("train_step"):
+                w.step()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=row_limit)

@@ -1,0 +1,57 @@
+"""Smoke test of the efficiency-benchmark machinery on a test-sized UNETR (no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from peft_tensor.benchmark import markdown_report, run_benchmark, write_outputs
+
+
+def tiny_config(isolate: bool) -> dict:
+    return {
+        "output_dir": "unused", "stem": "smoke",
+        "run": {"device": "cpu", "threads": 1, "size": 32, "batch": 1, "seed": 0, "warmup_steps": 0, "steps": 1,
+                "infer_warmup": 0, "infer_reps": 1, "isolate": isolate, "backbones": ["tiny"]},
+        "backbones": {"tiny": {
+            "network": "unetr",
+            "kwargs": {"in_channels": 1, "out_channels": 2, "feature_size": 8, "hidden_size": 96, "mlp_dim": 192,
+                       "num_heads": 4, "proj_type": "conv", "norm_name": "instance", "dropout_rate": 0.0},
+            "targets": ["attn.qkv", "attn.out_proj", "mlp.linear1", "mlp.linear2"],
+            "decoder": ["decoder2", "decoder3", "decoder4", "decoder5", "out.conv.conv"],
+            "floor_module": "vit.patch_embedding", "reference": "lora",
+            "arms": {"decoder_only": {"method": "decoder_only"}, "floor": {"method": "floor"},
+                     "lora": {"method": "lora", "r": 4}, "tcurlora": {"method": "tcurlora", "r": 4, "grouping": "paper"},
+                     "lorapt": {"method": "lorapt", "r": 2, "grouping": "paper"}},
+        }},
+    }
+
+
+@pytest.mark.parametrize("isolate", [False])
+def test_benchmark_structure(tmp_path, isolate):
+    result = run_benchmark(tiny_config(isolate), log=lambda *_: None)
+    js, md = write_outputs(result, tmp_path, "smoke")
+    data = json.loads(js.read_text())
+    assert set(data) >= {"machine", "versions", "load_average_start", "backbones", "config"}
+    b = data["backbones"]["tiny"]
+    arms = b["arms"]
+    assert list(arms) == ["decoder_only", "floor", "lora", "tcurlora", "lorapt"]
+    for a in arms.values():
+        for key in ("trainable", "adapter_file_bytes", "setup_s", "step_s", "step_cpu_s", "peak_rss_mb", "infer_s",
+                    "infer_vs_base", "vs_ref", "note"):
+            assert key in a, key
+        assert len(a["step_wall_samples"]) == 1
+    assert arms["floor"]["trainable"] == 0 and arms["floor"]["adapter_file_bytes"] == 0
+    assert arms["tcurlora"]["trainable"] == 4 * 4 * (48 + 12 + 12)  # r^2 * sum(L), paper grouping
+    assert arms["lora"]["vs_ref"]["step"] == pytest.approx(1.0)
+    assert arms["tcurlora"]["note"] == "merged" and arms["lora"]["note"] == "merged"
+    assert arms["tcurlora"]["adapter_file_bytes"] < arms["lora"]["adapter_file_bytes"]
+    checks = b["targets_checked"]
+    assert {c["arm"] for c in checks} == {"tcurlora", "lorapt"} and len(checks) == 12
+
+    text = md.read_text()
+    assert text == markdown_report(data)
+    assert "| arm | trainable |" in text and "Load average" in text and "torch" in text
+    for label in ("decoder_only", "floor", "lora (ref)", "tcurlora", "lorapt"):
+        assert f"| {label} |" in text
