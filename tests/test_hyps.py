@@ -313,6 +313,24 @@ def test_load_uses_saved_initial_factors_not_a_fresh_svd(tmp_path):
         torch.testing.assert_close(_out(loaded, _mlp_input()), expected, atol=1e-6, rtol=1e-6)
 
 
+def test_low_cpu_mem_usage_load_and_direct_injection(tmp_path):
+    from peft import inject_adapter_in_model
+
+    pm = get_peft_model(TinyMLP(), _config("mlp", init_weights=False))
+    with torch.no_grad():
+        expected = _out(pm, _mlp_input())
+    pm.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(TinyMLP(), tmp_path, low_cpu_mem_usage=True)
+    assert not any(t.is_meta for t in loaded.state_dict().values())
+    with torch.no_grad():
+        torch.testing.assert_close(_out(loaded, _mlp_input()), expected, atol=1e-6, rtol=1e-6)
+    # HyPS keeps no cross-layer state, so PEFT's bare injection works too
+    model = inject_adapter_in_model(_config("mlp", modules_to_save=None), TinyMLP())
+    assert len(_hyps_layers(model)) == 4
+    with torch.no_grad():
+        assert torch.equal(_out(model, _mlp_input()), _out(TinyMLP(), _mlp_input()))
+
+
 def test_checked_loader_rejects_another_network(tmp_path):
     import peft_tensor
 
