@@ -530,6 +530,11 @@ def test_torch_autocast():
 # --------------------------------------------------------------------------------------------------------- devices
 
 
+@pytest.mark.parametrize("device", [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.cuda,
+                                pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]),
+])
 def test_device_lifecycle(device, tmp_path):
     pm = get_peft_model(TinyMLP(), _config("mlp", init_weights=False))
     inputs = _mlp_input()
