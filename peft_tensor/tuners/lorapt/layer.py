@@ -12,7 +12,7 @@ class LoraPTGroup(TensorGroup):
 
     Trainable: ``lorapt_U (L, n1, r)``, ``lorapt_S`` (``(L, r, r)``, or ``(L, r)`` for an f-diagonal core),
     ``lorapt_V (L, n2, r)``. Frozen and saved: their initial values ``*_init``, which define ``P0``. ``D = U * S * V^T
-    - U0 * S0 * V0^T`` is written as one t-product of thin factors ``[U | U0] * [S * V^T ; -(S0 * V0^T)]``.
+    - U0 * S0 * V0^T`` is applied as two t-products of thin factors, the second one frozen.
     """
 
     @staticmethod
@@ -40,11 +40,9 @@ class LoraPTGroup(TensorGroup):
 
     def factors(self):
         g = self._core_times_vt(self.lorapt_S.float(), self.lorapt_V.float())
-        with torch.no_grad():
+        with torch.no_grad():  # the frozen initial principal part P0, subtracted
             g0 = self._core_times_vt(self.lorapt_S_init.float(), self.lorapt_V_init.float())
-        a = torch.cat([self.lorapt_U.float(), self.lorapt_U_init.float()], dim=-1)
-        b = torch.cat([g, -g0], dim=-2)
-        return a, b
+        return [(self.lorapt_U.float(), g), (self.lorapt_U_init.float(), -g0)]
 
 
 class LoraPTLayer(TensorGroupLayer):

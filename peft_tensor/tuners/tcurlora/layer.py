@@ -51,7 +51,7 @@ class TCURLoraGroup(TensorGroup):
     def factors(self):
         delta_core = (self.tcurlora_core.float() - self.tcurlora_core_init.float())
         b = from_fourier(to_fourier(delta_core) @ self.rows_hat, self.n_slices)  # (U - U0) * R : (L, r, n2)
-        return self.cols.float(), b
+        return [(self.cols.float(), b)]
 
 
 class TCURLoraLayer(TensorGroupLayer):
