@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
 import shutil
@@ -59,8 +60,19 @@ def _copy(args) -> int:
     return 0
 
 
+def _run_parser():
+    import argparse
+
+    p = argparse.ArgumentParser(prog="peft-tensor run <recipe>")
+    p.add_argument("--config", help="packaged config name or YAML path (default: <recipe>_cpu)")
+    p.add_argument("--nproc", type=int, default=1, help="processes (torchrun; gloo on CPU, NCCL on GPU)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=50 arm.name=lora")
+    return p
+
+
 def _run(args) -> int:
     recipe = args.recipe
+    args = _run_parser().parse_intermixed_args(args.rest)
     if recipe not in _recipes() and not Path(recipe).is_file():
         raise FileNotFoundError(f"no recipe {recipe!r}; see `peft-tensor list` (or give a path to a copied recipe)")
     script = RECIPE_DIR / f"{recipe}.py" if recipe in _recipes() else Path(recipe)
@@ -81,6 +93,7 @@ def _run(args) -> int:
 
 def _demo(args) -> int:
     from peft_tensor.recipes import demo
+
 
     overrides = list(args.overrides)
     if args.output:
@@ -105,14 +118,14 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("run", help="run a recipe with a config and key=value overrides")
     p.add_argument("recipe", help="recipe name (see `peft-tensor list`) or path to a copied recipe script")
-    p.add_argument("--config", help="packaged config name or YAML path (default: <recipe>_cpu)")
-    p.add_argument("--nproc", type=int, default=1, help="processes (torchrun; gloo on CPU, NCCL on GPU)")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=50 arm.name=lora")
+    p.add_argument("rest", nargs=argparse.REMAINDER, metavar="...",
+                   help="[--config NAME_OR_PATH] [--nproc N] [key.sub=value ...]")
     p.set_defaults(func=_run)
 
     p = subparsers.add_parser("demo", help="one-command demo on the embedded template-derived cohort (CPU, minutes)")
     p.add_argument("--config", default="demo", help="demo config (default: the packaged 'demo')")
     p.add_argument("--output", help="output folder (default: ./peft_tensor_demo)")
     p.add_argument("--fresh", action="store_true", help="pretrain again even if a cached backbone exists")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides of the demo config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the demo config, e.g. --set finetune.train.steps=60 (repeatable)")
     p.set_defaults(func=_demo)

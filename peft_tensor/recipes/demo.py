@@ -40,7 +40,7 @@ def main(cfg: dict) -> dict:
     t_start = time.time()
     out = Path(cfg.get("output_dir", "peft_tensor_demo"))
     out.mkdir(parents=True, exist_ok=True)
-    common = {k: cfg[k] for k in ("seed", "device", "progress") if k in cfg}
+    common = {k: cfg[k] for k in ("seed", "device", "progress", "threads") if k in cfg}
     print("peft-tensor demo: template-derived synthetic subjects (MNI152 2009c template + aseg labels), "
           "not patient data.")
 

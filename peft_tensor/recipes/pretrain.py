@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from peft_tensor.data import load_cases, load_dataset, sample_batch
@@ -33,6 +34,8 @@ def main(cfg: dict) -> dict:
     seed, train_cfg = int(cfg.get("seed", 0)), cfg["train"]
     patch = patch_size(cfg)
     set_seed(seed)
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", cfg)
@@ -56,7 +59,7 @@ def main(cfg: dict) -> dict:
     log = RunLogger(out, enabled=dist.is_main)
     log.truncate(start)
     ddp_model = wrap_ddp(model, dist)
-    aug = augmentation(patch)
+    aug = augmentation(patch, float(train_cfg.get("crop_pos", 1)), float(train_cfg.get("crop_neg", 1)))
     batch, amp = int(train_cfg.get("batch_size", 2)), bool(train_cfg.get("amp", True))
     val_every, stop_after = int(train_cfg.get("val_every", 0)), train_cfg.get("stop_after")
 

@@ -87,7 +87,7 @@ def parse_recipe_args(argv=None, default_config: str | None = None, description:
     parser.add_argument("--config", default=default_config, required=default_config is None,
                         help="packaged config name (see `peft-tensor list`) or a YAML path")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=50 arm.name=lora")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     return load_config(args.config, args.overrides)
 
 

