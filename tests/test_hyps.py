@@ -408,7 +408,8 @@ def test_merge_unmerge_merge_and_unload_exact_parallel_only(case):
                 torch.testing.assert_close(p, base_weights[key], atol=1e-6, rtol=0)
         plain = pm.merge_and_unload(safe_merge=True)
         assert type(plain) is type(build())
-        assert not _hyps_layers(plain) and not any("hyps_" in n or "base_layer" in n for n, _ in plain.named_parameters())
+        assert not _hyps_layers(plain)
+        assert not any("hyps_" in n or "base_layer" in n for n, _ in plain.named_parameters())
         torch.testing.assert_close(_out(plain, inputs), expected, atol=1e-5, rtol=1e-4)
 
 
@@ -583,7 +584,8 @@ def test_non_linear_target_is_refused_by_name_and_type():
             self.mlp = nn.Linear(4, 4)
 
     model = WithConv()
-    with pytest.raises(TargetModulesError, match=r"nn.Linear layers only.*matched 'proj', a Conv3d.*'attn.proj' instead of 'proj'"):
+    match = r"nn.Linear layers only.*matched 'proj', a Conv3d.*'attn.proj' instead of 'proj'"
+    with pytest.raises(TargetModulesError, match=match):
         get_peft_model(model, HyPSConfig(target_modules=["proj", "mlp"]))
     assert not _hyps_layers(model), "a refused config must leave the model untouched"
 

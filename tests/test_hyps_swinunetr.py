@@ -76,7 +76,8 @@ def test_swinunetr_paper_setup_identity_training_disable_save_load(swin, tmp_pat
     trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
     assert any(".decoder5.modules_to_save.default." in n for n in trainable)
     assert any(".out.conv.conv.modules_to_save.default." in n for n in trainable)
-    assert not any(n.startswith(("base_model.model.encoder", "base_model.model.swinViT.patch_embed")) for n in trainable)
+    frozen_parts = ("base_model.model.encoder", "base_model.model.swinViT.patch_embed")
+    assert not any(n.startswith(frozen_parts) for n in trainable)
     assert all("hyps_" in n or "modules_to_save" in n for n in trainable)
 
     pm.train()
@@ -189,4 +190,5 @@ def test_full_swinunetr_exact_counts(full):
         expected = 28_800 * width if name.startswith("serial") else 30_240 * width
         assert _count(pm, name) == expected, name
     # the frozen initial factors are buffers, not parameters: 30,240 * r more values in the saved file
-    assert sum(t.numel() for m in _layers(pm).values() for t in (m.hyps_A0["default"], m.hyps_B0["default"])) == 30_240 * 2
+    initial = sum(m.hyps_A0["default"].numel() + m.hyps_B0["default"].numel() for m in _layers(pm).values())
+    assert initial == 30_240 * 2

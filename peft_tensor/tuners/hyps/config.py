@@ -81,10 +81,13 @@ class HyPSConfig(PeftTensorConfigMixin, PeftConfig):
         if isinstance(self.d, bool) or not isinstance(self.d, int) or self.d <= 0:
             raise PeftTensorError(f"d (serial bottleneck width) must be a positive integer, got {self.d!r}.")
         if self.scale is not None:
-            if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale):
+            if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not math.isfinite(
+                self.scale
+            ):
                 raise PeftTensorError(f"scale must be a finite number or None (meaning 1/d), got {self.scale!r}.")
             self.scale = float(self.scale)
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+        valid_p = isinstance(self.dropout, (int, float)) and not isinstance(self.dropout, bool)
+        if not valid_p or not 0.0 <= self.dropout < 1.0:
             raise PeftTensorError(f"dropout must be a probability in [0, 1), got {self.dropout!r}.")
         self.dropout = float(self.dropout)
 

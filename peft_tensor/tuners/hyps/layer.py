@@ -204,9 +204,9 @@ class HyPSLayer(BaseTunerLayer):
 def serial_merge_message(adapter: str) -> str:
     return (
         f"HyPS adapter {adapter!r} has a serial branch, y = h + scale * Up(ReLU(Down(h))). It is non-linear in the "
-        "layer input, so it cannot be folded into the Linear weight. Either run unmerged inference (the PeftModel works "
-        "as is; only the parallel branch is mergeable), use unload() to drop the adapter without merging, or train "
-        "with HyPSConfig(serial=False) for a fully mergeable parallel-only adapter."
+        "layer input, so it cannot be folded into the Linear weight. Either run unmerged inference (the PeftModel "
+        "works as is; only the parallel branch is mergeable), use unload() to drop the adapter without merging, or "
+        "train with HyPSConfig(serial=False) for a fully mergeable parallel-only adapter."
     )
 
 
@@ -242,7 +242,8 @@ class Linear(nn.Module, HyPSLayer):
                     xa = F.dropout(xa, p=p, training=self.training)
                 # Two low-rank paths, never the dense (out x in) update: cheaper for many tokens, and exactly zero
                 # while A == A0 and B == B0 (identical computations cancel bit for bit).
-                delta = F.linear(F.linear(xa, b), a) - F.linear(F.linear(xa, self.hyps_B0[adapter]), self.hyps_A0[adapter])
+                a0, b0 = self.hyps_A0[adapter], self.hyps_B0[adapter]
+                delta = F.linear(F.linear(xa, b), a) - F.linear(F.linear(xa, b0), a0)
                 result = result + delta.to(result_dtype)
             if self._has_serial(adapter):
                 down, up = self.hyps_down[adapter], self.hyps_up[adapter]

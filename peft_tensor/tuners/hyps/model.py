@@ -86,9 +86,10 @@ class HyPSModel(BaseTuner):
             available = _available_linear_names(model)
             listed = ", ".join(repr(n) for n in available[:_MAX_LISTED])
             more = f" (and {len(available) - _MAX_LISTED} more)" if len(available) > _MAX_LISTED else ""
+            filtered = config.exclude_modules or config.modules_to_save
+            where = " outside exclude_modules/modules_to_save" if filtered else ""
             raise TargetModulesError(
-                f"HyPS target_modules={config.target_modules!r} match no module of {type(model).__name__}"
-                f"{' outside exclude_modules/modules_to_save' if config.exclude_modules or config.modules_to_save else ''}. "
+                f"HyPS target_modules={config.target_modules!r} match no module of {type(model).__name__}{where}. "
                 f"Name nn.Linear modules by suffix; this model's Linear layers end in: {listed or 'none'}{more}."
             )
 
@@ -96,9 +97,9 @@ class HyPSModel(BaseTuner):
             base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
             if not isinstance(base, nn.Linear):
                 raise TargetModulesError(
-                    f"HyPS adapts nn.Linear layers only, but target_modules={config.target_modules!r} matched {name!r}, "
-                    f"a {type(base).__name__}. Make the pattern more specific (e.g. 'attn.proj' instead of 'proj') or "
-                    "add that module to exclude_modules."
+                    f"HyPS adapts nn.Linear layers only, but target_modules={config.target_modules!r} matched "
+                    f"{name!r}, a {type(base).__name__}. Make the pattern more specific (e.g. 'attn.proj' instead of "
+                    "'proj') or add that module to exclude_modules."
                 )
             if config.parallel and config.r > min(base.in_features, base.out_features):
                 raise RankError(
