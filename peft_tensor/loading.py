@@ -25,38 +25,69 @@ from torch import nn
 
 from .errors import AdapterLoadError
 
-__all__ = ["from_pretrained", "load_adapter_checked", "read_adapter_config", "read_safetensors_header",
+__all__ = ["from_pretrained", "load_adapter_checked", "read_adapter_config", "read_config_file", "check_peft_type",
+           "read_safetensors_header",
            "check_adapter_compatible", "restore_base_model"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 
-def read_adapter_config(adapter_dir: str | os.PathLike) -> dict:
-    """Read and sanity-check ``adapter_config.json`` (peft_type present and known to PEFT)."""
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+# peft_type -> distribution that provides it, for adapters whose method the running PEFT does not know.
+KNOWN_PROVIDERS = {"TCURLORA": "peft-tensor", "LORAPT": "peft-tensor", "HYPS": "peft-tensor"}
 
+
+def read_config_file(adapter_dir: str | os.PathLike) -> dict:
+    """Read ``adapter_config.json``: it must exist, be a JSON object and name its ``peft_type``."""
     path = Path(adapter_dir) / CONFIG_NAME
     if not path.is_file():
         raise AdapterLoadError(f"No {CONFIG_NAME} in {adapter_dir}: is this an adapter directory (save_pretrained output)?")
     try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AdapterLoadError(f"{path} is not valid JSON ({exc}); the file is corrupted, re-save the adapter.") from exc
     if not isinstance(cfg, dict):
         raise AdapterLoadError(f"{path} must hold a JSON object, found {type(cfg).__name__}.")
-    peft_type = cfg.get("peft_type")
-    known = sorted(str(k.value if hasattr(k, "value") else k) for k in PEFT_TYPE_TO_CONFIG_MAPPING)
-    if not peft_type:
+    if not cfg.get("peft_type"):
         raise AdapterLoadError(
             f"{path} has no 'peft_type', so PEFT cannot tell which method wrote it. Add the method name, e.g. "
             '"peft_type": "TCURLORA" (peft_tensor provides TCURLORA, LORAPT, HYPS).'
         )
-    if str(peft_type) not in known:
+    return cfg
+
+
+def check_peft_type(config: dict, provenance: Optional[dict] = None, where: str = "") -> None:
+    """Refuse a peft_type the running PEFT cannot load, naming the package (and version) that provides it."""
+    import peft
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    from .version import __version__
+
+    peft_type = str(config["peft_type"])
+    if peft_type in PEFT_TYPE_TO_CONFIG_MAPPING:
+        return
+    provider = KNOWN_PROVIDERS.get(peft_type)
+    if provider == "peft-tensor":
+        written = (provenance or {}).get("written_by", {})
+        version = config.get("peft_tensor_version") or written.get("peft_tensor")
+        need = f"peft-tensor>={version}" if version else "peft-tensor"
         raise AdapterLoadError(
-            f"{path} has peft_type {peft_type!r}, which neither PEFT nor peft_tensor provides. If another package "
-            "implements it, install and import that package first. Known types: " + ", ".join(known[:12]) + " ..."
+            f"{where}adapter_config.json has peft_type {peft_type!r}, a method of {need} (this adapter was written by "
+            f"peft-tensor {version or '?'}); the running peft_tensor {__version__} did not register it with PEFT. "
+            f"`import peft_tensor` before loading, or `pip install -U '{need}'`."
         )
+    hint = f"It is provided by the '{provider}' package: pip install {provider}" if provider else (
+        "Install the package that provides this method (see the adapter's model card) and import it first")
+    raise AdapterLoadError(
+        f"{where}adapter_config.json has peft_type {peft_type!r}, which the installed peft {peft.__version__} does "
+        f"not know. {hint}."
+    )
+
+
+def read_adapter_config(adapter_dir: str | os.PathLike) -> dict:
+    """Read and sanity-check ``adapter_config.json`` (present, JSON, peft_type present and known to PEFT)."""
+    cfg = read_config_file(adapter_dir)
+    check_peft_type(cfg)
     return cfg
 
 

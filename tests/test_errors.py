@@ -112,7 +112,7 @@ def test_load_onto_wider_model(saved_unetr_adapter):
 
 @pytest.mark.parametrize("edit, match", [
     (lambda c: c.pop("peft_type"), "has no 'peft_type'"),
-    (lambda c: c.__setitem__("peft_type", "FANCYLORA"), "peft_type 'FANCYLORA'.*install and import"),
+    (lambda c: c.__setitem__("peft_type", "FANCYLORA"), "peft_type 'FANCYLORA'.*import it first"),
     (lambda c: c.__setitem__("peft_tensor_version", "99.0"), r"written by peft_tensor 99.0.*pip install -U"),
 ])
 def test_bad_adapter_config(saved_unetr_adapter, tmp_path, edit, match):

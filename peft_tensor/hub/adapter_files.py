@@ -7,7 +7,6 @@ and ``base_model.<tuner attribute>...`` for state a tuner keeps once for all lay
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from pathlib import Path
@@ -15,69 +14,20 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import AdapterLoadError
+from ..loading import KNOWN_PROVIDERS, check_peft_type, read_safetensors_header  # one implementation of the checks
+from ..loading import read_config_file as read_adapter_config
+
+__all__ = ["KNOWN_PROVIDERS", "check_peft_type", "read_adapter_config", "tensor_shapes", "check_shapes",
+           "group_summary", "adapted_module_shapes", "numel"]
 
 CONFIG_FILE = "adapter_config.json"
 SAFE_WEIGHTS = "adapter_model.safetensors"
 PICKLED_WEIGHTS = "adapter_model.bin"
 LAYER_PREFIX = "base_model.model."
 
-# peft_type -> distribution that provides it, for adapters whose method the installed PEFT does not know.
-KNOWN_PROVIDERS = {"TCURLORA": "peft-tensor", "LORAPT": "peft-tensor", "HYPS": "peft-tensor"}
-
-
-def read_adapter_config(adapter_dir: str | os.PathLike) -> dict:
-    path = Path(adapter_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise AdapterLoadError(f"{path} not found: not a PEFT adapter directory (expected {CONFIG_FILE}).")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise AdapterLoadError(f"{path} is not valid JSON ({exc}).") from exc
-    if not isinstance(config, dict) or not config.get("peft_type"):
-        raise AdapterLoadError(f"{path} has no 'peft_type': it does not say which PEFT method wrote it.")
-    return config
-
-
-def check_peft_type(config: dict, provenance: dict | None = None, where: str = "") -> None:
-    """Refuse a peft_type the installed PEFT cannot load, naming the package (and version) that provides it."""
-    import peft
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-
-    peft_type = str(config["peft_type"])
-    if peft_type in PEFT_TYPE_TO_CONFIG_MAPPING:
-        return
-    provider = KNOWN_PROVIDERS.get(peft_type)
-    written = (provenance or {}).get("written_by", {})
-    if provider == "peft-tensor":
-        from ..version import __version__
-
-        version = config.get("peft_tensor_version") or written.get("peft_tensor")
-        need = f"peft-tensor>={version}" if version else "peft-tensor"
-        raise AdapterLoadError(
-            f"{where}adapter_config.json has peft_type {peft_type!r}, a method of {need} (this adapter was written by "
-            f"peft-tensor {version or '?'}); the running peft_tensor {__version__} did not register it with PEFT. "
-            f"`import peft_tensor` before loading, or `pip install -U '{need}'`."
-        )
-    hint = f"It is provided by the '{provider}' package: pip install {provider}" if provider else (
-        "Install the package that provides this method (see the adapter's model card) and import it first")
-    raise AdapterLoadError(
-        f"{where}adapter_config.json has peft_type {peft_type!r}, which the installed peft {peft.__version__} does "
-        f"not know. {hint}."
-    )
-
-
 def tensor_shapes(adapter_dir: str | os.PathLike) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of the tensors in ``adapter_model.safetensors`` (header only, nothing is loaded)."""
-    from safetensors import safe_open
-
-    path = Path(adapter_dir) / SAFE_WEIGHTS
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
-    except FileNotFoundError:
-        raise
-    except Exception as exc:  # safetensors raises its own error types for corrupt headers
-        raise AdapterLoadError(f"{path} is not a readable safetensors file ({exc}); download or save it again.") from exc
+    """Names and shapes of the tensors in ``adapter_model.safetensors`` (header only, completeness checked)."""
+    return {k: tuple(v["shape"]) for k, v in read_safetensors_header(Path(adapter_dir) / SAFE_WEIGHTS).items()}
 
 
 def numel(shape: tuple[int, ...]) -> int:

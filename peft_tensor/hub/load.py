@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterLoadError
+from ..loading import check_adapter_compatible
 from .adapter_files import (
     CONFIG_FILE,
     PICKLED_WEIGHTS,
@@ -197,6 +198,8 @@ def load_pretrained(source: str | os.PathLike, *, revision: str | None = None, s
     for name in adapters:
         rec = _record_for_folder(record, adapters[name])
         check_shapes(base_model, shapes[name], configs[name], rec, where)
+        if shapes[name]:  # tensor-group methods: the saved group tensors must fit this network's groups
+            check_adapter_compatible(base_model, resolved.folders[name])
     if device is not None:
         base_model.to(device)
     # 4. PEFT does the rest
