@@ -3,7 +3,9 @@
 Both arms adapt the paper's target set (every Linear of the Swin encoder: attn.qkv, attn.proj, mlp.linear1,
 mlp.linear2, downsample.reduction) and train the decoder and head in full, as in the HyPS paper. A step is
 forward + soft Dice loss + backward + Adam update, batch 1, one 64^3 volume. Reported: the median of the timed steps
-after warm-up, all arms in one process, on the same base weights and data.
+after warm-up, all arms in one process (steps interleaved round-robin), on the same base weights and data.
+
+Run from the repository root with the package installed (`pip install -e .`, or `PYTHONPATH=.`):
 
     python recipes/bench_hyps_step.py                 # 2 threads, 1 warm-up + 3 timed steps per arm
     python recipes/bench_hyps_step.py --threads 1 --steps 5 --arms hyps lora decoder
@@ -49,21 +51,22 @@ def build_model(arm: str, base: torch.nn.Module) -> torch.nn.Module:
     return get_peft_model(model, make_config())
 
 
-def time_steps(model: torch.nn.Module, x: torch.Tensor, label: torch.Tensor, warmup: int, steps: int) -> list[float]:
+def make_step(model: torch.nn.Module, x: torch.Tensor, label: torch.Tensor):
+    """A closure running one training step (the papers' optimiser: Adam with amsgrad, lr 1e-3, wd 2e-5)."""
     loss_fn = DiceLoss(to_onehot_y=True, softmax=True)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=2e-5,
                            amsgrad=True)
     model.train()
-    times = []
-    for i in range(warmup + steps):
+
+    def step() -> float:
         start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(model(x), label)
         loss.backward()
         opt.step()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return times
+        return time.perf_counter() - start
+
+    return step
 
 
 def main() -> None:
@@ -82,18 +85,25 @@ def main() -> None:
     x = torch.randn(1, 1, args.size, args.size, args.size, generator=g)
     label = (torch.rand(1, 1, args.size, args.size, args.size, generator=g) > 0.9).float()
 
-    rows = []
+    steps, setups, trainables = {}, {}, {}
     for arm in args.arms:
         start = time.perf_counter()
         model = build_model(arm, base)
-        setup = time.perf_counter() - start
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        times = time_steps(model, x, label, args.warmup, args.steps)
-        rows.append((ARMS[arm][0], trainable, setup, statistics.median(times), min(times), max(times)))
-        del model
+        setups[arm] = time.perf_counter() - start
+        trainables[arm] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        steps[arm] = make_step(model, x, label)
+    # Round-robin: step i of every arm runs before step i+1 of any, so drifting machine load hits all arms alike.
+    times = {arm: [] for arm in args.arms}
+    for i in range(args.warmup + args.steps):
+        for arm in args.arms:
+            t = steps[arm]()
+            if i >= args.warmup:
+                times[arm].append(t)
+    rows = [(ARMS[arm][0], trainables[arm], setups[arm], statistics.median(times[arm]), min(times[arm]),
+             max(times[arm])) for arm in args.arms]
 
     print(f"SwinUNETR-48, one training step at {args.size}^3, batch 1, CPU, {args.threads} thread(s), torch "
-          f"{torch.__version__}; median of {args.steps} steps after {args.warmup} warm-up")
+          f"{torch.__version__}; median of {args.steps} steps after {args.warmup} warm-up, arms interleaved")
     header = f"{'arm':34} {'trainable':>12} {'setup s':>8} {'median s':>9} {'min s':>7} {'max s':>7}"
     print(header)
     print("-" * len(header))
