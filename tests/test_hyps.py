@@ -605,3 +605,10 @@ def test_tuner_class_contract():
 
     assert PEFT_TYPE_TO_TUNER_MAPPING[PeftType.HYPS] is HyPSModel
     assert PEFT_TYPE_TO_PREFIX_MAPPING[PeftType.HYPS] == "hyps_"
+
+
+def test_recreating_an_adapter_on_a_layer_drops_the_switched_off_branch():
+    pm = get_peft_model(TinyMLP(), _config("mlp", modules_to_save=None))
+    layer = pm.base_model.model.lin1
+    layer.update_layer("default", _config("mlp", serial=False, modules_to_save=None))
+    assert "default" in layer.hyps_A and "default" not in layer.hyps_down and "default" not in layer.hyps_up

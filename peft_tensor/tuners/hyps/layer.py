@@ -106,6 +106,10 @@ class HyPSLayer(BaseTunerLayer):
                 f"({out_features} x {in_features}). Lower r or exclude that layer via exclude_modules."
             )
 
+        for attr in self.adapter_layer_names + self.other_param_names:  # re-creation must not keep stale branches
+            container = getattr(self, attr)
+            if adapter_name in container:
+                del container[adapter_name]
         self.hyps_r[adapter_name] = config.r
         self.hyps_d[adapter_name] = config.d
         self.hyps_scale[adapter_name] = config.serial_scale
