@@ -409,8 +409,9 @@ def run_backbone(name: str, cfg: dict, log=print) -> dict:
     workers: dict = {}
     try:
         log(f"[{name}] starting {len(names)} workers: {', '.join(names)}")
-        for n in names:  # one at a time: model construction in parallel would only fight for the cores
+        for n in names:  # imports and model construction overlap; nothing is timed until every worker is ready
             workers[n] = make(jobs[n])
+        for n in names:
             ready = workers[n].wait_ready()
         res["base_params"] = ready["base_params"]
         res["load_average"]["setup"] = _load()
@@ -422,7 +423,7 @@ def run_backbone(name: str, cfg: dict, log=print) -> dict:
         for n in names:
             per_arm[n].update(workers[n].call("train_begin"))
         res["load_average"]["train"] = _load()
-        warmup, steps = int(run["warmup_steps"]), int(run["steps"])
+        warmup, steps = int(spec.get("warmup_steps", run["warmup_steps"])), int(spec.get("steps", run["steps"]))
         samples = _round_robin(workers, names, "step", warmup + steps, warmup, log)
         for n in names:
             per_arm[n].update(workers[n].call("train_end"))
@@ -432,7 +433,7 @@ def run_backbone(name: str, cfg: dict, log=print) -> dict:
             per_arm[n]["step_cpu_samples"] = [round(s["cpu_s"], 4) for s in samples[n]]
             per_arm[n].update(workers[n].call("merge"))
         res["load_average"]["inference"] = _load()
-        iw, reps = int(run["infer_warmup"]), int(run["infer_reps"])
+        iw, reps = int(spec.get("infer_warmup", run["infer_warmup"])), int(spec.get("infer_reps", run["infer_reps"]))
         samples = _round_robin(workers, names, "infer", iw + reps, iw, log)
         for n in names:
             per_arm[n]["infer_s"] = _median([s["wall_s"] for s in samples[n]])
@@ -442,6 +443,7 @@ def run_backbone(name: str, cfg: dict, log=print) -> dict:
     finally:
         for w in workers.values():
             w.close()
+    res.update(warmup_steps=warmup, steps=steps, infer_warmup=iw, infer_reps=reps)
     _ratios(per_arm, base_arm, spec.get("reference", "lora"))
     res["reference_arm"] = spec.get("reference", "lora")
     res["arms"] = per_arm
@@ -556,8 +558,8 @@ def markdown_report(result: dict) -> str:
         lines += [f"## {bname}: {b['network']} ({b['base_params']:,} parameters), input {'x'.join(map(str, b['input']))}"
                   f", {b['device']}", "",
                   f"Load average: set-up {b['load_average'].get('setup')}, training {b['load_average'].get('train')}, "
-                  f"inference {b['load_average'].get('inference')}. {run['warmup_steps']} warm-up + {run['steps']} "
-                  f"timed steps, {run['infer_warmup']} + {run['infer_reps']} inference passes. Adapter arms: decoder "
+                  f"inference {b['load_average'].get('inference')}. {b['warmup_steps']} warm-up + {b['steps']} "
+                  f"timed steps, {b['infer_warmup']} + {b['infer_reps']} inference passes. Adapter arms: decoder "
                   f"frozen; '+ decoder' adds the decoder and head ({b['decoder_params']:,}) as the papers train it.", ""]
         cuda = b["device"] == "cuda"
         mem_head = "peak alloc MB" if cuda else "peak RSS MB"

@@ -24,6 +24,11 @@ from pathlib import Path
 import torch
 import yaml
 
+try:
+    import peft_tensor  # noqa: F401
+except ImportError:  # run from a source checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from peft_tensor.benchmark import profile_arm, run_benchmark, write_outputs
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
