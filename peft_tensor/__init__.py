@@ -7,6 +7,7 @@ Importing this package registers ``TCURLORA``, ``LORAPT`` and ``HYPS`` with Hugg
 from .version import __version__
 from .tuners.tcurlora import TCURLoraConfig, TCURLoraModel
 from .tuners.lorapt import LoraPTConfig, LoraPTModel
+from .tuners.hyps import SWINUNETR_HYPS_TARGETS, HyPSConfig, HyPSModel
 from .loading import load_adapter_checked, from_pretrained
 
 __all__ = [
@@ -15,6 +16,9 @@ __all__ = [
     "TCURLoraModel",
     "LoraPTConfig",
     "LoraPTModel",
+    "HyPSConfig",
+    "HyPSModel",
+    "SWINUNETR_HYPS_TARGETS",
     "from_pretrained",
     "load_adapter_checked",
 ]
