@@ -9,6 +9,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule
 from torch import nn
 
 from ...errors import MergeError, RankError, TargetModulesError
+from .._peft_fixes import MonaiFriendlyTunerMixin
 from .config import HyPSConfig
 from .layer import HyPSLayer, Linear, serial_merge_message
 
@@ -26,7 +27,7 @@ def _available_linear_names(model: nn.Module) -> list[str]:
     return list(seen)
 
 
-class HyPSModel(BaseTuner):
+class HyPSModel(MonaiFriendlyTunerMixin, BaseTuner):
     """Hybrid parallel + serial adaptation (HyPS, arXiv 2409.00884) of every targeted ``nn.Linear``.
 
     See [`HyPSConfig`] for the maths. There are no default targets (MONAI networks have no PEFT model-type mapping):
