@@ -49,7 +49,7 @@ def _real_slice_ids(n_slices: int) -> list[int]:
     return ids
 
 
-def _randomized_svd(m: torch.Tensor, rank: int, oversample: int = 10, n_iter: int = 4):
+def _randomized_svd(m: torch.Tensor, rank: int, oversample: int = 10, n_iter: int = 2):
     """Top-``rank`` SVD of a batch of matrices by randomized subspace iteration (Halko, Martinsson & Tropp 2011).
 
     Deterministic for a given device (fixed generator seed). Far cheaper than a full SVD when ``rank`` is much
