@@ -21,33 +21,35 @@ needs_template = pytest.mark.skipif(
 def test_embedded_cohort_is_deterministic_cached_and_has_both_tasks(tmp_path):
     from peft_tensor.data.embedded import CohortSpec, build_cohort, make_subject
 
-    spec = CohortSpec(seed=3, size=32, spacing=3.0)
+    spec = CohortSpec(seed=3, size=16, spacing=3.0)
     folder = build_cohort(n_source=1, n_train=1, n_val=0, n_test=1, spec=spec, cache_dir=tmp_path)
     meta = json.loads((folder / "cohort.json").read_text())
-    assert meta["splits"] == {"source": ["source_000"], "train": ["train_000"], "val": [], "test": ["test_000"]}
+    assert meta["splits"] == {"source": ["source_000_L", "source_000_R"], "train": ["train_000_L", "train_000_R"],
+                              "val": [], "test": ["test_000_L", "test_000_R"]}
     assert "NOT patient data" in meta["description"]
     assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no temporary files left behind
-    img_path = folder / "train_000_img.nii.gz"
+    img_path = folder / "train_000_L_img.nii.gz"
     mtime = img_path.stat().st_mtime_ns
     build_cohort(n_source=1, n_train=1, n_val=0, n_test=1, spec=spec, cache_dir=tmp_path)
     assert img_path.stat().st_mtime_ns == mtime  # reused, not regenerated
 
-    a = make_subject(spec, "train", 0)
-    b = make_subject(spec, "train", 0)
-    c = make_subject(spec, "train", 1)
+    a = make_subject(spec, "train", 0, "L")
+    b = make_subject(spec, "train", 0, "L")
+    c = make_subject(spec, "train", 1, "L")
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
     assert not np.array_equal(a[0], c[0])
-    assert a[0].shape == (32, 32, 32)
+    assert a[0].shape == (16, 16, 16)
     codes = set(np.unique(a[1]).tolist())
-    assert {17, 53} <= codes and len(codes & {10, 11, 12, 13, 18, 49, 50, 51, 52, 54}) >= 4
+    assert 17 in codes and 53 not in codes and len(codes & {10, 11, 12, 13, 18}) >= 3  # left-hemisphere box
+    assert 53 in set(np.unique(make_subject(spec, "train", 0, "R")[1]).tolist())
 
     target = load_dataset({"kind": "embedded", "task": "target", "n_source": 1, "n_train": 1, "n_val": 0,
-                           "n_test": 1, "cache_dir": str(tmp_path), "seed": 3, "size": 32, "spacing": 3.0})
+                           "n_test": 1, "cache_dir": str(tmp_path), "seed": 3, "size": 16, "spacing": 3.0})
     source = load_dataset({"kind": "embedded", "task": "source", "n_source": 1, "n_train": 1, "n_val": 0,
-                           "n_test": 1, "cache_dir": str(tmp_path), "seed": 3, "size": 32, "spacing": 3.0})
-    (t,) = load_cases(target["train"], target.foreground)
-    (s,) = load_cases(source["train"], source.foreground)
-    (s_hippo,) = load_cases(source["train"], target.foreground)  # the same subject seen by the target task
+                           "n_test": 1, "cache_dir": str(tmp_path), "seed": 3, "size": 16, "spacing": 3.0})
+    t, _ = load_cases(target["train"], target.foreground)
+    s, _ = load_cases(source["train"], source.foreground)
+    s_hippo, _ = load_cases(source["train"], target.foreground)  # the same subject seen by the target task
     assert t.label.sum() > 0 and s.label.sum() > 0 and s_hippo.label.sum() > 0
     assert not (s_hippo.label.bool() & s.label.bool()).any()  # source structures exclude the hippocampus
     assert t.spacing == pytest.approx((3.0, 3.0, 3.0))

@@ -84,8 +84,11 @@ class CohortSpec:
 
     seed: int = 0
     spacing: float = 1.5  # mm, isotropic
-    size: int = 64  # voxels per side of each subject volume
-    center_mm: tuple = (0.0, -9.0, -4.0)  # MNI coordinates of the box centre (between both hippocampi / basal ganglia)
+    size: int = 32  # voxels per side of each subject volume
+    # "hemispheres": two cases per subject, <id>_L and <id>_R, each a box centred on one hippocampus (like the MSD
+    # Task04 crops); "bilateral": one box holding both hippocampi and the basal ganglia, centred on ``center_mm``.
+    region: str = "hemispheres"
+    center_mm: tuple = (0.0, -9.0, -4.0)  # MNI centre of the "bilateral" box (use size 64 at 1.5 mm)
     elastic_sigma: tuple = (5.0, 7.0)  # voxels
     elastic_magnitude: tuple = (0.0, 3.0)  # voxels
     rotate_deg: float = 8.0
@@ -160,8 +163,8 @@ def _subject_seed(spec: CohortSpec, role: str, index: int) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
-def make_subject(spec: CohortSpec, role: str, index: int):
-    """One synthetic subject, deterministic in (spec, role, index).
+def make_subject(spec: CohortSpec, role: str, index: int, side: str = ""):
+    """One synthetic case, deterministic in (spec, role, index, side) (side "L"/"R" for region "hemispheres").
 
     Returns (image float32 [size]^3, aseg labels int16 [size]^3, affine 4x4)."""
     import torch
@@ -173,6 +176,8 @@ def make_subject(spec: CohortSpec, role: str, index: int):
         RandGaussianNoised,
     )
 
+    seed = _subject_seed(spec, role, index) + (0 if not side else 7919 * (1 + "LR".index(side)))
+    spec = _side_spec(spec, side)
     img, lab, box_aff = _template_box(spec)
     p99 = float(np.percentile(img[img > 0], 99))
     rad = np.deg2rad(spec.rotate_deg)
@@ -189,7 +194,7 @@ def make_subject(spec: CohortSpec, role: str, index: int):
             RandGaussianNoised(keys="image", std=spec.noise_std, prob=1.0),
         ]
     )
-    xform.set_random_state(seed=_subject_seed(spec, role, index))
+    xform.set_random_state(seed=seed % (2**32))
     data = {
         "image": torch.from_numpy(img / p99)[None],
         "label": torch.from_numpy(lab.astype(np.float32))[None],
@@ -205,8 +210,29 @@ def make_subject(spec: CohortSpec, role: str, index: int):
     return image, labels, aff
 
 
-def subject_id(role: str, index: int) -> str:
-    return f"{role}_{index:03d}"
+HIPPOCAMPUS_CENTRES_MM = {"L": (-26.3, -22.8, -14.1), "R": (26.8, -21.4, -14.3)}  # centroids of codes 17 / 53
+
+
+def sides(spec: CohortSpec) -> tuple:
+    if spec.region == "hemispheres":
+        return ("L", "R")
+    if spec.region == "bilateral":
+        return ("",)
+    raise ValueError(f"region must be 'hemispheres' or 'bilateral', got {spec.region!r}")
+
+
+def _side_spec(spec: CohortSpec, side: str) -> CohortSpec:
+    from dataclasses import replace
+
+    return replace(spec, center_mm=HIPPOCAMPUS_CENTRES_MM[side]) if side else spec
+
+
+def subject_id(role: str, index: int, side: str = "") -> str:
+    return f"{role}_{index:03d}" + (f"_{side}" if side else "")
+
+
+def subject_index(case_id: str) -> int:
+    return int(case_id.split("_")[1])
 
 
 def build_cohort(
@@ -230,17 +256,18 @@ def build_cohort(
     todo = []
     for role, n in wanted.items():
         for k in range(n):
-            sid = subject_id(role, k)
-            if not ((folder / f"{sid}_img.nii.gz").is_file() and (folder / f"{sid}_mask.nii.gz").is_file()):
-                todo.append((role, k))
+            for side in sides(spec):
+                sid = subject_id(role, k, side)
+                if not ((folder / f"{sid}_img.nii.gz").is_file() and (folder / f"{sid}_mask.nii.gz").is_file()):
+                    todo.append((role, k, side))
     bar = None
     if progress and todo:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(todo), desc="embedded cohort", unit="subject")
-    for role, k in todo:
-        image, labels, aff = make_subject(spec, role, k)
-        sid = subject_id(role, k)
+    for role, k, side in todo:
+        image, labels, aff = make_subject(spec, role, k, side)
+        sid = subject_id(role, k, side)
         atomic_write_nifti(folder / f"{sid}_mask.nii.gz", labels, aff)
         atomic_write_nifti(folder / f"{sid}_img.nii.gz", image, aff)  # image last: it marks the pair complete
         if bar is not None:

@@ -163,7 +163,7 @@ def embedded(
 
     ``task="source"``: other subcortical structures; splits ``train`` (all source subjects but two) and ``val``.
     ``task="target"``: hippocampus; splits ``train`` (the first ``n_train`` few-shot subjects), ``val``, ``test``."""
-    from .embedded import HIPPOCAMPUS_LABELS, SOURCE_LABELS, CohortSpec, build_cohort
+    from .embedded import HIPPOCAMPUS_LABELS, SOURCE_LABELS, CohortSpec, build_cohort, subject_index
 
     spec = CohortSpec(**spec_kwargs)
     folder = build_cohort(n_source, n_train, n_val, n_test, spec=spec, cache_dir=cache_dir, progress=progress)
@@ -172,13 +172,17 @@ def embedded(
     def cases(ids):
         return [{"image": str(folder / f"{i}_img.nii.gz"), "label": str(folder / f"{i}_mask.nii.gz"), "id": i} for i in ids]
 
+    def first(role, n):  # the cases of the first n subjects of a role (two per subject for "hemispheres")
+        return [i for i in meta["splits"][role] if subject_index(i) < n]
+
     if task == "source":
-        src = [i for i in meta["splits"]["source"]][:n_source]
-        n_hold = min(2, max(len(src) - 1, 0))
-        splits = {"train": cases(src[: len(src) - n_hold]), "val": cases(src[len(src) - n_hold :])}
+        n_hold = min(2, max(n_source - 1, 0))
+        src = first("source", n_source)
+        splits = {"train": cases([i for i in src if subject_index(i) < n_source - n_hold]),
+                  "val": cases([i for i in src if subject_index(i) >= n_source - n_hold])}
         fg = SOURCE_LABELS
     elif task == "target":
-        splits = {r: cases(meta["splits"][r][:n]) for r, n in (("train", n_train), ("val", n_val), ("test", n_test))}
+        splits = {r: cases(first(r, n)) for r, n in (("train", n_train), ("val", n_val), ("test", n_test))}
         fg = HIPPOCAMPUS_LABELS
     else:
         raise ValueError(f"task must be 'source' or 'target', got {task!r}")

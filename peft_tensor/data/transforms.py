@@ -102,21 +102,32 @@ def seed_for(*parts) -> int:
     return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:4], "little") & 0x7FFFFFFF
 
 
-def augmentation(patch: tuple, pos: float = 1.0, neg: float = 1.0):
-    """The papers' training augmentation: random crop (foreground-balanced), flips on the three axes, intensity
-    scale and shift."""
+def augmentation(patch: tuple, pos: float = 1.0, neg: float = 1.0, crop: str = "random"):
+    """The papers' training augmentation: random crop, flips on the three axes, intensity scale and shift.
+
+    ``crop="random"``: uniform random crops (the papers). ``crop="posneg"``: crops centred on a foreground voxel
+    with probability pos / (pos + neg) -- faster to learn small structures, but a network with absolute position
+    embeddings (UNETR's ViT) then learns "foreground sits at the centre" and over-segments at sliding-window
+    inference; use it with care."""
     from monai.transforms import (
         Compose,
         RandCropByPosNegLabeld,
         RandFlipd,
         RandScaleIntensityd,
         RandShiftIntensityd,
+        RandSpatialCropd,
     )
 
+    if crop == "random":
+        cropper = RandSpatialCropd(keys=("image", "label"), roi_size=tuple(patch), random_size=False)
+    elif crop == "posneg":
+        cropper = RandCropByPosNegLabeld(keys=("image", "label"), label_key="label", spatial_size=tuple(patch),
+                                         pos=pos, neg=neg, num_samples=1, image_key=None)
+    else:
+        raise ValueError(f"train.crop must be 'random' or 'posneg', got {crop!r}")
     return Compose(
         [
-            RandCropByPosNegLabeld(keys=("image", "label"), label_key="label", spatial_size=tuple(patch), pos=pos,
-                                   neg=neg, num_samples=1, image_key=None),
+            cropper,
             RandFlipd(keys=("image", "label"), prob=0.5, spatial_axis=0),
             RandFlipd(keys=("image", "label"), prob=0.5, spatial_axis=1),
             RandFlipd(keys=("image", "label"), prob=0.5, spatial_axis=2),

@@ -59,7 +59,8 @@ def main(cfg: dict) -> dict:
     log = RunLogger(out, enabled=dist.is_main)
     log.truncate(start)
     ddp_model = wrap_ddp(model, dist)
-    aug = augmentation(patch, float(train_cfg.get("crop_pos", 1)), float(train_cfg.get("crop_neg", 1)))
+    aug = augmentation(patch, float(train_cfg.get("crop_pos", 1)), float(train_cfg.get("crop_neg", 1)),
+                       train_cfg.get("crop", "random"))
     batch, amp = int(train_cfg.get("batch_size", 2)), bool(train_cfg.get("amp", True))
     val_every, stop_after = int(train_cfg.get("val_every", 0)), train_cfg.get("stop_after")
 
