@@ -214,11 +214,23 @@ def serial_merge_message(adapter: str) -> str:
     )
 
 
+def _add_matmul(result: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """``result + alpha * u @ weight.T`` for result (..., out), u (..., k), weight (out, k).
+
+    One fused ``addmm`` pass when the dtypes agree (the common float32 case); otherwise the adapter output is computed
+    in the adapter's dtype and cast to the base output's dtype before the addition.
+    """
+    if result.dtype == u.dtype == weight.dtype:
+        flat = torch.addmm(result.reshape(-1, result.shape[-1]), u.reshape(-1, u.shape[-1]), weight.t(), alpha=alpha)
+        return flat.view(result.shape)
+    return result + (alpha * F.linear(u, weight)).to(result.dtype)
+
+
 class Linear(nn.Module, HyPSLayer):
     """HyPS around an ``nn.Linear``.
 
     Forward, for input x (..., in) and each active adapter in order:
-    ``h = base(x) + [A (B drop(x)) - A0 (B0 drop(x))]`` (parallel; skipped if merged), then
+    ``h = base(x) + (A B - A0 B0) drop(x)`` (parallel, as a rank-2r product; skipped if merged), then
     ``h = h + scale * Up(ReLU(Down(drop(h))))`` (serial). Adapter math runs in the adapter's dtype (float32 under
     PEFT's autocast for float16/bfloat16 bases) and the output is cast back to the base output dtype.
     """
@@ -244,18 +256,19 @@ class Linear(nn.Module, HyPSLayer):
                 xa = self._cast_input_dtype(x, a.dtype)
                 if p > 0.0:
                     xa = F.dropout(xa, p=p, training=self.training)
-                # Two low-rank paths, never the dense (out x in) update: cheaper for many tokens, and exactly zero
-                # while A == A0 and B == B0 (identical computations cancel bit for bit).
+                # A B - A0 B0 = (A - A0) B + A0 (B - B0): one rank-2r pass over the tokens (the input is read once,
+                # never the dense out x in update), and exactly zero while A == A0 and B == B0, since then every
+                # product in it has an exactly-zero factor.
                 a0, b0 = self.hyps_A0[adapter], self.hyps_B0[adapter]
-                delta = F.linear(F.linear(xa, b), a) - F.linear(F.linear(xa, b0), a0)
-                result = result + delta.to(result_dtype)
+                u = F.linear(xa, torch.cat([b, b - b0]))  # (..., 2r)
+                result = _add_matmul(result, u, torch.cat([a - a0, a0], dim=1))
             if self._has_serial(adapter):
                 down, up = self.hyps_down[adapter], self.hyps_up[adapter]
                 h = self._cast_input_dtype(result, down.weight.dtype)
                 if p > 0.0:
                     h = F.dropout(h, p=p, training=self.training)
-                result = result + (self.hyps_scale[adapter] * up(F.relu(down(h)))).to(result_dtype)
-        return result
+                result = _add_matmul(result, F.relu(down(h)), up.weight, alpha=self.hyps_scale[adapter])
+        return result.to(result_dtype)
 
     def __repr__(self) -> str:
         return "hyps." + super().__repr__()
