@@ -124,7 +124,7 @@ def test_swinunetr_parallel_only_merge_and_unload_is_a_plain_swinunetr(swin):
     base, x, _ = swin
     torch.manual_seed(0)
     pm = get_peft_model(copy.deepcopy(base), HyPSConfig(target_modules=SWINUNETR_HYPS_TARGETS, serial=False,
-                                                        init_weights=False, modules_to_save=["out.conv.conv"]))
+                                                        init_weights=False, modules_to_save=SWIN_DECODER))
     head = pm.base_model.model.out.conv.conv.modules_to_save["default"]
     with torch.no_grad():
         head.weight.add_(1.0)  # a "trained" head copy, which the merged network must keep
@@ -132,6 +132,7 @@ def test_swinunetr_parallel_only_merge_and_unload_is_a_plain_swinunetr(swin):
     plain = pm.merge_and_unload(safe_merge=True)
     assert type(plain) is type(base) and not _layers(plain)
     assert type(plain.out.conv.conv) is nn.Conv3d and torch.equal(plain.out.conv.conv.weight, head.weight)
+    assert type(plain.decoder5) is type(base.decoder5)  # block-level modules_to_save unwrap too
     assert [n for n, _ in plain.named_parameters()] == [n for n, _ in base.named_parameters()]
     with torch.no_grad():
         for got, want in zip(plain.swinViT(x), expected):
