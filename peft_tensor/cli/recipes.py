@@ -78,8 +78,11 @@ def _run(args) -> int:
     script = RECIPE_DIR / f"{recipe}.py" if recipe in _recipes() else Path(recipe)
     argv = (["--config", args.config] if args.config else []) + list(args.overrides)
     if args.nproc and args.nproc > 1:
+        # packaged recipes run as modules: a script's folder on sys.path would let recipes/evaluate.py shadow the
+        # `evaluate` package that transformers probes for
+        target = ["-m", f"peft_tensor.recipes.{recipe}"] if recipe in _recipes() else [str(script)]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-               str(script), *argv]
+               *target, *argv]
         return subprocess.call(cmd)
     if recipe in _recipes():
         mod = importlib.import_module(f"peft_tensor.recipes.{recipe}")

@@ -26,7 +26,7 @@ from peft_tensor.training import (Checkpointer, RunLogger, apply_arm, barrier, b
                                   param_counts, poly_scheduler, save_trained, set_seed, step_seed, summarize,
                                   train_step, wrap_ddp, write_json, write_rows_csv)
 from peft_tensor.training.config import parse_recipe_args, patch_size, total_steps
-from peft_tensor.training.distributed import all_mean
+from peft_tensor.training.distributed import all_mean, main_process_first
 from peft_tensor.training.plots import plot_best_worst, plot_curves
 
 
@@ -43,7 +43,7 @@ def main(cfg: dict) -> dict:
         write_json(out / "config.json", cfg)
 
     # data: the few-shot training subjects, validation and held-out test subjects
-    data = load_dataset(cfg["data"])
+    data = main_process_first(dist, load_dataset, cfg["data"])  # builds the embedded cohort once
     spacing = cfg["data"].get("spacing_mm")
     train_cases = load_cases(data["train"], data.foreground, spacing, patch)
     val_cases = load_cases(data["val"], data.foreground, spacing, patch) if "val" in data.splits else []

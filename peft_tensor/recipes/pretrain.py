@@ -24,7 +24,7 @@ from peft_tensor.training import (Checkpointer, RunLogger, barrier, build_model,
                                   init_distributed, make_loss, make_optimizer, poly_scheduler, save_backbone,
                                   set_seed, step_seed, summarize, train_step, wrap_ddp, write_json)
 from peft_tensor.training.config import parse_recipe_args, patch_size, total_steps
-from peft_tensor.training.distributed import all_mean
+from peft_tensor.training.distributed import all_mean, main_process_first
 from peft_tensor.training.plots import plot_curves
 
 
@@ -41,7 +41,7 @@ def main(cfg: dict) -> dict:
         write_json(out / "config.json", cfg)
 
     # data: preprocessed once, kept in memory; batches are drawn per step (see peft_tensor.data.sample_batch)
-    data = load_dataset(cfg["data"])
+    data = main_process_first(dist, load_dataset, cfg["data"])  # builds the embedded cohort once
     spacing = cfg["data"].get("spacing_mm")
     train_cases = load_cases(data["train"], data.foreground, spacing, patch)
     val_cases = load_cases(data["val"], data.foreground, spacing, patch) if "val" in data.splits else []

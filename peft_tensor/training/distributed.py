@@ -67,3 +67,13 @@ def all_mean(value: float, info: DistInfo) -> float:
 def cleanup(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def main_process_first(info: DistInfo, fn, *args, **kwargs):
+    """Run ``fn`` on the main process, then on the others (e.g. building a shared on-disk cache once)."""
+    if info.is_main:
+        result = fn(*args, **kwargs)
+    barrier(info)
+    if not info.is_main:
+        result = fn(*args, **kwargs)
+    return result
