@@ -48,7 +48,7 @@ def test_benchmark_structure(tmp_path, isolate):
     assert arms["tcurlora"]["note"] == "merged" and arms["lora"]["note"] == "merged"
     assert arms["tcurlora"]["adapter_file_bytes"] < arms["lora"]["adapter_file_bytes"]
     checks = b["targets_checked"]
-    assert {c["arm"] for c in checks} == {"tcurlora", "lorapt"} and len(checks) == 12
+    assert {c["arm"] for c in checks} == {"tcurlora", "lorapt"} and len(checks) == 14
 
     text = md.read_text()
     assert text == markdown_report(data)
