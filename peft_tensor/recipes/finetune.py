@@ -16,7 +16,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from peft_tensor.data import load_cases, load_dataset, sample_batch
@@ -26,6 +25,7 @@ from peft_tensor.training import (Checkpointer, RunLogger, apply_arm, barrier, b
                                   param_counts, poly_scheduler, save_trained, set_seed, step_seed, summarize,
                                   train_step, wrap_ddp, write_json, write_rows_csv)
 from peft_tensor.training.config import parse_recipe_args, patch_size, total_steps
+from peft_tensor.training.loop import configure_threads
 from peft_tensor.training.distributed import all_mean, main_process_first
 from peft_tensor.training.plots import plot_best_worst, plot_curves
 
@@ -36,8 +36,7 @@ def main(cfg: dict) -> dict:
     seed, train_cfg, arm = int(cfg.get("seed", 0)), cfg["train"], canonical_arm(cfg["arm"]["name"])
     patch = patch_size(cfg)
     set_seed(seed)
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg["threads"]))
+    configure_threads(cfg.get("threads"))
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", cfg)

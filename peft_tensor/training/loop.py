@@ -120,3 +120,23 @@ def evaluate_cases(model, cases: list, patch, overlap: float = 0.5, min_componen
         if keep_predictions:
             preds.append(pred)
     return (rows, preds) if keep_predictions else rows
+
+
+def configure_threads(value) -> int:
+    """Set torch's CPU threads: an int, ``None`` (torch's default) or ``"auto"``: the default unless the machine is
+    already busy (1-minute load average >= cores - 0.5), then 1 -- OpenMP threads competing with other processes
+    for the same cores can make each step many times slower than one thread does. Returns the thread count."""
+    import os
+
+    if value in (None, "", 0):
+        return torch.get_num_threads()
+    if str(value).lower() == "auto":
+        try:
+            busy = os.getloadavg()[0] >= (os.cpu_count() or 1) - 0.5
+        except OSError:
+            busy = False
+        if busy:
+            torch.set_num_threads(1)
+        return torch.get_num_threads()
+    torch.set_num_threads(int(value))
+    return int(value)
