@@ -612,3 +612,13 @@ def test_recreating_an_adapter_on_a_layer_drops_the_switched_off_branch():
     layer = pm.base_model.model.lin1
     layer.update_layer("default", _config("mlp", serial=False, modules_to_save=None))
     assert "default" in layer.hyps_A and "default" not in layer.hyps_down and "default" not in layer.hyps_up
+
+
+def test_factorisation_restores_the_thread_setting():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        principal_factors(torch.randn(20, 30), 2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
