@@ -82,9 +82,18 @@ def _svd(m: torch.Tensor, rank: int, method: str):
 
 def _svd_fourier(a_hat: torch.Tensor, n_slices: int, rank: int, method: str = "auto"):
     """Slice-wise truncated SVD of rfft slices, real on the DC/Nyquist slices. Returns complex U, real s, complex Vh."""
-    u, s, vh = _svd(a_hat, rank, method)
-    for i in _real_slice_ids(n_slices):
-        ur, sr, vhr = _svd(a_hat[..., i, :, :].real, rank, method)
+    real_ids = _real_slice_ids(n_slices)
+    complex_ids = [i for i in range(a_hat.shape[-3]) if i not in real_ids]
+    n1, n2 = a_hat.shape[-2:]
+    k = min(rank, n1, n2)
+    u = a_hat.new_zeros(*a_hat.shape[:-2], n1, k)
+    vh = a_hat.new_zeros(*a_hat.shape[:-2], k, n2)
+    s = a_hat.real.new_zeros(*a_hat.shape[:-2], k)
+    if complex_ids:
+        uc, sc, vhc = _svd(a_hat[..., complex_ids, :, :], rank, method)
+        u[..., complex_ids, :, :], s[..., complex_ids, :], vh[..., complex_ids, :, :] = uc, sc, vhc
+    for i in real_ids:
+        ur, sr, vhr = _svd(a_hat[..., i, :, :].real.contiguous(), rank, method)
         u[..., i, :, :] = ur.to(u.dtype)
         s[..., i, :] = sr
         vh[..., i, :, :] = vhr.to(vh.dtype)
@@ -131,6 +140,11 @@ def t_pinv(a: torch.Tensor) -> torch.Tensor:
     return from_fourier(p, n_slices)
 
 
+def _abs_norm(z: torch.Tensor, dim: int) -> torch.Tensor:
+    """2-norm of complex vectors along ``dim`` (about twice as fast on CPU as ``vector_norm`` on complex input)."""
+    return (z.real.square() + z.imag.square()).sum(dim=dim).sqrt()
+
+
 def _top_indices(scores: torch.Tensor, r: int) -> torch.Tensor:
     """Indices of the ``r`` largest scores along the last axis; ties go to the lower index; returned ascending."""
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :r]
@@ -154,10 +168,10 @@ def tensor_cur(a: torch.Tensor, rank: int, a_hat: Optional[torch.Tensor] = None)
         a_hat = to_fourier(a)
     w = fourier_slice_weights(n_slices, device=a.device, dtype=compute_dtype(a.dtype))
     # column norms per Fourier slice: (..., H, n2); weighted sum over slices == sum over all L slices
-    col_scores = (torch.linalg.vector_norm(a_hat, dim=-2) * w[:, None]).sum(dim=-2)
+    col_scores = (_abs_norm(a_hat, dim=-2) * w[:, None]).sum(dim=-2)
     col_idx = _top_indices(col_scores, rank)
     c_hat = torch.gather(a_hat, -1, col_idx[..., None, None, :].expand(*a_hat.shape[:-1], rank))
-    row_scores = (torch.linalg.vector_norm(c_hat, dim=-1) * w[:, None]).sum(dim=-2)
+    row_scores = (_abs_norm(c_hat, dim=-1) * w[:, None]).sum(dim=-2)
     row_idx = _top_indices(row_scores, rank)
 
     a_c = a.to(compute_dtype(a.dtype))

@@ -40,9 +40,17 @@ class LoraPTGroup(TensorGroup):
 
     def factors(self):
         g = self._core_times_vt(self.lorapt_S.float(), self.lorapt_V.float())
-        with torch.no_grad():  # the frozen initial principal part P0, subtracted
-            g0 = self._core_times_vt(self.lorapt_S_init.float(), self.lorapt_V_init.float())
-        return [(self.lorapt_U.float(), g), (self.lorapt_U_init.float(), -g0)]
+        return [(self.lorapt_U.float(), g), (self.lorapt_U_init.float(), self._minus_g0())]
+
+    def _minus_g0(self) -> torch.Tensor:
+        """``-(S0 * V0^T)``: frozen, so computed once and kept until the initial factors change (load, device move)."""
+        key = tuple((t._version, t.data_ptr()) for t in (self.lorapt_S_init, self.lorapt_V_init))
+        hit = self.__dict__.get("_g0")
+        if hit is None or hit[0] != key:
+            with torch.no_grad():
+                hit = (key, -self._core_times_vt(self.lorapt_S_init.float(), self.lorapt_V_init.float()))
+            self.__dict__["_g0"] = hit
+        return hit[1]
 
 
 class LoraPTLayer(TensorGroupLayer):
