@@ -22,7 +22,6 @@ import hashlib
 import importlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -30,6 +29,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from .._atomic import atomic_write, atomic_write_json
 from ..errors import AdapterLoadError, PeftTensorError
 from ..version import __version__
 
@@ -230,31 +230,14 @@ def save_base_weights(network: nn.Module, path: str | os.PathLike) -> WeightsRef
         )
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in network.state_dict().items()}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={"format": "pt", "peft_tensor": __version__})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"format": "pt", "peft_tensor": __version__}))
     return WeightsRef.from_file(path)
 
 
 # ---------------------------------------------------------------------------------------------------------- files
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     """Write JSON through a temporary file in the same directory and ``os.replace`` (never a half-written file)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, sort_keys=False)
-            fh.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_json(path, data)
 
 
 def read_provenance(directory: str | os.PathLike, subfolder: str | None = None) -> dict | None:

@@ -18,6 +18,7 @@ from typing import Any
 from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
+from .._atomic import atomic_write_text
 from ..errors import PeftTensorError
 from .adapter_files import PICKLED_WEIGHTS, SAFE_WEIGHTS, adapted_module_shapes, numel, tensor_shapes
 from .cards import build_adapter_card, eval_results_from, eval_results_to_json
@@ -109,23 +110,12 @@ def save_pretrained(model, save_directory: str | os.PathLike, *, base_network: B
     }
     write_json_atomic(save_directory / PROVENANCE_FILE, record)
     card = build_adapter_card(save_directory, record, repo_id=repo_id)
-    _write_text_atomic(save_directory / "README.md", str(card))
+    atomic_write_text(save_directory / "README.md", str(card))
     return save_directory
 
 
 def _peft_type_name(peft_type) -> str:
     return str(getattr(peft_type, "value", peft_type))
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # ------------------------------------------------------------------------------------------------------------ push

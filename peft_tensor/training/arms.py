@@ -126,7 +126,7 @@ def save_trained(model: torch.nn.Module, folder, arm: str, card_text: str | None
 
     from safetensors.torch import save_file
 
-    from ..data.io import _atomic, atomic_write_text
+    from .._atomic import atomic_write, atomic_write_text
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -134,7 +134,7 @@ def save_trained(model: torch.nn.Module, folder, arm: str, card_text: str | None
         model.save_pretrained(str(folder))
     else:
         state = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
-        _atomic(folder / "trainable.safetensors", lambda tmp: save_file(state, tmp))
+        atomic_write(folder / "trainable.safetensors", lambda tmp: save_file(state, tmp))
     if card_text:
         card = folder / "README.md"
         text = card.read_text() if card.is_file() else ""

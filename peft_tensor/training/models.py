@@ -67,12 +67,12 @@ def save_backbone(model: torch.nn.Module, cfg: dict, folder: str | os.PathLike, 
     atomically. The pair is what :func:`load_backbone` and the finetune recipe's ``model.pretrained`` read."""
     from safetensors.torch import save_file
 
-    from ..data.io import _atomic, atomic_write_text
+    from .._atomic import atomic_write, atomic_write_text
 
     folder = Path(folder)
     name, kw = model_kwargs(cfg)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    _atomic(folder / "model.safetensors", lambda tmp: save_file(state, tmp))
+    atomic_write(folder / "model.safetensors", lambda tmp: save_file(state, tmp))
     atomic_write_text(folder / "backbone.json", json.dumps({"name": name, "kwargs": kw, **(extra or {})}, indent=1))
     return folder
 
