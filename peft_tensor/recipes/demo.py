@@ -40,35 +40,17 @@ def main(cfg: dict) -> dict:
     t_start = time.time()
     out = Path(cfg.get("output_dir", "peft_tensor_demo"))
     out.mkdir(parents=True, exist_ok=True)
-    common = {k: cfg[k] for k in ("seed", "device", "progress", "threads") if k in cfg}
     print("peft-tensor demo: template-derived synthetic subjects (MNI152 2009c template + aseg labels), "
           "not patient data.")
 
     # 1-2. pretraining on the source task (reused from the cache when present)
-    pre_dir = _backbone_dir(cfg)
-    t0 = time.time()
-    if cfg.get("reuse_pretrained", True) and (pre_dir / "backbone" / "backbone.json").is_file():
-        print(f"[pretrain] reusing cached backbone {pre_dir / 'backbone'}")
-        reused = True
-    else:
-        pre_cfg = {**common, "output_dir": str(pre_dir), "model": cfg["model"], **copy.deepcopy(cfg["pretrain"])}
-        pre_cfg["data"] = {**cfg["data"], "task": "source"}
-        print(f"[pretrain] {pre_cfg['train']['steps']} steps on the source task -> {pre_dir}")
-        pretrain.main(pre_cfg)
-        reused = False
-    pretrain_s = time.time() - t0
+    pre_dir, reused, pretrain_s = ensure_backbone(cfg)
 
     # 3-4. fine-tuning arms on the target task, each evaluated on the held-out subjects
     results = {}
     for arm in cfg["arms"]:
-        arm_cfg = {"name": arm} if isinstance(arm, str) else dict(arm)
-        name = arm_cfg["name"]
-        ft_cfg = {**common, "output_dir": str(out / name), **copy.deepcopy(cfg["finetune"])}
-        ft_cfg["data"] = {**cfg["data"], "task": "target"}
-        ft_cfg["model"] = {**cfg["model"], "pretrained": str(pre_dir / "backbone")}
-        ft_cfg["arm"] = {**ft_cfg.get("arm", {}), **arm_cfg} if name == ft_cfg.get("arm", {}).get("name") else arm_cfg
-        print(f"[finetune] {name}: {ft_cfg['train']['steps']} steps on {cfg['data'].get('n_train', 5)} subjects")
-        results[name] = finetune.main(ft_cfg)
+        name = arm if isinstance(arm, str) else arm["name"]
+        results[name] = finetune_arm(cfg, arm, pre_dir / "backbone", out / name)
 
     total_s = time.time() - t_start
     table = format_table(results)
@@ -80,6 +62,48 @@ def main(cfg: dict) -> dict:
     print(table)
     print(f"\ntotal {total_s:.0f} s (pretraining {'reused' if reused else f'{pretrain_s:.0f} s'}); outputs in {out}/")
     return summary
+
+
+def _common(cfg: dict) -> dict:
+    return {k: cfg[k] for k in ("seed", "device", "progress", "threads") if k in cfg}
+
+
+def ensure_backbone(cfg: dict) -> tuple[Path, bool, float]:
+    """Pretrain on the source task with ``cfg["pretrain"]``, or reuse the cached backbone.
+
+    Returns (pretraining folder, reused?, seconds); the backbone itself is ``<folder>/backbone``."""
+    pre_dir = _backbone_dir(cfg)
+    t0 = time.time()
+    if cfg.get("reuse_pretrained", True) and (pre_dir / "backbone" / "backbone.json").is_file():
+        print(f"[pretrain] reusing cached backbone {pre_dir / 'backbone'}")
+        reused = True
+    else:
+        pre_cfg = {**_common(cfg), "output_dir": str(pre_dir), "model": cfg["model"],
+                   **copy.deepcopy(cfg["pretrain"])}
+        pre_cfg["data"] = {**cfg["data"], "task": "source"}
+        print(f"[pretrain] {pre_cfg['train']['steps']} steps on the source task -> {pre_dir}")
+        pretrain.main(pre_cfg)
+        reused = False
+    return pre_dir, reused, time.time() - t0
+
+
+def finetune_arm(cfg: dict, arm, backbone: Path, out_dir: Path, data: dict | None = None,
+                 seed: int | None = None) -> dict:
+    """Fine-tune one arm (a name or ``{name: ..., **options}``) on the target task from the saved ``backbone``
+    with ``cfg["finetune"]``, evaluate it on the held-out subjects; ``finetune.main``'s result.
+
+    ``data`` / ``seed`` replace ``cfg["data"]`` / ``cfg["seed"]`` for this run only (e.g. another ``n_train``)."""
+    arm_cfg = {"name": arm} if isinstance(arm, str) else dict(arm)
+    name = arm_cfg["name"]
+    data = cfg["data"] if data is None else data
+    ft_cfg = {**_common(cfg), "output_dir": str(out_dir), **copy.deepcopy(cfg["finetune"])}
+    if seed is not None:
+        ft_cfg["seed"] = int(seed)
+    ft_cfg["data"] = {**data, "task": "target"}
+    ft_cfg["model"] = {**cfg["model"], "pretrained": str(backbone)}
+    ft_cfg["arm"] = {**ft_cfg.get("arm", {}), **arm_cfg} if name == ft_cfg.get("arm", {}).get("name") else arm_cfg
+    print(f"[finetune] {name}: {ft_cfg['train']['steps']} steps on {data.get('n_train', 5)} subjects")
+    return finetune.main(ft_cfg)
 
 
 def format_table(results: dict) -> str:

@@ -1,0 +1,202 @@
+"""Few-shot accuracy benchmark: Dice and HD95 of each arm for N training subjects, over several seeds.
+
+For every N in ``benchmark.n_train``, seed in ``benchmark.seeds`` and arm in ``arms``: fine-tune the pretrained
+backbone on N subjects of the target task and evaluate on the held-out test subjects (the same for every N and
+seed). Per (arm, N): mean and std over seeds of the per-run mean test Dice / HD95. Everything but the loops is the
+demo's: the cohort, the cached pretraining (:func:`peft_tensor.recipes.demo.ensure_backbone`) and fine-tune +
+evaluate of one arm (:func:`peft_tensor.recipes.demo.finetune_arm`).
+
+    python recipes/benchmark_fewshot.py                                     # benchmark_fewshot_cpu.yaml
+    python recipes/benchmark_fewshot.py benchmark.seeds=[0,1,2] finetune.train.steps=120
+    python recipes/benchmark_fewshot.py data.kind=msd data.root=/data/Task04_Hippocampus \\
+        model.pretrained=runs/pretrain/backbone stem=fewshot_msd            # a real dataset, your backbone
+
+Writes ``<output_dir>/<stem>.json`` (config, machine, every run, the aggregate), ``<stem>.md`` and ``<stem>.png``
+(Dice vs N per arm). The outputs are rewritten after every run, so an interrupted benchmark leaves the runs done
+so far (seeds are the outer loop: the first seed's full grid completes first).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+try:
+    import peft_tensor  # noqa: F401
+except ImportError:  # run from a source checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+import peft_tensor
+import torch
+
+from peft_tensor.recipes.demo import ensure_backbone, finetune_arm
+from peft_tensor.training import write_json
+from peft_tensor.training.config import parse_recipe_args
+from peft_tensor.training.loop import configure_threads
+
+DEFAULT_CONFIG = "benchmark_fewshot_cpu"
+
+
+def arm_name(arm) -> str:
+    return arm if isinstance(arm, str) else arm["name"]
+
+
+def aggregate(runs: list[dict], arms: list[str], ns: list[int]) -> dict:
+    """{arm: {N: {metric: {mean, std, n_seeds}}}} over the seeds' per-run mean test metrics."""
+    agg = {}
+    for arm in arms:
+        agg[arm] = {}
+        for n in ns:
+            sel = [r for r in runs if r["arm"] == arm and r["n_train"] == n]
+            if not sel:
+                continue
+            cell = {}
+            for metric in ("dice", "hd95"):
+                vals = np.array([r[metric] for r in sel if r[metric] is not None], dtype=float)
+                vals = vals[np.isfinite(vals)]
+                cell[metric] = {"mean": float(vals.mean()) if vals.size else None,
+                                "std": float(vals.std(ddof=1)) if vals.size > 1 else 0.0 if vals.size else None,
+                                "n_seeds": int(vals.size)}
+            cell["trainable"] = sel[0]["trainable"]
+            cell["train_s"] = float(np.mean([r["train_s"] for r in sel]))
+            agg[arm][str(n)] = cell
+    return agg
+
+
+def markdown(summary: dict) -> str:
+    arms, ns = summary["grid"]["arms"], summary["grid"]["n_train"]
+    agg = summary["aggregate"]
+
+    def cell(arm, n, metric, digits):
+        c = agg.get(arm, {}).get(str(n))
+        if not c or c[metric]["mean"] is None:
+            return "—"
+        return f"{c[metric]['mean']:.{digits}f} ± {c[metric]['std']:.{digits}f} ({c[metric]['n_seeds']})"
+
+    g = summary["grid"]
+    lines = [f"# Few-shot accuracy: {summary['data']}", "",
+             f"Fine-tuning {g['steps']} steps (batch {g['batch_size']}) per run; seeds {g['seeds']}; "
+             f"test: {summary['n_test_cases']} held-out cases, the same for every N and seed. "
+             f"Cells: mean ± std over seeds (number of seeds) of the per-run mean over test cases.", "",
+             f"Runs completed: {len(summary['runs'])} of {g['n_runs']}; wall time {summary['wall_s'] / 60:.1f} min "
+             f"({summary['machine']}, {summary['threads']} torch thread(s), load average at start "
+             f"{summary['load_average_start']}); backbone: {summary['backbone']}.", ""]
+    for metric, label, digits in (("dice", "Dice", 3), ("hd95", "HD95 (mm)", 2)):
+        lines += [f"| {label} | trainable | " + " | ".join(f"N = {n}" for n in ns) + " |",
+                  "|---|---:|" + "---:|" * len(ns)]
+        for arm in arms:
+            first = next(iter(agg.get(arm, {}).values()), None)
+            params = f"{first['trainable']:,}" if first else "—"
+            lines.append(f"| {arm} | {params} | " + " | ".join(cell(arm, n, metric, digits) for n in ns) + " |")
+        lines.append("")
+    if summary.get("note"):
+        lines.append(summary["note"])
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for arm, cells in summary["aggregate"].items():
+        ns = [int(n) for n, c in cells.items() if c["dice"]["mean"] is not None]
+        if not ns:
+            continue
+        m = [cells[str(n)]["dice"]["mean"] for n in ns]
+        s = [cells[str(n)]["dice"]["std"] for n in ns]
+        ax.errorbar(ns, m, yerr=s, marker="o", capsize=3, label=arm)
+    ax.set_xscale("log")
+    ax.set_xticks(summary["grid"]["n_train"])
+    ax.set_xticklabels([str(n) for n in summary["grid"]["n_train"]])
+    ax.set_xlabel("training subjects N")
+    ax.set_ylabel("test Dice (mean ± std over seeds)")
+    ax.set_title(f"Few-shot fine-tuning, {summary['grid']['steps']} steps")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(summary: dict, out: Path, stem: str) -> tuple[Path, Path, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    js, md, png = out / f"{stem}.json", out / f"{stem}.md", out / f"{stem}.png"
+    write_json(js, summary)
+    md.write_text(markdown(summary))
+    plot(summary, png)
+    return js, md, png
+
+
+def main(cfg: dict) -> dict:
+    t_start = time.time()
+    bench = cfg["benchmark"]
+    ns, seeds = [int(n) for n in bench["n_train"]], [int(s) for s in bench["seeds"]]
+    arms = [arm_name(a) for a in cfg["arms"]]
+    out, stem = Path(cfg.get("output_dir", "benchmarks/results")), cfg.get("stem", "fewshot_cpu")
+    threads = configure_threads(cfg.get("threads"))
+    cfg = {**cfg, "threads": threads}  # every run with the threads chosen once, at the start
+    load_start = [round(x, 2) for x in os.getloadavg()]
+
+    # the pretrained backbone: given by path, or the demo's (pretrained on the source task once, then cached)
+    if cfg["model"].get("pretrained"):
+        backbone, reused, pretrain_s = Path(cfg["model"]["pretrained"]), True, 0.0
+    else:
+        pre_dir, reused, pretrain_s = ensure_backbone(cfg)
+        backbone = pre_dir / "backbone"
+
+    work = Path(cfg["work_dir"]) if cfg.get("work_dir") else Path(tempfile.mkdtemp(prefix="fewshot_"))
+    data_label = (f"embedded template-derived hippocampus cohort (synthetic, not patient data)"
+                  if cfg["data"].get("kind", "embedded") == "embedded"
+                  else f"{cfg['data']['kind']} at {cfg['data'].get('root')}")
+    summary = {
+        "data": data_label, "backbone": f"{backbone} ({'reused' if reused else f'pretrained in {pretrain_s:.0f} s'})",
+        "grid": {"n_train": ns, "seeds": seeds, "arms": arms, "steps": cfg["finetune"]["train"].get("steps"),
+                 "batch_size": cfg["finetune"]["train"].get("batch_size", 2), "n_runs": len(ns) * len(seeds) * len(arms)},
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", "threads": threads,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "peft_tensor": getattr(peft_tensor, "__version__", "?")},
+        "load_average_start": load_start, "pretrain_s": pretrain_s, "n_test_cases": None,
+        "runs": [], "aggregate": {}, "wall_s": 0.0, "config": cfg,
+        "note": "N counts subjects; the embedded cohort gives two cases (left and right hippocampus) per subject.",
+    }
+    try:
+        for seed in seeds:  # outer: a complete grid per seed, so an interrupted run still has whole grids
+            for n in ns:
+                for arm in cfg["arms"]:
+                    name = arm_name(arm)
+                    print(f"[fewshot] seed {seed}, N = {n}, {name}", flush=True)
+                    r = finetune_arm(cfg, arm, backbone, work / f"seed{seed}" / f"n{n}" / name,
+                                     data={**cfg["data"], "n_train": n}, seed=seed)
+                    t = r.get("test", {})
+                    summary["n_test_cases"] = t.get("dice", {}).get("n")
+                    summary["runs"].append({
+                        "arm": name, "n_train": n, "seed": seed, "train_cases": r["n_train"], "steps": r["steps"],
+                        "dice": t.get("dice", {}).get("mean"), "hd95": t.get("hd95", {}).get("mean"),
+                        "dice_case_std": t.get("dice", {}).get("std"), "trainable": r["params"]["trainable"],
+                        "train_s": r["train_s"], "setup_s": r["setup_s"]})
+                    summary["aggregate"] = aggregate(summary["runs"], arms, ns)
+                    summary["wall_s"] = time.time() - t_start
+                    write_outputs(summary, out, stem)
+    finally:
+        if not cfg.get("work_dir"):
+            shutil.rmtree(work, ignore_errors=True)
+    summary["wall_s"] = time.time() - t_start
+    js, md, png = write_outputs(summary, out, stem)
+    print()
+    print(md.read_text())
+    print(f"wrote {js}, {md}, {png}")
+    return summary
+
+
+if __name__ == "__main__":
+    main(parse_recipe_args(description=__doc__.split("\n")[0], default_config=DEFAULT_CONFIG))
