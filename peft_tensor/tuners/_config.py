@@ -67,3 +67,24 @@ class PeftTensorConfigMixin:
             )
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise PeftTensorError(f"r must be a positive integer, got {self.r!r}.")
+
+
+@dataclass
+class GroupingConfigMixin:
+    """Fields of the cross-layer tensor methods (tCURLoRA, LoRA-PT): how weights are stacked into tensors."""
+
+    grouping: str = field(
+        default="by_shape",
+        metadata={"help": "'by_shape' (same-shape weights stacked in module order; any model) or 'paper' "
+                  "(UNETR-style blocks: attention tensor from out_proj/q/k/v, MLP-up and MLP-down tensors)."},
+    )
+    slice_order: list[str] = field(
+        default_factory=lambda: ["out_proj", "q", "k", "v"],
+        metadata={"help": "Order of the 4 slices each block contributes to the attention tensor under "
+                  "grouping='paper' (the authors use out_proj, q, k, v)."},
+    )
+
+    def _check_grouping(self) -> None:
+        if self.grouping not in ("by_shape", "paper"):
+            raise PeftTensorError(f"grouping must be 'by_shape' or 'paper', got {self.grouping!r}.")
+        self.slice_order = list(self.slice_order)

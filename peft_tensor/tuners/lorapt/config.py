@@ -6,12 +6,11 @@ from peft.config import PeftConfig
 
 from ..._registration import ensure_peft_type
 from ...errors import PeftTensorError
-from .._config import PeftTensorConfigMixin
-from ..grouping import DEFAULT_SLICE_ORDER
+from .._config import GroupingConfigMixin, PeftTensorConfigMixin
 
 
 @dataclass
-class LoraPTConfig(PeftTensorConfigMixin, PeftConfig):
+class LoraPTConfig(GroupingConfigMixin, PeftTensorConfigMixin, PeftConfig):
     """LoRA-PT (arXiv 2407.11292): principal tensor singular components of stacked weights train.
 
     Per group tensor ``W = U * S * V^T`` (t-SVD): the principal part ``P = U_r * S_r * V_r^T`` (tubal rank ``r``)
@@ -22,16 +21,6 @@ class LoraPTConfig(PeftTensorConfigMixin, PeftConfig):
     """
 
     r: int = field(default=8, metadata={"help": "Tubal rank of the trainable principal part."})
-    grouping: str = field(
-        default="by_shape",
-        metadata={"help": "'by_shape' (same-shape weights stacked in module order; any model; the authors' later "
-                  "code) or 'paper' (UNETR-style blocks: attention tensor from out_proj/q/k/v, MLP-up, MLP-down)."},
-    )
-    slice_order: list[str] = field(
-        default_factory=lambda: list(DEFAULT_SLICE_ORDER),
-        metadata={"help": "Order of the 4 slices each block contributes to the attention tensor under "
-                  "grouping='paper' (the authors use out_proj, q, k, v)."},
-    )
     core: str = field(
         default="full",
         metadata={"help": "'full': the core S is a trainable r x r x L tensor; 'diagonal': f-diagonal, r x L."},
@@ -47,10 +36,8 @@ class LoraPTConfig(PeftTensorConfigMixin, PeftConfig):
         super().__post_init__()
         self.peft_type = ensure_peft_type("LORAPT")
         self._check_common()
-        if self.grouping not in ("by_shape", "paper"):
-            raise PeftTensorError(f"grouping must be 'by_shape' or 'paper', got {self.grouping!r}.")
+        self._check_grouping()
         if self.core not in ("full", "diagonal"):
             raise PeftTensorError(f"core must be 'full' or 'diagonal', got {self.core!r}.")
         if self.svd_method not in ("auto", "full", "randomized"):
             raise PeftTensorError(f"svd_method must be 'auto', 'full' or 'randomized', got {self.svd_method!r}.")
-        self.slice_order = list(self.slice_order)
