@@ -118,9 +118,11 @@ def plot(summary: dict, path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xticks(summary["grid"]["n_train"])
     ax.set_xticklabels([str(n) for n in summary["grid"]["n_train"]])
+    ax.minorticks_off()
     ax.set_xlabel("training subjects N")
     ax.set_ylabel("test Dice (mean ± std over seeds)")
-    ax.set_title(f"Few-shot fine-tuning, {summary['grid']['steps']} steps")
+    ax.set_title(f"Few-shot fine-tuning, {summary['grid']['steps']} steps, seeds {summary['grid']['seeds']}",
+                 fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
