@@ -554,7 +554,6 @@ def markdown_report(result: dict) -> str:
              "round-robin. Median over timed steps; CPU = process CPU time (all threads).", ""]
     for bname, b in result["backbones"].items():
         ref = b["reference_arm"]
-        run = result["config"]["run"]
         lines += [f"## {bname}: {b['network']} ({b['base_params']:,} parameters), input {'x'.join(map(str, b['input']))}"
                   f", {b['device']}", "",
                   f"Load average: set-up {b['load_average'].get('setup')}, training {b['load_average'].get('train')}, "

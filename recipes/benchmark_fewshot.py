@@ -18,7 +18,6 @@ so far (seeds are the outer loop: the first seed's full grid completes first).
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil
@@ -33,7 +32,6 @@ except ImportError:  # run from a source checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
-import peft_tensor
 import torch
 
 from peft_tensor.recipes.demo import ensure_backbone, finetune_arm
@@ -157,7 +155,7 @@ def main(cfg: dict) -> dict:
         backbone = pre_dir / "backbone"
 
     work = Path(cfg["work_dir"]) if cfg.get("work_dir") else Path(tempfile.mkdtemp(prefix="fewshot_"))
-    data_label = (f"embedded template-derived hippocampus cohort (synthetic, not patient data)"
+    data_label = ("embedded template-derived hippocampus cohort (synthetic, not patient data)"
                   if cfg["data"].get("kind", "embedded") == "embedded"
                   else f"{cfg['data']['kind']} at {cfg['data'].get('root')}")
     summary = {

@@ -39,7 +39,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import tempfile
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
