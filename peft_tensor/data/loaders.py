@@ -36,6 +36,17 @@ class DatasetSplits:
         return self.splits[name]
 
 
+
+def _paired_files(root: Path, anchor: str, partner: str):
+    """``(case id, <id>_<anchor>.nii*, <id>_<partner>.nii*)`` for every anchor file under ``root`` whose partner
+    (same folder, same extension) exists, sorted by path."""
+    for path in sorted(root.rglob(f"*_{anchor}.nii*")):
+        cid = path.name.split(f"_{anchor}.nii")[0]
+        ext = path.name.split(f"_{anchor}")[1]
+        other = path.with_name(f"{cid}_{partner}{ext}")
+        if other.is_file():
+            yield cid, path, other
+
 def _random_split(ids: list, fractions: dict, seed: int) -> dict:
     ids = sorted(ids)
     random.Random(seed).shuffle(ids)
@@ -74,13 +85,8 @@ def pairs_folder(
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder {root} does not exist")
-    cases = {}
-    for img in sorted(root.rglob("*_img.nii*")):
-        cid = img.name.split("_img.nii")[0]
-        ext = img.name.split("_img")[1]
-        mask = img.with_name(f"{cid}_mask{ext}")
-        if mask.is_file():
-            cases[cid] = {"image": str(img), "label": str(mask), "id": cid}
+    cases = {cid: {"image": str(img), "label": str(mask), "id": cid}
+             for cid, img, mask in _paired_files(root, "img", "mask")}
     if not cases:
         raise FileNotFoundError(f"no <id>_img.nii.gz / <id>_mask.nii.gz pairs under {root}")
     if isinstance(split_files, (str, os.PathLike)):
@@ -136,13 +142,8 @@ def brats2021(
     ``<case>_seg.nii.gz``. Labels 1 (necrosis), 2 (oedema) and 4 (enhancing tumour) are merged into whole tumour,
     as in the papers' pretraining."""
     root = Path(root)
-    cases = {}
-    for seg in sorted(root.rglob("*_seg.nii*")):
-        cid = seg.name.split("_seg.nii")[0]
-        ext = seg.name.split("_seg")[1]
-        img = seg.with_name(f"{cid}_{modality}{ext}")
-        if img.is_file():
-            cases[cid] = {"image": str(img), "label": str(seg), "id": cid}
+    cases = {cid: {"image": str(img), "label": str(seg), "id": cid}
+             for cid, seg, img in _paired_files(root, "seg", modality)}
     if not cases:
         raise FileNotFoundError(f"no BraTS cases (<case>_seg.nii.gz with <case>_{modality}.nii.gz) under {root}")
     ids = _random_split(list(cases), fractions or {"train": 0.8, "val": 0.1, "test": 0.1}, seed)
