@@ -1,17 +1,42 @@
 """Atomic file writes: a temporary file in the target folder, flushed to disk, then ``os.replace``.
 
-A crash or an error mid-write leaves the previous file (or no file) under the real name, never a partial one.
+A crash or an error mid-write leaves the previous file (or no file) under the real name, never a partial one. The
+result has the permissions a plain ``open(path, "w")`` would give it: those of the file it replaces, else ``0o666``
+less the umask (``mkstemp`` alone would leave every result readable by its owner only).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 __all__ = ["atomic_write", "atomic_write_text", "atomic_write_json"]
+
+
+def _current_umask() -> int:
+    # os.umask can only be read by setting it; /proc gives it without a (process-wide) change where it exists
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _mode_for(path: Path) -> int:
+    """The permissions ``open(path, "w")`` would leave: the existing file's, else 0o666 less the umask."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~_current_umask()
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
@@ -23,6 +48,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, _mode_for(path))  # after write(): a writer may replace the temporary file with a new one
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
