@@ -109,8 +109,41 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, dict[str, Any]
             header = json.loads(fh.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise AdapterLoadError(f"{path}: the safetensors header is not valid JSON. {hint}") from exc
-    header.pop("__metadata__", None)
-    end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+    # the structure safetensors itself requires, checked here so that a damaged header is this typed error and not
+    # a TypeError / KeyError (or silence) in whoever reads the header next
+    def malformed(why: str) -> AdapterLoadError:
+        return AdapterLoadError(f"{path}: malformed safetensors header ({why}). {hint}")
+
+    if not isinstance(header, dict):
+        raise malformed(f"a JSON {type(header).__name__}, not an object")
+    if not isinstance(header.pop("__metadata__", {}), dict):
+        raise malformed("__metadata__ is not an object")
+    itemsize = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8}
+    spans = []
+    for name, info in header.items():
+        if not isinstance(info, dict):
+            raise malformed(f"entry {name!r} is a JSON {type(info).__name__}, not an object")
+        offsets, shape, dtype = info.get("data_offsets"), info.get("shape"), info.get("dtype")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise malformed(f"tensor {name!r} has data_offsets {offsets!r}, not [begin, end] with 0 <= begin <= end")
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+            raise malformed(f"tensor {name!r} has shape {shape!r}, not a list of sizes")
+        if not isinstance(dtype, str):
+            raise malformed(f"tensor {name!r} has dtype {dtype!r}")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if dtype in itemsize and numel * itemsize[dtype] != offsets[1] - offsets[0]:
+            raise malformed(f"tensor {name!r} is {dtype} {shape} but spans {offsets[1] - offsets[0]} bytes")
+        spans.append((offsets[0], offsets[1], name))
+    end = 0
+    for begin, stop, name in sorted(spans):
+        if begin != end:
+            where = "overlaps the tensor before it" if begin < end else f"leaves bytes {end}..{begin} unused"
+            raise malformed(f"tensor {name!r} starts at byte {begin}: it {where}")
+        end = stop
     if 8 + n + end != size:
         raise AdapterLoadError(f"{path}: header describes {8 + n + end} bytes but the file has {size}. {hint}")
     return header

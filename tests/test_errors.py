@@ -147,3 +147,70 @@ def test_pickled_only_adapter_is_refused(saved_unetr_adapter, tmp_path):
 def test_not_an_adapter_dir(tmp_path):
     with pytest.raises(AdapterLoadError, match="No adapter_config.json"):
         peft_tensor.from_pretrained(TinyMLP(), str(tmp_path))
+
+
+def _safetensors_bytes(header, data: bytes = b"\0" * 8) -> bytes:
+    import struct
+
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+def _f32(offsets, shape=(2,)):
+    return {"dtype": "F32", "shape": list(shape), "data_offsets": offsets}
+
+
+# each header is well-formed JSON and (except where the offsets themselves are unreadable) describes exactly the
+# 8 data bytes that follow it, so only a check of the header's structure can refuse it
+MALFORMED_HEADERS = {
+    "list": [],
+    "string": "w",
+    "entry not an object": {"w": [0, 8]},
+    "no data_offsets": {"w": {"dtype": "F32", "shape": [2]}},
+    "string offsets": {"w": _f32(["0", "8"])},
+    "float offsets": {"w": _f32([0.0, 8.0])},
+    "bool offsets": {"w": _f32([False, 8])},
+    "one offset": {"w": _f32([8])},
+    "null offsets": {"w": _f32(None)},
+    "negative offset": {"a": _f32([0, 8]), "b": _f32([-8, 0])},
+    "end before begin": {"a": _f32([0, 8]), "b": _f32([8, 4], shape=())},
+    "overlapping tensors": {"a": _f32([0, 8]), "b": _f32([4, 8], shape=(1,))},
+    "gap before a tensor": {"a": _f32([4, 8], shape=(1,))},
+    "shape not a list": {"w": {"dtype": "F32", "shape": "2", "data_offsets": [0, 8]}},
+    "no shape": {"w": {"dtype": "F32", "data_offsets": [0, 8]}},
+    "no dtype": {"w": {"shape": [2], "data_offsets": [0, 8]}},
+    "size does not match shape": {"w": _f32([0, 8], shape=(3,))},
+    "metadata not an object": {"__metadata__": ["x"], "w": _f32([0, 8])},
+}
+
+
+@pytest.mark.parametrize("kind", list(MALFORMED_HEADERS))
+def test_malformed_safetensors_header_is_a_load_error(saved_unetr_adapter, tmp_path, kind):
+    """Not TypeError / KeyError / silence: a typed AdapterLoadError from every reader, before the model is touched."""
+    from peft_tensor.hub.adapter_files import tensor_shapes
+    from peft_tensor.loading import read_safetensors_header
+
+    path = _copy(saved_unetr_adapter, tmp_path / "a")
+    f = path / "adapter_model.safetensors"
+    f.write_bytes(_safetensors_bytes(MALFORMED_HEADERS[kind]))
+    with pytest.raises(AdapterLoadError, match="safetensors header"):
+        read_safetensors_header(f)
+    with pytest.raises(AdapterLoadError, match="safetensors header"):
+        tensor_shapes(path)
+    model = tiny_unetr(num_layers=4)
+    with pytest.raises(AdapterLoadError, match="corrupted or was cut off"):
+        peft_tensor.from_pretrained(model, str(path))
+    assert not hasattr(model, "peft_config")
+
+
+def test_well_formed_safetensors_header_is_accepted(tmp_path):
+    """The structure checks refuse nothing that safetensors itself writes (empty tensors, metadata, any order)."""
+    from safetensors.torch import save_file
+
+    from peft_tensor.loading import read_safetensors_header
+
+    tensors = {"z": torch.ones(3, 2), "a": torch.zeros(0, 4), "m": torch.arange(5, dtype=torch.int64),
+               "s": torch.tensor(1.5, dtype=torch.bfloat16), "b": torch.tensor([True, False])}
+    save_file(tensors, tmp_path / "f.safetensors", metadata={"format": "pt"})
+    header = read_safetensors_header(tmp_path / "f.safetensors")
+    assert {k: tuple(v["shape"]) for k, v in header.items()} == {k: tuple(t.shape) for k, t in tensors.items()}
