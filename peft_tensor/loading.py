@@ -33,8 +33,9 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 
-# peft_type -> distribution that provides it, for adapters whose method the running PEFT does not know.
-KNOWN_PROVIDERS = {"TCURLORA": "peft-tensor", "LORAPT": "peft-tensor", "HYPS": "peft-tensor"}
+# peft_type -> distribution that provides it, for adapters whose method the running PEFT does not know: filled by
+# each method's register(...) call (peft_tensor.registry).
+from .registry import KNOWN_PROVIDERS  # noqa: E402
 
 
 def read_config_file(adapter_dir: str | os.PathLike) -> dict:

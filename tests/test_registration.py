@@ -47,3 +47,23 @@ def test_unexpected_peft_internals_fail_clearly(monkeypatch):
     monkeypatch.setattr(_registration, "PeftType", NotAnEnum)
     with pytest.raises(_registration.PeftTensorRegistrationError, match="installed peft is incompatible"):
         _registration.ensure_peft_type("SOMETHINGNEW")
+
+
+def test_every_method_is_in_the_registry_and_everything_reads_it():
+    from peft_tensor.loading import KNOWN_PROVIDERS
+    from peft_tensor.registry import get_method, methods
+    from peft_tensor.training.arms import ARMS, PEFT_ARMS, peft_config
+
+    assert list(methods()) == ["tcurlora", "lorapt", "hyps"]
+    for name, spec in methods().items():
+        assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType(spec.peft_type)] is spec.config_cls
+        assert PEFT_TYPE_TO_TUNER_MAPPING[spec.peft_type] is spec.model_cls
+        assert KNOWN_PROVIDERS[spec.peft_type] == "peft-tensor"
+        assert get_method(spec.peft_type) is spec and name in PEFT_ARMS and name in ARMS
+        config = peft_config(name, {"name": name}, {"name": "swinunetr"})
+        assert isinstance(config, spec.config_cls)
+        assert set(config.target_modules) == set(spec.targets_for("swinunetr"))
+        assert all(getattr(config, k) == v for k, v in spec.arm_defaults.items())
+        assert spec.lr is None or spec.lr > 0
+    with pytest.raises(KeyError, match="registered: tcurlora, lorapt, hyps"):
+        get_method("nosuchmethod")

@@ -3,9 +3,8 @@
 =============  =====================================================================================
 arm            what trains
 =============  =====================================================================================
-tcurlora       tCURLoRA cores U on the encoder Linears + decoder and head (``modules_to_save``)
-lorapt         LoRA-PT principal t-SVD factors + decoder and head
-hyps           HyPS parallel PiSSA + serial adapters (SwinUNETR) + decoder and head
+<method>       every method of :mod:`peft_tensor.registry` (tcurlora, lorapt, hyps): its adapter on the encoder
+               Linears + decoder and head (``modules_to_save``)
 lora           PEFT LoRA + decoder and head
 pissa          PEFT LoRA with PiSSA initialisation + decoder and head
 full           every parameter
@@ -13,21 +12,24 @@ decoder_only   decoder and head; the encoder is frozen (what the authors' public
 frozen         only the 1x1x1 output head: no encoder and no decoder weight changes (a linear probe)
 =============  =====================================================================================
 
-The decoder trains in every PEFT arm, as in the papers. Arms of our methods are imported lazily, so the others
-work in a checkout where a method is not available yet.
+The decoder trains in every PEFT arm, as in the papers. An arm of one of our methods takes its config class,
+default fields and target modules per backbone from the method's registry entry (:func:`peft_tensor.registry.register`),
+so a new method is an arm without any change here.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..registry import methods
 from .models import HEAD, defaults_for
 
-ARMS = ("tcurlora", "lorapt", "hyps", "lora", "pissa", "full", "decoder_only", "frozen")
-PEFT_ARMS = ("tcurlora", "lorapt", "hyps", "lora", "pissa")
+PEFT_BASELINES = ("lora", "pissa")  # PEFT's own LoRA, plain and with PiSSA initialisation
+PEFT_ARMS = (*methods(), *PEFT_BASELINES)
+ARMS = (*PEFT_ARMS, "full", "decoder_only", "frozen")
 _ALIASES = {"decoder-only": "decoder_only", "decoder": "decoder_only", "linear": "decoder_only", "head": "frozen",
             "tcur": "tcurlora", "lora-pt": "lorapt", "lora_pt": "lorapt", "peft_lora": "lora", "peft_pissa": "pissa"}
-_RESERVED = {"name", "lr", "method_lr"}
+_RESERVED = {"name", "lr", "method_lr", "label"}
 
 
 def canonical_arm(name: str) -> str:
@@ -38,14 +40,16 @@ def canonical_arm(name: str) -> str:
     return key
 
 
-def _matches(name: str, patterns) -> bool:
+def name_matches(name: str, patterns) -> bool:
+    """Whether a parameter / module name lies in one of the modules named by ``patterns`` (dotted suffixes)."""
     return any(name == p or name.endswith("." + p) or name.startswith(p + ".") or f".{p}." in f".{name}."
                for p in patterns)
 
 
-def _set_trainable(model: torch.nn.Module, patterns) -> None:
+def set_trainable(model: torch.nn.Module, patterns) -> None:
+    """Exactly the parameters inside the modules named by ``patterns`` train."""
     for pname, param in model.named_parameters():
-        param.requires_grad_(_matches(pname, patterns))
+        param.requires_grad_(name_matches(pname, patterns))
 
 
 def peft_config(arm: str, arm_cfg: dict, model_cfg: dict):
@@ -53,25 +57,12 @@ def peft_config(arm: str, arm_cfg: dict, model_cfg: dict):
     arm = canonical_arm(arm)
     d = defaults_for(model_cfg)
     kw = {k: v for k, v in dict(arm_cfg).items() if k not in _RESERVED}
-    kw.setdefault("target_modules", list(d["target_modules"]))
     kw.setdefault("modules_to_save", list(d["decoder"]))
-    if arm == "tcurlora":
-        from peft_tensor import TCURLoraConfig
-
-        kw.setdefault("r", 8)
-        return TCURLoraConfig(**kw)
-    if arm == "lorapt":
-        from peft_tensor import LoraPTConfig
-
-        kw.setdefault("r", 32)
-        return LoraPTConfig(**kw)
-    if arm == "hyps":
-        try:
-            from peft_tensor import HyPSConfig
-        except ImportError:
-            from peft_tensor.tuners.hyps import HyPSConfig
-
-        return HyPSConfig(**kw)
+    spec = methods().get(arm)
+    if spec is not None:
+        kw.setdefault("target_modules", spec.targets_for(dict(model_cfg).get("name", "unetr")))
+        return spec.config_cls(**{**spec.arm_defaults, **kw})
+    kw.setdefault("target_modules", list(d["target_modules"]))
     from peft import LoraConfig
 
     if arm == "pissa":
@@ -96,10 +87,10 @@ def apply_arm(model: torch.nn.Module, arm_cfg: dict | str, model_cfg: dict) -> t
         model.requires_grad_(True)
         return model
     if arm == "decoder_only":
-        _set_trainable(model, arm_cfg.get("modules_to_save", d["decoder"]))
+        set_trainable(model, arm_cfg.get("modules_to_save", d["decoder"]))
         return model
     if arm == "frozen":
-        _set_trainable(model, arm_cfg.get("modules_to_save", HEAD))
+        set_trainable(model, arm_cfg.get("modules_to_save", HEAD))
         return model
     from peft import get_peft_model
 
@@ -147,7 +138,7 @@ def load_trained(base_model: torch.nn.Module, folder, arm: str) -> torch.nn.Modu
 
     folder = Path(folder)
     if canonical_arm(arm) in PEFT_ARMS:
-        if canonical_arm(arm) in ("lora", "pissa"):
+        if canonical_arm(arm) in PEFT_BASELINES:
             from peft import PeftModel
 
             return PeftModel.from_pretrained(base_model, str(folder))

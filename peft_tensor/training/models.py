@@ -8,8 +8,7 @@ from pathlib import Path
 
 import torch
 
-UNETR_TARGETS = ["attn.qkv", "attn.out_proj", "mlp.linear1", "mlp.linear2"]
-SWIN_TARGETS = ["attn.qkv", "attn.proj", "mlp.linear1", "mlp.linear2", "downsample.reduction"]
+from ..registry import SWINUNETR_TARGETS, UNETR_TARGETS
 # What the papers train in every PEFT arm: UNETR's convolutional skip/decoder path and head (the "decoder").
 UNETR_DECODER = ["encoder1", "encoder2", "encoder3", "encoder4", "decoder2", "decoder3", "decoder4", "decoder5",
                  "out.conv.conv"]
@@ -58,8 +57,8 @@ def defaults_for(cfg: dict) -> dict:
     """Targets and decoder module names for the backbone named in ``cfg``."""
     name = str(dict(cfg).get("name", "unetr")).lower()
     if name == "swinunetr":
-        return {"target_modules": SWIN_TARGETS, "decoder": SWIN_DECODER}
-    return {"target_modules": UNETR_TARGETS, "decoder": UNETR_DECODER}
+        return {"target_modules": list(SWINUNETR_TARGETS), "decoder": SWIN_DECODER}
+    return {"target_modules": list(UNETR_TARGETS), "decoder": UNETR_DECODER}
 
 
 def save_backbone(model: torch.nn.Module, cfg: dict, folder: str | os.PathLike, extra: dict | None = None) -> Path:

@@ -1,13 +1,22 @@
-"""HyPS: hybrid parallel (principal SVD, mergeable) + serial (bottleneck, non-mergeable) adapters on nn.Linear.
+"""HyPS: hybrid parallel (principal SVD, mergeable) + serial (bottleneck, non-mergeable) adapters on nn.Linear
+(arXiv 2409.00884).
 
-Importing this module registers the method with PEFT as ``PeftType.HYPS`` (parameter prefix ``hyps_``).
+Importing this package registers the method (PEFT's ``PeftType.HYPS``, parameter prefix ``hyps_``) through
+:func:`peft_tensor.registry.register`.
 """
 
-from ..._registration import register_method
+from ...registry import register
 from .config import SWINUNETR_HYPS_TARGETS, HyPSConfig
 from .layer import HyPSLayer, Linear, principal_factors
 from .model import HyPSModel
 
 __all__ = ["HyPSConfig", "HyPSLayer", "HyPSModel", "Linear", "SWINUNETR_HYPS_TARGETS", "principal_factors"]
 
-register_method("HYPS", HyPSConfig, HyPSModel, "hyps_")
+register(
+    "hyps", peft_type="HYPS", config_cls=HyPSConfig, model_cls=HyPSModel, prefix="hyps_",
+    summary="HyPS: parallel principal-SVD + serial bottleneck adapters (SwinUNETR)",
+    paper="arXiv 2409.00884",
+    arm_defaults={},
+    targets={"swinunetr": SWINUNETR_HYPS_TARGETS},
+    lr=None,
+)

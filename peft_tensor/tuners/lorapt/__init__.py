@@ -1,8 +1,21 @@
-from ..._registration import register_method
+"""LoRA-PT: the principal tensor singular components (t-SVD) of stacked weights train, the residual stays frozen
+(arXiv 2407.11292, AIIM 2025).
+
+Importing this package registers the method (PEFT's ``PeftType.LORAPT``, parameter prefix ``lorapt_``) through
+:func:`peft_tensor.registry.register`.
+"""
+
+from ...registry import register
 from .config import LoraPTConfig
 from .layer import LoraPTGroup, LoraPTLayer
 from .model import LoraPTModel
 
-register_method("LORAPT", LoraPTConfig, LoraPTModel, prefix="lorapt_")
-
 __all__ = ["LoraPTConfig", "LoraPTGroup", "LoraPTLayer", "LoraPTModel"]
+
+register(
+    "lorapt", peft_type="LORAPT", config_cls=LoraPTConfig, model_cls=LoraPTModel, prefix="lorapt_",
+    summary="LoRA-PT: principal t-SVD components train, residual frozen",
+    paper="arXiv 2407.11292 (AIIM 2025)",
+    arm_defaults={"r": 32},
+    lr=None,
+)

@@ -1,8 +1,20 @@
-from ..._registration import register_method
+"""tCURLoRA: a tensor CUR of stacked weights whose small core ``U`` trains (arXiv 2501.02227, MICCAI 2025).
+
+Importing this package registers the method (PEFT's ``PeftType.TCURLORA``, parameter prefix ``tcurlora_``) through
+:func:`peft_tensor.registry.register`.
+"""
+
+from ...registry import register
 from .config import TCURLoraConfig
 from .layer import TCURLoraGroup, TCURLoraLayer
 from .model import TCURLoraModel
 
-register_method("TCURLORA", TCURLoraConfig, TCURLoraModel, prefix="tcurlora_")
-
 __all__ = ["TCURLoraConfig", "TCURLoraGroup", "TCURLoraLayer", "TCURLoraModel"]
+
+register(
+    "tcurlora", peft_type="TCURLORA", config_cls=TCURLoraConfig, model_cls=TCURLoraModel, prefix="tcurlora_",
+    summary="tCURLoRA: the r x r x L core U of a tensor CUR of stacked weights trains",
+    paper="arXiv 2501.02227 (MICCAI 2025)",
+    arm_defaults={"r": 8},
+    lr=None,
+)

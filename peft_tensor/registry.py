@@ -1,0 +1,112 @@
+"""The method registry: one :func:`register` call per method, in its folder's ``__init__.py``.
+
+Everything that needs to know which methods exist reads this registry instead of a list of its own:
+
+* PEFT: :func:`register` adds the ``PeftType`` member and PEFT's config / tuner / prefix mappings
+  (:mod:`peft_tensor._registration`);
+* loading: :data:`KNOWN_PROVIDERS` (``peft_type`` -> distribution) names the package to install for an adapter
+  whose method is not registered;
+* the recipes' arms (``arm.name=<method>``): config class, default fields, target modules per backbone, the
+  learning rate of the method's trainable factors;
+* the benchmarks (which arms are ours and checked against the efficiency targets) and ``peft-tensor list``.
+
+Adding a method is one new folder ``peft_tensor/tuners/<method>/`` whose ``__init__.py`` ends with a
+``register(...)`` call, plus one import line in ``peft_tensor/__init__.py``; see CONTRIBUTING.md.
+
+This module is library code: it imports neither the recipes nor the training code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from types import MappingProxyType
+from typing import Any, Mapping, Optional
+
+from ._registration import register_method
+
+__all__ = ["KNOWN_PROVIDERS", "MethodSpec", "SWINUNETR_TARGETS", "UNETR_TARGETS", "get_method", "methods",
+           "register"]
+
+# The Linear layers of MONAI's networks that the papers adapt (module-name suffixes, PEFT's ``target_modules``).
+UNETR_TARGETS = ("attn.qkv", "attn.out_proj", "mlp.linear1", "mlp.linear2")
+SWINUNETR_TARGETS = ("attn.qkv", "attn.proj", "mlp.linear1", "mlp.linear2", "downsample.reduction")
+DEFAULT_TARGETS = MappingProxyType({"unetr": UNETR_TARGETS, "swinunetr": SWINUNETR_TARGETS})
+
+# peft_type -> distribution that provides it; filled by register(). A foreign method may be added by hand.
+KNOWN_PROVIDERS: dict[str, str] = {}
+
+_METHODS: dict[str, "MethodSpec"] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    """What the rest of the package needs to know about one method.
+
+    Attributes:
+        name: lower-case name, used as the arm name in recipe configs (``arm.name=tcurlora``).
+        peft_type: the ``PeftType`` member name written to ``adapter_config.json`` (``"TCURLORA"``).
+        config_cls: the ``PeftConfig`` subclass.
+        model_cls: the ``BaseTuner`` subclass; its parameters start with ``prefix``.
+        prefix: parameter-name prefix of the method's trainable tensors (``"tcurlora_"``).
+        summary: one line for ``peft-tensor list`` and the docs.
+        paper: where the method is defined.
+        arm_defaults: config fields a recipe arm uses unless its config sets them (e.g. ``{"r": 8}``).
+        targets: ``target_modules`` per backbone name (``unetr``, ``swinunetr``); backbones not named here use
+            :data:`DEFAULT_TARGETS`.
+        lr: learning rate of the method's trainable factors in the recipes (``method_lr``; the decoder and head
+            keep ``optim.lr``); ``None``: the recipe's ``optim.lr`` for everything.
+        provider: the distribution that ships the method (named in load errors).
+    """
+
+    name: str
+    peft_type: str
+    config_cls: type
+    model_cls: type
+    prefix: str
+    summary: str = ""
+    paper: str = ""
+    arm_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    targets: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    lr: Optional[float] = None
+    provider: str = "peft-tensor"
+
+    def targets_for(self, backbone: str) -> list[str]:
+        """``target_modules`` for a backbone name (``"unetr"``, ``"swinunetr"``)."""
+        key = str(backbone).lower()
+        found = self.targets.get(key) or DEFAULT_TARGETS.get(key)
+        if found is None:
+            raise ValueError(f"{self.name}: no target modules known for backbone {backbone!r}; pass target_modules")
+        return list(found)
+
+
+def register(name: str, *, peft_type: str, config_cls: type, model_cls: type, prefix: str, summary: str = "",
+             paper: str = "", arm_defaults: Mapping[str, Any] | None = None,
+             targets: Mapping[str, tuple[str, ...] | list[str]] | None = None, lr: float | None = None,
+             provider: str = "peft-tensor") -> MethodSpec:
+    """Register a method with PEFT and with this registry (idempotent: a reload replaces the entry)."""
+    if getattr(model_cls, "prefix", prefix) != prefix:
+        raise ValueError(f"{model_cls.__name__}.prefix is {model_cls.prefix!r}, registered as {prefix!r}")
+    spec = MethodSpec(name=name, peft_type=peft_type, config_cls=config_cls, model_cls=model_cls, prefix=prefix,
+                      summary=summary, paper=paper, arm_defaults=MappingProxyType(dict(arm_defaults or {})),
+                      targets=MappingProxyType({k: tuple(v) for k, v in (targets or {}).items()}), lr=lr,
+                      provider=provider)
+    register_method(peft_type, config_cls, model_cls, prefix=prefix)
+    _METHODS[name] = spec
+    KNOWN_PROVIDERS[peft_type] = provider
+    return spec
+
+
+def methods() -> Mapping[str, MethodSpec]:
+    """The registered methods by name, in registration order (read-only view)."""
+    return MappingProxyType(_METHODS)
+
+
+def get_method(name: str) -> MethodSpec:
+    """The registered method ``name`` (arm name, e.g. ``"tcurlora"``, or its ``peft_type``, e.g. ``"TCURLORA"``)."""
+    key = str(name)
+    if key in _METHODS:
+        return _METHODS[key]
+    for spec in _METHODS.values():
+        if spec.peft_type == key.upper():
+            return spec
+    raise KeyError(f"no registered method {name!r}; registered: {', '.join(_METHODS) or 'none'}")
