@@ -25,7 +25,9 @@ here, once:
 
 from __future__ import annotations
 
+import sys
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -35,20 +37,91 @@ from torch import nn
 
 from ..algebra import from_fourier, t_product_fourier, to_fourier
 from ..errors import AdapterLoadError, MergeError, RankError, TargetModulesError
-from ._peft_fixes import MonaiFriendlyTunerMixin
+from ._peft_fixes import MonaiFriendlyTunerMixin, mixed_batch_hooks
 from .grouping import GroupSpec, plan_groups
 
-__all__ = ["ForwardClock", "TensorGroup", "TensorGroupLayer", "TensorGroupTuner", "SliceAssignment"]
+__all__ = ["ForwardClock", "ForwardScope", "TensorGroup", "TensorGroupLayer", "TensorGroupTuner", "SliceAssignment"]
 
 
-class ForwardClock:
-    """Counts forward passes of the adapted model; a pre-hook on the model ticks it."""
+class ForwardScope:
+    """Marks the forward passes of the adapted model (a pre-hook and an always-called post-hook on the model).
+
+    Inside a model forward, each group computes its factors once (on first use) and every layer of the group re-uses
+    them; outside one (a submodule called directly, a checkpointed block recomputed during backward) layers compute
+    fresh factors, so nothing can be stale: not after an optimiser step, an in-place ``.data`` edit, a load, a merge.
+    """
 
     def __init__(self) -> None:
         self.epoch = 0
+        self.depth = 0
 
-    def tick(self, *_: Any) -> None:
-        self.epoch += 1
+    @property
+    def active(self) -> bool:
+        return self.depth > 0
+
+    def enter(self) -> None:
+        if self.depth == 0:
+            self.epoch += 1
+        self.depth += 1
+
+    def exit(self) -> None:
+        self.depth = max(0, self.depth - 1)
+
+
+ForwardClock = ForwardScope  # the earlier name
+
+
+class _Factors(torch.autograd.Function):
+    """The flattened factors of a group as one autograd node that *saves no tensors*.
+
+    Its backward recomputes the factors from the group's parameters (a few small FFTs) and back-propagates through
+    them. Saving nothing is what makes the per-forward re-use safe: the node can be traversed by several backward
+    passes (re-entrant checkpointing runs one per checkpointed block; a submodule called twice with a backward in
+    between), and a checkpointed region that uses it saves the same tensors in its first run and its recomputation.
+    """
+
+    @staticmethod
+    def forward(ctx, group: "TensorGroup", *params: torch.Tensor):
+        ctx.group = group
+        ctx.params = params
+        ctx.versions = tuple(p._version for p in params)
+        with torch.no_grad():
+            outs = group._compute_flat()
+        # outputs must be new tensors, not the group's own buffers or views of them
+        own = {t.data_ptr() for t in group._state_tensors()}
+        outs = tuple(o.clone() if (o._is_view() or o.data_ptr() in own) else o for o in outs)
+        mask = [flag for pair in group.differentiable_factors for flag in pair]
+        frozen = [o for o, flag in zip(outs, mask) if not flag]
+        if frozen:
+            ctx.mark_non_differentiable(*frozen)
+        return outs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        if tuple(p._version for p in ctx.params) != ctx.versions:
+            raise RuntimeError(
+                f"peft_tensor: a parameter of group {ctx.group.name!r} was modified in place between the forward and "
+                "the backward pass (e.g. an optimiser step before backward). Run backward before stepping."
+            )
+        with torch.enable_grad():
+            outs = ctx.group._compute_flat()
+            pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+            if not pairs:
+                return (None,) + tuple(None for _ in ctx.params)
+            got = torch.autograd.grad([o for o, _ in pairs], list(ctx.params), [g for _, g in pairs],
+                                      allow_unused=True)
+        return (None,) + tuple(got)
+
+
+def _called_from_peft_loader(max_depth: int = 12) -> bool:
+    frame = sys._getframe(2)
+    for _ in range(max_depth):
+        if frame is None:
+            return False
+        if frame.f_code.co_name == "set_peft_model_state_dict" and "peft" in frame.f_code.co_filename:
+            return True
+        frame = frame.f_back
+    return False
 
 
 @dataclass
@@ -63,31 +136,59 @@ class SliceAssignment:
 class TensorGroup(nn.Module):
     """State of one group tensor for one adapter. Subclasses define the factors.
 
-    Subclass contract: ``_init_from_weight(W)`` creates parameters/buffers from the stacked weight ``W``
-    ``(L, n1, n2)`` (float32); ``factors()`` returns a list of real pairs ``A_i (L, n1, q_i)``, ``B_i (L, q_i, n2)``
-    with ``D = sum_i A_i * B_i`` (a pair that needs no gradient is cheaper in the backward pass);
-    ``refresh_frozen()`` (optional) rebuilds non-persistent buffers after a state dict was loaded.
+    Subclass contract:
+
+    * ``expected_shapes(spec, config)``: name -> shape of every saved tensor (checked before loading a file);
+      ``param_names``: which of them are trainable parameters; ``index_names``: which are int64 index buffers.
+    * ``_configure(config)``: plain (non-tensor) settings, called before anything else.
+    * ``_init_from_weight(W, config)``: create parameters/buffers from the stacked weight ``W`` ``(L, n1, n2)``
+      (float32) -- the decomposition. It is *not* run when an adapter is loaded from a file: the group is then built
+      empty (``deferred``) and filled by the state dict; a deferred group that is used before anything was loaded
+      into it runs the decomposition then, once.
+    * ``factors()``: a list of real pairs ``A_i (L, n1, q_i)``, ``B_i (L, q_i, n2)`` with ``D = sum_i A_i * B_i``;
+      ``differentiable_factors``: per pair, whether ``A_i`` / ``B_i`` depend on trainable state (a factor that does
+      not costs no weight-gradient product in the backward pass).
+    * ``refresh_frozen()`` (optional): rebuild non-persistent buffers from the (unmerged) base weights after a load.
     """
 
-    def __init__(self, spec: GroupSpec, sources: list, clock: ForwardClock, config) -> None:
+    param_names: tuple[str, ...] = ()
+    index_names: tuple[str, ...] = ()
+    differentiable_factors: tuple[tuple[bool, bool], ...] = ((True, True),)
+
+    def __init__(self, spec: GroupSpec, sources: list, scope: ForwardScope, config, *, deferred: bool = False,
+                 device=None) -> None:
         super().__init__()
         self.name = spec.name
         self.n_slices, self.n1, self.n2 = spec.n_slices, spec.n1, spec.n2
         self.rank = config.r
-        # unregistered references: the layers are owned by the base model, the clock by the tuner
+        # unregistered references: the layers are owned by the base model, the scope by the tuner
         self.__dict__["_sources"] = sources  # [(layer, row_start, row_end)] in slice order
-        self.__dict__["_clock"] = clock
-        self.__dict__["_cache"] = {}
+        self.__dict__["_scope"] = scope
+        self.__dict__["_live"] = {}
+        self.__dict__["_pending"] = None
         self._roll = {}
+        self._configure(config)
         # saved with the adapter so a load onto a different network is refused by value, not only by shape
-        self.register_buffer("group_shape", torch.tensor([self.n_slices, self.n1, self.n2], dtype=torch.int64))
-        with torch.no_grad():
-            self._init_from_weight(self.stacked_weight(), config)
+        group_shape = torch.tensor([self.n_slices, self.n1, self.n2], dtype=torch.int64)
+        if deferred:
+            self.register_buffer("group_shape", group_shape.to("cpu" if device is None or str(device) == "meta"
+                                                               else device))
+            self._init_empty(spec, config, device)
+            self.__dict__["_pending"] = config
+        else:
+            self.register_buffer("group_shape", group_shape)
+            with torch.no_grad():
+                self._init_from_weight(self.stacked_weight(), config)
 
     # -- construction ------------------------------------------------------------------------------------------
     def stacked_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The group tensor ``(L, n1, n2)`` gathered from the (unmerged) base weights."""
-        rows = [layer.get_base_layer().weight[r0:r1].detach().to(dtype) for layer, r0, r1 in self._sources]
+        """The group tensor ``(L, n1, n2)`` gathered from the *unmerged* base weights (merged adapters subtracted)."""
+        weights = {}
+        rows = []
+        for layer, r0, r1 in self._sources:
+            if id(layer) not in weights:
+                weights[id(layer)] = layer.unmerged_base_weight()
+            rows.append(weights[id(layer)][r0:r1].to(dtype))
         return torch.stack(rows, dim=0)
 
     @staticmethod
@@ -95,8 +196,38 @@ class TensorGroup(nn.Module):
         """Shapes of the saved tensors of a group planned as ``spec`` (checked before loading an adapter)."""
         raise NotImplementedError
 
+    def _configure(self, config) -> None:
+        """Plain settings from the config (no tensors)."""
+
     def _init_from_weight(self, weight: torch.Tensor, config) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _init_empty(self, spec: GroupSpec, config, device) -> None:
+        """Uninitialised tensors of the saved shapes (``device="meta"`` under ``low_cpu_mem_usage``)."""
+        for name, shape in self.expected_shapes(spec, config).items():
+            if name in self.index_names:
+                self.register_buffer(name, torch.zeros(shape, dtype=torch.int64, device=device))
+            elif name in self.param_names:
+                setattr(self, name, nn.Parameter(torch.empty(shape, device=device)))
+            else:
+                self.register_buffer(name, torch.empty(shape, device=device))
+
+    def materialize(self) -> None:
+        """Run the decomposition of a deferred group that nothing was loaded into (no-op otherwise)."""
+        config = self._pending
+        if config is None:
+            return
+        self.__dict__["_pending"] = None
+        old = {n: getattr(self, n) for n in self.param_names}
+        device = self.group_shape.device
+        with torch.no_grad():
+            self._init_from_weight(self.stacked_weight().to(device), config)
+            for name, param in old.items():  # keep Parameter identity (an optimiser may already hold it)
+                new = getattr(self, name)
+                if param.device.type != "meta" and param.shape == new.shape:
+                    param.data = new.data.to(param.dtype)
+                    param.requires_grad_(new.requires_grad or param.requires_grad)
+                    setattr(self, name, param)
 
     def refresh_frozen(self) -> None:
         """Rebuild derived, non-persistent buffers (called after loading a state dict)."""
@@ -104,7 +235,8 @@ class TensorGroup(nn.Module):
     def factors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
         saved = state_dict.get(prefix + "group_shape")
         if saved is not None and saved.tolist() != self.group_shape.tolist():
             raise AdapterLoadError(
@@ -112,48 +244,82 @@ class TensorGroup(nn.Module):
                 f"this base model gives {self.n_slices} x {self.n1} x {self.n2}: the adapter belongs to another network. "
                 "Load it onto the base model it was trained on."
             )
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if any(k.startswith(prefix) for k in state_dict):
+        mine = [k for k in state_dict if k.startswith(prefix) and "." not in k[len(prefix):]]
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if mine:
+            persistent = {n for n, _ in self.named_parameters(recurse=False)} | {
+                n for n, _ in self.named_buffers(recurse=False) if n not in self._non_persistent_buffers_set}
+            if persistent <= {k[len(prefix):] for k in mine}:
+                self.__dict__["_pending"] = None
             self.refresh_frozen()
-        self._cache.clear()
+        self._live.clear()
 
-    # -- the per-forward cache -----------------------------------------------------------------------------------
-    def _cache_key(self) -> tuple:
-        grad = torch.is_grad_enabled()
-        tensors = tuple((t._version, t.data_ptr(), t.requires_grad) for t in self._state_tensors())
-        return (grad, torch.is_inference_mode_enabled(), self._clock.epoch if grad else None, tensors)
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # PEFT's loader reads model.state_dict() for its keys just before loading into it: a deferred group must not
+        # decompose then. Any other state_dict() (saving) of a deferred group decomposes first.
+        if self._pending is not None and not _called_from_peft_loader():
+            self.materialize()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    # -- the factors, once per forward pass --------------------------------------------------------------------
+    def _compute_flat(self) -> tuple[torch.Tensor, ...]:
+        """``(A_flat (L q, n1), B_flat (L q, n2))`` per term, flattened: rows ``(a, j)`` of A_flat hold ``A_a[:, j]``."""
+        flat = []
+        for a, b in self.factors():
+            q = a.shape[-1]
+            flat.append(a.permute(0, 2, 1).reshape(self.n_slices * q, self.n1))
+            flat.append(b.reshape(self.n_slices * q, self.n2))
+        return tuple(flat)
 
     def _state_tensors(self):
         yield from self.parameters(recurse=False)
         yield from self.buffers(recurse=False)
 
-    def _cached(self, kind: str, compute):
-        key = self._cache_key()
-        hit = self._cache.get(kind)
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        device_type = next(self._state_tensors()).device.type
+    def compute_factors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Fresh flattened factors ``[(A_flat, B_flat)]`` in float32, differentiable w.r.t. the trainable state."""
+        self.materialize()
+        device_type = self.group_shape.device.type
         with torch.autocast(device_type=device_type, enabled=False):
-            value = compute()
-        self._cache[kind] = (key, value)
-        return value
+            params = [p for p in self.parameters(recurse=False) if p.requires_grad]
+            if params and torch.is_grad_enabled():
+                outs = _Factors.apply(self, *params)
+            else:
+                with torch.no_grad():
+                    outs = self._compute_flat()
+        return [(outs[i], outs[i + 1]) for i in range(0, len(outs), 2)]
 
-    def _flat_factors(self):
-        """Per term ``(A_flat (L q, n1), B_flat (L q, n2), q)``: rows ``(a, j)`` of A_flat hold ``A_a[:, j]``."""
-        flat = []
-        for a, b in self.factors():
-            q = a.shape[-1]
-            flat.append((a.permute(0, 2, 1).reshape(self.n_slices * q, self.n1), b.reshape(self.n_slices * q, self.n2), q))
-        return flat
+    def current_factors(self, device=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The factors for this forward pass: computed once per model forward (per device), fresh outside one."""
+        scope = self._scope
+        grad = torch.is_grad_enabled()
+        if not scope.active:
+            terms = self.compute_factors()
+        else:
+            key = (scope.epoch, torch.is_inference_mode_enabled())
+            hit = self._live.get("terms")
+            if hit is not None and hit[0] == key and (hit[1] or not grad):
+                terms = hit[2]
+            else:
+                terms = self.compute_factors()
+                self._live.clear()
+                self._live["terms"] = (key, grad, terms)
+            if device is not None and terms and terms[0][0].device != device:
+                moved = self._live.get(("moved", device))
+                if moved is None or moved[0] is not terms:
+                    moved = (terms, [(a.to(device), b.to(device)) for a, b in terms])
+                    self._live[("moved", device)] = moved
+                return moved[1]
+        if device is not None and terms and terms[0][0].device != device:
+            terms = [(a.to(device), b.to(device)) for a, b in terms]
+        return terms
 
     def dense_delta(self) -> torch.Tensor:
         """The full update tensor ``D = sum_i A_i * B_i`` ``(L, n1, n2)``, float32 (used for merging)."""
-
-        def compute():
+        self.materialize()
+        with torch.no_grad():
             d_hat = sum(t_product_fourier(to_fourier(a), to_fourier(b)) for a, b in self.factors())
             return from_fourier(d_hat, self.n_slices)
-
-        return self._cached("dense", compute)
 
     def _roll_index(self, slice_ids: tuple[int, ...], device) -> torch.Tensor:
         idx = self._roll.get((slice_ids, device))
@@ -172,10 +338,11 @@ class TensorGroup(nn.Module):
         """
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.n2)
-        terms = self._cached("factored", self._flat_factors)
+        terms = self.current_factors(device=x.device)
         idx = None
         y = None
-        for a_flat, b_flat, q in terms:
+        for a_flat, b_flat in terms:
+            q = a_flat.shape[0] // self.n_slices
             h = (x2.to(b_flat.dtype) @ b_flat.t()).view(-1, self.n_slices, q)  # h[:, m] = B_m x
             if idx is None:
                 idx = self._roll_index(slice_ids, h.device)
@@ -183,6 +350,27 @@ class TensorGroup(nn.Module):
             term = hk @ a_flat  # (N, m, n1)
             y = term if y is None else y + term
         return y.reshape(*lead, len(slice_ids) * self.n1)
+
+
+BASE_ADAPTER = "__base__"
+
+
+def check_mixed_batch(x: torch.Tensor, adapter_names: list[str]) -> None:
+    if len(adapter_names) != len(x):
+        raise ValueError(
+            f"adapter_names has {len(adapter_names)} entries but the batch has {len(x)} samples: give one adapter name "
+            f"per sample ('{BASE_ADAPTER}' for the base model)."
+        )
+
+
+def sub_batches(adapter_names: list[str], device) -> list[tuple[str, torch.Tensor]]:
+    """``[(adapter, sample indices)]`` of a mixed batch, without the base model's samples."""
+    out = []
+    for name in dict.fromkeys(adapter_names):
+        if name == BASE_ADAPTER:
+            continue
+        out.append((name, torch.tensor([i for i, n in enumerate(adapter_names) if n == name], device=device)))
+    return out
 
 
 class TensorGroupLayer(nn.Module, BaseTunerLayer):
@@ -215,6 +403,17 @@ class TensorGroupLayer(nn.Module, BaseTunerLayer):
         dense = asg.group.dense_delta()
         return dense[list(asg.slice_ids)].reshape(-1, asg.group.n2)
 
+    def unmerged_base_weight(self) -> torch.Tensor:
+        """The base weight with every merged adapter's update subtracted (what the adapters were built from)."""
+        weight = self.get_base_layer().weight.detach()
+        if not self.merged_adapters:
+            return weight
+        out = weight.float()
+        for name in self.merged_adapters:
+            if name in self.group_slices:
+                out = out - self.get_delta_weight(name).to(out.device)
+        return out
+
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         adapter_names = check_adapters_to_merge(self, adapter_names)
         base = self.get_base_layer()
@@ -222,16 +421,14 @@ class TensorGroupLayer(nn.Module, BaseTunerLayer):
             if name not in self.group_slices:
                 continue
             delta = self.get_delta_weight(name).to(base.weight.device)
-            if safe_merge:
-                merged = base.weight.data.float() + delta
-                if not torch.isfinite(merged).all():
-                    raise MergeError(
-                        f"Merging adapter {name!r} would put NaN/inf into {type(base).__name__} weights; the adapter "
-                        "seems broken (diverged training?). Nothing was merged into this layer."
-                    )
-                base.weight.data = merged.to(base.weight.dtype)
-            else:
-                base.weight.data += delta.to(base.weight.dtype)
+            # add in float32 and round once: a half-precision weight gets the correctly rounded merged value
+            merged = base.weight.data.float() + delta
+            if safe_merge and not torch.isfinite(merged).all():
+                raise MergeError(
+                    f"Merging adapter {name!r} would put NaN/inf into {type(base).__name__} weights; the adapter "
+                    "seems broken (diverged training?). Nothing was merged into this layer."
+                )
+            base.weight.data.copy_(merged.to(base.weight.dtype))
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -242,21 +439,35 @@ class TensorGroupLayer(nn.Module, BaseTunerLayer):
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             if name in self.group_slices:
-                base.weight.data -= self.get_delta_weight(name).to(base.weight.device, base.weight.dtype)
+                delta = self.get_delta_weight(name).to(base.weight.device)
+                base.weight.data.copy_((base.weight.data.float() - delta).to(base.weight.dtype))
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def _delta(self, name: str, x: torch.Tensor) -> Optional[torch.Tensor]:
+        asg = self.group_slices.get(name)
+        if asg is None:
+            return None
+        return asg.group.delta_output(x, asg.slice_ids)
+
+    def forward(self, x: torch.Tensor, *args: Any, adapter_names: Optional[list[str]] = None,
+                **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            check_mixed_batch(x, adapter_names)
+            for name, rows in sub_batches(adapter_names, x.device):
+                delta = self._delta(name, x[rows])
+                if delta is not None:
+                    result[rows] = result[rows] + delta.to(result.dtype)
+            return result
         if self.merged:
             return result
         for name in self.active_adapters:
-            asg = self.group_slices.get(name)
-            if asg is None:
-                continue
-            result = result + asg.group.delta_output(x, asg.slice_ids).to(result.dtype)
+            delta = self._delta(name, x)
+            if delta is not None:
+                result = result + delta.to(result.dtype)
         return result
 
     def __repr__(self) -> str:
@@ -281,17 +492,34 @@ class TensorGroupTuner(MonaiFriendlyTunerMixin, BaseTuner):
             self.add_module(self.groups_attr, nn.ModuleDict())
         return self._modules[self.groups_attr]
 
-    def _clock(self) -> ForwardClock:
-        if "_forward_clock" not in self.__dict__:
-            self.__dict__["_forward_clock"] = ForwardClock()
-            self.__dict__["_clock_hook"] = self.model.register_forward_pre_hook(self._forward_clock.tick)
-        return self._forward_clock
+    def _clock(self) -> ForwardScope:
+        """The forward scope of the adapted model (hooks registered once, removed on unload)."""
+        if "_forward_scope" not in self.__dict__:
+            scope = ForwardScope()
+            self.__dict__["_forward_scope"] = scope
+            self.__dict__["_scope_hooks"] = (
+                self.model.register_forward_pre_hook(self._enter_forward),
+                self.model.register_forward_hook(self._exit_forward, always_call=True),
+            )
+        return self.__dict__["_forward_scope"]
+
+    def _enter_forward(self, module, args) -> None:
+        if module is not self.model:
+            raise RuntimeError(
+                f"{type(self).__name__} does not support nn.DataParallel (or any module replication): a group's state "
+                "is shared by layers across the network and would be raced on by the replicas. Use "
+                "torch.nn.parallel.DistributedDataParallel (one process per GPU; peft_tensor's recipes do) instead."
+            )
+        self.__dict__["_forward_scope"].enter()
+
+    def _exit_forward(self, module, args, output) -> None:
+        if module is self.model:
+            self.__dict__["_forward_scope"].exit()
 
     def _remove_clock(self) -> None:
-        hook = self.__dict__.pop("_clock_hook", None)
-        if hook is not None:
+        for hook in self.__dict__.pop("_scope_hooks", ()):
             hook.remove()
-        self.__dict__.pop("_forward_clock", None)
+        self.__dict__.pop("_forward_scope", None)
 
     def groups(self, adapter_name: str) -> nn.ModuleList:
         """The groups of one adapter (``nn.ModuleList`` of :class:`TensorGroup`)."""
@@ -350,18 +578,32 @@ class TensorGroupTuner(MonaiFriendlyTunerMixin, BaseTuner):
     # -- injection ----------------------------------------------------------------------------------------------
     def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
                        low_cpu_mem_usage: bool = False, state_dict=None, **kwargs) -> None:
+        """Wrap the targets and build the adapter's groups.
+
+        An adapter that is about to be loaded from a file (its config came from ``from_pretrained``, or
+        ``low_cpu_mem_usage=True``) gets *empty* groups (on the meta device with ``low_cpu_mem_usage``) that the
+        state dict fills: loading never re-runs a decomposition. The decomposition of a new adapter reads the
+        *unmerged* base weights, so adding an adapter while another one is merged gives the same adapter.
+        """
         config = self.peft_config[adapter_name]
         specs = self.plan(model, config)
+        self._check_devices(model, specs)
         super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
                                low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict, **kwargs)
-        clock = self._clock()
+        deferred = bool(low_cpu_mem_usage or getattr(config, "_loaded_from_file", False)
+                        or getattr(config, "_deferred_init", False))
+        scope = self._clock()
         groups = []
         for spec in specs:
             layers = {s.module_name: model.get_submodule(s.module_name) for s in spec.slices}
             sources = [(layers[s.module_name], s.row_start, s.row_end) for s in spec.slices]
-            group = self.group_cls(spec, sources, clock, config)
             device = layers[spec.slices[0].module_name].get_base_layer().weight.device
-            groups.append(group.to(device))
+            if deferred:
+                group = self.group_cls(spec, sources, scope, config, deferred=True,
+                                       device="meta" if low_cpu_mem_usage else device)
+            else:
+                group = self.group_cls(spec, sources, scope, config).to(device)
+            groups.append(group)
             for module_name, layer in layers.items():
                 ids = tuple(spec.slices_of(module_name))
                 rows = tuple((spec.slices[i].row_start, spec.slices[i].row_end) for i in ids)
@@ -372,6 +614,26 @@ class TensorGroupTuner(MonaiFriendlyTunerMixin, BaseTuner):
                 layer.assign(adapter_name, SliceAssignment(group, ids, rows))
         self._groups()[adapter_name] = nn.ModuleList(groups)
         self._sync_requires_grad()
+
+    @staticmethod
+    def _check_devices(model: nn.Module, specs: list[GroupSpec]) -> None:
+        """A group's layers must share one device (``device_map`` sharding that splits a group is refused)."""
+        for spec in specs:
+            devices = {model.get_submodule(s.module_name).weight.device for s in spec.slices}
+            devices.discard(torch.device("meta"))
+            if len(devices) > 1:
+                raise TargetModulesError(
+                    f"Group {spec.name!r} stacks layers that live on different devices ({sorted(map(str, devices))}), "
+                    "e.g. from a device_map that shards the network. A group's update is one tensor on one device: "
+                    "keep each group's layers on one device (put all transformer blocks on one device in the "
+                    "device_map), or use grouping='by_shape' with target_modules restricted to one device's layers."
+                )
+
+    # -- mixed-adapter batches (PEFT's adapter_names=) ---------------------------------------------------------------
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        with mixed_batch_hooks(self, self.tuner_layer_cls, kwargs.pop("adapter_names", None)):
+            yield
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
         if isinstance(target, self.tuner_layer_cls):

@@ -15,6 +15,9 @@ class LoraPTGroup(TensorGroup):
     - U0 * S0 * V0^T`` is applied as two t-products of thin factors, the second one frozen.
     """
 
+    param_names = ("lorapt_U", "lorapt_S", "lorapt_V")
+    differentiable_factors = ((True, True), (False, False))  # U * (S * V^T), then the frozen U0 * -(S0 * V0^T)
+
     @staticmethod
     def expected_shapes(spec, config) -> dict[str, tuple[int, ...]]:
         L, r = spec.n_slices, config.r
@@ -23,8 +26,10 @@ class LoraPTGroup(TensorGroup):
         shapes.update({f"{k}_init": v for k, v in list(shapes.items())})
         return shapes
 
-    def _init_from_weight(self, weight: torch.Tensor, config) -> None:
+    def _configure(self, config) -> None:
         self.diagonal = config.core == "diagonal"
+
+    def _init_from_weight(self, weight: torch.Tensor, config) -> None:
         svd = truncated_t_svd(weight, self.rank, method=config.svd_method)
         s = torch.diagonal(svd.S, dim1=-2, dim2=-1) if self.diagonal else svd.S
         for name, value in (("U", svd.U), ("S", s), ("V", svd.V)):

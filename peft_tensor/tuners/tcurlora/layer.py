@@ -16,6 +16,10 @@ class TCURLoraGroup(TensorGroup):
     tiny and no decomposition is re-run at load). ``R`` is kept in the Fourier domain, where it is used.
     """
 
+    param_names = ("tcurlora_core",)
+    index_names = ("col_idx", "row_idx")
+    differentiable_factors = ((False, True),)  # C is frozen, (U - U0) * R trains
+
     @staticmethod
     def expected_shapes(spec, config) -> dict[str, tuple[int, ...]]:
         L, r = spec.n_slices, config.r
@@ -33,24 +37,31 @@ class TCURLoraGroup(TensorGroup):
         self._set_frozen(cur.C, cur.R)
 
     def _set_frozen(self, c: torch.Tensor, r: torch.Tensor) -> None:
+        # Real buffers only: Module.to(dtype) would cast a complex buffer to a real dtype and drop its imaginary part.
         self.register_buffer("cols", c.contiguous(), persistent=False)  # C (L, n1, r)
-        self.register_buffer("rows_hat", to_fourier(r), persistent=False)  # R^ (L//2+1, r, n2), complex
+        self.register_buffer("rows", r.contiguous(), persistent=False)  # R (L, r, n2)
 
     def refresh_frozen(self) -> None:
         with torch.no_grad():
             w = self.stacked_weight().to(self.tcurlora_core.device)
             c = w[:, :, self.col_idx.long()]
             r = w[:, self.row_idx.long(), :]
-            self._set_frozen(c, r)
+            self._set_frozen(c.to(self.tcurlora_core.dtype), r.to(self.tcurlora_core.dtype))
 
-    def _state_tensors(self):
-        yield self.tcurlora_core
-        yield self.tcurlora_core_init
-        yield self.cols
+    def _rows_hat(self) -> torch.Tensor:
+        """R in the Fourier domain ``(L//2+1, r, n2)``, complex; cached off the module while R is unchanged."""
+        rows = self.rows
+        key = (rows.data_ptr(), rows._version, rows.dtype, rows.device)
+        hit = self.__dict__.get("_rows_hat_cache")
+        if hit is None or hit[0] != key:
+            with torch.no_grad():
+                hit = (key, to_fourier(rows.float()))
+            self.__dict__["_rows_hat_cache"] = hit
+        return hit[1]
 
     def factors(self):
         delta_core = (self.tcurlora_core.float() - self.tcurlora_core_init.float())
-        b = from_fourier(to_fourier(delta_core) @ self.rows_hat, self.n_slices)  # (U - U0) * R : (L, r, n2)
+        b = from_fourier(to_fourier(delta_core) @ self._rows_hat(), self.n_slices)  # (U - U0) * R : (L, r, n2)
         return [(self.cols.float(), b)]
 
 
