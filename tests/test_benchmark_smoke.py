@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from peft_tensor.benchmark import markdown_report, run_benchmark, write_outputs
+from benchmarks.efficiency import markdown_report, run_benchmark, write_outputs
 
 
 def tiny_config(isolate: bool) -> dict:
@@ -15,15 +15,14 @@ def tiny_config(isolate: bool) -> dict:
         "run": {"device": "cpu", "threads": 1, "size": 32, "batch": 1, "seed": 0, "warmup_steps": 0, "steps": 1,
                 "infer_warmup": 0, "infer_reps": 1, "isolate": isolate, "backbones": ["tiny"]},
         "backbones": {"tiny": {
-            "network": "unetr",
-            "kwargs": {"in_channels": 1, "out_channels": 2, "feature_size": 8, "hidden_size": 96, "mlp_dim": 192,
-                       "num_heads": 4, "proj_type": "conv", "norm_name": "instance", "dropout_rate": 0.0},
+            "model": {"name": "unetr", "in_channels": 1, "out_channels": 2, "feature_size": 8, "hidden_size": 96,
+                      "mlp_dim": 192, "num_heads": 4, "proj_type": "conv", "norm_name": "instance", "dropout_rate": 0.0},
             "targets": ["attn.qkv", "attn.out_proj", "mlp.linear1", "mlp.linear2"],
             "decoder": ["decoder2", "decoder3", "decoder4", "decoder5", "out.conv.conv"],
             "floor_module": "vit.patch_embedding", "reference": "lora",
-            "arms": {"decoder_only": {"method": "decoder_only"}, "floor": {"method": "floor"},
-                     "lora": {"method": "lora", "r": 4}, "tcurlora": {"method": "tcurlora", "r": 4, "grouping": "paper"},
-                     "lorapt": {"method": "lorapt", "r": 2, "grouping": "paper"}},
+            "arms": {"decoder_only": {"name": "decoder_only"}, "floor": {"name": "floor"},
+                     "lora": {"name": "lora", "r": 4}, "tcurlora": {"name": "tcurlora", "r": 4, "grouping": "paper"},
+                     "lorapt": {"name": "lorapt", "r": 2, "grouping": "paper"}},
         }},
     }
 

@@ -20,15 +20,7 @@ from tests._recipe_fixtures import TINY_MODEL, pairs_dataset
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _has_tcurlora() -> bool:
-    try:
-        from peft_tensor import TCURLoraConfig  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-ARM = "tcurlora" if _has_tcurlora() else "lora"
+ARM = "tcurlora"
 
 
 # ---------------------------------------------------------------- metrics
@@ -202,8 +194,8 @@ def test_demo_pipeline_smoke_tiny(tmp_path):
     assert again["results"][ARM]["test"]["dice"]["mean"] == result["results"][ARM]["test"]["dice"]["mean"]
 
     # evaluate recipe on the demo's fine-tuned run reloads the adapter and reproduces the test Dice
-    from peft_tensor.recipes import evaluate
+    from peft_tensor.recipes import evaluate_run
 
-    summary = evaluate.main({"run_dir": str(out / ARM), "split": "test", "progress": False})
+    summary = evaluate_run.main({"run_dir": str(out / ARM), "split": "test", "progress": False})
     assert summary["metrics"]["dice"]["mean"] == pytest.approx(result["results"][ARM]["test"]["dice"]["mean"], abs=1e-6)
     assert (out / ARM / "eval_test" / "volumes.csv").is_file()

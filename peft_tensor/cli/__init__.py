@@ -12,7 +12,7 @@ import sys
 
 _COMMAND_MODULES = (
     "peft_tensor.cli.hub",  # push, info, load
-    "peft_tensor.cli.recipes",  # list, copy, run, demo
+    "peft_tensor.cli.recipes",  # list, copy, cat, run, demo
 )
 
 
@@ -26,9 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     for mod_name in _COMMAND_MODULES:
         try:
             mod = importlib.import_module(mod_name)
-        except ModuleNotFoundError as exc:
-            if exc.name and exc.name.startswith("peft_tensor.cli"):
-                continue  # module not written yet in this checkout
+        except ModuleNotFoundError as exc:  # an optional dependency (the recipes extra) is not installed
             unavailable.append(f"{mod_name.rsplit('.', 1)[-1]} (missing {exc.name}; pip install 'peft-tensor[recipes]')")
             continue
         mod.register(sub)

@@ -1,7 +1,9 @@
-"""``peft-tensor list | copy | run | demo``: the recipes' command line (torchtune's manner).
+"""``peft-tensor list | copy | cat | run | demo``: the recipes' command line (torchtune's manner).
 
-* ``list`` -- recipes and packaged configs;
-* ``copy <recipe-or-config> <dest>`` -- a copy to edit and run (``python my_finetune.py --config my.yaml``);
+* ``list`` -- recipes, packaged configs and the registered PEFT methods;
+* ``copy <recipe-or-config> <dest>`` -- a copy to edit and run (``python my_finetune.py --config my.yaml``); a
+  config is written fully resolved (its ``base:`` chain merged), so the copy stands on its own;
+* ``cat <config> [key=value ...]`` -- print the fully resolved config;
 * ``run <recipe> --config <name-or-path> [key=value ...] [--nproc N]`` -- run in this process, or with N
   processes through torchrun (gloo on CPU, NCCL on GPUs);
 * ``demo`` -- the one-command demo (embedded data, pretrain, tCURLoRA vs baselines, results table).
@@ -16,74 +18,95 @@ import subprocess
 import sys
 from pathlib import Path
 
-RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+import peft_tensor.recipes
+from peft_tensor.recipes import RECIPES, RENAMED
+
+RECIPE_DIR = Path(peft_tensor.recipes.__file__).resolve().parent
 CONFIG_DIR = RECIPE_DIR / "configs"
 
 
-def _recipes() -> dict:
-    from peft_tensor.recipes import RECIPES
+def _first_comment(path: Path) -> str:
+    return next((ln.lstrip("# ").strip() for ln in path.read_text().splitlines() if ln.startswith("#")), "")
 
-    return RECIPES
+
+def _recipe_name(name: str) -> str | None:
+    name = RENAMED.get(name, name)
+    return name if name in RECIPES else None
 
 
 def _list(args) -> int:
+    from peft_tensor.registry import methods
+    from peft_tensor.training.arms import ARMS
+
     print("Recipes (peft-tensor run <recipe> --config <config>):")
-    for name, doc in _recipes().items():
-        print(f"  {name:<10} {doc}")
-    print("\nConfigs:")
+    for name, doc in RECIPES.items():
+        print(f"  {name:<14} {doc}")
+    print("\nConfigs (peft-tensor cat <config> prints one resolved):")
     for cfg in sorted(CONFIG_DIR.glob("*.yaml")):
-        first = next((ln.lstrip("# ").strip() for ln in cfg.read_text().splitlines() if ln.startswith("#")), "")
-        print(f"  {cfg.stem:<34} {first}")
+        print(f"  {cfg.stem:<34} {_first_comment(cfg)}")
+    print("\nPEFT methods (peft_tensor.registry):")
+    for spec in methods().values():
+        print(f"  {spec.name:<14} {spec.summary} [{spec.paper}]")
+    print(f"\nArms (arm.name=...): {', '.join(ARMS)}")
     return 0
 
 
-def _source(name: str) -> Path:
-    if name in _recipes():
-        return RECIPE_DIR / f"{name}.py"
-    for cand in (CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"):
-        if cand.is_file():
-            return cand
-    raise FileNotFoundError(f"no recipe or config named {name!r}; see `peft-tensor list`")
-
-
 def _copy(args) -> int:
-    src = _source(args.name)
+    from peft_tensor.training.config import config_path, dump_config, load_config
+
+    recipe = _recipe_name(args.name)
+    src = RECIPE_DIR / f"{recipe}.py" if recipe else config_path(args.name)
     dest = Path(args.dest)
     if dest.is_dir():
         dest = dest / src.name
     if dest.exists() and not args.force:
         raise FileExistsError(f"{dest} exists (use --force to overwrite)")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dest)
+    if recipe or "base" not in (_read_yaml(src) or {}):
+        shutil.copyfile(src, dest)  # keeps the comments
+    else:
+        header = f"{_first_comment(src)}\nResolved from {src.name} (its base: chain merged) by `peft-tensor copy`."
+        dest.write_text(dump_config(load_config(src), header))
     print(f"copied {src.name} -> {dest}")
     return 0
 
 
-def _run_parser():
-    import argparse
+def _read_yaml(path: Path):
+    import yaml
 
+    return yaml.safe_load(path.read_text())
+
+
+def _cat(args) -> int:
+    from peft_tensor.training.config import dump_config, load_config
+
+    print(dump_config(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def _run_parser():
     p = argparse.ArgumentParser(prog="peft-tensor run <recipe>")
-    p.add_argument("--config", help="packaged config name or YAML path (default: <recipe>_cpu)")
+    p.add_argument("--config", help="packaged config name or YAML path (default: the recipe's own)")
     p.add_argument("--nproc", type=int, default=1, help="processes (torchrun; gloo on CPU, NCCL on GPU)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=50 arm.name=lora")
     return p
 
 
 def _run(args) -> int:
-    recipe = args.recipe
+    given = args.recipe
+    recipe = _recipe_name(given)
     args = _run_parser().parse_intermixed_args(args.rest)
-    if recipe not in _recipes() and not Path(recipe).is_file():
-        raise FileNotFoundError(f"no recipe {recipe!r}; see `peft-tensor list` (or give a path to a copied recipe)")
-    script = RECIPE_DIR / f"{recipe}.py" if recipe in _recipes() else Path(recipe)
+    script = RECIPE_DIR / f"{recipe}.py" if recipe else Path(given)
+    if recipe is None and not script.is_file():
+        raise FileNotFoundError(f"no recipe {given!r}; see `peft-tensor list` (or give a path to a copied recipe)")
     argv = (["--config", args.config] if args.config else []) + list(args.overrides)
     if args.nproc and args.nproc > 1:
-        # packaged recipes run as modules: a script's folder on sys.path would let recipes/evaluate.py shadow the
-        # `evaluate` package that transformers probes for
-        target = ["-m", f"peft_tensor.recipes.{recipe}"] if recipe in _recipes() else [str(script)]
+        # packaged recipes run as modules, so that no recipe folder lands on sys.path
+        target = ["-m", f"peft_tensor.recipes.{recipe}"] if recipe else [str(script)]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
                *target, *argv]
         return subprocess.call(cmd)
-    if recipe in _recipes():
+    if recipe:
         mod = importlib.import_module(f"peft_tensor.recipes.{recipe}")
         from peft_tensor.training.config import parse_recipe_args
 
@@ -95,28 +118,32 @@ def _run(args) -> int:
 
 def _demo(args) -> int:
     from peft_tensor.recipes import demo
-
+    from peft_tensor.training.config import load_config
 
     overrides = list(args.overrides)
     if args.output:
         overrides.append(f"output_dir={args.output}")
     if args.fresh:
         overrides.append("reuse_pretrained=false")
-    from peft_tensor.training.config import load_config
 
     demo.main(load_config(args.config, overrides))
     return 0
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("list", help="list recipes and packaged configs")
+    p = subparsers.add_parser("list", help="list recipes, packaged configs, methods and arms")
     p.set_defaults(func=_list)
 
-    p = subparsers.add_parser("copy", help="copy a recipe or config to edit it")
-    p.add_argument("name", help="recipe name (e.g. finetune) or config name (e.g. finetune_cpu)")
+    p = subparsers.add_parser("copy", help="copy a recipe or config (written fully resolved) to edit it")
+    p.add_argument("name", help="recipe name (e.g. finetune) or config name / path (e.g. finetune_cpu)")
     p.add_argument("dest", help="destination file or folder")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
     p.set_defaults(func=_copy)
+
+    p = subparsers.add_parser("cat", help="print a config fully resolved (base: chain merged, overrides applied)")
+    p.add_argument("config", help="config name (see `peft-tensor list`) or YAML path")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.set_defaults(func=_cat)
 
     p = subparsers.add_parser("run", help="run a recipe with a config and key=value overrides")
     p.add_argument("recipe", help="recipe name (see `peft-tensor list`) or path to a copied recipe script")

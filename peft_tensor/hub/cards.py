@@ -1,5 +1,6 @@
-"""Model cards for published adapters, filled from ``model_cards/adapter_card.md`` through huggingface_hub's
-``ModelCard.from_template`` / ``ModelCardData`` / ``EvalResult`` (evaluation results become model-index metadata).
+"""Model cards for published adapters, filled from ``templates/adapter_card.md`` (next to this file) through
+huggingface_hub's ``ModelCard.from_template`` / ``ModelCardData`` / ``EvalResult`` (evaluation results become
+model-index metadata).
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from ..errors import PeftTensorError
 from .adapter_files import read_adapter_config
 
-# model_cards/ at the repository root, shipped inside the package through the peft_tensor/model_cards link
-TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "model_cards"
+TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"  # shipped as package data
 ADAPTER_TEMPLATE = TEMPLATE_DIR / "adapter_card.md"
 BASE_TAGS = ["peft-tensor", "medical-imaging", "segmentation"]
 TASK_TYPE = "image-segmentation"
@@ -111,7 +111,8 @@ def build_adapter_card(adapter_dir: str | os.PathLike, record: dict | None, *, r
              and v not in (None, {}, [], "") and (v is not False or k.startswith("init"))]
     template = Path(template_path) if template_path else ADAPTER_TEMPLATE
     if not template.is_file():
-        raise CardError(f"Model card template {template} not found (it ships in the repository's model_cards/).")
+        raise CardError(f"Model card template {template} not found (it ships as package data in "
+                        "peft_tensor/hub/templates/).")
     card = ModelCard.from_template(
         data, template_path=str(template),
         title=title, method=method, repo_id=repo_id or str(adapter_dir),

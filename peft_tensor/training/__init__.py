@@ -1,15 +1,16 @@
-"""Training and evaluation machinery shared by the recipes (``peft_tensor/recipes``).
+"""Training and evaluation machinery shared by the recipes (``recipes/``, shipped as ``peft_tensor.recipes``) and
+the benchmarks (``benchmarks/``).
 
 The recipes are plain loops that compose these pieces; nothing here is a framework:
 models and arms (:mod:`.models`, :mod:`.arms`), optimiser / schedule / loss / step / sliding-window evaluation
 (:mod:`.loop`), metrics (:mod:`.metrics`), atomic checkpoints with exact resume (:mod:`.checkpoint`), torchrun
-set-up (:mod:`.distributed`), logs (:mod:`.logging`), plots (:mod:`.plots`), configs (:mod:`.config`)."""
+set-up (:mod:`.distributed`), logs (:mod:`.run_log`), plots (:mod:`.plots`), configs (:mod:`.config`)."""
 
 from .arms import ARMS, apply_arm, canonical_arm, load_trained, param_counts, save_trained
 from .checkpoint import Checkpointer, atomic_torch_save, unwrap
 from .config import apply_overrides, get_dotted, load_config
 from .distributed import DistInfo, barrier, cleanup, init_distributed, wrap_ddp
-from .logging import RunLogger, write_json, write_rows_csv
+from .run_log import RunLogger, write_json, write_rows_csv
 from .loop import (evaluate_cases, make_loss, make_optimizer, poly_scheduler, predict, set_seed, step_seed,
                    train_step)
 from .metrics import case_metrics, remove_small_components, summarize

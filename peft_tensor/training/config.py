@@ -1,24 +1,47 @@
-"""YAML recipe configs: lookup by name among the packaged configs, ``key.sub=value`` overrides."""
+"""The one config reader of the recipes and benchmarks: YAML files, ``base:`` inheritance, ``key.sub=value`` overrides.
+
+A config is a YAML mapping. It may start with ``base: <name>``: the named config is read first (recursively) and
+this file's keys are merged into it, nested mappings key by key, everything else replaced. Names are looked up
+among the packaged recipe configs (``peft_tensor.recipes`` ``configs/``, the repository's ``recipes/configs/``)
+and in any extra folders a caller names (the benchmarks pass ``benchmarks/configs``); a path to a file works
+everywhere. ``peft-tensor cat <config>`` prints the fully resolved config, and ``peft-tensor copy <config>``
+writes that resolved form, so a copied config stands on its own (no ``base:`` left to chase).
+"""
 
 from __future__ import annotations
 
 import copy
 import os
 from pathlib import Path
+from typing import Iterable, Sequence
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "recipes" / "configs"
+import peft_tensor.recipes
+
+CONFIG_DIR = Path(peft_tensor.recipes.__file__).resolve().parent / "configs"
+
+__all__ = ["CONFIG_DIR", "apply_overrides", "config_names", "config_path", "dump_config", "get_dotted",
+           "load_config", "parse_recipe_args", "patch_size", "set_dotted", "total_steps"]
 
 
-def config_path(name_or_path: str | os.PathLike) -> Path:
-    """A file path as given, else a packaged config by name (with or without ``.yaml``)."""
+def _dirs(search: Iterable[str | os.PathLike] | None) -> list[Path]:
+    return [Path(d) for d in (search or ())] + [CONFIG_DIR]
+
+
+def config_names(search: Iterable[str | os.PathLike] | None = None) -> list[str]:
+    """Names of the configs in ``search`` folders and the packaged ones."""
+    return sorted({c.stem for d in _dirs(search) for c in d.glob("*.yaml")})
+
+
+def config_path(name_or_path: str | os.PathLike, search: Iterable[str | os.PathLike] | None = None) -> Path:
+    """A file path as given, else a config by name (with or without ``.yaml``) in ``search``, then packaged."""
     p = Path(name_or_path)
     if p.is_file():
         return p
-    for cand in (CONFIG_DIR / f"{name_or_path}.yaml", CONFIG_DIR / str(name_or_path)):
-        if cand.is_file():
-            return cand
-    names = sorted(c.stem for c in CONFIG_DIR.glob("*.yaml"))
-    raise FileNotFoundError(f"no config file or packaged config named {name_or_path!r}; packaged: {', '.join(names)}")
+    stem = str(name_or_path).removesuffix(".yaml")
+    for folder in _dirs(search):
+        if (folder / f"{stem}.yaml").is_file():
+            return folder / f"{stem}.yaml"
+    raise FileNotFoundError(f"no config file or config named {name_or_path!r}; known: {', '.join(config_names(search))}")
 
 
 def set_dotted(cfg: dict, key: str, value) -> None:
@@ -40,35 +63,40 @@ def get_dotted(cfg: dict, key: str, default=None):
     return node
 
 
-def apply_overrides(cfg: dict, overrides: list | dict | None) -> dict:
-    """``["train.steps=10", "arm.name=lora"]`` (values parsed as YAML) or a dict of dotted keys."""
+def apply_overrides(cfg: dict, overrides: Sequence[str] | dict | None) -> dict:
+    """``["train.steps=10", "arm.name=lora"]`` (values parsed as YAML) or a dict of dotted keys; returns a copy."""
     import yaml
 
     cfg = copy.deepcopy(cfg)
     if not overrides:
         return cfg
-    items = overrides.items() if isinstance(overrides, dict) else []
-    if not isinstance(overrides, dict):
-        parsed = []
+    if isinstance(overrides, dict):
+        items = list(overrides.items())
+    else:
+        items = []
         for item in overrides:
             if "=" not in item:
                 raise ValueError(f"override {item!r} is not key=value")
             k, v = item.split("=", 1)
-            parsed.append((k.strip(), yaml.safe_load(v)))
-        items = parsed
+            items.append((k.strip(), yaml.safe_load(v)))
     for k, v in items:
         set_dotted(cfg, k, v)
     return cfg
 
 
-def load_config(name_or_path: str | os.PathLike, overrides=None) -> dict:
+def load_config(name_or_path: str | os.PathLike, overrides=None,
+                search: Iterable[str | os.PathLike] | None = None) -> dict:
+    """The resolved config: ``base:`` chain merged, then ``overrides`` applied."""
     import yaml
 
-    path = config_path(name_or_path)
+    search = list(search or ())
+    path = config_path(name_or_path, search)
     cfg = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} must hold a YAML mapping, found {type(cfg).__name__}")
     base = cfg.pop("base", None)
     if base:  # a config may start from another one and change a few keys
-        cfg = _merge(load_config(base), cfg)
+        cfg = _merge(load_config(base, search=[path.parent, *search]), cfg)
     return apply_overrides(cfg, overrides)
 
 
@@ -79,16 +107,25 @@ def _merge(a: dict, b: dict) -> dict:
     return out
 
 
-def parse_recipe_args(argv=None, default_config: str | None = None, description: str = "") -> dict:
+def dump_config(cfg: dict, header: str = "") -> str:
+    """YAML text of a resolved config (key order kept), optionally after ``# header`` comment lines."""
+    import yaml
+
+    lines = "".join(f"# {ln}\n" if ln else "#\n" for ln in header.splitlines())
+    return lines + yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None, width=119)
+
+
+def parse_recipe_args(argv=None, default_config: str | None = None, description: str = "",
+                      search: Iterable[str | os.PathLike] | None = None) -> dict:
     """``--config NAME_OR_PATH`` plus ``key.sub=value`` overrides -> the config dict (recipes' command line)."""
     import argparse
 
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default=default_config, required=default_config is None,
-                        help="packaged config name (see `peft-tensor list`) or a YAML path")
+                        help="config name (see `peft-tensor list`) or a YAML path")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=50 arm.name=lora")
     args = parser.parse_intermixed_args(argv)
-    return load_config(args.config, args.overrides)
+    return load_config(args.config, args.overrides, search=search)
 
 
 def patch_size(cfg: dict) -> tuple:

@@ -5,7 +5,7 @@ predicted and true volume in mL; with ``eval.min_component_voxels > 0`` also the
 smaller connected components, reported separately (``*_cc``) -- the authors' public evaluation does this before
 Dice; it is not the standard metric.
 
-    peft-tensor run evaluate --config evaluate run_dir=runs/finetune_cpu [split=test data.kind=pairs data.root=...]
+    peft-tensor run evaluate_run --config evaluate_run run_dir=runs/finetune_cpu [split=test data.kind=pairs data.root=...]
 
 Reads ``run_dir/config.json`` (backbone, arm, data) and ``run_dir/adapter``; ``data`` given here replaces the run's
 data (evaluate on another dataset). Writes ``output_dir`` (default ``run_dir/eval_<split>``): ``cases.csv``,
@@ -23,7 +23,7 @@ from peft_tensor.training import (evaluate_cases, load_backbone, load_trained, s
 from peft_tensor.training.config import parse_recipe_args, patch_size
 from peft_tensor.training.plots import plot_best_worst
 
-DEFAULT_CONFIG = "evaluate"
+DEFAULT_CONFIG = "evaluate_run"
 
 
 def main(cfg: dict) -> dict:

@@ -6,9 +6,9 @@ seed). Per (arm, N): mean and std over seeds of the per-run mean test Dice / HD9
 demo's: the cohort, the cached pretraining (:func:`peft_tensor.recipes.demo.ensure_backbone`) and fine-tune +
 evaluate of one arm (:func:`peft_tensor.recipes.demo.finetune_arm`).
 
-    python recipes/benchmark_fewshot.py                                     # benchmark_fewshot_cpu.yaml
-    python recipes/benchmark_fewshot.py benchmark.seeds=[0,1,2] finetune.train.steps=120
-    python recipes/benchmark_fewshot.py data.kind=msd data.root=/data/Task04_Hippocampus \\
+    python benchmarks/fewshot.py                                            # configs/fewshot_cpu.yaml
+    python benchmarks/fewshot.py benchmark.seeds=[0,1,2] finetune.train.steps=120
+    python benchmarks/fewshot.py data.kind=msd data.root=/data/Task04_Hippocampus \\
         model.pretrained=runs/pretrain/backbone stem=fewshot_msd            # a real dataset, your backbone
 
 Writes ``<output_dir>/<stem>.json`` (config, machine, every run, the aggregate), ``<stem>.md`` and ``<stem>.png``
@@ -21,25 +21,21 @@ from __future__ import annotations
 import os
 import platform
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-try:
-    import peft_tensor  # noqa: F401
-except ImportError:  # run from a source checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import numpy as np
 import torch
 
+import peft_tensor
 from peft_tensor.recipes.demo import ensure_backbone, finetune_arm
 from peft_tensor.training import write_json
 from peft_tensor.training.config import parse_recipe_args
 from peft_tensor.training.loop import configure_threads
 
-DEFAULT_CONFIG = "benchmark_fewshot_cpu"
+DEFAULT_CONFIG = "fewshot_cpu"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 def arm_name(arm) -> str:
@@ -199,4 +195,4 @@ def main(cfg: dict) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_recipe_args(description=__doc__.split("\n")[0], default_config=DEFAULT_CONFIG))
+    main(parse_recipe_args(description=__doc__.split("\n")[0], default_config=DEFAULT_CONFIG, search=[CONFIG_DIR]))

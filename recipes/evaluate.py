@@ -1,1 +1,0 @@
-../peft_tensor/recipes/evaluate.py
