@@ -164,7 +164,6 @@ def load_pretrained(source: str | os.PathLike, *, revision: str | None = None, s
     """
     from peft import PeftModel
 
-    _import_methods()
     adapters = dict(adapters) if adapters else {adapter_name: subfolder}
     resolved = resolve(source, adapters=adapters, revision=revision, allow_pickle=allow_pickle, token=token,
                        cache_dir=cache_dir, local_files_only=local_files_only, endpoint=endpoint)
@@ -265,12 +264,3 @@ def _load_base_weights(base_model, spec, resolved, check_hash, token, cache_dir,
         )
     base_model.load_state_dict(state, strict=True)
 
-
-def _import_methods() -> None:
-    """Make sure our PEFT methods are registered (``import peft_tensor`` does it)."""
-    import importlib
-
-    try:
-        importlib.import_module("peft_tensor")
-    except ImportError:  # pragma: no cover
-        pass
