@@ -11,9 +11,9 @@ Configs are read by the recipes' reader (:mod:`peft_tensor.training.config`, nam
 :func:`peft_tensor.training.apply_arm`), so an arm here is the arm a user trains.
 
 One *arm* is one way of fine-tuning a backbone (full, decoder only, floor, PEFT LoRA, PiSSA, and every method in
-:mod:`peft_tensor.registry`). Each arm lives in its own worker process (:class:`ArmWorker`), so its peak memory is its own; the parent
-drives all workers of a backbone **round-robin, one training step at a time**, so that whatever else runs on the
-machine slows every arm alike. Per arm we record
+:mod:`peft_tensor.registry`). Each arm lives in its own worker process (:class:`ArmWorker`), so its peak memory is its
+own; the parent drives all workers of a backbone **round-robin, one training step at a time**, so that whatever else
+runs on the machine slows every arm alike. Per arm we record
 
 * trainable parameters (tuner-level shared tensors counted once) and the adapter file size
   (``save_pretrained`` -> ``adapter_model.safetensors``; non-PEFT arms: their trainable weights as safetensors);
@@ -70,7 +70,7 @@ TARGETS = {"step_vs_ref": 1.10, "memory_vs_ref": 1.10, "infer_vs_base_tolerance"
 
 # -- backbones and arms: the recipes' code ----------------------------------------------------------------------------
 def build_backbone(spec: dict, size: int, seed: int = 0) -> torch.nn.Module:
-    """The recipes' :func:`~peft_tensor.training.build_model` of ``spec["model"]``, UNETR at ``img_size`` = ``size``."""
+    """The recipes' :func:`~peft_tensor.training.build_model` of ``spec["model"]`` (UNETR: ``img_size`` = ``size``)."""
     torch.manual_seed(seed)
     return build_model({**spec["model"], "img_size": size})
 
@@ -120,7 +120,7 @@ def _unique_params(model: torch.nn.Module):
             yield p
 
 
-# -- memory and time ----------------------------------------------------------------------------------------------
+# -- memory and time --------------------------------------------------------------------------------------------------
 def _status_kb(field: str) -> Optional[int]:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -526,12 +526,13 @@ def markdown_report(result: dict) -> str:
              "round-robin. Median over timed steps; CPU = process CPU time (all threads).", ""]
     for bname, b in result["backbones"].items():
         ref = b["reference_arm"]
-        lines += [f"## {bname}: {b['network']} ({b['base_params']:,} parameters), input {'x'.join(map(str, b['input']))}"
-                  f", {b['device']}", "",
+        shape = "x".join(map(str, b["input"]))
+        lines += [f"## {bname}: {b['network']} ({b['base_params']:,} parameters), input {shape}, {b['device']}", "",
                   f"Load average: set-up {b['load_average'].get('setup')}, training {b['load_average'].get('train')}, "
                   f"inference {b['load_average'].get('inference')}. {b['warmup_steps']} warm-up + {b['steps']} "
                   f"timed steps, {b['infer_warmup']} + {b['infer_reps']} inference passes. Adapter arms: decoder "
-                  f"frozen; '+ decoder' adds the decoder and head ({b['decoder_params']:,}) as the papers train it.", ""]
+                  f"frozen; '+ decoder' adds the decoder and head ({b['decoder_params']:,}) as the papers train it.",
+                  ""]
         cuda = b["device"] == "cuda"
         mem_head = "peak alloc MB" if cuda else "peak RSS MB"
         lines += ["| arm | trainable | + decoder | adapter file | set-up s | step s | step CPU s | step ×LoRA "
@@ -549,7 +550,8 @@ def markdown_report(result: dict) -> str:
                 f"{_size(a['adapter_file_bytes'])} | {_fmt(a['setup_s'])} | {_fmt(a['step_s'], '{:.3f}')} | "
                 f"{_fmt(a['step_cpu_s'], '{:.3f}')} | {_fmt(r.get('step'))} / {_fmt(r.get('step_cpu'))} | "
                 f"{_fmt(peak, '{:.0f}')} | {above:.0f} | "
-                f"{_fmt(r.get('max_allocated') if cuda else r.get('peak_rss'))} / {_fmt(r.get('train_mem_above_model'))}"
+                f"{_fmt(r.get('max_allocated') if cuda else r.get('peak_rss'))} / "
+                f"{_fmt(r.get('train_mem_above_model'))}"
                 f" | {_fmt(a['infer_s'], '{:.3f}')} | {_fmt(a['infer_vs_base'], '{:.3f}')} / "
                 f"{_fmt(a['infer_cpu_vs_base'], '{:.3f}')} | {a['note']} |")
         checks = target_checks(b)
@@ -611,7 +613,7 @@ def write_outputs(result: dict, out_dir, stem: str) -> tuple[Path, Path]:
     return js, md
 
 
-# -- profiling ----------------------------------------------------------------------------------------------------------
+# -- profiling --------------------------------------------------------------------------------------------------------
 def profile_arm(cfg: dict, backbone: str, arm_name: str, steps: int = 3, row_limit: int = 30) -> str:
     """torch.profiler table (CPU time, self time, shapes) of ``steps`` training steps of one arm, after one warm-up."""
     from torch.profiler import ProfilerActivity, profile, record_function
@@ -630,7 +632,7 @@ def profile_arm(cfg: dict, backbone: str, arm_name: str, steps: int = 3, row_lim
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=row_limit)
 
 
-# -- command line -------------------------------------------------------------------------------------------------------
+# -- command line -----------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="YAML path or a name in benchmarks/configs (default: CPU or GPU config)")

@@ -157,7 +157,8 @@ def main(cfg: dict) -> dict:
     summary = {
         "data": data_label, "backbone": f"{backbone} ({'reused' if reused else f'pretrained in {pretrain_s:.0f} s'})",
         "grid": {"n_train": ns, "seeds": seeds, "arms": arms, "steps": cfg["finetune"]["train"].get("steps"),
-                 "batch_size": cfg["finetune"]["train"].get("batch_size", 2), "n_runs": len(ns) * len(seeds) * len(arms)},
+                 "batch_size": cfg["finetune"]["train"].get("batch_size", 2),
+                 "n_runs": len(ns) * len(seeds) * len(arms)},
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", "threads": threads,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "peft_tensor": getattr(peft_tensor, "__version__", "?")},

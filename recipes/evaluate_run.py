@@ -5,7 +5,8 @@ predicted and true volume in mL; with ``eval.min_component_voxels > 0`` also the
 smaller connected components, reported separately (``*_cc``) -- the authors' public evaluation does this before
 Dice; it is not the standard metric.
 
-    peft-tensor run evaluate_run --config evaluate_run run_dir=runs/finetune_cpu [split=test data.kind=pairs data.root=...]
+    peft-tensor run evaluate_run --config evaluate_run run_dir=runs/finetune_cpu \
+        [split=test data.kind=pairs data.root=...]
 
 Reads ``run_dir/config.json`` (backbone, arm, data) and ``run_dir/adapter``; ``data`` given here replaces the run's
 data (evaluate on another dataset). Writes ``output_dir`` (default ``run_dir/eval_<split>``): ``cases.csv``,

@@ -58,7 +58,8 @@ def main(cfg: dict) -> dict:
     counts = param_counts(model)
 
     steps = total_steps(train_cfg, len(train_cases))
-    optimizer = make_optimizer(model, {**cfg["optim"], **{k: cfg["arm"][k] for k in ("lr", "method_lr") if k in cfg["arm"]}})
+    arm_optim = {k: cfg["arm"][k] for k in ("lr", "method_lr") if k in cfg["arm"]}  # per-arm learning rates
+    optimizer = make_optimizer(model, {**cfg["optim"], **arm_optim})
     scheduler = poly_scheduler(optimizer, steps, float(cfg["optim"].get("poly_power", 0.9)))
     loss_fn = make_loss(train_cfg.get("loss", "dice"))
 

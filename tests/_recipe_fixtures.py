@@ -57,7 +57,8 @@ def msd_dataset(root: Path, n: int = 5) -> Path:
         img, lab = blob_volume(100 + i, codes=(1, 2))
         write_nifti(root / "imagesTr" / f"hippocampus_{i:03d}.nii.gz", img)
         write_nifti(root / "labelsTr" / f"hippocampus_{i:03d}.nii.gz", lab.astype(np.uint8))
-        items.append({"image": f"./imagesTr/hippocampus_{i:03d}.nii.gz", "label": f"./labelsTr/hippocampus_{i:03d}.nii.gz"})
+        items.append({"image": f"./imagesTr/hippocampus_{i:03d}.nii.gz",
+                      "label": f"./labelsTr/hippocampus_{i:03d}.nii.gz"})
     meta = {"name": "Hippocampus", "labels": {"0": "background", "1": "Anterior", "2": "Posterior"},
             "numTraining": n, "training": items, "test": []}
     (root / "dataset.json").write_text(json.dumps(meta))

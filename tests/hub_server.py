@@ -199,7 +199,8 @@ def validate_card_yaml(content: str) -> list[str]:
                     if not isinstance(task, dict) or not isinstance(task.get("type"), str):
                         errors.append('"model-index[].results[].task.type" is required')
                     dataset = result.get("dataset") if isinstance(result, dict) else None
-                    if not isinstance(dataset, dict) or not all(isinstance(dataset.get(k), str) for k in ("type", "name")):
+                    keys = ("type", "name")
+                    if not (isinstance(dataset, dict) and all(isinstance(dataset.get(k), str) for k in keys)):
                         errors.append('"model-index[].results[].dataset" needs "type" and "name" strings')
                     metrics = result.get("metrics") if isinstance(result, dict) else None
                     if not isinstance(metrics, list) or not metrics:
@@ -453,7 +454,8 @@ def _make_handler(hub: HubServer):
                     elif key == "lfsFile":
                         data = hub.lfs_objects.get(value["oid"])
                         if data is None:
-                            return self._error(400, f"LFS object {value['oid']} for {value['path']} was never uploaded")
+                            return self._error(
+                                400, f"LFS object {value['oid']} for {value['path']} was never uploaded")
                         files[value["path"]] = StoredFile(data, True)
                     elif key == "deletedFile":
                         files.pop(value["path"], None)

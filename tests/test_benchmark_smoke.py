@@ -16,7 +16,8 @@ def tiny_config(isolate: bool) -> dict:
                 "infer_warmup": 0, "infer_reps": 1, "isolate": isolate, "backbones": ["tiny"]},
         "backbones": {"tiny": {
             "model": {"name": "unetr", "in_channels": 1, "out_channels": 2, "feature_size": 8, "hidden_size": 96,
-                      "mlp_dim": 192, "num_heads": 4, "proj_type": "conv", "norm_name": "instance", "dropout_rate": 0.0},
+                      "mlp_dim": 192, "num_heads": 4, "proj_type": "conv", "norm_name": "instance",
+                      "dropout_rate": 0.0},
             "targets": ["attn.qkv", "attn.out_proj", "mlp.linear1", "mlp.linear2"],
             "decoder": ["decoder2", "decoder3", "decoder4", "decoder5", "out.conv.conv"],
             "floor_module": "vit.patch_embedding", "reference": "lora",

@@ -159,7 +159,7 @@ def test_identity_at_init_and_counts(case):
     assert torch.equal(got, expected), "HyPS must be an exact identity at initialisation"
     layers = _hyps_layers(pm)
     assert layers and len(layers) == len(pm.base_model.targeted_module_names) <= len(n_linear)
-    expected_count = sum(2 * (l.in_features + l.out_features) + 2 * 3 * l.out_features for l in layers)
+    expected_count = sum(2 * (lin.in_features + lin.out_features) + 2 * 3 * lin.out_features for lin in layers)
     assert pm.get_nb_trainable_parameters()[0] == expected_count
     assert set(_trainable(pm)) == set(_adapter_factor_names(pm))
 
@@ -571,7 +571,8 @@ def test_targets_matching_nothing_list_available_linear_layers():
     with pytest.raises(TargetModulesError, match=r"match no module of TinyMLP.*'lin0', 'lin1'.*'head'"):
         get_peft_model(model, HyPSConfig(target_modules=["attn.qkv"]))
     assert not _hyps_layers(model)
-    with pytest.raises(TargetModulesError, match="match no module of UNETR.*Linear layers end in: .*'attn.qkv'") as err:
+    expected = "match no module of UNETR.*Linear layers end in: .*'attn.qkv'"
+    with pytest.raises(TargetModulesError, match=expected) as err:
         get_peft_model(tiny_unetr(), HyPSConfig(target_modules=["q_proj"]))
     assert "'mlp.linear1'" in str(err.value) and "'attn.out_proj'" in str(err.value)
 

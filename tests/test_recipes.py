@@ -164,7 +164,8 @@ def test_cli_list_copy_run(tmp_path, capsys):
     assert main(["run", "diagnose", "--config", "diagnose_synthetic", f"output_dir={tmp_path / 'dx'}"]) == 0
     res = json.loads((tmp_path / "dx" / "diagnosis.json").read_text())
     assert res["synthetic"] and res["tasks"]["AD vs CN"]["accuracy"] > 0.8
-    for name in ("finetune_unetr_tcurlora", "finetune_unetr_lorapt", "finetune_swinunetr_hyps", "pretrain_unetr_brats"):
+    papers = ("finetune_unetr_tcurlora", "finetune_unetr_lorapt", "finetune_swinunetr_hyps", "pretrain_unetr_brats")
+    for name in papers:
         cfg = load_config(name)
         assert cfg["optim"]["lr"] == 1e-3 and cfg["optim"]["weight_decay"] == 2e-5 and cfg["optim"]["amsgrad"]
 
@@ -197,5 +198,6 @@ def test_demo_pipeline_smoke_tiny(tmp_path):
     from peft_tensor.recipes import evaluate_run
 
     summary = evaluate_run.main({"run_dir": str(out / ARM), "split": "test", "progress": False})
-    assert summary["metrics"]["dice"]["mean"] == pytest.approx(result["results"][ARM]["test"]["dice"]["mean"], abs=1e-6)
+    dice = result["results"][ARM]["test"]["dice"]["mean"]
+    assert summary["metrics"]["dice"]["mean"] == pytest.approx(dice, abs=1e-6)
     assert (out / ARM / "eval_test" / "volumes.csv").is_file()

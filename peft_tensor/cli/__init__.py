@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             mod = importlib.import_module(mod_name)
         except ModuleNotFoundError as exc:  # an optional dependency (the recipes extra) is not installed
-            unavailable.append(f"{mod_name.rsplit('.', 1)[-1]} (missing {exc.name}; pip install 'peft-tensor[recipes]')")
+            group = mod_name.rsplit(".", 1)[-1]
+            unavailable.append(f"{group} (missing {exc.name}; pip install 'peft-tensor[recipes]')")
             continue
         mod.register(sub)
     if unavailable:

@@ -171,7 +171,8 @@ def embedded(
     meta = json.loads((folder / "cohort.json").read_text())
 
     def cases(ids):
-        return [{"image": str(folder / f"{i}_img.nii.gz"), "label": str(folder / f"{i}_mask.nii.gz"), "id": i} for i in ids]
+        return [{"image": str(folder / f"{i}_img.nii.gz"), "label": str(folder / f"{i}_mask.nii.gz"), "id": i}
+                for i in ids]
 
     def first(role, n):  # the cases of the first n subjects of a role (two per subject for "hemispheres")
         return [i for i in meta["splits"][role] if subject_index(i) < n]

@@ -187,7 +187,8 @@ def import_network_class(class_path: str, trusted_module_roots: tuple[str, ...] 
     """Import ``class_path`` and check it is an ``nn.Module`` class (never call arbitrary callables)."""
     module_name, _, attr = class_path.rpartition(".")
     if not module_name:
-        raise ProvenanceError(f"Base network class {class_path!r} is not an import path like 'monai.networks.nets.UNETR'.")
+        raise ProvenanceError(
+            f"Base network class {class_path!r} is not an import path like 'monai.networks.nets.UNETR'.")
     if trusted_module_roots is not None and module_name.split(".")[0] not in trusted_module_roots:
         raise ProvenanceError(
             f"The provenance record asks to build {class_path}, outside the trusted packages "

@@ -13,8 +13,8 @@ frozen         only the 1x1x1 output head: no encoder and no decoder weight chan
 =============  =====================================================================================
 
 The decoder trains in every PEFT arm, as in the papers. An arm of one of our methods takes its config class,
-default fields and target modules per backbone from the method's registry entry (:func:`peft_tensor.registry.register`),
-so a new method is an arm without any change here.
+default fields and target modules per backbone from the method's registry entry
+(:func:`peft_tensor.registry.register`), so a new method is an arm without any change here.
 """
 
 from __future__ import annotations

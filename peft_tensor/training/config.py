@@ -41,7 +41,8 @@ def config_path(name_or_path: str | os.PathLike, search: Iterable[str | os.PathL
     for folder in _dirs(search):
         if (folder / f"{stem}.yaml").is_file():
             return folder / f"{stem}.yaml"
-    raise FileNotFoundError(f"no config file or config named {name_or_path!r}; known: {', '.join(config_names(search))}")
+    known = ", ".join(config_names(search))
+    raise FileNotFoundError(f"no config file or config named {name_or_path!r}; known: {known}")
 
 
 def set_dotted(cfg: dict, key: str, value) -> None:

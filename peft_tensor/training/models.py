@@ -82,7 +82,8 @@ def load_backbone(folder: str | os.PathLike, cfg: dict | None = None) -> tuple[t
 
     folder = Path(folder)
     if not (folder / "backbone.json").is_file():
-        raise FileNotFoundError(f"{folder} has no backbone.json: not a pretrained backbone folder (run pretrain first)")
+        raise FileNotFoundError(
+            f"{folder} has no backbone.json: not a pretrained backbone folder (run pretrain first)")
     meta = json.loads((folder / "backbone.json").read_text())
     saved_cfg = {"name": meta["name"], **meta["kwargs"]}
     if cfg is not None:

@@ -44,7 +44,8 @@ def plot_overlay(image, truth, pred, path, title: str = "") -> Path:
     idx = np.argwhere(truth) if truth.any() else np.argwhere(pred) if pred.any() else None
     c = idx.mean(0).round().astype(int) if idx is not None else np.array(image.shape) // 2
     fig, axes = plt.subplots(1, 3, figsize=(9, 3.4))
-    views = [(image[c[0]], truth[c[0]], pred[c[0]], "sagittal"), (image[:, c[1]], truth[:, c[1]], pred[:, c[1]], "coronal"),
+    views = [(image[c[0]], truth[c[0]], pred[c[0]], "sagittal"),
+             (image[:, c[1]], truth[:, c[1]], pred[:, c[1]], "coronal"),
              (image[:, :, c[2]], truth[:, :, c[2]], pred[:, :, c[2]], "axial")]
     for ax, (im, tr, pr, name) in zip(axes, views):
         ax.imshow(np.rot90(im), cmap="gray")
