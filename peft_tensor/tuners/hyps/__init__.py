@@ -12,11 +12,6 @@ from .model import HyPSModel
 
 __all__ = ["HyPSConfig", "HyPSLayer", "HyPSModel", "Linear", "SWINUNETR_HYPS_TARGETS", "principal_factors"]
 
-register(
-    "hyps", peft_type="HYPS", config_cls=HyPSConfig, model_cls=HyPSModel, prefix="hyps_",
-    summary="HyPS: parallel principal-SVD + serial bottleneck adapters (SwinUNETR)",
-    paper="arXiv 2409.00884",
-    arm_defaults={},
-    targets={"swinunetr": SWINUNETR_HYPS_TARGETS},
-    lr=None,
-)
+register("hyps", peft_type="HYPS", config_cls=HyPSConfig, model_cls=HyPSModel, prefix="hyps_",
+         summary="HyPS: parallel principal-SVD + serial bottleneck adapters (SwinUNETR)", paper="arXiv 2409.00884",
+         targets={"swinunetr": SWINUNETR_HYPS_TARGETS}, lr=None)

@@ -12,10 +12,6 @@ from .model import LoraPTModel
 
 __all__ = ["LoraPTConfig", "LoraPTGroup", "LoraPTLayer", "LoraPTModel"]
 
-register(
-    "lorapt", peft_type="LORAPT", config_cls=LoraPTConfig, model_cls=LoraPTModel, prefix="lorapt_",
-    summary="LoRA-PT: principal t-SVD components train, residual frozen",
-    paper="arXiv 2407.11292 (AIIM 2025)",
-    arm_defaults={"r": 32},
-    lr=None,
-)
+register("lorapt", peft_type="LORAPT", config_cls=LoraPTConfig, model_cls=LoraPTModel, prefix="lorapt_",
+         summary="LoRA-PT: principal t-SVD components train, residual frozen", paper="arXiv 2407.11292 (AIIM 2025)",
+         arm_defaults={"r": 32}, lr=None)

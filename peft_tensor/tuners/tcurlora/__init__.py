@@ -11,10 +11,6 @@ from .model import TCURLoraModel
 
 __all__ = ["TCURLoraConfig", "TCURLoraGroup", "TCURLoraLayer", "TCURLoraModel"]
 
-register(
-    "tcurlora", peft_type="TCURLORA", config_cls=TCURLoraConfig, model_cls=TCURLoraModel, prefix="tcurlora_",
-    summary="tCURLoRA: the r x r x L core U of a tensor CUR of stacked weights trains",
-    paper="arXiv 2501.02227 (MICCAI 2025)",
-    arm_defaults={"r": 8},
-    lr=None,
-)
+register("tcurlora", peft_type="TCURLORA", config_cls=TCURLoraConfig, model_cls=TCURLoraModel, prefix="tcurlora_",
+         summary="tCURLoRA: the r x r x L core U of a tensor CUR of stacked weights trains",
+         paper="arXiv 2501.02227 (MICCAI 2025)", arm_defaults={"r": 8}, lr=None)
