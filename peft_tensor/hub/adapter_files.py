@@ -14,20 +14,20 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import AdapterLoadError
-from ..loading import KNOWN_PROVIDERS, check_peft_type, read_safetensors_header  # one implementation of the checks
-from ..loading import read_config_file as read_adapter_config
+# one implementation of the checks and one set of file names, in peft_tensor.loading
+from ..loading import (CONFIG_NAME, KNOWN_PROVIDERS, WEIGHTS_NAME, check_peft_type, read_config_file,
+                       read_safetensors_header)
 
-__all__ = ["KNOWN_PROVIDERS", "check_peft_type", "read_adapter_config", "tensor_shapes", "check_shapes",
-           "group_summary", "adapted_module_shapes", "numel"]
+__all__ = ["CONFIG_NAME", "KNOWN_PROVIDERS", "PICKLED_WEIGHTS", "WEIGHTS_NAME", "check_peft_type", "read_config_file",
+           "tensor_shapes", "check_shapes", "group_summary", "adapted_module_shapes", "numel"]
 
-CONFIG_FILE = "adapter_config.json"
-SAFE_WEIGHTS = "adapter_model.safetensors"
-PICKLED_WEIGHTS = "adapter_model.bin"
+PICKLED_WEIGHTS = "adapter_model.bin"  # read only with allow_pickle=True
 LAYER_PREFIX = "base_model.model."
+
 
 def tensor_shapes(adapter_dir: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     """Names and shapes of the tensors in ``adapter_model.safetensors`` (header only, completeness checked)."""
-    return {k: tuple(v["shape"]) for k, v in read_safetensors_header(Path(adapter_dir) / SAFE_WEIGHTS).items()}
+    return {k: tuple(v["shape"]) for k, v in read_safetensors_header(Path(adapter_dir) / WEIGHTS_NAME).items()}
 
 
 def numel(shape: tuple[int, ...]) -> int:

@@ -13,7 +13,7 @@ from typing import Any, Iterable, Mapping
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..errors import PeftTensorError
-from .adapter_files import read_adapter_config
+from .adapter_files import read_config_file
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"  # shipped as package data
 ADAPTER_TEMPLATE = TEMPLATE_DIR / "adapter_card.md"
@@ -78,7 +78,7 @@ def build_adapter_card(adapter_dir: str | os.PathLike, record: dict | None, *, r
     record = record or {}
     adapters = record.get("adapters") or {"default": {"subfolder": None}}
     first = next(iter(adapters.values()))
-    config = read_adapter_config(Path(adapter_dir) / (first.get("subfolder") or ""))
+    config = read_config_file(Path(adapter_dir) / (first.get("subfolder") or ""))
     method = str(config["peft_type"])
     base = BaseNetwork.from_dict(record["base_network"]) if record.get("base_network") else None
     card_info = record.get("card") or {}

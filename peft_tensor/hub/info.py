@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .adapter_files import SAFE_WEIGHTS, group_summary, numel, read_adapter_config, tensor_shapes
+from .adapter_files import WEIGHTS_NAME, group_summary, numel, read_config_file, tensor_shapes
 from .load import resolve
 from .provenance import BaseNetwork, _human_size
 
@@ -16,8 +16,8 @@ def adapter_info(source: str | os.PathLike, *, revision: str | None = None, subf
     resolved = resolve(source, adapters={"default": subfolder}, revision=revision, token=token, cache_dir=cache_dir,
                        local_files_only=local_files_only, endpoint=endpoint, allow_pickle=True)
     folder = resolved.folders["default"]
-    config = read_adapter_config(folder)
-    shapes = tensor_shapes(folder) if (folder / SAFE_WEIGHTS).is_file() else {}
+    config = read_config_file(folder)
+    shapes = tensor_shapes(folder) if (folder / WEIGHTS_NAME).is_file() else {}
     record = resolved.record or {}
     entry = next((e for e in (record.get("adapters") or {}).values() if e.get("subfolder") == subfolder), {})
     base = BaseNetwork.from_dict(record["base_network"]) if record.get("base_network") else None

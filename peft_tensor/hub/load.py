@@ -18,14 +18,14 @@ import torch
 from torch import nn
 
 from ..errors import AdapterLoadError
-from ..loading import check_adapter_compatible
+from ..loading import check_adapter_compatible, from_pretrained, load_adapter_checked
 from .adapter_files import (
-    CONFIG_FILE,
+    CONFIG_NAME,
     PICKLED_WEIGHTS,
-    SAFE_WEIGHTS,
+    WEIGHTS_NAME,
     check_peft_type,
     check_shapes,
-    read_adapter_config,
+    read_config_file,
     tensor_shapes,
 )
 from .provenance import PROVENANCE_FILE, TRUSTED_MODULE_ROOTS, BaseNetwork, read_provenance, sha256_file
@@ -67,26 +67,26 @@ def resolve(source: str | os.PathLike, *, adapters: dict[str, str | None], revis
     resolved.record = read_provenance(resolved.root)
     for name, folder in resolved.folders.items():
         sub = adapters[name]
-        if not (folder / CONFIG_FILE).is_file():
+        if not (folder / CONFIG_NAME).is_file():
             avail = ", ".join(sorted({f.rsplit("/", 1)[0] if "/" in f else "(root)"
-                                      for f in resolved.remote_files if f.endswith(CONFIG_FILE)})) or "none listed"
+                                      for f in resolved.remote_files if f.endswith(CONFIG_NAME)})) or "none listed"
             raise AdapterLoadError(
-                f"No {CONFIG_FILE} in {source}{'/' + sub if sub else ''}"
+                f"No {CONFIG_NAME} in {source}{'/' + sub if sub else ''}"
                 f"{' at revision ' + revision if revision else ''}. Adapters available: {avail}."
             )
-        if not (folder / SAFE_WEIGHTS).is_file():
+        if not (folder / WEIGHTS_NAME).is_file():
             if (folder / PICKLED_WEIGHTS).is_file() and allow_pickle:
                 continue
             has_bin = (folder / PICKLED_WEIGHTS).is_file() or (f"{sub}/{PICKLED_WEIGHTS}" if sub else PICKLED_WEIGHTS
                                                                  ) in resolved.remote_files
             if has_bin:
                 raise UnsafeWeightsError(
-                    f"{source}{'/' + sub if sub else ''} has only a pickled {PICKLED_WEIGHTS} and no {SAFE_WEIGHTS}. "
+                    f"{source}{'/' + sub if sub else ''} has only a pickled {PICKLED_WEIGHTS} and no {WEIGHTS_NAME}. "
                     "Unpickling a file from someone else can run arbitrary code, so it is refused by default. If you "
                     "trust its author, pass allow_pickle=True (CLI: --allow-pickle); better, ask for a safetensors "
                     "upload."
                 )
-            raise AdapterLoadError(f"{source}{'/' + sub if sub else ''} has no {SAFE_WEIGHTS}.")
+            raise AdapterLoadError(f"{source}{'/' + sub if sub else ''} has no {WEIGHTS_NAME}.")
     return resolved
 
 
@@ -100,7 +100,7 @@ def _download(repo_id, adapters, revision, allow_pickle, token, cache_dir, local
         RevisionNotFoundError,
     )
 
-    names = [CONFIG_FILE, SAFE_WEIGHTS, PROVENANCE_FILE] + ([PICKLED_WEIGHTS] if allow_pickle else [])
+    names = [CONFIG_NAME, WEIGHTS_NAME, PROVENANCE_FILE] + ([PICKLED_WEIGHTS] if allow_pickle else [])
     patterns = [PROVENANCE_FILE, "README.md", *extra_patterns]
     for sub in adapters.values():
         patterns += [f"{sub}/{n}" if sub else n for n in names]
@@ -124,7 +124,7 @@ def _download(repo_id, adapters, revision, allow_pickle, token, cache_dir, local
     except HfHubHTTPError as exc:
         raise AdapterLoadError(f"Downloading {repo_id} failed: {exc}") from exc
     root = Path(path)
-    wanted = [(sub + "/" if sub else "") + n for sub in adapters.values() for n in (CONFIG_FILE, SAFE_WEIGHTS)]
+    wanted = [(sub + "/" if sub else "") + n for sub in adapters.values() for n in (CONFIG_NAME, WEIGHTS_NAME)]
     if not all((root / f).is_file() for f in wanted) and not local_files_only and not _offline():
         try:  # list the repository so the error can say what is there (e.g. only a pickled .bin)
             remote_files = HfApi(endpoint=endpoint, token=token).list_repo_files(repo_id, revision=root.name)
@@ -172,9 +172,9 @@ def load_pretrained(source: str | os.PathLike, *, revision: str | None = None, s
     # 1. everything that can be checked from files alone
     configs, shapes = {}, {}
     for name, folder in resolved.folders.items():
-        configs[name] = read_adapter_config(folder)
+        configs[name] = read_config_file(folder)
         check_peft_type(configs[name], record, where)
-        shapes[name] = tensor_shapes(folder) if (folder / SAFE_WEIGHTS).is_file() else {}
+        shapes[name] = tensor_shapes(folder) if (folder / WEIGHTS_NAME).is_file() else {}
     # 2. the base network
     if base_model is None:
         if not record.get("base_network"):
@@ -201,12 +201,19 @@ def load_pretrained(source: str | os.PathLike, *, revision: str | None = None, s
             check_adapter_compatible(base_model, resolved.folders[name])
     if device is not None:
         base_model.to(device)
-    # 4. PEFT does the rest
+    # 4. PEFT does the rest, through peft_tensor.from_pretrained / load_adapter_checked (the base model is restored
+    # if PEFT fails); a pickled adapter (allow_pickle=True) goes to PEFT directly, as those refuse pickles
     names = list(adapters)
-    model = PeftModel.from_pretrained(base_model, str(resolved.folders[names[0]]), adapter_name=names[0],
-                                      is_trainable=is_trainable)
+    folders = {name: str(resolved.folders[name]) for name in names}
+    safe = {name: (resolved.folders[name] / WEIGHTS_NAME).is_file() for name in names}
+    if safe[names[0]]:
+        model = from_pretrained(base_model, folders[names[0]], adapter_name=names[0], is_trainable=is_trainable)
+    else:
+        model = PeftModel.from_pretrained(base_model, folders[names[0]], adapter_name=names[0],
+                                          is_trainable=is_trainable)
     for name in names[1:]:
-        model.load_adapter(str(resolved.folders[name]), adapter_name=name, is_trainable=is_trainable)
+        load = load_adapter_checked if safe[name] else type(model).load_adapter
+        load(model, folders[name], adapter_name=name, is_trainable=is_trainable)
     model.set_adapter(names[0])
     if not is_trainable:
         model.eval()

@@ -20,7 +20,7 @@ from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, Revi
 
 from .._atomic import atomic_write_text
 from ..errors import PeftTensorError
-from .adapter_files import PICKLED_WEIGHTS, SAFE_WEIGHTS, adapted_module_shapes, numel, tensor_shapes
+from .adapter_files import PICKLED_WEIGHTS, WEIGHTS_NAME, adapted_module_shapes, numel, tensor_shapes
 from .cards import build_adapter_card, eval_results_from, eval_results_to_json
 from .provenance import (
     FORMAT_VERSION,
@@ -203,10 +203,10 @@ def push_base_weights(weights_file: str | os.PathLike, repo_id: str, *, api: HfA
 
 
 def record_method(adapter_dir: Path) -> str:
-    from .adapter_files import read_adapter_config
+    from .adapter_files import read_config_file
 
     try:
-        return str(read_adapter_config(adapter_dir)["peft_type"])
+        return str(read_config_file(adapter_dir)["peft_type"])
     except PeftTensorError:
         return "PEFT"
 
@@ -229,8 +229,8 @@ def _files_to_upload(adapter_dir: Path, allow_pickle: bool) -> list[str]:
         raise HubPublishError(f"{adapter_dir} holds no adapter_config.json: not an adapter directory.")
     for cfg in configs:
         folder = cfg.rsplit("/", 1)[0] + "/" if "/" in cfg else ""
-        if folder + SAFE_WEIGHTS not in found and not (allow_pickle and folder + PICKLED_WEIGHTS in found):
-            raise HubPublishError(f"{adapter_dir / folder} has {cfg} but no {SAFE_WEIGHTS}; save with "
+        if folder + WEIGHTS_NAME not in found and not (allow_pickle and folder + PICKLED_WEIGHTS in found):
+            raise HubPublishError(f"{adapter_dir / folder} has {cfg} but no {WEIGHTS_NAME}; save with "
                                   "safe_serialization=True.")
     return found
 
