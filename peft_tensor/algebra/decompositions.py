@@ -13,6 +13,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from ._threads import single_threaded_cpu
 from .tproduct import SLICE_AXIS, compute_dtype, fourier_slice_weights, from_fourier, to_fourier
 
 __all__ = ["TSVD", "TensorCUR", "t_svd", "truncated_t_svd", "tensor_cur", "t_pinv"]
@@ -52,8 +53,10 @@ def _real_slice_ids(n_slices: int) -> list[int]:
 def _randomized_svd(m: torch.Tensor, rank: int, oversample: int = 10, n_iter: int = 2):
     """Top-``rank`` SVD of a batch of matrices by randomized subspace iteration (Halko, Martinsson & Tropp 2011).
 
-    Deterministic for a given device (fixed generator seed). Far cheaper than a full SVD when ``rank`` is much
-    smaller than the matrix; accurate for the decaying spectra of trained weights.
+    Deterministic for a given device (fixed generator seed). The cheapest option, but only approximate: with a
+    fixed two power iterations it converges to the top-``rank`` subspace only when the spectrum decays. On the flat
+    spectra of randomly initialised or lightly trained weights it returns a subspace far from the principal one
+    (76% of ``max|W|`` off on a test-sized UNETR). Hence ``"auto"`` uses :func:`_eigh_svd`; this stays opt-in.
     """
     n_rows, n_cols = m.shape[-2:]
     q = min(rank + oversample, n_rows, n_cols)
@@ -69,15 +72,105 @@ def _randomized_svd(m: torch.Tensor, rank: int, oversample: int = 10, n_iter: in
     return (basis @ u_small)[..., :rank], s[..., :rank], vh[..., :rank, :]
 
 
+def _gram_upper(y: torch.Tensor) -> torch.Tensor:
+    """``y^H y`` of a tall matrix ``y`` (m x n, m >= n); only the upper triangle is guaranteed (the lower may be 0).
+
+    On CPU with SciPy installed this is one BLAS ``herk``/``syrk`` call (half the flops of a general product, which
+    matters: the Gram matrix is the dominant cost of the exact top-``r`` SVD below). Elsewhere a plain matmul.
+    """
+    if y.device.type == "cpu" and _scipy_blas() is not None:
+        blas = _scipy_blas()
+        x = y.detach().resolve_conj().contiguous().numpy().T  # Fortran-ordered view of y^T (n x m): no copy
+        if y.is_complex():
+            herk = blas.get_blas_funcs("herk", (x,))
+            g = herk(1.0, x, trans=0, lower=0)  # x x^H = y^T conj(y) = conj(y^H y)
+            return torch.from_numpy(g).conj().resolve_conj()
+        syrk = blas.get_blas_funcs("syrk", (x,))
+        return torch.from_numpy(syrk(1.0, x, trans=0, lower=0))  # y^T y
+    return y.mH @ y
+
+
+def _top_eigvecs(g: torch.Tensor, k: int) -> torch.Tensor:
+    """Eigenvectors of the ``k`` largest eigenvalues of a Hermitian ``g`` (upper triangle read), leading first.
+
+    CPU with SciPy: LAPACK ``*heevr``/``*syevr`` restricted to those ``k`` (tridiagonalisation plus ``k`` vectors, about
+    4x faster than all of them). Otherwise ``torch.linalg.eigh`` (all eigenpairs; fast on GPUs).
+    """
+    n = g.shape[-1]
+    if g.device.type == "cpu" and _scipy_blas() is not None:
+        from scipy.linalg import eigh
+
+        _, vecs = eigh(g.numpy(), lower=False, subset_by_index=[n - k, n - 1], driver="evr", check_finite=False,
+                       overwrite_a=True)
+        return torch.from_numpy(vecs).flip(-1)
+    upper = torch.triu(g)
+    full = upper + torch.triu(g, diagonal=1).mH
+    return torch.linalg.eigh(full).eigenvectors[..., -k:].flip(-1)
+
+
+def _scipy_blas():
+    global _SCIPY_BLAS
+    if _SCIPY_BLAS is False:
+        try:
+            from scipy.linalg import blas
+        except ImportError:  # SciPy is optional: torch.linalg does the same, a few times slower on CPU
+            blas = None
+        _SCIPY_BLAS = blas
+    return _SCIPY_BLAS
+
+
+_SCIPY_BLAS = False
+
+
+def _eigh_svd(m: torch.Tensor, rank: int, oversample: int = 8):
+    """Exact top-``rank`` SVD of a batch of matrices from the Gram matrix of the smaller side.
+
+    The leading ``rank + oversample`` eigenvectors of ``Y^H Y`` (``Y`` = the matrix or its conjugate transpose,
+    whichever is tall) span the top right-singular subspace up to rounding; a Rayleigh-Ritz step (a thin SVD of the
+    ``m x k`` matrix ``Y V_k``, in float64) then gives the top-``rank`` triplets, orthonormal ``U`` and singular values
+    as accurate as a full SVD's. Rounding in the float32 Gram matrix only perturbs the top-``rank`` vectors towards
+    directions outside the block, by ~eps32 / (relative gap between sigma_rank and sigma_(rank+oversample+1)), which
+    is large even for flat spectra; nearly equal singular values inside the block are separated in float64. Unlike
+    subspace iteration this does not depend on the gap after ``sigma_rank``, so it stays exact on the flat spectra of
+    randomly initialised or lightly trained weights, where a float32 LAPACK SVD itself is off by up to 1e-3.
+    """
+    n1, n2 = m.shape[-2:]
+    flip = n1 < n2
+    k = min(rank + oversample, min(n1, n2))
+    wide_dtype = torch.complex128 if m.is_complex() else torch.float64
+    mats = m.reshape(-1, n1, n2)
+    us, ss, vhs = [], [], []
+    for x in mats:
+        y = x.mH if flip else x
+        y = y.contiguous()
+        v = _top_eigvecs(_gram_upper(y), k).to(device=y.device, dtype=wide_dtype)  # (n, k)
+        v = torch.linalg.qr(v).Q
+        # Rayleigh-Ritz in float64: the product too, or rounding at eps32 * sigma_1 decides between nearly equal
+        # singular values inside the block (the float32 Gram only has to get the block right, not its order)
+        ub, sb, vbh = torch.linalg.svd(y.to(wide_dtype) @ v, full_matrices=False)
+        u_y = ub[:, :rank].to(y.dtype)
+        v_y = (v @ vbh.mH[:, :rank]).to(y.dtype)
+        s = sb[:rank].to(y.real.dtype if y.is_complex() else y.dtype)
+        u, vh = (v_y, u_y.mH) if flip else (u_y, v_y.mH)
+        us.append(u)
+        ss.append(s)
+        vhs.append(vh)
+    batch = m.shape[:-2]
+    return (torch.stack(us).reshape(*batch, n1, rank), torch.stack(ss).reshape(*batch, rank),
+            torch.stack(vhs).reshape(*batch, rank, n2))
+
+
 def _svd(m: torch.Tensor, rank: int, method: str):
     if method == "auto":
-        method = "randomized" if 4 * (rank + 10) < min(m.shape[-2:]) else "full"
+        method = "eigh" if 4 * (rank + 10) < min(m.shape[-2:]) else "full"
     if method == "full":
         u, s, vh = torch.linalg.svd(m, full_matrices=False)
         return u[..., :rank], s[..., :rank], vh[..., :rank, :]
+    if method == "eigh":
+        return _eigh_svd(m, rank)
     if method == "randomized":
         return _randomized_svd(m, rank)
-    raise ValueError(f"svd method must be 'auto', 'full' or 'randomized', got {method!r}")
+    raise ValueError(f"svd method must be 'auto', 'full', 'eigh' or 'randomized', got {method!r}")
 
 
 def _svd_fourier(a_hat: torch.Tensor, n_slices: int, rank: int, method: str = "auto"):
@@ -89,6 +182,15 @@ def _svd_fourier(a_hat: torch.Tensor, n_slices: int, rank: int, method: str = "a
     u = a_hat.new_zeros(*a_hat.shape[:-2], n1, k)
     vh = a_hat.new_zeros(*a_hat.shape[:-2], k, n2)
     s = a_hat.real.new_zeros(*a_hat.shape[:-2], k)
+    if method == "auto":
+        method = "eigh" if 4 * (rank + 10) < min(n1, n2) else "full"
+    if method == "eigh":  # one slice at a time: no gathered copy of the complex slices, single-threaded LAPACK
+        with single_threaded_cpu(a_hat.device):
+            for i in range(a_hat.shape[-3]):
+                x = a_hat[..., i, :, :]
+                ui, si, vhi = _eigh_svd(x.real if i in real_ids else x, rank)
+                u[..., i, :, :], s[..., i, :], vh[..., i, :, :] = ui, si, vhi
+        return u, s, vh
     if complex_ids:
         uc, sc, vhc = _svd(a_hat[..., complex_ids, :, :], rank, method)
         u[..., complex_ids, :, :], s[..., complex_ids, :], vh[..., complex_ids, :, :] = uc, sc, vhc
@@ -113,9 +215,11 @@ def truncated_t_svd(a: torch.Tensor, rank: int, method: str = "auto") -> TSVD:
     ``U_r`` and ``V_r`` are t-orthonormal (``U_r^T * U_r = I``). Ties among singular values, and the sign/phase of
     singular vectors, are not unique: callers that must reproduce a decomposition later should store it.
 
-    ``method``: ``"full"`` (LAPACK SVD of every Fourier slice), ``"randomized"`` (subspace iteration for the top
-    ``rank`` triplets; much faster for large slices) or ``"auto"`` (randomized when ``rank`` is small relative to
-    the slice size).
+    ``method``: ``"full"`` (LAPACK SVD of every Fourier slice); ``"eigh"`` (exact top-``rank`` triplets from the
+    leading eigenvectors of each slice's Gram matrix plus a float64 Rayleigh-Ritz step: agrees with ``"full"`` to
+    rounding, ~1e-6 of ``max|a|`` in float32, whatever the spectrum, at a fraction of the cost);
+    ``"randomized"`` (two power iterations: fastest, but far from the top subspace when the spectrum is flat);
+    ``"auto"`` (``"eigh"`` when ``rank`` is small relative to the slice size, else ``"full"``).
     """
     if a.dim() < 3:
         raise ValueError(f"truncated_t_svd needs a tensor of shape (..., L, n1, n2), got {tuple(a.shape)}")
