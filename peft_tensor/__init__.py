@@ -1,10 +1,13 @@
 """peft_tensor: tensor-decomposition parameter-efficient fine-tuning for 3D medical imaging, as PEFT methods.
 
-Importing this package registers ``TCURLORA``, ``LORAPT`` and ``HYPS`` with HuggingFace PEFT, so
-``get_peft_model(model, TCURLoraConfig(...))`` and ``PeftModel.from_pretrained`` work on our adapters.
+Importing this package registers ``TCURLORA``, ``LORAPT`` and ``HYPS`` with HuggingFace PEFT (each method's folder
+calls :func:`peft_tensor.registry.register`), so ``get_peft_model(model, TCURLoraConfig(...))`` and
+``PeftModel.from_pretrained`` work on our adapters.
 """
 
 from .version import __version__
+
+# one line per method; the import order is the registration order (what `peft-tensor list` shows)
 from .tuners.tcurlora import TCURLoraConfig, TCURLoraModel
 from .tuners.lorapt import LoraPTConfig, LoraPTModel
 from .tuners.hyps import SWINUNETR_HYPS_TARGETS, HyPSConfig, HyPSModel
