@@ -44,7 +44,21 @@ def test_benchmark_structure(tmp_path, isolate):
         assert len(a["step_wall_samples"]) == 1
     assert arms["floor"]["trainable"] == 0 and arms["floor"]["adapter_file_bytes"] == 0
     assert arms["tcurlora"]["trainable"] == 4 * 4 * (48 + 12 + 12)  # r^2 * sum(L), paper grouping
-    assert arms["lora"]["vs_ref"]["step"] == pytest.approx(1.0)
+    # the reference is PEFT LoRA (r=4 on the 4 targets of the 12 blocks: r * (in + out) each), and every arm's ratios
+    # are its own numbers over LoRA's, not over its own (which would make every ratio 1)
+    lora = arms["lora"]
+    assert b["reference_arm"] == "lora" and lora["method"] == "lora"
+    assert lora["trainable"] == 12 * 4 * ((96 + 288) + (96 + 96) + (96 + 192) + (192 + 96))
+    for name, a in arms.items():
+        r = a["vs_ref"]
+        assert r["step"] == pytest.approx(a["step_s"] / lora["step_s"]), name
+        assert r["step_cpu"] == pytest.approx(a["step_cpu_s"] / lora["step_cpu_s"]), name
+        assert r["peak_rss"] == pytest.approx(a["peak_rss_mb"] / lora["peak_rss_mb"]), name
+        assert r["setup"] == pytest.approx(a["setup_s"] / lora["setup_s"]), name
+        assert a["infer_vs_base"] == pytest.approx(a["infer_s"] / arms["floor"]["infer_s"]), name
+    for name in ("tcurlora", "lorapt"):
+        ratio = arms[name]["adapter_file_bytes"] / lora["adapter_file_bytes"]
+        assert arms[name]["vs_ref"]["adapter_file"] == pytest.approx(ratio) != 1, name
     assert arms["tcurlora"]["note"] == "merged" and arms["lora"]["note"] == "merged"
     assert arms["tcurlora"]["adapter_file_bytes"] < arms["lora"]["adapter_file_bytes"]
     checks = b["targets_checked"]
