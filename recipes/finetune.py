@@ -24,6 +24,7 @@ from peft_tensor.training import (Checkpointer, RunLogger, apply_arm, barrier, b
                                   evaluate_cases, init_distributed, load_backbone, make_loss, make_optimizer,
                                   param_counts, poly_scheduler, save_trained, set_seed, step_seed, summarize,
                                   train_step, wrap_ddp, write_json, write_rows_csv)
+from peft_tensor.training.arms import optimizer_settings
 from peft_tensor.training.config import parse_recipe_args, patch_size, total_steps
 from peft_tensor.training.loop import configure_threads
 from peft_tensor.training.distributed import all_mean, main_process_first
@@ -58,8 +59,7 @@ def main(cfg: dict) -> dict:
     counts = param_counts(model)
 
     steps = total_steps(train_cfg, len(train_cases))
-    arm_optim = {k: cfg["arm"][k] for k in ("lr", "method_lr") if k in cfg["arm"]}  # per-arm learning rates
-    optimizer = make_optimizer(model, {**cfg["optim"], **arm_optim})
+    optimizer = make_optimizer(model, {**cfg["optim"], **optimizer_settings(cfg["arm"])})
     scheduler = poly_scheduler(optimizer, steps, float(cfg["optim"].get("poly_power", 0.9)))
     loss_fn = make_loss(train_cfg.get("loss", "dice"))
 

@@ -67,3 +67,16 @@ def test_every_method_is_in_the_registry_and_everything_reads_it():
         assert spec.lr is None or spec.lr > 0
     with pytest.raises(KeyError, match="registered: tcurlora, lorapt, hyps"):
         get_method("nosuchmethod")
+
+
+def test_registry_lr_is_the_arms_method_lr(monkeypatch):
+    import dataclasses
+
+    from peft_tensor import registry
+    from peft_tensor.training.arms import optimizer_settings
+
+    assert optimizer_settings({"name": "lora"}) == {}
+    spec = registry.get_method("tcurlora")
+    monkeypatch.setitem(registry._METHODS, "tcurlora", dataclasses.replace(spec, lr=0.03))
+    assert optimizer_settings({"name": "tcurlora"}) == {"method_lr": 0.03}
+    assert optimizer_settings({"name": "tcurlora", "method_lr": 1e-3, "lr": 2e-3}) == {"method_lr": 1e-3, "lr": 2e-3}

@@ -97,6 +97,17 @@ def apply_arm(model: torch.nn.Module, arm_cfg: dict | str, model_cfg: dict) -> t
     return get_peft_model(model, peft_config(arm, arm_cfg, model_cfg))
 
 
+def optimizer_settings(arm_cfg: dict) -> dict:
+    """The arm's learning rates, laid over the recipe's ``optim`` section: ``lr`` / ``method_lr`` from the arm's
+    config, else ``method_lr`` = the ``lr`` of the method's registry entry (the learning rate of its trainable
+    factors; the decoder and head keep ``optim.lr``), else nothing."""
+    out = {k: arm_cfg[k] for k in ("lr", "method_lr") if k in arm_cfg}
+    spec = methods().get(canonical_arm(arm_cfg.get("name", "full")))
+    if "method_lr" not in out and spec is not None and spec.lr is not None:
+        out["method_lr"] = spec.lr
+    return out
+
+
 def param_counts(model: torch.nn.Module) -> dict:
     """Trainable and total parameter counts (tuner-level shared parameters included)."""
     seen, trainable, total = set(), 0, 0
