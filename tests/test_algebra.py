@@ -153,17 +153,18 @@ def test_real_slices_use_real_svd():
 
 
 @settings(max_examples=25, deadline=None)
-@given(n=slices, n1=st.integers(2, 7), n2=st.integers(2, 7), seed=st.integers(0, 1000))
-def test_tensor_cur_exact_on_low_rank_and_deterministic(n, n1, n2, seed):
-    r = min(n1, n2)
-    a = _rand(n, n1, n2, seed=seed)
+@given(n=slices, n1=st.integers(2, 8), n2=st.integers(2, 8), r=st.integers(1, 7), seed=st.integers(0, 1000))
+def test_tensor_cur_exact_on_low_rank_and_deterministic(n, n1, n2, r, seed):
+    # a tensor of tubal rank r < n1, n2 and r selected columns and rows: C U R == A although columns and rows are dropped
+    r = min(r, n1 - 1, n2 - 1)
+    a = t_product(_rand(n, n1, r, seed=seed), _rand(n, r, n2, seed=seed + 1))
     cur = tensor_cur(a, r)
     # C and R are exactly the selected columns / rows
     assert torch.equal(cur.C, a[:, :, cur.col_idx])
     assert torch.equal(cur.R, a[:, cur.row_idx, :])
     assert torch.equal(cur.col_idx, torch.sort(cur.col_idx).values)
-    if n1 == n2:  # full rank square: C U R == A exactly
-        torch.testing.assert_close(t_product(t_product(cur.C, cur.U), cur.R), a, atol=1e-8, rtol=1e-8)
+    assert cur.C.shape == (n, n1, r) and cur.R.shape == (n, r, n2)
+    torch.testing.assert_close(t_product(t_product(cur.C, cur.U), cur.R), a, atol=1e-8, rtol=1e-8)
     again = tensor_cur(a.clone(), r)
     assert torch.equal(again.col_idx, cur.col_idx) and torch.equal(again.row_idx, cur.row_idx)
 
