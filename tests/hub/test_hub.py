@@ -1,7 +1,7 @@
 """Publishing and loading adapters through the real huggingface_hub client and a local Hub-compatible server.
 
 Nothing in huggingface_hub is patched: in this process its module constants (endpoint, cache, Xet switch, token
-path) point at the server in ``tests/hub_server.py``; subprocesses get the same through environment variables
+path) point at the server in ``tests/hub/hub_server.py``; subprocesses get the same through environment variables
 (``HF_ENDPOINT``, ``HF_HUB_DISABLE_XET=1``, ``HF_HUB_CACHE``), as a user would set them.
 """
 
@@ -38,10 +38,10 @@ from peft_tensor.hub import (
 )
 from peft_tensor.hub.provenance import read_provenance
 
-from ._models import UNETR_TARGETS, tiny_unetr
+from tests._models import UNETR_TARGETS, tiny_unetr
 from .hub_server import HubServer
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 UNETR_KWARGS = dict(in_channels=1, out_channels=2, img_size=[32, 32, 32], feature_size=8, hidden_size=96, mlp_dim=192,
                     num_heads=4, proj_type="conv", norm_name="instance", dropout_rate=0.0)
 EVALUATION = {"dataset": "MNI152 hippocampus (toy)", "dataset_type": "mni152-hippocampus", "split": "test",

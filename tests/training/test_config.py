@@ -12,7 +12,7 @@ from peft_tensor.training.arms import PEFT_ARMS, canonical_arm, peft_config
 from peft_tensor.training.config import CONFIG_DIR, config_names, load_config, total_steps
 from peft_tensor.training.models import model_kwargs
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 BENCH_DIR = REPO / "benchmarks" / "configs"
 RECIPE_CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 BENCH_CONFIGS = sorted(p.stem for p in BENCH_DIR.glob("*.yaml"))

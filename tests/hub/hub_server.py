@@ -486,7 +486,7 @@ def _make_handler(hub: HubServer):
     return Handler
 
 
-if __name__ == "__main__":  # pragma: no cover - manual use: python tests/hub_server.py
+if __name__ == "__main__":  # pragma: no cover - manual use: python tests/hub/hub_server.py
     with HubServer() as server:
         print(server.url, flush=True)
         threading.Event().wait()
