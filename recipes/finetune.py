@@ -8,7 +8,7 @@ Arms (``arm.name``): tcurlora, lorapt, hyps, lora, pissa, full, decoder_only, fr
 
 Writes to ``output_dir``: ``adapter/`` (PEFT ``save_pretrained`` + card, or ``trainable.safetensors`` for the
 non-PEFT arms), ``metrics.{csv,jsonl}``, ``curves.png``, ``test_cases.csv``, ``results.json``,
-``overlay_{best,worst}.png`` and ``checkpoint/checkpoint.pt`` (resumed automatically after an interruption).
+``overlay_{best,worst}.png`` and ``checkpoint/checkpoint.safetensors`` (resumed automatically after an interruption).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ the source task is whatever ``data`` names: by default the other subcortical str
     peft-tensor run pretrain --config pretrain_cpu [train.steps=300 output_dir=runs/pretrain]
 
 Writes ``output_dir/backbone/`` (model.safetensors + backbone.json, what ``finetune``'s ``model.pretrained``
-reads), ``metrics.{csv,jsonl}``, ``curves.png`` and ``checkpoint/checkpoint.pt`` (resumed automatically).
+reads), ``metrics.{csv,jsonl}``, ``curves.png`` and ``checkpoint/checkpoint.safetensors`` (resumed automatically).
 """
 
 from __future__ import annotations

@@ -72,16 +72,18 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     ckpt.save(1, model)
     before = ckpt.path.read_bytes()
 
-    def broken_save(obj, f, *a, **k):
+    def broken_save(tensors, f, *a, **k):
         with open(f, "wb") as fh:
             fh.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(torch, "save", broken_save)
+    import safetensors.torch
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken_save)
     with pytest.raises(OSError):
         ckpt.save(2, model)
     assert ckpt.path.read_bytes() == before
-    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.safetensors"]
     monkeypatch.undo()
     step, _ = Checkpointer(tmp_path).resume(torch.nn.Linear(3, 2))
     assert step == 1
@@ -99,8 +101,10 @@ def _finetune_cfg(data_root: Path, out: Path, **train) -> dict:
 
 
 def _trained_state(out: Path) -> dict:
-    state = torch.load(out / "checkpoint" / "checkpoint.pt", map_location="cpu", weights_only=False)["model"]
-    return state
+    from safetensors.torch import load_file  # the checkpoint is safetensors, its model tensors model/<name>
+
+    tensors = load_file(out / "checkpoint" / "checkpoint.safetensors")
+    return {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
 
 
 def test_resume_after_interruption_is_exact(tmp_path):

@@ -7,7 +7,7 @@ models and arms (:mod:`.models`, :mod:`.arms`), optimiser / schedule / loss / st
 set-up (:mod:`.distributed`), logs (:mod:`.run_log`), plots (:mod:`.plots`), configs (:mod:`.config`)."""
 
 from .arms import ARMS, apply_arm, canonical_arm, load_trained, param_counts, save_trained
-from .checkpoint import Checkpointer, atomic_torch_save, unwrap
+from .checkpoint import Checkpointer, unwrap
 from .config import apply_overrides, get_dotted, load_config
 from .distributed import DistInfo, barrier, cleanup, init_distributed, wrap_ddp
 from .run_log import RunLogger, write_json, write_rows_csv
@@ -17,7 +17,7 @@ from .metrics import case_metrics, remove_small_components, summarize
 from .models import build_model, defaults_for, load_backbone, save_backbone
 
 __all__ = [
-    "ARMS", "Checkpointer", "DistInfo", "RunLogger", "apply_arm", "apply_overrides", "atomic_torch_save", "barrier",
+    "ARMS", "Checkpointer", "DistInfo", "RunLogger", "apply_arm", "apply_overrides", "barrier",
     "build_model", "canonical_arm", "case_metrics", "cleanup", "defaults_for", "evaluate_cases", "get_dotted",
     "init_distributed", "load_backbone", "load_trained", "load_config", "make_loss", "make_optimizer", "param_counts",
     "poly_scheduler", "predict", "remove_small_components", "save_backbone", "save_trained", "set_seed",
