@@ -156,7 +156,7 @@ def test_real_slices_use_real_svd():
 @given(n=slices, n1=st.integers(2, 8), n2=st.integers(2, 8), r=st.integers(1, 7),
        seed=st.integers(0, 1000))
 def test_tensor_cur_exact_on_low_rank_and_deterministic(n, n1, n2, r, seed):
-    # a tensor of tubal rank r < n1, n2 and r selected columns and rows: C U R == A although columns and rows are dropped
+    # tubal rank r < n1, n2 and r selected columns and rows: C U R == A although columns and rows are dropped
     r = min(r, n1 - 1, n2 - 1)
     a = t_product(_rand(n, n1, r, seed=seed), _rand(n, r, n2, seed=seed + 1))
     cur = tensor_cur(a, r)
