@@ -80,3 +80,15 @@ def test_registry_lr_is_the_arms_method_lr(monkeypatch):
     monkeypatch.setitem(registry._METHODS, "tcurlora", dataclasses.replace(spec, lr=0.03))
     assert optimizer_settings({"name": "tcurlora"}) == {"method_lr": 0.03}
     assert optimizer_settings({"name": "tcurlora", "method_lr": 1e-3, "lr": 2e-3}) == {"method_lr": 1e-3, "lr": 2e-3}
+
+
+def test_readme_methods_table_lists_every_registered_method():
+    from pathlib import Path
+
+    from peft_tensor.registry import methods
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = readme[: readme.index("## Install")]
+    for spec in methods().values():
+        assert f"`{spec.config_cls.__name__}`" in table, f"README.md's methods table lacks {spec.name}"
+        assert spec.paper.split(" (")[0] in table, f"README.md's methods table lacks {spec.name}'s paper"
