@@ -40,7 +40,8 @@ def mixed_batch_hooks(tuner, layer_cls, adapter_names):
                          "(and '__base__' for the base model).")
     layers = [m for m in tuner.model.modules() if isinstance(m, layer_cls)]
     if any(m.merged for m in layers):
-        raise ValueError("Cannot pass `adapter_names` while adapters are merged; call unmerge_adapter() first.")
+        raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` "
+                         "first.")
 
     def pre_forward(module, args, kwargs):
         kwargs["adapter_names"] = adapter_names

@@ -113,6 +113,14 @@ class _Factors(torch.autograd.Function):
         return (None,) + tuple(got)
 
 
+def _inside_init_empty_weights() -> bool:
+    """True under PEFT's/accelerate's ``init_empty_weights`` (``get_peft_model(..., low_cpu_mem_usage=True)`` builds
+    the tuner inside it without passing the flag on): parameters registered there land on the meta device."""
+    probe = nn.Module()
+    probe.register_parameter("p", nn.Parameter(torch.empty(0)))
+    return probe.p.device.type == "meta"
+
+
 def _called_from_peft_loader(max_depth: int = 12) -> bool:
     frame = sys._getframe(2)
     for _ in range(max_depth):
@@ -231,6 +239,12 @@ class TensorGroup(nn.Module):
 
     def refresh_frozen(self) -> None:
         """Rebuild derived, non-persistent buffers (called after loading a state dict)."""
+
+    @classmethod
+    def combine(cls, groups: list[list["TensorGroup"]], weights: list[float], configs: list,
+                combination_type: Optional[str]):  # pragma: no cover - abstract
+        """``(config, [saved tensors of each group])`` of the exact weighted sum of adapters (see the tuner)."""
+        raise NotImplementedError
 
     def factors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -358,8 +372,8 @@ BASE_ADAPTER = "__base__"
 def check_mixed_batch(x: torch.Tensor, adapter_names: list[str]) -> None:
     if len(adapter_names) != len(x):
         raise ValueError(
-            f"adapter_names has {len(adapter_names)} entries but the batch has {len(x)} samples: give one adapter name "
-            f"per sample ('{BASE_ADAPTER}' for the base model)."
+            f"Length of `adapter_names` should be the same as the number of inputs, but got {len(adapter_names)} and "
+            f"{len(x)} respectively: give one adapter name per sample ('{BASE_ADAPTER}' for the base model)."
         )
 
 
@@ -588,8 +602,13 @@ class TensorGroupTuner(MonaiFriendlyTunerMixin, BaseTuner):
         config = self.peft_config[adapter_name]
         specs = self.plan(model, config)
         self._check_devices(model, specs)
+        # PEFT restores the trainable flags of the base model's parameters around an injection; the tuner-level group
+        # state is not reachable from there, so it is snapshotted and restored here: adding or loading an adapter
+        # never changes whether another adapter trains.
+        snapshot = {id(p): (p, p.requires_grad) for p in self._groups().parameters()}
         super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
                                low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict, **kwargs)
+        low_cpu_mem_usage = low_cpu_mem_usage or _inside_init_empty_weights()
         deferred = bool(low_cpu_mem_usage or getattr(config, "_loaded_from_file", False)
                         or getattr(config, "_deferred_init", False))
         scope = self._clock()
@@ -613,7 +632,39 @@ class TensorGroupTuner(MonaiFriendlyTunerMixin, BaseTuner):
                     raise RuntimeError(f"internal: slices of {module_name} do not tile its rows: {rows}")
                 layer.assign(adapter_name, SliceAssignment(group, ids, rows))
         self._groups()[adapter_name] = nn.ModuleList(groups)
-        self._sync_requires_grad()
+        # like LoRA's modules, the new groups follow the base weights' dtype; PEFT then calls _cast_adapter_dtype,
+        # which upcasts them to float32 unless autocast_adapter_dtype=False
+        self._cast_groups(adapter_name, False)
+        for p, flag in snapshot.values():
+            p.requires_grad_(flag)
+        train = adapter_name in self.active_adapters and not config.inference_mode
+        for group in groups:
+            for p in group.parameters():
+                p.requires_grad_(train)
+
+    def _cast_groups(self, adapter_name: str, autocast_adapter_dtype: bool) -> None:
+        """As PEFT does for LoRA: adapter tensors follow the base weights' dtype, and ``autocast_adapter_dtype``
+        upcasts float16/bfloat16 (and lower) to float32."""
+        groups = self._groups()
+        for group in (groups[adapter_name] if adapter_name in groups else ()):
+            layer = group._sources[0][0]
+            base_dtype = layer.get_base_layer().weight.dtype
+            for t in group._state_tensors():
+                if not t.is_floating_point() or t.device.type == "meta":
+                    continue
+                target = base_dtype if base_dtype.is_floating_point else t.dtype
+                if autocast_adapter_dtype and target in (torch.float16, torch.bfloat16):
+                    target = torch.float32
+                if autocast_adapter_dtype and t.dtype in (torch.float16, torch.bfloat16):
+                    target = torch.float32
+                if t.dtype != target:
+                    t.data = t.data.to(target)
+            group._live.clear()
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        if autocast_adapter_dtype:
+            self._cast_groups(adapter_name, True)
 
     @staticmethod
     def _check_devices(model: nn.Module, specs: list[GroupSpec]) -> None:
@@ -680,6 +731,47 @@ class TensorGroupTuner(MonaiFriendlyTunerMixin, BaseTuner):
         model = super()._unload_and_optionally_merge(*args, **kwargs)
         self._remove_clock()
         return model
+
+    # -- weighted combinations (PEFT's add_weighted_adapter) -------------------------------------------------------
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: Optional[str] = None, **kwargs) -> None:
+        """A new adapter whose update is exactly ``sum_i weights[i] * D_i`` of the given adapters.
+
+        tCURLoRA: the adapters must share C and R (same config on the same base weights); the new core is
+        ``U0 + sum_i w_i (U_i - U0)`` (``combination_type="linear"``, the default). LoRA-PT: concatenation, as LoRA's
+        ``"cat"`` (the default): tubal rank ``sum_i r_i`` with block-diagonal cores. Other combination types and
+        LoRA-only arguments raise.
+        """
+        if kwargs:
+            raise ValueError(f"add_weighted_adapter of {type(self).__name__} takes no {sorted(kwargs)} (LoRA-only "
+                             "arguments).")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"An adapter named {adapter_name!r} already exists; choose a new name.")
+        missing = [a for a in adapters if a not in self.peft_config]
+        if not adapters or missing:
+            raise ValueError(f"add_weighted_adapter needs existing adapters; unknown: {missing or adapters}. "
+                             f"This model has {sorted(self.peft_config)}.")
+        if len(weights) != len(adapters):
+            raise ValueError(f"{len(adapters)} adapters but {len(weights)} weights: give one weight per adapter.")
+        configs = [self.peft_config[a] for a in adapters]
+        if len({type(c) for c in configs}) > 1:
+            raise ValueError("add_weighted_adapter combines adapters of one method; got "
+                             f"{sorted({type(c).__name__ for c in configs})}.")
+        layout = [(sorted(c.target_modules) if isinstance(c.target_modules, list) else c.target_modules, c.grouping,
+                   list(c.slice_order), c.exclude_modules) for c in configs]
+        if any(item != layout[0] for item in layout):
+            raise ValueError("add_weighted_adapter needs adapters with the same target_modules, grouping, slice_order "
+                             "and exclude_modules (their groups must be the same tensors).")
+        config, tensors = self.group_cls.combine(
+            [list(self.groups(a)) for a in adapters], [float(w) for w in weights], configs, combination_type)
+        config.__dict__["_deferred_init"] = True
+        config.inference_mode = False
+        self.peft_config[adapter_name] = config
+        self.inject_adapter(self.model, adapter_name)
+        for group, values in zip(self.groups(adapter_name), tensors):
+            values = {k: v.to(group.group_shape.device) for k, v in values.items()}
+            values["group_shape"] = group.group_shape.clone()
+            group.load_state_dict(values, strict=True)
 
     # -- state dict keys: 'base_model.<prefix>groups.<adapter>.<i>.<tensor>' <-> '... <prefix>groups.<i>.<tensor>'
     @classmethod

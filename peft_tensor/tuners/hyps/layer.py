@@ -137,6 +137,12 @@ class HyPSLayer(BaseTunerLayer):
         self.hyps_dropout[adapter_name] = config.dropout
 
         base_weight = self.get_base_layer().weight
+        if self.merged_adapters and base_weight.device.type != "meta":
+            # decompose the *unmerged* weight: adding an adapter while another is merged gives the same adapter
+            base_weight = base_weight.detach().float()
+            for merged in self.merged_adapters:
+                if self._has_parallel(merged):
+                    base_weight = base_weight - self.get_delta_weight(merged).float()
         if config.parallel:
             if base_weight.device.type == "meta":
                 a0 = torch.empty(out_features, config.r, device="meta")
@@ -158,6 +164,13 @@ class HyPSLayer(BaseTunerLayer):
             up = nn.Linear(config.d, out_features, bias=False, device=base_weight.device)
             if down.weight.device.type != "meta":
                 nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
+                with torch.no_grad():
+                    # Mirrored rows (w, -w): every token with Down(h) != 0 activates one unit of each pair, so the
+                    # ReLU bottleneck is never dead on arrival. With independent rows, activations h that share a
+                    # dominant direction (UNETR's attn.out_proj at init) can put every unit in the ReLU's zero region
+                    # for every token: Down and Up then never get a gradient (issue 13).
+                    pairs = config.d // 2
+                    down.weight[1 : 2 * pairs : 2] = -down.weight[0 : 2 * pairs : 2]
                 if config.init_weights:
                     nn.init.zeros_(up.weight)
                 else:
@@ -262,7 +275,8 @@ class Linear(nn.Module, HyPSLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, layer_name=layer_name)
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args: Any, adapter_names: Optional[list[str]] = None,
+                **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -270,26 +284,38 @@ class Linear(nn.Module, HyPSLayer):
 
         result = self.base_layer(x, *args, **kwargs)
         result_dtype = result.dtype
+        if adapter_names is not None:
+            from ..tensor_group import check_mixed_batch, sub_batches
+
+            check_mixed_batch(x, adapter_names)
+            out = result.clone()
+            for adapter, rows in sub_batches(adapter_names, x.device):
+                out[rows] = self._apply_adapter(adapter, x[rows], result[rows]).to(result_dtype)
+            return out
         for adapter in self.active_adapters:
-            p = self.hyps_dropout.get(adapter, 0.0)
-            if self._has_parallel(adapter) and adapter not in self.merged_adapters:
-                a, b = self.hyps_A[adapter], self.hyps_B[adapter]
-                xa = self._cast_input_dtype(x, a.dtype)
-                if p > 0.0:
-                    xa = F.dropout(xa, p=p, training=self.training)
-                # A B - A0 B0 = (A - A0) B + A0 (B - B0): one rank-2r pass over the tokens (the input is read once,
-                # never the dense out x in update), and exactly zero while A == A0 and B == B0, since then every
-                # product in it has an exactly-zero factor.
-                a0, b0 = self.hyps_A0[adapter], self.hyps_B0[adapter]
-                u = F.linear(xa, torch.cat([b, b - b0]))  # (..., 2r)
-                result = _add_matmul(result, u, torch.cat([a - a0, a0], dim=1))
-            if self._has_serial(adapter):
-                down, up = self.hyps_down[adapter], self.hyps_up[adapter]
-                h = self._cast_input_dtype(result, down.weight.dtype)
-                if p > 0.0:
-                    h = F.dropout(h, p=p, training=self.training)
-                result = _add_matmul(result, F.relu(down(h)), up.weight, alpha=self.hyps_scale[adapter])
+            result = self._apply_adapter(adapter, x, result)
         return result.to(result_dtype)
+
+    def _apply_adapter(self, adapter: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        p = self.hyps_dropout.get(adapter, 0.0)
+        if self._has_parallel(adapter) and adapter not in self.merged_adapters:
+            a, b = self.hyps_A[adapter], self.hyps_B[adapter]
+            xa = self._cast_input_dtype(x, a.dtype)
+            if p > 0.0:
+                xa = F.dropout(xa, p=p, training=self.training)
+            # A B - A0 B0 = (A - A0) B + A0 (B - B0): one rank-2r pass over the tokens (the input is read once,
+            # never the dense out x in update), and exactly zero while A == A0 and B == B0, since then every
+            # product in it has an exactly-zero factor.
+            a0, b0 = self.hyps_A0[adapter].to(a.dtype), self.hyps_B0[adapter].to(b.dtype)
+            u = F.linear(xa, torch.cat([b, b - b0]))  # (..., 2r)
+            result = _add_matmul(result, u, torch.cat([a - a0, a0], dim=1))
+        if self._has_serial(adapter):
+            down, up = self.hyps_down[adapter], self.hyps_up[adapter]
+            h = self._cast_input_dtype(result, down.weight.dtype)
+            if p > 0.0:
+                h = F.dropout(h, p=p, training=self.training)
+            result = _add_matmul(result, F.relu(down(h)), up.weight, alpha=self.hyps_scale[adapter])
+        return result
 
     def __repr__(self) -> str:
         return "hyps." + super().__repr__()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Optional
 
 import torch
@@ -9,7 +10,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule
 from torch import nn
 
 from ...errors import MergeError, RankError, TargetModulesError
-from .._peft_fixes import MonaiFriendlyTunerMixin
+from .._peft_fixes import MonaiFriendlyTunerMixin, mixed_batch_hooks
 from .config import HyPSConfig
 from .layer import HyPSLayer, Linear, serial_merge_message
 
@@ -131,6 +132,58 @@ class HyPSModel(MonaiFriendlyTunerMixin, BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    # ------------------------------------------------------------------------------------- mixed-adapter batches
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        with mixed_batch_hooks(self, HyPSLayer, kwargs.pop("adapter_names", None)):
+            yield
+
+    # ------------------------------------------------------------------------------------------- weighted adapters
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: Optional[str] = None, **kwargs) -> None:
+        """A parallel-only adapter whose update is exactly ``sum_i w_i (A_i B_i - A0_i B0_i)``: concatenation, as
+        LoRA's ``"cat"`` (rank ``sum_i r_i``). Serial branches are non-linear and cannot be combined: refused."""
+        if kwargs:
+            raise ValueError(f"add_weighted_adapter of HyPS takes no {sorted(kwargs)} (LoRA-only arguments).")
+        if combination_type not in (None, "cat"):
+            raise ValueError(f"HyPS combines parallel branches exactly by concatenation (combination_type='cat'); "
+                             f"{combination_type!r} is not supported.")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"An adapter named {adapter_name!r} already exists; choose a new name.")
+        missing = [a for a in adapters if a not in self.peft_config]
+        if not adapters or missing or len(weights) != len(adapters):
+            raise ValueError(f"add_weighted_adapter needs existing adapters and one weight each; unknown: {missing}, "
+                             f"{len(adapters)} adapters, {len(weights)} weights.")
+        configs = [self.peft_config[a] for a in adapters]
+        serial = [a for a, c in zip(adapters, configs) if c.serial]
+        if serial:
+            raise MergeError(
+                f"HyPS adapters {serial} have a serial branch (Up(ReLU(Down(h)))), which is non-linear: a weighted sum "
+                "of such adapters is not an adapter of the same form. Combine parallel-only adapters "
+                "(HyPSConfig(serial=False)).")
+        if any(c.parallel is False for c in configs):
+            raise ValueError("add_weighted_adapter needs adapters with a parallel branch.")
+        import copy
+
+        config = copy.deepcopy(configs[0])
+        config.r = sum(c.r for c in configs)
+        config.inference_mode = False
+        self.peft_config[adapter_name] = config
+        self.inject_adapter(self.model, adapter_name)
+        with torch.no_grad():
+            for module in self.model.modules():
+                if not isinstance(module, HyPSLayer) or adapter_name not in module.hyps_A:
+                    continue
+                present = [(a, float(w)) for a, w in zip(adapters, weights) if a in module.hyps_A]
+                if [a for a, _ in present] != list(adapters):
+                    raise ValueError("add_weighted_adapter needs adapters that target the same layers.")
+                module.hyps_A[adapter_name].data = torch.cat([w * module.hyps_A[a] for a, w in present], dim=1)
+                module.hyps_B[adapter_name].data = torch.cat([module.hyps_B[a] for a, _ in present], dim=0)
+                module.hyps_A0[adapter_name] = torch.cat([w * module.hyps_A0[a] for a, w in present], dim=1)
+                module.hyps_B0[adapter_name] = torch.cat([module.hyps_B0[a] for a, _ in present], dim=0)
 
     # --------------------------------------------------------------------------------------------------- merging
 

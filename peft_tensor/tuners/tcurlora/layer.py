@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
-from ...algebra import from_fourier, tensor_cur, to_fourier
+from ...algebra import fourier_slice_weights, from_fourier, tensor_cur, to_fourier
 from ..tensor_group import TensorGroup, TensorGroupLayer
 
 
@@ -59,10 +61,59 @@ class TCURLoraGroup(TensorGroup):
             self.__dict__["_rows_hat_cache"] = hit
         return hit[1]
 
+    def _configure(self, config) -> None:
+        super()._configure(config)
+        self.core_scale = getattr(config, "core_scale", 1.0)
+
+    def scale(self) -> float:
+        """``s`` of ``s * C * (U - U0) * R`` (see ``TCURLoraConfig.core_scale``); 'auto' is computed from C and R
+        (frozen) and cached while they are unchanged."""
+        if self.core_scale != "auto":
+            return float(self.core_scale)
+        cols, rows = self.cols, self.rows
+        key = (cols.data_ptr(), cols._version, rows.data_ptr(), rows._version, cols.device)
+        hit = self.__dict__.get("_scale_cache")
+        if hit is None or hit[0] != key:
+            with torch.no_grad():
+                c, r = cols.double(), rows.double()
+                w = fourier_slice_weights(self.n_slices, device=c.device, dtype=c.dtype)
+                c_hat, r_hat = to_fourier(c), to_fourier(r)
+                gain2 = (w * c_hat.abs().square().sum((-2, -1)) * r_hat.abs().square().sum((-2, -1))).sum()
+                rms = ((c.square().sum() + r.square().sum()) / (c.numel() + r.numel())).sqrt()
+                n_weights = self.n_slices * c.shape[-2] * r.shape[-1]
+                value = float(rms * n_weights**0.5 / gain2.sqrt().clamp_min(1e-30)) if gain2 > 0 else 1.0
+            hit = (key, value)
+            self.__dict__["_scale_cache"] = hit
+        return hit[1]
+
     def factors(self):
-        delta_core = (self.tcurlora_core.float() - self.tcurlora_core_init.float())
-        b = from_fourier(to_fourier(delta_core) @ self._rows_hat(), self.n_slices)  # (U - U0) * R : (L, r, n2)
+        delta_core = (self.tcurlora_core.float() - self.tcurlora_core_init.float()) * self.scale()
+        b = from_fourier(to_fourier(delta_core) @ self._rows_hat(), self.n_slices)  # s (U - U0) * R : (L, r, n2)
         return [(self.cols.float(), b)]
+
+
+def _combine_tcurlora(groups, weights, configs, combination_type):
+    if combination_type not in (None, "linear"):
+        raise ValueError(f"tCURLoRA combines adapters linearly (exact: the cores share C and R); "
+                         f"combination_type={combination_type!r} is not supported, use 'linear'.")
+    if len({c.r for c in configs}) > 1:
+        raise ValueError(f"tCURLoRA adapters combine only at one rank r (shared C and R); got r={[c.r for c in configs]}.")
+    out = []
+    for parts in zip(*groups):
+        first = parts[0]
+        for g in parts[1:]:
+            if not (torch.equal(g.col_idx, first.col_idx) and torch.equal(g.row_idx, first.row_idx)):
+                raise ValueError(f"Group {first.name!r}: the adapters selected different columns/rows (built on different "
+                                 "base weights?), so their cores do not share C and R and cannot be combined exactly.")
+        u0 = first.tcurlora_core_init.detach().float()
+        core = u0 + sum(w * (g.tcurlora_core.detach().float() - g.tcurlora_core_init.detach().float())
+                        for w, g in zip(weights, parts))
+        out.append({"tcurlora_core": core, "tcurlora_core_init": u0.clone(), "col_idx": first.col_idx.clone(),
+                    "row_idx": first.row_idx.clone()})
+    return copy.deepcopy(configs[0]), out
+
+
+TCURLoraGroup.combine = classmethod(lambda cls, *a: _combine_tcurlora(*a))
 
 
 class TCURLoraLayer(TensorGroupLayer):
