@@ -218,7 +218,19 @@ def restore_base_model(model: nn.Module) -> nn.Module:
             setattr(parent, child, original)
     if hasattr(model, "peft_config"):
         del model.peft_config
+    _remove_tuner_hooks(model)
     return model
+
+
+def _remove_tuner_hooks(model: nn.Module) -> None:
+    """Drop the forward hooks a peft_tensor tuner registered on ``model`` (its forward scope)."""
+    from .tuners.tensor_group import TensorGroupTuner
+
+    for hooks in (model._forward_pre_hooks, model._forward_hooks):
+        for key, hook in list(hooks.items()):
+            if isinstance(getattr(hook, "__self__", None), TensorGroupTuner):
+                del hooks[key]
+                model._forward_hooks_always_called.pop(key, None)
 
 
 def _validate(base_model: nn.Module, adapter_dir: str, subfolder: Optional[str]) -> None:

@@ -328,3 +328,28 @@ def test_torch_compile_of_a_training_step_and_of_merged_inference():
     merged = pm.merge_and_unload()
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(merged)(x), eager(x), rtol=1e-4, atol=1e-5)
+
+
+def test_failed_from_pretrained_leaves_no_hook_on_the_base_model(tmp_path, monkeypatch):
+    import peft_tensor
+    from peft_tensor.errors import AdapterLoadError
+
+    pm = get_peft_model(TinyMLP(), TCURLoraConfig(r=3, target_modules=["lin1", "lin2", "lin3"], init_weights=False))
+    pm.save_pretrained(tmp_path)
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")  # a cut-off download
+    base = TinyMLP()
+    pre, post = dict(base._forward_pre_hooks), dict(base._forward_hooks)
+    with pytest.raises(AdapterLoadError):
+        peft_tensor.from_pretrained(base, tmp_path)
+    assert dict(base._forward_pre_hooks) == pre and dict(base._forward_hooks) == post
+    # and a failure inside PEFT's own load (after the injection) is rolled back too
+    pm.save_pretrained(tmp_path)
+
+    def broken_load(self, *args, **kwargs):
+        raise RuntimeError("simulated failure while loading the state dict")
+
+    monkeypatch.setattr(PeftModel, "load_adapter", broken_load)
+    with pytest.raises(AdapterLoadError, match="simulated"):
+        peft_tensor.from_pretrained(base, tmp_path)
+    assert dict(base._forward_pre_hooks) == pre and dict(base._forward_hooks) == post
+    assert not any("tcurlora" in type(m).__name__.lower() for m in base.modules())
