@@ -106,8 +106,8 @@ def _spectrum_tensor(n, n1, n2, kind, seed):
 @given(n=st.integers(1, 6), n1=st.integers(66, 90), n2=st.integers(66, 90), rank=st.integers(1, 6),
        kind=st.sampled_from(["flat", "decaying", "clustered"]), seed=st.integers(0, 1000))
 def test_default_truncated_t_svd_is_the_exact_principal_part(n, n1, n2, rank, kind, seed):
-    """The default (``auto``: the Gram/eigh path at these sizes) agrees with the float64 exact truncated t-SVD of the same
-    float32 tensor to 1e-4 relative, whatever the spectrum (issue 13: two power iterations were 76% off)."""
+    """The default (``auto``: the Gram/eigh path at these sizes) agrees with the float64 exact truncated t-SVD of
+    the same float32 tensor to 1e-4 relative, whatever the spectrum (issue 13: two power iterations were 76% off)."""
     a = _spectrum_tensor(n, n1, n2, kind, seed)
     exact = _principal(truncated_t_svd(a.double(), rank, method="full"))
     got = truncated_t_svd(a, rank)

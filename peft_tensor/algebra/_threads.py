@@ -29,7 +29,8 @@ def _scipy_openblas():
         try:
             import scipy
 
-            libs = glob.glob(os.path.join(os.path.dirname(os.path.dirname(scipy.__file__)), "scipy.libs", "*openblas*"))
+            site = os.path.dirname(os.path.dirname(scipy.__file__))
+            libs = glob.glob(os.path.join(site, "scipy.libs", "*openblas*"))
             for path in libs:
                 lib = ctypes.CDLL(path)  # already loaded by scipy.linalg: the same handle, no second copy
                 for prefix in ("scipy_openblas_", "openblas_"):

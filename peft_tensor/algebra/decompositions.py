@@ -93,8 +93,8 @@ def _gram_upper(y: torch.Tensor) -> torch.Tensor:
 def _top_eigvecs(g: torch.Tensor, k: int) -> torch.Tensor:
     """Eigenvectors of the ``k`` largest eigenvalues of a Hermitian ``g`` (upper triangle read), leading first.
 
-    CPU with SciPy: LAPACK ``*heevr``/``*syevr`` restricted to those ``k`` (tridiagonalisation plus ``k`` vectors, about
-    4x faster than all of them). Otherwise ``torch.linalg.eigh`` (all eigenpairs; fast on GPUs).
+    CPU with SciPy: LAPACK ``*heevr``/``*syevr`` restricted to those ``k`` (tridiagonalisation plus ``k`` vectors,
+    about 4x faster than all of them). Otherwise ``torch.linalg.eigh`` (all eigenpairs; fast on GPUs).
     """
     n = g.shape[-1]
     if g.device.type == "cpu" and _scipy_blas() is not None:
@@ -174,7 +174,8 @@ def _svd(m: torch.Tensor, rank: int, method: str):
 
 
 def _svd_fourier(a_hat: torch.Tensor, n_slices: int, rank: int, method: str = "auto"):
-    """Slice-wise truncated SVD of rfft slices, real on the DC/Nyquist slices. Returns complex U, real s, complex Vh."""
+    """Slice-wise truncated SVD of rfft slices, real on the DC/Nyquist slices. Returns complex U, real s, complex
+    Vh."""
     real_ids = _real_slice_ids(n_slices)
     complex_ids = [i for i in range(a_hat.shape[-3]) if i not in real_ids]
     n1, n2 = a_hat.shape[-2:]

@@ -62,9 +62,13 @@ def fourier_slice_weights(n_slices: int, device=None, dtype=torch.float32) -> to
 
 def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
     if a.dim() < 3 or b.dim() < 3:
-        raise ValueError(f"t-product needs tensors of shape (..., L, n1, n2); got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise ValueError(
+            f"t-product needs tensors of shape (..., L, n1, n2); got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
     if a.shape[SLICE_AXIS] != b.shape[SLICE_AXIS]:
-        raise ValueError(f"t-product needs the same number of slices; got {a.shape[SLICE_AXIS]} and {b.shape[SLICE_AXIS]}")
+        raise ValueError(
+            f"t-product needs the same number of slices; got {a.shape[SLICE_AXIS]} and {b.shape[SLICE_AXIS]}"
+        )
     if a.shape[-1] != b.shape[-2]:
         raise ValueError(f"t-product inner sizes differ: {tuple(a.shape)} * {tuple(b.shape)}")
 
@@ -82,7 +86,8 @@ def t_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def t_transpose(a: torch.Tensor) -> torch.Tensor:
-    """t-transpose: transpose every slice and reverse the order of slices 1..L-1. ``(..., L, n1, n2) -> (..., L, n2, n1)``.
+    """t-transpose: transpose every slice and reverse the order of slices 1..L-1.
+    ``(..., L, n1, n2) -> (..., L, n2, n1)``.
 
     It satisfies ``t_transpose(A * B) == t_transpose(B) * t_transpose(A)``; in the Fourier domain it is the
     conjugate transpose of every slice.

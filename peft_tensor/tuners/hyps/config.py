@@ -29,7 +29,8 @@ class HyPSConfig(PeftTensorConfigMixin, PeftConfig):
       trainable, their initial values ``A0, B0`` are frozen buffers saved with the adapter, and the layer computes
       ``h = (W + A B - A0 B0) x + b``. The base weight is never modified; the branch is mergeable.
     - serial (bottleneck adapter on the layer output): ``y = h + scale * Up(ReLU(Down(h)))`` with ``Down`` (out -> d,
-      Kaiming-uniform) and ``Up`` (d -> out, zeros). Non-linear in ``x``: it cannot be merged.
+      Kaiming-uniform with rows mirrored in pairs ``(w, -w)``, so that no ReLU bottleneck is dead at init) and ``Up``
+      (d -> out, zeros). Non-linear in ``x``: it cannot be merged.
 
     Both branches are an exact identity at initialisation. Paper defaults: ``r=2, d=2, scale=1/d`` on
     [`SWINUNETR_HYPS_TARGETS`], with the SwinUNETR decoder and head trained in full (``modules_to_save=["decoder1",

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional, Union
 
 from peft.config import PeftConfig
 
@@ -34,9 +35,29 @@ class LoraPTConfig(GroupingConfigMixin, PeftTensorConfigMixin, PeftConfig):
                   "when r is small relative to the slices, else 'full'). The result is saved with the adapter."},
     )
 
+    factor_scale: Optional[Union[str, float]] = field(
+        default=None,
+        metadata={"help": "Scale of the factors' updates: the adapter uses U0 + a (U - U0), V0 + a (V - V0) and "
+                  "S0 + a_S (S - S0). 'auto' (default for new adapters): a = c / sigma_1 and a_S = c, sigma_1 the "
+                  "largest tubal singular value of the group's principal part and c = 0.2, so each factor reaches "
+                  "the weights with gain c (unscaled, a step on U or V is amplified by sigma_1^2, and plain SGD at "
+                  "PEFT's test lr 0.5 diverges where LoRA r=8 does not; see LoraPTGroup.AUTO_GAIN); 1.0: the "
+                  "paper's unscaled form; a positive number: a = a_S = that number. Configs written before this "
+                  "field existed load as 1.0."},
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = ensure_peft_type("LORAPT")
+        if self.factor_scale is None:  # a file from before the field existed carries peft_tensor_version: unscaled
+            self.factor_scale = 1.0 if self.peft_tensor_version is not None else "auto"
+        if isinstance(self.factor_scale, str) and self.factor_scale != "auto":
+            try:
+                self.factor_scale = float(self.factor_scale)
+            except ValueError:
+                raise PeftTensorError(f"factor_scale must be 'auto' or a positive number, got {self.factor_scale!r}.")
+        if not isinstance(self.factor_scale, str) and not (float(self.factor_scale) > 0):
+            raise PeftTensorError(f"factor_scale must be 'auto' or a positive number, got {self.factor_scale!r}.")
         self._check_common()
         self._check_grouping()
         if self.core not in ("full", "diagonal"):

@@ -43,7 +43,8 @@ class LoraPTGroup(TensorGroup):
     def scales(self) -> tuple[float, float]:
         """``(a_UV, a_S)``: the adapter uses ``U0 + a_UV (U - U0)``, ``V0 + a_UV (V - V0)``, ``S0 + a_S (S - S0)``.
         ``factor_scale='auto'``: ``(c / sigma_1, c)`` with ``sigma_1`` the largest Fourier-slice singular value of the
-        frozen ``S0`` and ``c = AUTO_GAIN`` (cached while S0 is unchanged); a number ``a``: ``(a, a)``; 1.0: unscaled."""
+        frozen ``S0`` and ``c = AUTO_GAIN`` (cached while S0 is unchanged); a number ``a``: ``(a, a)``; 1.0:
+        unscaled."""
         if self.factor_scale != "auto":
             return float(self.factor_scale), float(self.factor_scale)
         s0 = self.lorapt_S_init
@@ -71,6 +72,15 @@ class LoraPTGroup(TensorGroup):
     def _core_times_vt(self, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         s_hat = to_fourier(torch.diag_embed(s) if self.diagonal else s)
         return from_fourier(s_hat @ to_fourier(v).mH, self.n_slices)  # S * V^T : (L, r, n2)
+
+    def effective_factor(self, name: str, suffix: str = "") -> torch.Tensor:
+        """The factor ``name`` (``"U"``, ``"S"``, ``"V"``) as the adapter applies it, detached, float32:
+        ``X0 + a (X - X0)`` for the trainable one (``suffix=""``), ``X0`` itself for ``suffix="_init"``."""
+        x0 = getattr(self, f"lorapt_{name}_init").detach().float()
+        if suffix == "_init":
+            return x0
+        a, a_s = self.scales()
+        return x0 + (getattr(self, f"lorapt_{name}").detach().float() - x0) * (a_s if name == "S" else a)
 
     def factors(self):
         a, a_s = self.scales()
@@ -100,15 +110,16 @@ def _combine_lorapt(groups, weights, configs, combination_type):
     config = copy.deepcopy(configs[0])
     config.r = sum(c.r for c in configs)
     config.core = "diagonal" if diagonal else "full"
+    config.factor_scale = 1.0  # the sources' scales are baked into the combined factors (effective_factor)
     out = []
     for parts in zip(*groups):
         tensors = {}
         for suffix in ("", "_init"):
-            us = [getattr(g, f"lorapt_U{suffix}").detach().float() for g in parts]
-            vs = [getattr(g, f"lorapt_V{suffix}").detach().float() for g in parts]
+            us = [g.effective_factor("U", suffix) for g in parts]
+            vs = [g.effective_factor("V", suffix) for g in parts]
             cores = []
             for w, g in zip(weights, parts):
-                s = getattr(g, f"lorapt_S{suffix}").detach().float()
+                s = g.effective_factor("S", suffix)
                 if diagonal:
                     cores.append(w * s)
                 else:

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional, Union
 
 from peft.config import PeftConfig
 
 from ..._registration import ensure_peft_type
+from ...errors import PeftTensorError
 from .._config import GroupingConfigMixin, PeftTensorConfigMixin
 
 
@@ -14,8 +16,17 @@ class TCURLoraConfig(GroupingConfigMixin, PeftTensorConfigMixin, PeftConfig):
 
     Per group tensor ``W`` (slices ``W_k``): ``W'_k = W_k + [C * (U - U0) * R]_k`` with ``C``/``R`` the selected
     columns/rows of ``W`` (deterministic, by summed Fourier-slice norms) and ``U0`` the slice-wise pseudo-inverse
-    of their intersection. Exactly ``W`` at init, no scaling factor, mergeable. Trainable: ``r * r * L`` per group
-    (4,608 for UNETR-B with ``r=8`` and the paper grouping).
+    of their intersection. Exactly ``W`` at init, mergeable. Trainable: ``r * r * L`` per group (4,608 for UNETR-B
+    with ``r=8`` and the paper grouping).
+
+    Scale (``core_scale``): the update is ``s * C * (U - U0) * R``. The paper has no scale (``core_scale=1.0``
+    reproduces it); then a step on ``U`` moves the weights by an amount set by ``|C| |R|``, i.e. by the square of the
+    weights' size, so one learning rate cannot suit both the core and the decoder (measured: the core does not move
+    at the recipes' 3e-3). ``core_scale="auto"`` (default) sets ``s = rms(C, R) * sqrt(L n1 n2) / g`` with
+    ``g^2 = sum_f |C^_f|_F^2 |R^_f|_F^2`` over the Fourier slices: a core step whose entries all have size ``lr``
+    (what Adam takes) changes the adapted weights by about ``lr`` times their rms, in any layer and at any weight
+    scale (``W -> cW`` leaves the relative step unchanged). ``s`` is recomputed from ``C`` and ``R`` (columns/rows
+    of the base weights), so nothing is added to the adapter file.
 
     Example::
 
@@ -24,9 +35,25 @@ class TCURLoraConfig(GroupingConfigMixin, PeftTensorConfigMixin, PeftConfig):
     """
 
     r: int = field(default=8, metadata={"help": "CUR rank: columns and rows kept per group (paper default 8)."})
+    core_scale: Optional[Union[str, float]] = field(
+        default=None,
+        metadata={"help": "Scale s of the update s * C * (U - U0) * R. 'auto' (default for new adapters): a core step "
+                  "of size lr moves the weights by about lr times their rms (see the class docstring); 1.0: the "
+                  "paper's unscaled form; any positive number: that s. Configs written before this field existed "
+                  "load as 1.0, which is how they were trained."},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = ensure_peft_type("TCURLORA")
+        if self.core_scale is None:  # a file from before the field existed carries peft_tensor_version: unscaled
+            self.core_scale = 1.0 if self.peft_tensor_version is not None else "auto"
         self._check_common()
         self._check_grouping()
+        if isinstance(self.core_scale, str) and self.core_scale != "auto":
+            try:
+                self.core_scale = float(self.core_scale)
+            except ValueError:
+                raise PeftTensorError(f"core_scale must be 'auto' or a positive number, got {self.core_scale!r}.")
+        if not isinstance(self.core_scale, str) and not (float(self.core_scale) > 0):
+            raise PeftTensorError(f"core_scale must be 'auto' or a positive number, got {self.core_scale!r}.")
