@@ -17,7 +17,10 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site
 fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
+# the package itself, installed (the recipes ship as peft_tensor.recipes only through the install's package-dir)
+"$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target /tmp/site . >/dev/null \
+  && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
 "$PY" - <<'PY' 2>&1 | tee "$OUT/env.txt"
 import torch, peft, monai, transformers
 print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else "NO GPU")
