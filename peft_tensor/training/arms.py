@@ -12,7 +12,12 @@ decoder_only   decoder and head; the encoder is frozen (what the authors' public
 frozen         only the 1x1x1 output head: no encoder and no decoder weight changes (a linear probe)
 =============  =====================================================================================
 
-The decoder trains in every PEFT arm, as in the papers. An arm of one of our methods takes its config class,
+The decoder trains in every PEFT arm, as in the papers. Which modules that is, is the arm option ``decoder``:
+``paper`` (default; UNETR decoder2-5 + head, SwinUNETR decoder1-5 + head), ``wide`` (also the convolutional skip
+encoders encoder1-4 / encoder10, what the recipes trained before) or ``head`` (the output head only: the adapter
+alone), e.g. ``{name: tcurlora, decoder: head}``; an explicit ``modules_to_save`` wins. The adapter's factors train
+at the method's registry learning rate (``method_lr``, see :func:`optimizer_settings`), the decoder at ``optim.lr``.
+An arm of one of our methods takes its config class,
 default fields and target modules per backbone from the method's registry entry
 (:func:`peft_tensor.registry.register`), so a new method is an arm without any change here.
 """
@@ -29,7 +34,7 @@ PEFT_ARMS = (*methods(), *PEFT_BASELINES)
 ARMS = (*PEFT_ARMS, "full", "decoder_only", "frozen")
 _ALIASES = {"decoder-only": "decoder_only", "decoder": "decoder_only", "linear": "decoder_only", "head": "frozen",
             "tcur": "tcurlora", "lora-pt": "lorapt", "lora_pt": "lorapt", "peft_lora": "lora", "peft_pissa": "pissa"}
-_RESERVED = {"name", "lr", "method_lr", "label"}
+_RESERVED = {"name", "lr", "method_lr", "label", "decoder"}
 
 
 def canonical_arm(name: str) -> str:
@@ -55,7 +60,7 @@ def set_trainable(model: torch.nn.Module, patterns) -> None:
 def peft_config(arm: str, arm_cfg: dict, model_cfg: dict):
     """The PEFT config object of a PEFT arm (fields from ``arm_cfg``; targets / decoder default per backbone)."""
     arm = canonical_arm(arm)
-    d = defaults_for(model_cfg)
+    d = defaults_for(model_cfg, dict(arm_cfg).get("decoder", "paper"))
     kw = {k: v for k, v in dict(arm_cfg).items() if k not in _RESERVED}
     kw.setdefault("modules_to_save", list(d["decoder"]))
     spec = methods().get(arm)
@@ -82,7 +87,7 @@ def apply_arm(model: torch.nn.Module, arm_cfg: dict | str, model_cfg: dict) -> t
     if isinstance(arm_cfg, str):
         arm_cfg = {"name": arm_cfg}
     arm = canonical_arm(arm_cfg.get("name", "full"))
-    d = defaults_for(model_cfg)
+    d = defaults_for(model_cfg, arm_cfg.get("decoder", "paper"))
     if arm == "full":
         model.requires_grad_(True)
         return model

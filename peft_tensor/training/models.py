@@ -9,12 +9,16 @@ from pathlib import Path
 import torch
 
 from ..registry import SWINUNETR_TARGETS, UNETR_TARGETS
-# What the papers train in every PEFT arm: UNETR's convolutional skip/decoder path and head (the "decoder").
-UNETR_DECODER = ["encoder1", "encoder2", "encoder3", "encoder4", "decoder2", "decoder3", "decoder4", "decoder5",
-                 "out.conv.conv"]
-SWIN_DECODER = ["encoder1", "encoder2", "encoder3", "encoder4", "encoder10", "decoder1", "decoder2", "decoder3",
-                "decoder4", "decoder5", "out.conv.conv"]
+# What the papers train beside the adapter in every PEFT arm (the "decoder"): UNETR decoder2-5 + head, 2,678,562
+# parameters in UNETR-B (tCURLoRA r=8 then trains the paper's 2,683,170); SwinUNETR decoder1-5 + head, 19,597,922 in
+# SwinUNETR-48 (HyPS). The convolutional skip encoders (encoder1-4, and encoder10 in SwinUNETR) stay frozen there.
+UNETR_DECODER = ["decoder2", "decoder3", "decoder4", "decoder5", "out.conv.conv"]
+SWIN_DECODER = ["decoder1", "decoder2", "decoder3", "decoder4", "decoder5", "out.conv.conv"]
 HEAD = ["out.conv.conv"]
+# The wider set the recipes trained before (the skip encoders too), kept as the arm option ``decoder: wide``.
+UNETR_DECODER_WIDE = ["encoder1", "encoder2", "encoder3", "encoder4", *UNETR_DECODER]
+SWIN_DECODER_WIDE = ["encoder1", "encoder2", "encoder3", "encoder4", "encoder10", *SWIN_DECODER]
+DECODER_SETS = ("paper", "wide", "head")
 
 _UNETR_DEFAULTS = dict(in_channels=1, out_channels=2, img_size=128, feature_size=16, hidden_size=768, mlp_dim=3072,
                        num_heads=12, proj_type="conv", norm_name="instance", dropout_rate=0.1, qkv_bias=False)
@@ -53,12 +57,17 @@ def build_model(cfg: dict) -> torch.nn.Module:
     return SwinUNETR(**{**kw, "depths": tuple(kw["depths"]), "num_heads": tuple(kw["num_heads"])})
 
 
-def defaults_for(cfg: dict) -> dict:
-    """Targets and decoder module names for the backbone named in ``cfg``."""
+def defaults_for(cfg: dict, decoder: str = "paper") -> dict:
+    """Targets and the modules trained beside the adapter for the backbone named in ``cfg``. ``decoder``: ``"paper"``
+    (the papers' decoder + head, the default), ``"wide"`` (also the convolutional skip encoders) or ``"head"`` (the
+    1x1x1 output head only: the adapter alone)."""
     name = str(dict(cfg).get("name", "unetr")).lower()
-    if name == "swinunetr":
-        return {"target_modules": list(SWINUNETR_TARGETS), "decoder": SWIN_DECODER}
-    return {"target_modules": list(UNETR_TARGETS), "decoder": UNETR_DECODER}
+    if decoder not in DECODER_SETS:
+        raise ValueError(f"unknown decoder set {decoder!r}: use one of {', '.join(DECODER_SETS)}")
+    swin = name == "swinunetr"
+    sets = {"paper": SWIN_DECODER if swin else UNETR_DECODER,
+            "wide": SWIN_DECODER_WIDE if swin else UNETR_DECODER_WIDE, "head": HEAD}
+    return {"target_modules": list(SWINUNETR_TARGETS if swin else UNETR_TARGETS), "decoder": list(sets[decoder])}
 
 
 def save_backbone(model: torch.nn.Module, cfg: dict, folder: str | os.PathLike, extra: dict | None = None) -> Path:

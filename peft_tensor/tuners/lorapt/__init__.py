@@ -14,4 +14,5 @@ __all__ = ["LoraPTConfig", "LoraPTGroup", "LoraPTLayer", "LoraPTModel"]
 
 register("lorapt", peft_type="LORAPT", config_cls=LoraPTConfig, model_cls=LoraPTModel, prefix="lorapt_",
          summary="LoRA-PT: principal t-SVD components train, residual frozen", paper="arXiv 2407.11292 (AIIM 2025)",
-         arm_defaults={"r": 32}, lr=None)
+         arm_defaults={"r": 32},
+         lr=0.3)  # factor_scale="auto"; adapter-only sweep on the demo task: Dice plateau 0.1-1.0, frozen at <= 3e-2

@@ -1,0 +1,44 @@
+"""The arms' default decoder is the papers' (issue 13 section 3); the wider set and the adapter alone are options."""
+
+import pytest
+
+from peft_tensor.training import apply_arm, param_counts
+from peft_tensor.training.arms import optimizer_settings
+from peft_tensor.training.models import build_model
+
+
+@pytest.fixture(scope="module")
+def unetr_b_cfg():
+    return {"name": "unetr", "img_size": 64}  # UNETR-B (hidden 768); the decoder count does not depend on img_size
+
+
+def test_unetr_b_default_decoder_is_the_papers(unetr_b_cfg):
+    counts = param_counts(apply_arm(build_model(unetr_b_cfg), "decoder_only", unetr_b_cfg))
+    assert counts["trainable"] == 2_678_562  # decoder2-5 + head
+    tcur = apply_arm(build_model(unetr_b_cfg), {"name": "tcurlora", "r": 8, "grouping": "paper"}, unetr_b_cfg)
+    assert param_counts(tcur)["trainable"] == 2_683_170  # the paper's "2.683 M": 4,608 core + the decoder
+
+
+def test_unetr_decoder_sets_wide_and_head(unetr_b_cfg):
+    wide = param_counts(apply_arm(build_model(unetr_b_cfg), {"name": "decoder_only", "decoder": "wide"},
+                                  unetr_b_cfg))["trainable"]
+    assert wide > 2_678_562  # encoder1-4 on top
+    alone = apply_arm(build_model(unetr_b_cfg), {"name": "tcurlora", "r": 8, "grouping": "paper", "decoder": "head"},
+                      unetr_b_cfg)
+    assert param_counts(alone)["trainable"] == 4_608 + 34  # the core and the 1x1x1 head (16 -> 2 channels)
+    with pytest.raises(ValueError, match="decoder set"):
+        apply_arm(build_model(unetr_b_cfg), {"name": "decoder_only", "decoder": "everything"}, unetr_b_cfg)
+
+
+def test_swinunetr_default_decoder_is_hyps_papers():
+    cfg = {"name": "swinunetr"}
+    counts = param_counts(apply_arm(build_model(cfg), "decoder_only", cfg))
+    assert counts["trainable"] == 19_597_922  # decoder1-5 + head (HyPS)
+
+
+@pytest.mark.parametrize("method", ["tcurlora", "lorapt", "hyps"])
+def test_every_method_has_a_registry_learning_rate(method):
+    """Measured adapter-only sweep (benchmarks/results/lr_sweep.md): the recipes' 3e-3 leaves tCURLoRA and LoRA-PT
+    at the frozen network's Dice; each method's factors train at its own rate, the decoder keeps optim.lr."""
+    settings = optimizer_settings({"name": method})
+    assert settings["method_lr"] > 3e-3
