@@ -42,11 +42,13 @@ def read_config_file(adapter_dir: str | os.PathLike) -> dict:
     """Read ``adapter_config.json``: it must exist, be a JSON object and name its ``peft_type``."""
     path = Path(adapter_dir) / CONFIG_NAME
     if not path.is_file():
-        raise AdapterLoadError(f"No {CONFIG_NAME} in {adapter_dir}: is this an adapter directory (save_pretrained output)?")
+        raise AdapterLoadError(
+            f"No {CONFIG_NAME} in {adapter_dir}: is this an adapter directory (save_pretrained output)?")
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterLoadError(f"{path} is not valid JSON ({exc}); the file is corrupted, re-save the adapter.") from exc
+        raise AdapterLoadError(
+            f"{path} is not valid JSON ({exc}); the file is corrupted, re-save the adapter.") from exc
     if not isinstance(cfg, dict):
         raise AdapterLoadError(f"{path} must hold a JSON object, found {type(cfg).__name__}.")
     if not cfg.get("peft_type"):
@@ -192,7 +194,8 @@ def check_adapter_compatible(base_model: nn.Module, adapter_dir: str | os.PathLi
         for name, shape in tuner_cls.group_cls.expected_shapes(spec, config).items():
             key = f"{prefix}{i}.{name}"
             if key not in header:
-                raise AdapterLoadError(f"{adapter_dir}: tensor {key} is missing from {WEIGHTS_NAME}; the file is incomplete.")
+                raise AdapterLoadError(
+                    f"{adapter_dir}: tensor {key} is missing from {WEIGHTS_NAME}; the file is incomplete.")
             saved = tuple(header[key]["shape"])
             if saved != tuple(shape):
                 raise AdapterLoadError(

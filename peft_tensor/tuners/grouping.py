@@ -104,7 +104,8 @@ def _paper(targets: list[tuple[str, nn.Module]], slice_order: tuple[str, ...]) -
     groups: list[GroupSpec] = []
     attn_roles = [r for r in slice_order if r in ("out_proj", "q", "k", "v")]
     if sorted(slice_order) != sorted(DEFAULT_SLICE_ORDER):
-        raise GroupingError(f"slice_order must be a permutation of {list(DEFAULT_SLICE_ORDER)}, got {list(slice_order)}.")
+        raise GroupingError(
+            f"slice_order must be a permutation of {list(DEFAULT_SLICE_ORDER)}, got {list(slice_order)}.")
     if "qkv" in reference or "out_proj" in reference:
         attn: GroupSpec | None = None
         for block, roles in blocks.items():
@@ -148,13 +149,15 @@ def _paper(targets: list[tuple[str, nn.Module]], slice_order: tuple[str, ...]) -
             if spec is None:
                 spec = GroupSpec(name=gname, n1=n1, n2=n2)
             if (n1, n2) != (spec.n1, spec.n2):
-                raise GroupingError(f"{name!r} is {n1} x {n2} but other {role} layers are {spec.n1} x {spec.n2}. {hint}")
+                raise GroupingError(
+                    f"{name!r} is {n1} x {n2} but other {role} layers are {spec.n1} x {spec.n2}. {hint}")
             spec.slices.append(SliceSpec(name, 0, n1, role=role))
         groups.append(spec)
     return groups
 
 
-def plan_groups(targets: list[tuple[str, nn.Module]], grouping: str, slice_order=DEFAULT_SLICE_ORDER) -> list[GroupSpec]:
+def plan_groups(targets: list[tuple[str, nn.Module]], grouping: str,
+                slice_order=DEFAULT_SLICE_ORDER) -> list[GroupSpec]:
     """Plan the group tensors for the matched ``(name, nn.Linear)`` targets (in module order)."""
     if grouping == "by_shape":
         return _by_shape(targets)

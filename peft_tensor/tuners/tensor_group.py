@@ -254,8 +254,9 @@ class TensorGroup(nn.Module):
         saved = state_dict.get(prefix + "group_shape")
         if saved is not None and saved.tolist() != self.group_shape.tolist():
             raise AdapterLoadError(
-                f"Group {self.name!r} of this adapter was saved as a {' x '.join(map(str, saved.tolist()))} tensor, but "
-                f"this base model gives {self.n_slices} x {self.n1} x {self.n2}: the adapter belongs to another network. "
+                f"Group {self.name!r} of this adapter was saved as a {' x '.join(map(str, saved.tolist()))} tensor, "
+                f"but this base model gives {self.n_slices} x {self.n1} x {self.n2}: the adapter belongs to another "
+                "network. "
                 "Load it onto the base model it was trained on."
             )
         mine = [k for k in state_dict if k.startswith(prefix) and "." not in k[len(prefix):]]
@@ -278,7 +279,8 @@ class TensorGroup(nn.Module):
 
     # -- the factors, once per forward pass --------------------------------------------------------------------
     def _compute_flat(self) -> tuple[torch.Tensor, ...]:
-        """``(A_flat (L q, n1), B_flat (L q, n2))`` per term, flattened: rows ``(a, j)`` of A_flat hold ``A_a[:, j]``."""
+        """``(A_flat (L q, n1), B_flat (L q, n2))`` per term, flattened: rows ``(a, j)`` of A_flat hold
+        ``A_a[:, j]``."""
         flat = []
         for a, b in self.factors():
             q = a.shape[-1]

@@ -50,7 +50,8 @@ class HyPSConfig(PeftTensorConfigMixin, PeftConfig):
     )
     scale: Optional[float] = field(
         default=None,
-        metadata={"help": "Multiplier of the serial branch output, y = h + scale * Up(ReLU(Down(h))). None means 1/d."},
+        metadata={"help": "Multiplier of the serial branch output, y = h + scale * Up(ReLU(Down(h))). "
+                  "None means 1/d."},
     )
     dropout: float = field(
         default=0.0,

@@ -83,7 +83,8 @@ class HyPSLayer(BaseTunerLayer):
     """Per-adapter state of a HyPS-wrapped layer.
 
     Trainable (``adapter_layer_names``): ``hyps_A`` (out x r), ``hyps_B`` (r x in), ``hyps_down`` (Linear out -> d,
-    no bias), ``hyps_up`` (Linear d -> out, no bias). Frozen and saved (``other_param_names``): ``hyps_A0``, ``hyps_B0``
+    no bias), ``hyps_up`` (Linear d -> out, no bias). Frozen and saved (``other_param_names``): ``hyps_A0``,
+    ``hyps_B0``
     (persistent buffers with the initial factors), plus plain per-adapter settings. An adapter with a branch switched
     off simply has no entry in that branch's containers.
     """

@@ -126,7 +126,8 @@ class HyPSModel(MonaiFriendlyTunerMixin, BaseTuner):
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         if not isinstance(base, nn.Linear):
             raise TargetModulesError(
-                f"HyPS adapts nn.Linear layers only; {current_key!r} is a {type(base).__name__}. Narrow target_modules."
+                f"HyPS adapts nn.Linear layers only; {current_key!r} is a {type(base).__name__}. "
+                "Narrow target_modules."
             )
         new_module = Linear(target, adapter_name, hyps_config, layer_name=current_key)
         if adapter_name not in self.active_adapters:
@@ -161,7 +162,8 @@ class HyPSModel(MonaiFriendlyTunerMixin, BaseTuner):
         serial = [a for a, c in zip(adapters, configs) if c.serial]
         if serial:
             raise MergeError(
-                f"HyPS adapters {serial} have a serial branch (Up(ReLU(Down(h)))), which is non-linear: a weighted sum "
+                f"HyPS adapters {serial} have a serial branch (Up(ReLU(Down(h)))), which is non-linear: a weighted "
+                "sum "
                 "of such adapters is not an adapter of the same form. Combine parallel-only adapters "
                 "(HyPSConfig(serial=False)).")
         if any(c.parallel is False for c in configs):

@@ -97,13 +97,15 @@ def _combine_tcurlora(groups, weights, configs, combination_type):
         raise ValueError(f"tCURLoRA combines adapters linearly (exact: the cores share C and R); "
                          f"combination_type={combination_type!r} is not supported, use 'linear'.")
     if len({c.r for c in configs}) > 1:
-        raise ValueError(f"tCURLoRA adapters combine only at one rank r (shared C and R); got r={[c.r for c in configs]}.")
+        raise ValueError(
+            f"tCURLoRA adapters combine only at one rank r (shared C and R); got r={[c.r for c in configs]}.")
     out = []
     for parts in zip(*groups):
         first = parts[0]
         for g in parts[1:]:
             if not (torch.equal(g.col_idx, first.col_idx) and torch.equal(g.row_idx, first.row_idx)):
-                raise ValueError(f"Group {first.name!r}: the adapters selected different columns/rows (built on different "
+                raise ValueError(
+                    f"Group {first.name!r}: the adapters selected different columns/rows (built on different "
                                  "base weights?), so their cores do not share C and R and cannot be combined exactly.")
         u0 = first.tcurlora_core_init.detach().float()
         core = u0 + sum(w * (g.tcurlora_core.detach().float() - g.tcurlora_core_init.detach().float())
