@@ -39,7 +39,8 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 def arm_name(arm) -> str:
-    return arm if isinstance(arm, str) else arm["name"]
+    """The arm's name in the tables: its ``label`` if any (``{name: lora, decoder: head, label: lora_alone}``)."""
+    return arm if isinstance(arm, str) else str(arm.get("label", arm["name"]))
 
 
 def aggregate(runs: list[dict], arms: list[str], ns: list[int]) -> dict:

@@ -49,8 +49,9 @@ def main(cfg: dict) -> dict:
     # 3-4. fine-tuning arms on the target task, each evaluated on the held-out subjects
     results = {}
     for arm in cfg["arms"]:
-        name = arm if isinstance(arm, str) else arm["name"]
+        name = arm_label(arm)
         results[name] = finetune_arm(cfg, arm, pre_dir / "backbone", out / name)
+        results[name]["file_bytes"] = adapter_bytes(out / name / "adapter")
 
     total_s = time.time() - t_start
     table = format_table(results)
@@ -62,6 +63,21 @@ def main(cfg: dict) -> dict:
     print(table)
     print(f"\ntotal {total_s:.0f} s (pretraining {'reused' if reused else f'{pretrain_s:.0f} s'}); outputs in {out}/")
     return summary
+
+
+def arm_label(arm) -> str:
+    """The arm's name in tables and folders: its ``label`` if it has one (e.g. ``tcurlora_adapter_only`` for
+    ``{name: tcurlora, decoder: head}``), else its name."""
+    return arm if isinstance(arm, str) else str(arm.get("label", arm["name"]))
+
+
+def adapter_bytes(folder: Path) -> int:
+    """Size of the saved trainable weights (``adapter_model.safetensors`` or ``trainable.safetensors``)."""
+    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} KB"
 
 
 def _common(cfg: dict) -> dict:
@@ -107,16 +123,17 @@ def finetune_arm(cfg: dict, arm, backbone: Path, out_dir: Path, data: dict | Non
 
 
 def format_table(results: dict) -> str:
-    lines = ["| arm | trainable params | test Dice | test HD95 (mm) | Jaccard | train time (s) |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| arm | trainable params | file | test Dice | test HD95 (mm) | Jaccard | train time (s) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
         t = r.get("test", {})
 
         def f(k, digits=3):
             return f"{t[k]['mean']:.{digits}f} ± {t[k]['std']:.{digits}f}" if k in t and t[k]["n"] else "n/a"
 
-        lines.append(f"| {name} | {r['params']['trainable']:,} | {f('dice')} | {f('hd95', 2)} | {f('jaccard')} | "
-                     f"{r.get('train_s', float('nan')):.0f} |")
+        size = _size(r["file_bytes"]) if "file_bytes" in r else "n/a"
+        lines.append(f"| {name} | {r['params']['trainable']:,} | {size} | {f('dice')} | {f('hd95', 2)} | "
+                     f"{f('jaccard')} | {r.get('train_s', float('nan')):.0f} |")
     return "\n".join(lines)
 
 
