@@ -353,3 +353,24 @@ def test_failed_from_pretrained_leaves_no_hook_on_the_base_model(tmp_path, monke
         peft_tensor.from_pretrained(base, tmp_path)
     assert dict(base._forward_pre_hooks) == pre and dict(base._forward_hooks) == post
     assert not any("tcurlora" in type(m).__name__.lower() for m in base.modules())
+
+
+@pytest.mark.parametrize("method", ["tcurlora", "lorapt"])
+def test_delta_modes_compute_the_same_function_and_gradients(method):
+    """delta_mode='dense' (x (W + D)^T, D through the FFT) equals the default factored path, identity bit-exact."""
+    x = _x((1, 1, 32, 32, 32))
+    results = {}
+    for mode in ("factored", "dense"):
+        torch.manual_seed(0)
+        pm = get_peft_model(tiny_unetr(), UNETR_CONFIGS[method](init_weights=False, delta_mode=mode))
+        y = pm(x)
+        (y ** 2).mean().backward()
+        results[mode] = (y.detach(), [p.grad for _, p in _trainable(pm)])
+        identity = get_peft_model(tiny_unetr(), UNETR_CONFIGS[method](delta_mode=mode))
+        with torch.no_grad():
+            adapted = identity(x)
+            with identity.disable_adapter():
+                assert torch.equal(adapted, identity(x))
+    torch.testing.assert_close(results["dense"][0], results["factored"][0], rtol=1e-4, atol=1e-5)
+    for g_dense, g_factored in zip(results["dense"][1], results["factored"][1]):
+        torch.testing.assert_close(g_dense, g_factored, rtol=1e-3, atol=1e-4 * g_factored.abs().max().item())

@@ -92,8 +92,19 @@ class GroupingConfigMixin:
         metadata={"help": "Order of the 4 slices each block contributes to the attention tensor under "
                   "grouping='paper' (the authors use out_proj, q, k, v)."},
     )
+    delta_mode: str = field(
+        default="factored",
+        metadata={"help": "How the update D reaches a layer's output; all three compute the same function. "
+                  "'factored' (default): D_k x through thin t-product factors, no weight-sized tensor (cost grows "
+                  "with tokens x L x r). 'dense': D materialised once per forward through the FFT, the layer runs "
+                  "x (W_k + D_k)^T (measured on an H200, UNETR-B blocks, 512-1024 tokens: 0.67-0.92x LoRA's step "
+                  "where 'factored' is 0.92-1.52x; costs one weight-sized D per group; on CPU it is 2x slower). "
+                  "'auto': dense on CUDA where a flop count says it is cheaper, factored on CPU."},
+    )
 
     def _check_grouping(self) -> None:
         if self.grouping not in ("by_shape", "paper"):
             raise PeftTensorError(f"grouping must be 'by_shape' or 'paper', got {self.grouping!r}.")
+        if self.delta_mode not in ("auto", "factored", "dense"):
+            raise PeftTensorError(f"delta_mode must be 'auto', 'factored' or 'dense', got {self.delta_mode!r}.")
         self.slice_order = list(self.slice_order)

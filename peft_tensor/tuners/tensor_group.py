@@ -32,10 +32,11 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge, check_target_module_exists
 from torch import nn
 
-from ..algebra import from_fourier, t_product_fourier, to_fourier
+from ..algebra import t_product_fourier, to_fourier
 from ..errors import AdapterLoadError, MergeError, RankError, TargetModulesError
 from ._peft_fixes import MonaiFriendlyTunerMixin, mixed_batch_hooks
 from .grouping import GroupSpec, plan_groups
@@ -72,7 +73,7 @@ ForwardClock = ForwardScope  # the earlier name
 
 
 class _Factors(torch.autograd.Function):
-    """The flattened factors of a group as one autograd node that *saves no tensors*.
+    """The flattened factors of a group (or its dense update ``D``) as one autograd node that *saves no tensors*.
 
     Its backward recomputes the factors from the group's parameters (a few small FFTs) and back-propagates through
     them. Saving nothing is what makes the per-forward re-use safe: the node can be traversed by several backward
@@ -81,19 +82,22 @@ class _Factors(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, group: "TensorGroup", *params: torch.Tensor):
-        ctx.group = group
+    def forward(ctx, group: "TensorGroup", kind: str, *params: torch.Tensor):
+        ctx.group, ctx.kind = group, kind
         ctx.params = params
         ctx.versions = tuple(p._version for p in params)
         with torch.no_grad():
-            outs = group._compute_flat()
+            outs = group._compute(kind)
+            if kind == "dense":  # one output per slice: a layer's rows are a cat of slices, whose backward is a split
+                outs = tuple(d.contiguous() for d in outs[0].unbind(0))
         # outputs must be new tensors, not the group's own buffers or views of them
         own = {t.data_ptr() for t in group._state_tensors()}
         outs = tuple(o.clone() if (o._is_view() or o.data_ptr() in own) else o for o in outs)
-        mask = [flag for pair in group.differentiable_factors for flag in pair]
-        frozen = [o for o, flag in zip(outs, mask) if not flag]
-        if frozen:
-            ctx.mark_non_differentiable(*frozen)
+        if kind == "flat":
+            mask = [flag for pair in group.differentiable_factors for flag in pair]
+            frozen = [o for o, flag in zip(outs, mask) if not flag]
+            if frozen:
+                ctx.mark_non_differentiable(*frozen)
         return outs
 
     @staticmethod
@@ -103,14 +107,26 @@ class _Factors(torch.autograd.Function):
                 f"peft_tensor: a parameter of group {ctx.group.name!r} was modified in place between the forward and "
                 "the backward pass (e.g. an optimiser step before backward). Run backward before stepping."
             )
+        if ctx.kind == "dense":
+            ref = next(g for g in grads if g is not None)
+            grads = (torch.stack([g if g is not None else torch.zeros_like(ref) for g in grads]),)
         with torch.enable_grad():
-            outs = ctx.group._compute_flat()
+            outs = ctx.group._compute(ctx.kind)
             pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
             if not pairs:
-                return (None,) + tuple(None for _ in ctx.params)
+                return (None, None) + tuple(None for _ in ctx.params)
             got = torch.autograd.grad([o for o, _ in pairs], list(ctx.params), [g for _, g in pairs],
                                       allow_unused=True)
-        return (None,) + tuple(got)
+        return (None, None) + tuple(got)
+
+
+def _device_of(value) -> torch.device:
+    first = value[0]
+    return first.device if isinstance(first, torch.Tensor) else first[0].device
+
+
+def _to_device(value, device):
+    return [v.to(device) if isinstance(v, torch.Tensor) else (v[0].to(device), v[1].to(device)) for v in value]
 
 
 def _inside_init_empty_weights() -> bool:
@@ -175,6 +191,7 @@ class TensorGroup(nn.Module):
         self.__dict__["_live"] = {}
         self.__dict__["_pending"] = None
         self._roll = {}
+        self.delta_mode = getattr(config, "delta_mode", "factored")
         self._configure(config)
         # saved with the adapter so a load onto a different network is refused by value, not only by shape
         group_shape = torch.tensor([self.n_slices, self.n1, self.n2], dtype=torch.int64)
@@ -292,50 +309,101 @@ class TensorGroup(nn.Module):
         yield from self.parameters(recurse=False)
         yield from self.buffers(recurse=False)
 
-    def compute_factors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Fresh flattened factors ``[(A_flat, B_flat)]`` in float32, differentiable w.r.t. the trainable state."""
+    def _compute(self, kind: str) -> tuple[torch.Tensor, ...]:
+        if kind == "flat":
+            return self._compute_flat()
+        d_hat = sum(t_product_fourier(to_fourier(a), to_fourier(b)) for a, b in self.factors())  # (L//2+1, n1, n2)
+        # the inverse FFT along a contiguous last axis is several times faster than along the leading one
+        d = torch.fft.irfft(d_hat.permute(1, 2, 0).contiguous(), n=self.n_slices, dim=-1)  # (n1, n2, L)
+        return (d.permute(2, 0, 1),)
+
+    def _fresh(self, kind: str) -> tuple[torch.Tensor, ...]:
+        """Fresh float32 tensors of ``kind`` ('flat' factors or 'dense' D), differentiable w.r.t. trainable state."""
         self.materialize()
         device_type = self.group_shape.device.type
         with torch.autocast(device_type=device_type, enabled=False):
             params = [p for p in self.parameters(recurse=False) if p.requires_grad]
             if params and torch.is_grad_enabled():
-                outs = _Factors.apply(self, *params)
-            else:
-                with torch.no_grad():
-                    outs = self._compute_flat()
+                return _Factors.apply(self, kind, *params)
+            with torch.no_grad():
+                return self._compute(kind)
+
+    def compute_factors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Fresh flattened factors ``[(A_flat, B_flat)]`` in float32, differentiable w.r.t. the trainable state."""
+        outs = self._fresh("flat")
         return [(outs[i], outs[i + 1]) for i in range(0, len(outs), 2)]
 
-    def current_factors(self, device=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The factors for this forward pass: computed once per model forward (per device), fresh outside one."""
+    def _current(self, kind: str, compute, device=None):
+        """``compute()`` once per model forward (and per device); fresh outside a model forward."""
         scope = self._scope
         grad = torch.is_grad_enabled()
         if not scope.active:
-            terms = self.compute_factors()
+            value = compute()
         else:
             key = (scope.epoch, torch.is_inference_mode_enabled())
-            hit = self._live.get("terms")
+            hit = self._live.get(kind)
             if hit is not None and hit[0] == key and (hit[1] or not grad):
-                terms = hit[2]
+                value = hit[2]
             else:
-                terms = self.compute_factors()
-                self._live.clear()
-                self._live["terms"] = (key, grad, terms)
-            if device is not None and terms and terms[0][0].device != device:
-                moved = self._live.get(("moved", device))
-                if moved is None or moved[0] is not terms:
-                    moved = (terms, [(a.to(device), b.to(device)) for a, b in terms])
-                    self._live[("moved", device)] = moved
+                value = compute()
+                for k in [k for k in self._live if k == kind or (isinstance(k, tuple) and k[1] == kind)]:
+                    del self._live[k]
+                self._live[kind] = (key, grad, value)
+            if device is not None and _device_of(value) != device:
+                moved = self._live.get(("moved", kind, device))
+                if moved is None or moved[0] is not value:
+                    moved = (value, _to_device(value, device))
+                    self._live[("moved", kind, device)] = moved
                 return moved[1]
-        if device is not None and terms and terms[0][0].device != device:
-            terms = [(a.to(device), b.to(device)) for a, b in terms]
-        return terms
+        if device is not None and _device_of(value) != device:
+            value = _to_device(value, device)
+        return value
+
+    def current_factors(self, device=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The factors for this forward pass: computed once per model forward (per device), fresh outside one."""
+        return self._current("flat", self.compute_factors, device)
+
+    def current_dense(self, device=None) -> list[torch.Tensor]:
+        """The slices ``D_k`` ``(n1, n2)`` float32 for this forward pass, once per model forward, differentiable."""
+        def compute():
+            outs = self._fresh("dense")
+            return list(outs) if len(outs) == self.n_slices else list(outs[0].unbind(0))
+
+        return self._current("dense", compute, device)
+
+    def term_ranks(self) -> tuple[int, ...]:
+        """``q_i`` of each factor pair (for the cost model); default: one term of rank ``r``."""
+        return (self.rank,)
+
+    def prefers_dense(self, n_tokens: int) -> bool:
+        """``delta_mode='auto'``: dense ``W_k + D_k`` when its flop count is lower than the factored path's.
+
+        Per forward (x3 with a backward pass), over the group's ``n_layers`` layers and ``L`` slices, on ``N`` tokens:
+        factored ``N * L * sum(q_i) * (n_layers * n2 + L * n1)``; dense: the FFT materialisation of ``D``
+        (``(L/2+1) * n1 * n2 * sum(q_i)`` complex multiply-adds, ~4 real each) plus, with a backward pass, one
+        weight-sized gradient per slice (``N * L * n1 * n2``).
+        """
+        if self.delta_mode != "auto":
+            return self.delta_mode == "dense"
+        if self.group_shape.device.type == "cpu":
+            # measured (UNETR-B blocks, 512 tokens, one CPU thread): materialising D through the FFT and its
+            # recomputation in backward cost more than the factored products save, by 2x
+            return False
+        q = sum(self.term_ranks())
+        n_layers = len({id(layer) for layer, _, _ in self._sources})
+        grad = torch.is_grad_enabled()
+        passes = 3 if grad else 1
+        factored = n_tokens * self.n_slices * q * (n_layers * self.n2 + self.n_slices * self.n1) * passes
+        dense = 4 * (self.n_slices // 2 + 1) * self.n1 * self.n2 * q * passes
+        if grad:
+            dense += n_tokens * self.n_slices * self.n1 * self.n2
+        return dense < factored
 
     def dense_delta(self) -> torch.Tensor:
         """The full update tensor ``D = sum_i A_i * B_i`` ``(L, n1, n2)``, float32 (used for merging)."""
         self.materialize()
         with torch.no_grad():
-            d_hat = sum(t_product_fourier(to_fourier(a), to_fourier(b)) for a, b in self.factors())
-            return from_fourier(d_hat, self.n_slices)
+            return self._compute("dense")[0].contiguous()
 
     def _roll_index(self, slice_ids: tuple[int, ...], device) -> torch.Tensor:
         idx = self._roll.get((slice_ids, device))
@@ -470,6 +538,18 @@ class TensorGroupLayer(nn.Module, BaseTunerLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if adapter_names is None and not self.merged and not args and not kwargs:
+            n_tokens = x.numel() // self.in_features
+            dense = [n for n in self.active_adapters
+                     if n in self.group_slices and self.group_slices[n].group.prefers_dense(n_tokens)]
+            if dense:
+                result = self._dense_forward(x, dense)
+                for name in self.active_adapters:
+                    if name not in dense:
+                        delta = self._delta(name, x)
+                        if delta is not None:
+                            result = result + delta.to(result.dtype)
+                return result
         result = self.base_layer(x, *args, **kwargs)
         if adapter_names is not None:
             check_mixed_batch(x, adapter_names)
@@ -485,6 +565,18 @@ class TensorGroupLayer(nn.Module, BaseTunerLayer):
             if delta is not None:
                 result = result + delta.to(result.dtype)
         return result
+
+    def _dense_forward(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """``x (W + sum D_k)^T + b``: the base layer with the adapters' dense slices added to its weight."""
+        base = self.get_base_layer()
+        weight = base.weight
+        for name in names:
+            asg = self.group_slices[name]
+            slices = asg.group.current_dense(device=weight.device)
+            ids = asg.slice_ids
+            rows = slices[ids[0]] if len(ids) == 1 else torch.cat([slices[k] for k in ids])
+            weight = weight + rows.to(weight.dtype)
+        return F.linear(x, weight, base.bias)
 
     def __repr__(self) -> str:
         rep = super().__repr__()

@@ -69,6 +69,9 @@ class LoraPTGroup(TensorGroup):
                 value = value + 0.1 * value.abs().mean() * torch.randn_like(value)
             setattr(self, f"lorapt_{name}", nn.Parameter(value.clone()))
 
+    def term_ranks(self) -> tuple[int, ...]:
+        return (self.rank, self.rank)  # U * (S V^T) and the frozen U0 * -(S0 V0^T)
+
     def _core_times_vt(self, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         s_hat = to_fourier(torch.diag_embed(s) if self.diagonal else s)
         return from_fourier(s_hat @ to_fourier(v).mH, self.n_slices)  # S * V^T : (L, r, n2)
