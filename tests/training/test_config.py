@@ -63,6 +63,10 @@ def test_config_loads_and_validates(name):
             assert "floor" in [a["name"] for a in spec["arms"].values()]
             for arm in spec["arms"].values():
                 _check_arm({k: v for k, v in arm.items() if k != "label"}, spec["model"])
+    elif name.startswith("vit_blocks"):  # UNETR-B's transformer blocks alone (benchmarks/vit_blocks.py)
+        assert {cfg["floor_arm"], cfg["reference"]} <= set(cfg["arms"]) and cfg["run"]["steps"] > 0
+        for arm in cfg["arms"].values():
+            _check_arm({k: v for k, v in arm.items() if k != "label"}, {"name": "unetr"})
     elif name == "evaluate_run":
         assert {"run_dir", "split", "eval"} <= set(cfg)
     elif name.startswith("diagnose"):
