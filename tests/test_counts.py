@@ -35,7 +35,8 @@ def test_tcurlora_r8_paper(unetr):
 
 def test_tcurlora_by_shape_groups(unetr):
     _, groups = _count(unetr, TCURLoraConfig(r=8, target_modules=UNETR_TARGETS, grouping="by_shape"))
-    assert sorted(g["shape"] for g in groups) == sorted([[12, 2304, 768], [12, 768, 768], [12, 3072, 768], [12, 768, 3072]])
+    expected = [[12, 2304, 768], [12, 768, 768], [12, 3072, 768], [12, 768, 3072]]
+    assert sorted(g["shape"] for g in groups) == sorted(expected)
 
 
 @pytest.mark.parametrize("r, expected", [(1, 165_960), (8, 1_331_712)])

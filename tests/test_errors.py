@@ -82,7 +82,8 @@ def _copy(src, dst):
 
 
 @pytest.mark.parametrize("other, match", [
-    (lambda: tiny_unetr(num_layers=3), r"group .attention. was a 16 x 96 x 96 tensor when trained, this model gives 12 x 96 x 96"),
+    (lambda: tiny_unetr(num_layers=3),
+     r"group .attention. was a 16 x 96 x 96 tensor when trained, this model gives 12 x 96 x 96"),
     (lambda: TinyMLP(), r"matched no module of TinyMLP"),
 ])
 def test_load_onto_other_base_model(saved_unetr_adapter, other, match):

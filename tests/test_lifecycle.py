@@ -42,20 +42,25 @@ def _bert_input(seed=1):
 # name -> (model builder, input builder, config factory(**overrides))
 CASES = {
     "tcurlora-unetr-paper": (tiny_unetr, _unetr_input,
-                             lambda **kw: TCURLoraConfig(r=4, target_modules=UNETR_TARGETS, grouping="paper", **kw)),
+                             lambda **kw: TCURLoraConfig(r=4, target_modules=UNETR_TARGETS, grouping="paper",
+                                                         **kw)),
     "tcurlora-unetr-shape": (tiny_unetr, _unetr_input,
-                             lambda **kw: TCURLoraConfig(r=4, target_modules=UNETR_TARGETS, grouping="by_shape", **kw)),
+                             lambda **kw: TCURLoraConfig(r=4, target_modules=UNETR_TARGETS, grouping="by_shape",
+                                                         **kw)),
     "lorapt-unetr-paper": (tiny_unetr, _unetr_input,
                            lambda **kw: LoraPTConfig(r=2, target_modules=UNETR_TARGETS, grouping="paper", **kw)),
-    "tcurlora-mlp": (TinyMLP, _mlp_input, lambda **kw: TCURLoraConfig(r=3, target_modules=["lin1", "lin2", "lin3"], **kw)),
-    "lorapt-mlp": (TinyMLP, _mlp_input, lambda **kw: LoraPTConfig(r=3, target_modules=["lin1", "lin2", "lin3"], **kw)),
+    "tcurlora-mlp": (TinyMLP, _mlp_input,
+                     lambda **kw: TCURLoraConfig(r=3, target_modules=["lin1", "lin2", "lin3"], **kw)),
+    "lorapt-mlp": (TinyMLP, _mlp_input,
+                   lambda **kw: LoraPTConfig(r=3, target_modules=["lin1", "lin2", "lin3"], **kw)),
     "lorapt-mlp-diag": (TinyMLP, _mlp_input,
-                        lambda **kw: LoraPTConfig(r=3, target_modules=["lin0", "lin1", "lin2", "lin3"], core="diagonal",
-                                                  svd_method="full", **kw)),
+                        lambda **kw: LoraPTConfig(r=3, target_modules=["lin0", "lin1", "lin2", "lin3"],
+                                                  core="diagonal", svd_method="full", **kw)),
     "tcurlora-vit": (tiny_vit, _vit_input,
                      lambda **kw: TCURLoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], **kw)),
     "lorapt-bert": (tiny_bert, _bert_input,
-                    lambda **kw: LoraPTConfig(r=2, target_modules=["query", "value", "intermediate.dense", "output.dense"], **kw)),
+                    lambda **kw: LoraPTConfig(r=2, target_modules=["query", "value", "intermediate.dense",
+                                                                   "output.dense"], **kw)),
 }
 FAST = ["tcurlora-unetr-paper", "lorapt-unetr-paper", "tcurlora-mlp", "lorapt-mlp"]
 
