@@ -9,7 +9,7 @@ from peft import get_peft_model
 from torch import nn
 
 import peft_tensor
-from peft_tensor import LoraPTConfig, TCURLoraConfig
+from peft_tensor import HyPSConfig, LoraPTConfig, TCURLoraConfig
 from peft_tensor.errors import AdapterLoadError, GroupingError, PeftTensorError, RankError, TargetModulesError
 from tests._models import UNETR_TARGETS, TinyMLP, tiny_unetr
 
@@ -19,7 +19,7 @@ CONFIGS = [TCURLoraConfig, LoraPTConfig]
 @pytest.mark.parametrize("cfg", CONFIGS)
 def test_target_modules_matching_nothing(cfg):
     model = TinyMLP()
-    with pytest.raises(TargetModulesError, match=r"matched no module of TinyMLP.*lin0, lin1"):
+    with pytest.raises(TargetModulesError, match=r"matched no module of TinyMLP.*'lin0', 'lin1'"):
         get_peft_model(model, cfg(target_modules=["attn.qkv"]))
     assert all(type(m) is not peft_tensor.tuners.tensor_group.TensorGroupLayer for m in model.modules())
 
@@ -215,3 +215,12 @@ def test_well_formed_safetensors_header_is_accepted(tmp_path):
     save_file(tensors, tmp_path / "f.safetensors", metadata={"format": "pt"})
     header = read_safetensors_header(tmp_path / "f.safetensors")
     assert {k: tuple(v["shape"]) for k, v in header.items()} == {k: tuple(t.shape) for k, t in tensors.items()}
+
+
+def test_a_network_without_linear_layers_points_to_peft_lora_for_convolutions():
+    from monai.networks.nets import BasicUNet
+
+    net = BasicUNet(spatial_dims=3, in_channels=1, out_channels=2, features=(4, 4, 8, 8, 16, 4))
+    for config in (TCURLoraConfig(r=2, target_modules=["conv"]), HyPSConfig(r=2, target_modules=["conv_0"])):
+        with pytest.raises(TargetModulesError, match="no nn.Linear layer at all.*LoraConfig"):
+            get_peft_model(net, config)

@@ -568,10 +568,10 @@ def test_device_lifecycle(device, tmp_path):
 
 def test_targets_matching_nothing_list_available_linear_layers():
     model = TinyMLP()
-    with pytest.raises(TargetModulesError, match=r"match no module of TinyMLP.*'lin0', 'lin1'.*'head'"):
+    with pytest.raises(TargetModulesError, match=r"matched no module of TinyMLP.*'lin0', 'lin1'.*'head'"):
         get_peft_model(model, HyPSConfig(target_modules=["attn.qkv"]))
     assert not _hyps_layers(model)
-    expected = "match no module of UNETR.*Linear layers end in: .*'attn.qkv'"
+    expected = "matched no module of UNETR.*Linear layers end in: .*'attn.qkv'"
     with pytest.raises(TargetModulesError, match=expected) as err:
         get_peft_model(tiny_unetr(), HyPSConfig(target_modules=["q_proj"]))
     assert "'mlp.linear1'" in str(err.value) and "'attn.out_proj'" in str(err.value)
@@ -585,7 +585,7 @@ def test_non_linear_target_is_refused_by_name_and_type():
             self.mlp = nn.Linear(4, 4)
 
     model = WithConv()
-    match = r"nn.Linear layers only.*matched 'proj', a Conv3d.*'attn.proj' instead of 'proj'"
+    match = r"nn.Linear layers only.*matched proj \(Conv3d\).*'attn.proj' instead of 'proj'"
     with pytest.raises(TargetModulesError, match=match):
         get_peft_model(model, HyPSConfig(target_modules=["proj", "mlp"]))
     assert not _hyps_layers(model), "a refused config must leave the model untouched"

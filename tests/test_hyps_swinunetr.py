@@ -152,7 +152,7 @@ def test_swinunetr_merge_with_serial_branch_explains_what_to_do(swin):
 def test_swinunetr_bare_proj_hits_the_patch_embedding_conv(swin):
     base, _, _ = swin
     model = copy.deepcopy(base)
-    with pytest.raises(TargetModulesError, match=r"matched 'swinViT.patch_embed.proj', a Conv3d.*'attn.proj'"):
+    with pytest.raises(TargetModulesError, match=r"matched swinViT.patch_embed.proj \(Conv3d\).*'attn.proj'"):
         get_peft_model(model, HyPSConfig(target_modules=["qkv", "proj"]))
     assert not _layers(model)
 

@@ -33,12 +33,13 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge, check_target_module_exists
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from ..algebra import t_product_fourier, to_fourier
 from ..errors import AdapterLoadError, MergeError, RankError, TargetModulesError
 from ._peft_fixes import MonaiFriendlyTunerMixin, mixed_batch_hooks
+from ._targets import find_linear_targets
 from .grouping import GroupSpec, plan_groups
 
 __all__ = ["ForwardClock", "ForwardScope", "TensorGroup", "TensorGroupLayer", "TensorGroupTuner", "SliceAssignment"]
@@ -637,36 +638,7 @@ class TensorGroupTuner(MonaiFriendlyTunerMixin, BaseTuner):
     @staticmethod
     def find_targets(model: nn.Module, config) -> list[tuple[str, nn.Module]]:
         """Matched ``(name, base nn.Linear)`` in module order; raises a clear error on nothing/unsupported."""
-        matches, unsupported, linears = [], [], []
-        for name, module in model.named_modules():
-            parts = name.split(".")
-            if not name or {"base_layer", "modules_to_save", "original_module"} & set(parts):
-                continue
-            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-            if isinstance(base, nn.Linear):
-                linears.append(name)
-            hit = check_target_module_exists(config, name)
-            if not hit or type(hit).__name__ == "_ExcludedModule":
-                continue
-            if isinstance(base, nn.Linear):
-                matches.append((name, base))
-            else:
-                unsupported.append(f"{name} ({type(base).__name__})")
-        method = type(config).__name__.replace("Config", "")
-        if unsupported:
-            raise TargetModulesError(
-                f"{method} adapts nn.Linear layers only, but target_modules={config.target_modules!r} also matched "
-                f"{', '.join(unsupported[:5])}{' ...' if len(unsupported) > 5 else ''}. Narrow target_modules (e.g. "
-                "'attn.proj' instead of 'proj') or add those modules to exclude_modules."
-            )
-        if not matches:
-            sample = ", ".join(linears[:8]) + (" ..." if len(linears) > 8 else "")
-            raise TargetModulesError(
-                f"target_modules={config.target_modules!r} matched no module of {type(model).__name__}. "
-                f"Its nn.Linear layers are: {sample or 'none'}. Names match as suffixes ('attn.qkv') or, for a "
-                "string, as a full regex."
-            )
-        return matches
+        return find_linear_targets(model, config)
 
     @classmethod
     def plan(cls, model: nn.Module, config) -> list[GroupSpec]:

@@ -6,27 +6,16 @@ from contextlib import contextmanager
 from typing import Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from ...errors import MergeError, RankError, TargetModulesError
 from .._peft_fixes import MonaiFriendlyTunerMixin, mixed_batch_hooks
+from .._targets import find_linear_targets
 from .config import HyPSConfig
 from .layer import HyPSLayer, Linear, serial_merge_message
 
 __all__ = ["HyPSModel"]
-
-_MAX_LISTED = 12
-
-
-def _available_linear_names(model: nn.Module) -> list[str]:
-    """Suffixes (last two name parts) of the model's nn.Linear modules, in order, without repeats."""
-    seen: dict[str, None] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and not isinstance(module, BaseTunerLayer) and ".hyps_" not in name:
-            seen.setdefault(".".join(name.split(".")[-2:]), None)
-    return list(seen)
-
 
 class HyPSModel(MonaiFriendlyTunerMixin, BaseTuner):
     """Hybrid parallel + serial adaptation (HyPS, arXiv 2409.00884) of every targeted ``nn.Linear``.
@@ -75,34 +64,7 @@ class HyPSModel(MonaiFriendlyTunerMixin, BaseTuner):
         )
 
     def _check_targets(self, model: nn.Module, config: HyPSConfig) -> None:
-        tuner_layers = [name + "." for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
-        matched = []
-        for name, module in model.named_modules():
-            if not name or any(name.startswith(prefix) for prefix in tuner_layers):
-                continue
-            result = self._check_target_module_exists(config, name)
-            if result and not isinstance(result, _ExcludedModule):
-                matched.append((name, module))
-
-        if not matched:
-            available = _available_linear_names(model)
-            listed = ", ".join(repr(n) for n in available[:_MAX_LISTED])
-            more = f" (and {len(available) - _MAX_LISTED} more)" if len(available) > _MAX_LISTED else ""
-            filtered = config.exclude_modules or config.modules_to_save
-            where = " outside exclude_modules/modules_to_save" if filtered else ""
-            raise TargetModulesError(
-                f"HyPS target_modules={config.target_modules!r} match no module of {type(model).__name__}{where}. "
-                f"Name nn.Linear modules by suffix; this model's Linear layers end in: {listed or 'none'}{more}."
-            )
-
-        for name, module in matched:
-            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-            if not isinstance(base, nn.Linear):
-                raise TargetModulesError(
-                    f"HyPS adapts nn.Linear layers only, but target_modules={config.target_modules!r} matched "
-                    f"{name!r}, a {type(base).__name__}. Make the pattern more specific (e.g. 'attn.proj' instead of "
-                    "'proj') or add that module to exclude_modules."
-                )
+        for name, base in find_linear_targets(model, config):
             if config.parallel and config.r > min(base.in_features, base.out_features):
                 raise RankError(
                     f"HyPS r={config.r} exceeds min(out, in) = {min(base.in_features, base.out_features)} of the "
