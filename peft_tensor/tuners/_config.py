@@ -52,6 +52,21 @@ class PeftTensorConfigMixin:
         config.__dict__["_loaded_from_file"] = True
         return config
 
+    def _resolve_scale(self, name: str) -> None:
+        """A scale field: ``None`` (a config file written before the field existed: ``1.0``, the unscaled form it was
+        trained with; a new config: ``'auto'``), ``'auto'`` or a positive number (strings from YAML parsed)."""
+        value = getattr(self, name)
+        if value is None:
+            value = 1.0 if self.peft_tensor_version is not None else "auto"
+        if isinstance(value, str) and value != "auto":
+            try:
+                value = float(value)
+            except ValueError:
+                value = None
+        if value is None or (not isinstance(value, str) and not float(value) > 0):
+            raise PeftTensorError(f"{name} must be 'auto' or a positive number, got {getattr(self, name)!r}.")
+        setattr(self, name, value)
+
     def _check_common(self) -> None:
         if self.peft_tensor_version is None:
             self.peft_tensor_version = __version__

@@ -49,15 +49,7 @@ class LoraPTConfig(GroupingConfigMixin, PeftTensorConfigMixin, PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = ensure_peft_type("LORAPT")
-        if self.factor_scale is None:  # a file from before the field existed carries peft_tensor_version: unscaled
-            self.factor_scale = 1.0 if self.peft_tensor_version is not None else "auto"
-        if isinstance(self.factor_scale, str) and self.factor_scale != "auto":
-            try:
-                self.factor_scale = float(self.factor_scale)
-            except ValueError:
-                raise PeftTensorError(f"factor_scale must be 'auto' or a positive number, got {self.factor_scale!r}.")
-        if not isinstance(self.factor_scale, str) and not (float(self.factor_scale) > 0):
-            raise PeftTensorError(f"factor_scale must be 'auto' or a positive number, got {self.factor_scale!r}.")
+        self._resolve_scale("factor_scale")  # before _check_common fills in peft_tensor_version
         self._check_common()
         self._check_grouping()
         if self.core not in ("full", "diagonal"):

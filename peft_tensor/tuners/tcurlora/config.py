@@ -6,7 +6,6 @@ from typing import Optional, Union
 from peft.config import PeftConfig
 
 from ..._registration import ensure_peft_type
-from ...errors import PeftTensorError
 from .._config import GroupingConfigMixin, PeftTensorConfigMixin
 
 
@@ -46,14 +45,6 @@ class TCURLoraConfig(GroupingConfigMixin, PeftTensorConfigMixin, PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = ensure_peft_type("TCURLORA")
-        if self.core_scale is None:  # a file from before the field existed carries peft_tensor_version: unscaled
-            self.core_scale = 1.0 if self.peft_tensor_version is not None else "auto"
+        self._resolve_scale("core_scale")  # before _check_common fills in peft_tensor_version
         self._check_common()
         self._check_grouping()
-        if isinstance(self.core_scale, str) and self.core_scale != "auto":
-            try:
-                self.core_scale = float(self.core_scale)
-            except ValueError:
-                raise PeftTensorError(f"core_scale must be 'auto' or a positive number, got {self.core_scale!r}.")
-        if not isinstance(self.core_scale, str) and not (float(self.core_scale) > 0):
-            raise PeftTensorError(f"core_scale must be 'auto' or a positive number, got {self.core_scale!r}.")
