@@ -15,7 +15,7 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 import peft_tensor
-from peft_tensor import LoraPTConfig, TCURLoraConfig
+from peft_tensor import HyPSConfig, LoraPTConfig, TCURLoraConfig
 from tests._models import UNETR_DECODER, UNETR_TARGETS, TinyMLP, tiny_bert, tiny_unetr, tiny_vit
 
 
@@ -58,11 +58,18 @@ CASES = {
                                                   core="diagonal", svd_method="full", **kw)),
     "tcurlora-vit": (tiny_vit, _vit_input,
                      lambda **kw: TCURLoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], **kw)),
+    # HyPS with its parallel branch only runs the whole matrix (the serial branch cannot merge, by design: its
+    # specifics are in tests/test_hyps.py)
+    "hyps-unetr": (tiny_unetr, _unetr_input,
+                   lambda **kw: HyPSConfig(r=2, target_modules=UNETR_TARGETS, serial=False, **kw)),
+    "hyps-mlp": (TinyMLP, _mlp_input,
+                 lambda **kw: HyPSConfig(r=3, target_modules=["lin1", "lin2", "lin3"], serial=False, **kw)),
     "lorapt-bert": (tiny_bert, _bert_input,
                     lambda **kw: LoraPTConfig(r=2, target_modules=["query", "value", "intermediate.dense",
                                                                    "output.dense"], **kw)),
 }
 FAST = ["tcurlora-unetr-paper", "lorapt-unetr-paper", "tcurlora-mlp", "lorapt-mlp"]
+FAST_ALL = FAST + ["hyps-unetr", "hyps-mlp"]  # FAST alone where a test inspects the tensor groups themselves
 
 
 def _out(model, inputs):
@@ -81,8 +88,10 @@ def _trainable(model):
 
 
 def _group_params(pm, adapter="default"):
-    tuner = pm.base_model
-    return [p for g in tuner.groups(adapter) for p in g.parameters()]
+    """The adapter's own trainable state: tuner-level groups (tCURLoRA, LoRA-PT) or per-layer factors (HyPS)."""
+    prefix = pm.base_model.prefix
+    return [p for n, p in pm.named_parameters()
+            if prefix in n and (f".{adapter}." in n or n.endswith(f".{adapter}"))]
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -99,7 +108,7 @@ def test_identity_at_init_and_exact_counts(case):
     # shared group tensors are counted once, and they are all there is to train
     trainable, _ = pm.get_nb_trainable_parameters()
     assert trainable == sum(p.numel() for p in _group_params(pm)) > 0
-    assert all("groups.default." in n for n in _trainable(pm))
+    assert len(_trainable(pm)) == len(_group_params(pm)), "only the adapter's own state trains"
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -180,7 +189,7 @@ def test_save_load_round_trip(case, tmp_path):
     saved = load_file(tmp_path / "adapter_model.safetensors")
     assert saved and not any(".default." in k for k in saved), "adapter names must not leak into saved keys"
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert cfg["peft_type"] in ("TCURLORA", "LORAPT") and cfg["peft_tensor_version"] == peft_tensor.__version__
+    assert cfg["peft_type"] in ("TCURLORA", "LORAPT", "HYPS") and cfg["peft_tensor_version"] == peft_tensor.__version__
 
     for trainable in (False, True):
         loaded = PeftModel.from_pretrained(build(), tmp_path, is_trainable=trainable)
@@ -194,7 +203,7 @@ def test_save_load_round_trip(case, tmp_path):
         torch.testing.assert_close(_out(loaded, inputs), expected, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("case", FAST)
+@pytest.mark.parametrize("case", FAST_ALL)
 def test_multiple_adapters_set_disable_delete(case, tmp_path):
     build, make_input, pm = _perturbed(case)
     inputs = make_input()
@@ -227,13 +236,13 @@ def test_multiple_adapters_set_disable_delete(case, tmp_path):
     assert all(p.requires_grad for p in _group_params(pm, "default"))
     pm.delete_adapter("second")
     assert set(pm.peft_config) == {"default"}
-    assert "second" not in pm.base_model._groups()
+    assert not _group_params(pm, "second")
     assert not any(".second." in k for k in pm.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(_out(pm, inputs), first, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("case", FAST)
+@pytest.mark.parametrize("case", FAST_ALL)
 def test_merge_unmerge_merge_and_unload_exact(case):
     build, make_input, pm = _perturbed(case)
     inputs = make_input()
@@ -269,7 +278,7 @@ def test_base_weights_never_modified_by_training():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("case", ["tcurlora-mlp", "lorapt-mlp", "tcurlora-unetr-paper"])
+@pytest.mark.parametrize("case", ["tcurlora-mlp", "lorapt-mlp", "tcurlora-unetr-paper", "hyps-mlp"])
 def test_low_precision_base_models(case, dtype):
     build, make_input, make_config = CASES[case]
     base = build().to(dtype)
@@ -288,7 +297,7 @@ def test_low_precision_base_models(case, dtype):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in _group_params(pm))
 
 
-@pytest.mark.parametrize("case", ["tcurlora-mlp", "lorapt-mlp"])
+@pytest.mark.parametrize("case", ["tcurlora-mlp", "lorapt-mlp", "hyps-mlp"])
 def test_autocast(case):
     build, make_input, make_config = CASES[case]
     pm = get_peft_model(build(), make_config(init_weights=False))
@@ -329,7 +338,7 @@ def test_modules_to_save_decoder(make_config, tmp_path):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-@pytest.mark.parametrize("case", FAST)
+@pytest.mark.parametrize("case", FAST_ALL)
 def test_cuda_lifecycle(case, tmp_path):
     build, make_input, pm = _perturbed(case)
     inputs = make_input()
