@@ -287,9 +287,10 @@ def test_add_weighted_adapter_is_the_exact_weighted_sum(method):
             torch.testing.assert_close(dm, 0.3 * da - 0.7 * db, rtol=1e-4, atol=1e-6)
             checked += 1
     assert checked > 0
-    assert any(p.requires_grad for n, p in pm.named_parameters() if "mix" in n) is False  # inactive until set
+    mix = [p for n, p in pm.named_parameters() if ".mix" in n]
+    assert mix and not any(p.requires_grad for p in mix), "a new adapter stays frozen until it is set active"
     pm.set_adapter("mix")
-    assert any(p.requires_grad for n, p in pm.named_parameters() if "mix" in n) or method != "hyps"
+    assert all(p.requires_grad for p in mix)
 
 
 def test_add_weighted_adapter_refuses_hyps_serial_branches():
@@ -311,15 +312,14 @@ def test_module_replication_as_in_data_parallel_is_refused_with_a_clear_error(me
 
 
 def test_torch_compile_of_a_training_step_and_of_merged_inference():
-    pytest.importorskip("torch._inductor")
+    try:  # the platform check: inductor and its C++ toolchain on a trivial function, not on our code
+        torch.compile(lambda t: t * 2)(torch.ones(2))
+    except Exception as exc:  # pragma: no cover - platform without a working inductor toolchain
+        pytest.skip(f"torch.compile unavailable here: {type(exc).__name__}: {exc}")
     pm = get_peft_model(TinyMLP(), TCURLoraConfig(r=3, target_modules=["lin1", "lin2", "lin3"], init_weights=False))
     x = torch.randn(8, 10)
     eager = copy.deepcopy(pm)
-    try:
-        compiled = torch.compile(pm)
-        y = compiled(x)
-    except Exception as exc:  # pragma: no cover - platform without a working inductor toolchain
-        pytest.skip(f"torch.compile unavailable here: {type(exc).__name__}: {exc}")
+    y = torch.compile(pm)(x)
     torch.testing.assert_close(y, eager(x), rtol=1e-5, atol=1e-6)
     (y ** 2).mean().backward()
     (eager(x) ** 2).mean().backward()
@@ -374,3 +374,18 @@ def test_delta_modes_compute_the_same_function_and_gradients(method):
     torch.testing.assert_close(results["dense"][0], results["factored"][0], rtol=1e-4, atol=1e-5)
     for g_dense, g_factored in zip(results["dense"][1], results["factored"][1]):
         torch.testing.assert_close(g_dense, g_factored, rtol=1e-3, atol=1e-4 * g_factored.abs().max().item())
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_dense_delta_mode_on_a_one_slice_group(grad):
+    """A group of one layer (L = 1) in delta_mode='dense', with and without autograd, equals the factored path."""
+    x = torch.randn(4, 10)
+    outs = {}
+    for mode in ("factored", "dense"):
+        torch.manual_seed(0)
+        pm = get_peft_model(TinyMLP(), TCURLoraConfig(r=3, target_modules=["lin0"], init_weights=False,
+                                                      delta_mode=mode))
+        assert [g.n_slices for g in pm.base_model.groups("default")] == [1]
+        with torch.set_grad_enabled(grad):
+            outs[mode] = pm(x).detach()
+    torch.testing.assert_close(outs["dense"], outs["factored"], rtol=1e-5, atol=1e-6)

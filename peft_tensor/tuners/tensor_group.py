@@ -38,11 +38,13 @@ from torch import nn
 
 from ..algebra import t_product_fourier, to_fourier
 from ..errors import AdapterLoadError, MergeError, RankError, TargetModulesError
-from ._peft_fixes import MonaiFriendlyTunerMixin, mixed_batch_hooks
+from ._mixed_batch import check_mixed_batch, mixed_batch_hooks, sub_batches
+from ._peft_fixes import MonaiFriendlyTunerMixin
 from ._targets import find_linear_targets
+from ._weighted import check_weighted_adapter_args
 from .grouping import GroupSpec, plan_groups
 
-__all__ = ["ForwardClock", "ForwardScope", "TensorGroup", "TensorGroupLayer", "TensorGroupTuner", "SliceAssignment"]
+__all__ = ["ForwardScope", "TensorGroup", "TensorGroupLayer", "TensorGroupTuner", "SliceAssignment"]
 
 
 class ForwardScope:
@@ -70,9 +72,6 @@ class ForwardScope:
         self.depth = max(0, self.depth - 1)
 
 
-ForwardClock = ForwardScope  # the earlier name
-
-
 class _Factors(torch.autograd.Function):
     """The flattened factors of a group (or its dense update ``D``) as one autograd node that *saves no tensors*.
 
@@ -89,8 +88,6 @@ class _Factors(torch.autograd.Function):
         ctx.versions = tuple(p._version for p in params)
         with torch.no_grad():
             outs = group._compute(kind)
-            if kind == "dense":  # one output per slice: a layer's rows are a cat of slices, whose backward is a split
-                outs = tuple(d.contiguous() for d in outs[0].unbind(0))
         # outputs must be new tensors, not the group's own buffers or views of them
         own = {t.data_ptr() for t in group._state_tensors()}
         outs = tuple(o.clone() if (o._is_view() or o.data_ptr() in own) else o for o in outs)
@@ -108,9 +105,6 @@ class _Factors(torch.autograd.Function):
                 f"peft_tensor: a parameter of group {ctx.group.name!r} was modified in place between the forward and "
                 "the backward pass (e.g. an optimiser step before backward). Run backward before stepping."
             )
-        if ctx.kind == "dense":
-            ref = next(g for g in grads if g is not None)
-            grads = (torch.stack([g if g is not None else torch.zeros_like(ref) for g in grads]),)
         with torch.enable_grad():
             outs = ctx.group._compute(ctx.kind)
             pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
@@ -209,11 +203,11 @@ class TensorGroup(nn.Module):
     # -- construction ------------------------------------------------------------------------------------------
     def stacked_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The group tensor ``(L, n1, n2)`` gathered from the *unmerged* base weights (merged adapters subtracted)."""
-        weights = {}
+        weights, dense_cache = {}, {}
         rows = []
         for layer, r0, r1 in self._sources:
             if id(layer) not in weights:
-                weights[id(layer)] = layer.unmerged_base_weight()
+                weights[id(layer)] = layer.unmerged_base_weight(dense_cache)
             rows.append(weights[id(layer)][r0:r1].to(dtype))
         return torch.stack(rows, dim=0)
 
@@ -311,12 +305,14 @@ class TensorGroup(nn.Module):
         yield from self.buffers(recurse=False)
 
     def _compute(self, kind: str) -> tuple[torch.Tensor, ...]:
+        """'flat': the flattened factors; 'dense': the slices ``D_k`` ``(n1, n2)`` of ``D``, one tensor each (a
+        layer's rows are a cat of its slices, whose backward is a split, not a full-size zero tensor per layer)."""
         if kind == "flat":
             return self._compute_flat()
         d_hat = sum(t_product_fourier(to_fourier(a), to_fourier(b)) for a, b in self.factors())  # (L//2+1, n1, n2)
         # the inverse FFT along a contiguous last axis is several times faster than along the leading one
         d = torch.fft.irfft(d_hat.permute(1, 2, 0).contiguous(), n=self.n_slices, dim=-1)  # (n1, n2, L)
-        return (d.permute(2, 0, 1),)
+        return tuple(d[..., k].contiguous() for k in range(self.n_slices))
 
     def _fresh(self, kind: str) -> tuple[torch.Tensor, ...]:
         """Fresh float32 tensors of ``kind`` ('flat' factors or 'dense' D), differentiable w.r.t. trainable state."""
@@ -366,11 +362,7 @@ class TensorGroup(nn.Module):
 
     def current_dense(self, device=None) -> list[torch.Tensor]:
         """The slices ``D_k`` ``(n1, n2)`` float32 for this forward pass, once per model forward, differentiable."""
-        def compute():
-            outs = self._fresh("dense")
-            return list(outs) if len(outs) == self.n_slices else list(outs[0].unbind(0))
-
-        return self._current("dense", compute, device)
+        return self._current("dense", lambda: list(self._fresh("dense")), device)
 
     def term_ranks(self) -> tuple[int, ...]:
         """``q_i`` of each factor pair (for the cost model); default: one term of rank ``r``."""
@@ -404,7 +396,7 @@ class TensorGroup(nn.Module):
         """The full update tensor ``D = sum_i A_i * B_i`` ``(L, n1, n2)``, float32 (used for merging)."""
         self.materialize()
         with torch.no_grad():
-            return self._compute("dense")[0].contiguous()
+            return torch.stack(self._compute("dense"))
 
     def _roll_index(self, slice_ids: tuple[int, ...], device) -> torch.Tensor:
         idx = self._roll.get((slice_ids, device))
@@ -437,27 +429,6 @@ class TensorGroup(nn.Module):
         return y.reshape(*lead, len(slice_ids) * self.n1)
 
 
-BASE_ADAPTER = "__base__"
-
-
-def check_mixed_batch(x: torch.Tensor, adapter_names: list[str]) -> None:
-    if len(adapter_names) != len(x):
-        raise ValueError(
-            f"Length of `adapter_names` should be the same as the number of inputs, but got {len(adapter_names)} and "
-            f"{len(x)} respectively: give one adapter name per sample ('{BASE_ADAPTER}' for the base model)."
-        )
-
-
-def sub_batches(adapter_names: list[str], device) -> list[tuple[str, torch.Tensor]]:
-    """``[(adapter, sample indices)]`` of a mixed batch, without the base model's samples."""
-    out = []
-    for name in dict.fromkeys(adapter_names):
-        if name == BASE_ADAPTER:
-            continue
-        out.append((name, torch.tensor([i for i, n in enumerate(adapter_names) if n == name], device=device)))
-    return out
-
-
 class TensorGroupLayer(nn.Module, BaseTunerLayer):
     """A targeted ``nn.Linear`` whose weight rows are slices of group tensors (one assignment per adapter).
 
@@ -482,13 +453,16 @@ class TensorGroupLayer(nn.Module, BaseTunerLayer):
     def assign(self, adapter_name: str, assignment: SliceAssignment) -> None:
         self.group_slices[adapter_name] = assignment
 
-    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """``out x in`` update of this layer's weight for one adapter (float32)."""
+    def get_delta_weight(self, adapter_name: str, dense_cache: Optional[dict] = None) -> torch.Tensor:
+        """``out x in`` update of this layer's weight for one adapter (float32). ``dense_cache`` (group id -> ``D``)
+        lets several layers of one group share one materialisation of ``D``."""
         asg = self.group_slices[adapter_name]
-        dense = asg.group.dense_delta()
-        return dense[list(asg.slice_ids)].reshape(-1, asg.group.n2)
+        cache = {} if dense_cache is None else dense_cache
+        if id(asg.group) not in cache:
+            cache[id(asg.group)] = asg.group.dense_delta()
+        return cache[id(asg.group)][list(asg.slice_ids)].reshape(-1, asg.group.n2)
 
-    def unmerged_base_weight(self) -> torch.Tensor:
+    def unmerged_base_weight(self, dense_cache: Optional[dict] = None) -> torch.Tensor:
         """The base weight with every merged adapter's update subtracted (what the adapters were built from)."""
         weight = self.get_base_layer().weight.detach()
         if not self.merged_adapters:
@@ -496,7 +470,7 @@ class TensorGroupLayer(nn.Module, BaseTunerLayer):
         out = weight.float()
         for name in self.merged_adapters:
             if name in self.group_slices:
-                out = out - self.get_delta_weight(name).to(out.device)
+                out = out - self.get_delta_weight(name, dense_cache).to(out.device)
         return out
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
@@ -601,7 +575,7 @@ class TensorGroupTuner(MonaiFriendlyTunerMixin, BaseTuner):
             self.add_module(self.groups_attr, nn.ModuleDict())
         return self._modules[self.groups_attr]
 
-    def _clock(self) -> ForwardScope:
+    def _scope(self) -> ForwardScope:
         """The forward scope of the adapted model (hooks registered once, removed on unload)."""
         if "_forward_scope" not in self.__dict__:
             scope = ForwardScope()
@@ -625,7 +599,7 @@ class TensorGroupTuner(MonaiFriendlyTunerMixin, BaseTuner):
         if module is self.model:
             self.__dict__["_forward_scope"].exit()
 
-    def _remove_clock(self) -> None:
+    def _remove_scope(self) -> None:
         for hook in self.__dict__.pop("_scope_hooks", ()):
             hook.remove()
         self.__dict__.pop("_forward_scope", None)
@@ -677,7 +651,7 @@ class TensorGroupTuner(MonaiFriendlyTunerMixin, BaseTuner):
         low_cpu_mem_usage = low_cpu_mem_usage or _inside_init_empty_weights()
         deferred = bool(low_cpu_mem_usage or getattr(config, "_loaded_from_file", False)
                         or getattr(config, "_deferred_init", False))
-        scope = self._clock()
+        scope = self._scope()
         groups = []
         for spec in specs:
             layers = {s.module_name: model.get_submodule(s.module_name) for s in spec.slices}
@@ -719,9 +693,7 @@ class TensorGroupTuner(MonaiFriendlyTunerMixin, BaseTuner):
                 if not t.is_floating_point() or t.device.type == "meta":
                     continue
                 target = base_dtype if base_dtype.is_floating_point else t.dtype
-                if autocast_adapter_dtype and target in (torch.float16, torch.bfloat16):
-                    target = torch.float32
-                if autocast_adapter_dtype and t.dtype in (torch.float16, torch.bfloat16):
+                if autocast_adapter_dtype and {target, t.dtype} & {torch.float16, torch.bfloat16}:
                     target = torch.float32
                 if t.dtype != target:
                     t.data = t.data.to(target)
@@ -795,7 +767,7 @@ class TensorGroupTuner(MonaiFriendlyTunerMixin, BaseTuner):
 
     def _unload_and_optionally_merge(self, *args, **kwargs):
         model = super()._unload_and_optionally_merge(*args, **kwargs)
-        self._remove_clock()
+        self._remove_scope()
         return model
 
     # -- weighted combinations (PEFT's add_weighted_adapter) -------------------------------------------------------
@@ -808,21 +780,7 @@ class TensorGroupTuner(MonaiFriendlyTunerMixin, BaseTuner):
         ``"cat"`` (the default): tubal rank ``sum_i r_i`` with block-diagonal cores. Other combination types and
         LoRA-only arguments raise.
         """
-        if kwargs:
-            raise ValueError(f"add_weighted_adapter of {type(self).__name__} takes no {sorted(kwargs)} (LoRA-only "
-                             "arguments).")
-        if adapter_name in self.peft_config:
-            raise ValueError(f"An adapter named {adapter_name!r} already exists; choose a new name.")
-        missing = [a for a in adapters if a not in self.peft_config]
-        if not adapters or missing:
-            raise ValueError(f"add_weighted_adapter needs existing adapters; unknown: {missing or adapters}. "
-                             f"This model has {sorted(self.peft_config)}.")
-        if len(weights) != len(adapters):
-            raise ValueError(f"{len(adapters)} adapters but {len(weights)} weights: give one weight per adapter.")
-        configs = [self.peft_config[a] for a in adapters]
-        if len({type(c) for c in configs}) > 1:
-            raise ValueError("add_weighted_adapter combines adapters of one method; got "
-                             f"{sorted({type(c).__name__ for c in configs})}.")
+        configs = check_weighted_adapter_args(self, adapters, weights, adapter_name, kwargs)
         layout = [(sorted(c.target_modules) if isinstance(c.target_modules, list) else c.target_modules, c.grouping,
                    list(c.slice_order), c.exclude_modules) for c in configs]
         if any(item != layout[0] for item in layout):

@@ -14,6 +14,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from ...errors import MergeError, RankError
+from .._mixed_batch import check_mixed_batch, sub_batches
 from .config import HyPSConfig
 
 __all__ = ["HyPSLayer", "Linear", "principal_factors"]
@@ -286,8 +287,6 @@ class Linear(nn.Module, HyPSLayer):
         result = self.base_layer(x, *args, **kwargs)
         result_dtype = result.dtype
         if adapter_names is not None:
-            from ..tensor_group import check_mixed_batch, sub_batches
-
             check_mixed_batch(x, adapter_names)
             out = result.clone()
             for adapter, rows in sub_batches(adapter_names, x.device):

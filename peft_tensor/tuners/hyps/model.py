@@ -10,8 +10,10 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from ...errors import MergeError, RankError, TargetModulesError
-from .._peft_fixes import MonaiFriendlyTunerMixin, mixed_batch_hooks
+from .._mixed_batch import mixed_batch_hooks
+from .._peft_fixes import MonaiFriendlyTunerMixin
 from .._targets import find_linear_targets
+from .._weighted import check_weighted_adapter_args
 from .config import HyPSConfig
 from .layer import HyPSLayer, Linear, serial_merge_message
 
@@ -109,24 +111,15 @@ class HyPSModel(MonaiFriendlyTunerMixin, BaseTuner):
                              combination_type: Optional[str] = None, **kwargs) -> None:
         """A parallel-only adapter whose update is exactly ``sum_i w_i (A_i B_i - A0_i B0_i)``: concatenation, as
         LoRA's ``"cat"`` (rank ``sum_i r_i``). Serial branches are non-linear and cannot be combined: refused."""
-        if kwargs:
-            raise ValueError(f"add_weighted_adapter of HyPS takes no {sorted(kwargs)} (LoRA-only arguments).")
+        configs = check_weighted_adapter_args(self, adapters, weights, adapter_name, kwargs)
         if combination_type not in (None, "cat"):
             raise ValueError(f"HyPS combines parallel branches exactly by concatenation (combination_type='cat'); "
                              f"{combination_type!r} is not supported.")
-        if adapter_name in self.peft_config:
-            raise ValueError(f"An adapter named {adapter_name!r} already exists; choose a new name.")
-        missing = [a for a in adapters if a not in self.peft_config]
-        if not adapters or missing or len(weights) != len(adapters):
-            raise ValueError(f"add_weighted_adapter needs existing adapters and one weight each; unknown: {missing}, "
-                             f"{len(adapters)} adapters, {len(weights)} weights.")
-        configs = [self.peft_config[a] for a in adapters]
         serial = [a for a, c in zip(adapters, configs) if c.serial]
         if serial:
             raise MergeError(
                 f"HyPS adapters {serial} have a serial branch (Up(ReLU(Down(h)))), which is non-linear: a weighted "
-                "sum "
-                "of such adapters is not an adapter of the same form. Combine parallel-only adapters "
+                "sum of such adapters is not an adapter of the same form. Combine parallel-only adapters "
                 "(HyPSConfig(serial=False)).")
         if any(c.parallel is False for c in configs):
             raise ValueError("add_weighted_adapter needs adapters with a parallel branch.")
