@@ -577,17 +577,21 @@ def test_targets_matching_nothing_list_available_linear_layers():
     assert "'mlp.linear1'" in str(err.value) and "'attn.out_proj'" in str(err.value)
 
 
-def test_non_linear_target_is_refused_by_name_and_type():
-    class WithConv(nn.Module):
+def test_unsupported_target_is_refused_by_name_and_type():
+    class WithNorm(nn.Module):
         def __init__(self):
             super().__init__()
-            self.proj = nn.Conv3d(1, 4, 2)
+            self.proj = nn.Conv3d(1, 4, 2)  # convolutions are fine (tests/test_hyps_conv.py) ...
+            self.norm = nn.LayerNorm(4)  # ... a LayerNorm or a grouped convolution is not
+            self.dw = nn.Conv3d(4, 4, 3, groups=4)
             self.mlp = nn.Linear(4, 4)
 
-    model = WithConv()
-    match = r"nn.Linear layers only.*matched proj \(Conv3d\).*'attn.proj' instead of 'proj'"
+    model = WithNorm()
+    match = r"nn.Linear layers and convolutions .* only.*matched norm \(LayerNorm\).*Narrow target_modules"
     with pytest.raises(TargetModulesError, match=match):
-        get_peft_model(model, HyPSConfig(target_modules=["proj", "mlp"]))
+        get_peft_model(model, HyPSConfig(target_modules=["proj", "norm", "mlp"]))
+    with pytest.raises(TargetModulesError, match=r"groups=1 only.*matched dw \(Conv3d, groups=4\).*exclude_modules"):
+        get_peft_model(model, HyPSConfig(target_modules=["proj", "dw"]))
     assert not _hyps_layers(model), "a refused config must leave the model untouched"
 
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import peft_tensor.tuners.hyps  # noqa: F401  (registers HYPS with PEFT)
-from peft_tensor.errors import MergeError, TargetModulesError
+from peft_tensor.errors import MergeError
 from peft_tensor.tuners.hyps import SWINUNETR_HYPS_TARGETS, HyPSConfig, HyPSLayer
 from tests._models import SWIN_TARGETS, full_swinunetr, tiny_swinunetr
 
@@ -142,19 +142,21 @@ def test_swinunetr_parallel_only_merge_and_unload_is_a_plain_swinunetr(swin):
 def test_swinunetr_merge_with_serial_branch_explains_what_to_do(swin):
     base, _, _ = swin
     pm = get_peft_model(copy.deepcopy(base), HyPSConfig(target_modules=SWINUNETR_HYPS_TARGETS))
-    with pytest.raises(MergeError, match=r"cannot be folded into the Linear weight.*unmerged inference.*serial=False"):
+    with pytest.raises(MergeError, match=r"cannot be folded into the layer's weight.*unmerged.*serial=False"):
         pm.merge_and_unload()
     with pytest.raises(MergeError, match="serial branch"):
         pm.merge_adapter()
     assert not any(m.merged for m in _layers(pm).values())
 
 
-def test_swinunetr_bare_proj_hits_the_patch_embedding_conv(swin):
+def test_swinunetr_bare_proj_also_adapts_the_patch_embedding_conv(swin):
+    """HyPS adapts convolutions too, so a bare "proj" is no error: it wraps the patch-embedding Conv3d as well as every
+    attn.proj (which is why SWINUNETR_HYPS_TARGETS spells out "attn.proj")."""
     base, _, _ = swin
-    model = copy.deepcopy(base)
-    with pytest.raises(TargetModulesError, match=r"matched swinViT.patch_embed.proj \(Conv3d\).*'attn.proj'"):
-        get_peft_model(model, HyPSConfig(target_modules=["qkv", "proj"]))
-    assert not _layers(model)
+    pm = get_peft_model(copy.deepcopy(base), HyPSConfig(target_modules=["qkv", "proj"]))
+    layers = _layers(pm)
+    assert isinstance(layers["base_model.model.swinViT.patch_embed.proj"].get_base_layer(), nn.Conv3d)
+    assert len(layers) == 1 + 2 * 4 and sum(n.endswith(("attn.qkv", "attn.proj")) for n in layers) == 2 * 4
 
 
 # ------------------------------------------------------------------------------------------- full-size counts

@@ -1,4 +1,13 @@
-"""HyPS layers: an ``nn.Linear`` wrapped with a parallel principal-SVD branch and a serial bottleneck branch."""
+"""HyPS layers: an ``nn.Linear`` or a convolution (``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d``) wrapped with a
+parallel principal-SVD branch and a serial bottleneck branch.
+
+Convolution kernels are matricised as ``weight.reshape(weight.shape[0], -1)``: ``out x (in * prod(k))`` for a
+convolution, ``in x (out * prod(k))`` for a transposed one. That is the im2col matrix the convolution multiplies the
+unfolded input with (a transposed convolution is its adjoint), so the parallel branch is the linear HyPS on the
+unfolded input, a ``1x1x1`` convolution is exactly a Linear, the rank-r update factors into two cheap convolutions
+(``r`` kernels of the layer's own shape and a ``1x1x1`` channel mix) instead of a dense kernel per step, and the
+trainable count ``r * (rows + cols)`` is the one of PEFT LoRA's Conv3d at the same rank.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +26,11 @@ from ...errors import MergeError, RankError
 from .._mixed_batch import check_mixed_batch, sub_batches
 from .config import HyPSConfig
 
-__all__ = ["HyPSLayer", "Linear", "principal_factors"]
+__all__ = ["CONV_TYPES", "Conv", "HyPSLayer", "Linear", "SUPPORTED_TYPES", "principal_factors"]
+
+#: Convolutions HyPS wraps (``groups=1`` only; the tuner refuses grouped/depthwise ones by name).
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+SUPPORTED_TYPES = (nn.Linear,) + CONV_TYPES
 
 
 def principal_factors(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,6 +93,19 @@ def _principal_factors_gram(w: torch.Tensor, r: int) -> tuple[torch.Tensor, torc
     return a.to(torch.float32), b.to(torch.float32)
 
 
+def matrix_shape(base: nn.Module) -> tuple[int, int]:
+    """(rows, cols) of the matrix HyPS factorises: ``weight.reshape(weight.shape[0], -1)`` (a Linear's own weight)."""
+    return base.weight.shape[0], base.weight[0].numel()
+
+
+def describe_matrix(base: nn.Module) -> str:
+    """``"Linear"``, or e.g. ``"Conv3d (kernel matricised as out x in*3x3x3)"``, for error messages."""
+    if isinstance(base, nn.Linear):
+        return "Linear"
+    k = "x".join(str(s) for s in base.kernel_size)
+    return f"{type(base).__name__} (kernel matricised as {'in x out' if base.transposed else 'out x in'}*{k})"
+
+
 class HyPSLayer(BaseTunerLayer):
     """Per-adapter state of a HyPS-wrapped layer.
 
@@ -114,19 +140,29 @@ class HyPSLayer(BaseTunerLayer):
         self.kwargs = kwargs
 
         base = self.get_base_layer()
-        if not isinstance(base, nn.Linear):  # the tuner checks this first; this guards direct construction
-            raise TypeError(f"HyPS wraps nn.Linear only, got {type(base).__name__}.")
-        self.in_features = base.in_features
-        self.out_features = base.out_features
+        if not isinstance(base, SUPPORTED_TYPES):  # the tuner checks this first; this guards direct construction
+            raise TypeError(f"HyPS wraps nn.Linear and convolutions only, got {type(base).__name__}.")
+        if isinstance(base, nn.Linear):
+            self.in_features = base.in_features
+            self.out_features = base.out_features
+        else:
+            if base.groups != 1:
+                raise TypeError(f"HyPS wraps convolutions with groups=1 only, got groups={base.groups}.")
+            self.in_features = base.in_channels
+            self.out_features = base.out_channels
+        # The matrix the parallel branch factorises: the weight itself for a Linear, weight.reshape(shape[0], -1)
+        # for a convolution (see the module docstring).
+        self.matrix_shape = matrix_shape(base)
 
     def update_layer(self, adapter_name: str, config: HyPSConfig, layer_name: str = "") -> None:
         """Create (or re-create) the adapter ``adapter_name`` on this layer from ``config``."""
-        out_features, in_features = self.out_features, self.in_features
+        rows, cols = self.matrix_shape
         where = f" at {layer_name!r}" if layer_name else ""
-        if config.parallel and config.r > min(out_features, in_features):
+        if config.parallel and config.r > min(rows, cols):
             raise RankError(
-                f"HyPS r={config.r} exceeds min(out, in) = {min(out_features, in_features)} of the Linear{where} "
-                f"({out_features} x {in_features}). Lower r or exclude that layer via exclude_modules."
+                f"HyPS r={config.r} exceeds min(out, in) = {min(rows, cols)} of the "
+                f"{describe_matrix(self.get_base_layer())}{where} ({rows} x {cols}). Lower r or exclude that layer "
+                "via exclude_modules."
             )
 
         for attr in self.adapter_layer_names + self.other_param_names:  # re-creation must not keep stale branches
@@ -147,10 +183,10 @@ class HyPSLayer(BaseTunerLayer):
                     base_weight = base_weight - self.get_delta_weight(merged).float()
         if config.parallel:
             if base_weight.device.type == "meta":
-                a0 = torch.empty(out_features, config.r, device="meta")
-                b0 = torch.empty(config.r, in_features, device="meta")
+                a0 = torch.empty(rows, config.r, device="meta")
+                b0 = torch.empty(config.r, cols, device="meta")
             else:
-                a0, b0 = principal_factors(base_weight, config.r)
+                a0, b0 = principal_factors(base_weight.reshape(rows, cols), config.r)
             self.hyps_A0[adapter_name] = a0
             self.hyps_B0[adapter_name] = b0
             a, b = a0.clone(), b0.clone()
@@ -162,8 +198,7 @@ class HyPSLayer(BaseTunerLayer):
             self.hyps_B[adapter_name] = nn.Parameter(b)
 
         if config.serial:
-            down = nn.Linear(out_features, config.d, bias=False, device=base_weight.device)
-            up = nn.Linear(config.d, out_features, bias=False, device=base_weight.device)
+            down, up = self._make_bottleneck(config.d, base_weight.device)
             if down.weight.device.type != "meta":
                 nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
                 with torch.no_grad():
@@ -183,6 +218,17 @@ class HyPSLayer(BaseTunerLayer):
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
 
+    def _make_bottleneck(self, d: int, device: torch.device) -> tuple[nn.Module, nn.Module]:
+        """The serial branch's ``Down`` (out -> d) and ``Up`` (d -> out), bias-free, on the layer's output features:
+        Linears for a Linear, ``1x1x1`` convolutions of the layer's dimension for a convolution."""
+        base = self.get_base_layer()
+        if isinstance(base, nn.Linear):
+            return (nn.Linear(self.out_features, d, bias=False, device=device),
+                    nn.Linear(d, self.out_features, bias=False, device=device))
+        conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[base.weight.dim() - 3]
+        return (conv(self.out_features, d, 1, bias=False, device=device),
+                conv(d, self.out_features, 1, bias=False, device=device))
+
     # ----------------------------------------------------------------------------------------------------- merging
 
     def _has_parallel(self, adapter: str) -> bool:
@@ -192,12 +238,13 @@ class HyPSLayer(BaseTunerLayer):
         return adapter in self.hyps_down
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
-        """``A @ B - A0 @ B0`` (out x in) for ``adapter``, computed in float32 or wider, in the base weight's dtype."""
+        """``A @ B - A0 @ B0`` for ``adapter`` in the base weight's shape (out x in, or a kernel folded back from its
+        matricisation) and dtype, computed in float32 or wider."""
         weight = self.get_base_layer().weight
         compute = torch.promote_types(self.hyps_A[adapter].dtype, torch.float32)
         a, b = self.hyps_A[adapter].to(compute), self.hyps_B[adapter].to(compute)
         a0, b0 = self.hyps_A0[adapter].to(compute), self.hyps_B0[adapter].to(compute)
-        return (a @ b - a0 @ b0).to(weight.dtype)
+        return (a @ b - a0 @ b0).reshape(weight.shape).to(weight.dtype)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Add the parallel branch ``A B - A0 B0`` of each adapter to the base weight.
@@ -244,7 +291,7 @@ class HyPSLayer(BaseTunerLayer):
 def serial_merge_message(adapter: str) -> str:
     return (
         f"HyPS adapter {adapter!r} has a serial branch, y = h + scale * Up(ReLU(Down(h))). It is non-linear in the "
-        "layer input, so it cannot be folded into the Linear weight. Either run unmerged inference (the PeftModel "
+        "layer input, so it cannot be folded into the layer's weight. Either run unmerged inference (the PeftModel "
         "works as is; only the parallel branch is mergeable), use unload() to drop the adapter without merging, or "
         "train with HyPSConfig(serial=False) for a fully mergeable parallel-only adapter."
     )
@@ -315,6 +362,114 @@ class Linear(nn.Module, HyPSLayer):
             if p > 0.0:
                 h = F.dropout(h, p=p, training=self.training)
             result = _add_matmul(result, F.relu(down(h)), up.weight, alpha=self.hyps_scale[adapter])
+        return result
+
+    def __repr__(self) -> str:
+        return "hyps." + super().__repr__()
+
+
+def _add_channel_mix(result: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """``result + alpha * (weight mixes u's channels)`` for result (N, out, *S), u (N, k, *S), weight (out, k): a
+    ``1x1x1`` convolution as a batched matmul over the flattened spatial positions, any number of spatial dims.
+
+    One fused ``baddbmm`` pass when the dtypes agree; otherwise the mix is computed in the adapter's dtype and cast to
+    the base output's dtype before the addition (as :func:`_add_matmul`)."""
+    n, out = result.shape[:2]
+    u3 = u.reshape(n, u.shape[1], -1)
+    if result.dtype == u.dtype == weight.dtype:
+        flat = torch.baddbmm(result.reshape(n, out, -1), weight.expand(n, *weight.shape), u3, alpha=alpha)
+        return flat.view(result.shape)
+    return result + (alpha * torch.matmul(weight, u3)).view(result.shape).to(result.dtype)
+
+
+def _channel_mix(u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` (c, k) applied to the channels of u (N, k, *S) -> (N, c, *S)."""
+    return torch.matmul(weight, u.reshape(u.shape[0], u.shape[1], -1)).view(u.shape[0], weight.shape[0], *u.shape[2:])
+
+
+_CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+class Conv(nn.Module, HyPSLayer):
+    """HyPS around a convolution: ``nn.Conv1d/2d/3d`` or ``nn.ConvTranspose1d/2d/3d`` with ``groups=1`` (any stride,
+    padding, padding mode, dilation, output padding, with or without bias).
+
+    The kernel ``W`` is matricised as ``M = W.reshape(W.shape[0], -1)`` (see the module docstring) and the parallel
+    branch is PiSSA on ``M``: ``M + A B - A0 B0``, ``A`` (rows x r), ``B`` (r x cols). The update is never materialised
+    as a kernel in the forward; with ``A B - A0 B0 = (A - A0) B + A0 (B - B0)``:
+
+    - convolution (rows = out, cols = in * prod(k)): ``u = conv(x, [B; B - B0])`` with the layer's own stride,
+      padding and dilation (2r output channels), then the ``1x1x1`` mix ``[A - A0, A0] u``;
+    - transposed convolution (rows = in, cols = out * prod(k)): the ``1x1x1`` mix ``z = [A - A0, A0]^T x`` (2r
+      channels), then ``conv_transpose(z, [B; B - B0])`` with the layer's stride, padding, output padding, dilation.
+
+    Every product has an exactly-zero factor while ``A == A0`` and ``B == B0``, so the adapter is an exact identity at
+    initialisation. The serial branch acts on the output feature map's channels: ``h + scale * Up(ReLU(Down(h)))``
+    with ``Down``/``Up`` ``1x1x1`` convolutions (out -> d -> out; ``Down`` rows mirrored as for the Linear). Adapter
+    math runs in the adapter's dtype; the output is cast back to the base output's dtype.
+    """
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: HyPSConfig, layer_name: str = "", **kwargs):
+        super().__init__()
+        HyPSLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, layer_name=layer_name)
+
+    def forward(self, x: torch.Tensor, *args: Any, adapter_names: Optional[list[str]] = None,
+                **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+
+        result = self.base_layer(x, *args, **kwargs)
+        result_dtype = result.dtype
+        output_padding = self._transposed_output_padding(x, *args, **kwargs)
+        if adapter_names is not None:
+            check_mixed_batch(x, adapter_names)
+            out = result.clone()
+            for adapter, rows in sub_batches(adapter_names, x.device):
+                out[rows] = self._apply_adapter(adapter, x[rows], result[rows], output_padding).to(result_dtype)
+            return out
+        for adapter in self.active_adapters:
+            result = self._apply_adapter(adapter, x, result, output_padding)
+        return result.to(result_dtype)
+
+    def _transposed_output_padding(self, x: torch.Tensor,
+                                   output_size: Optional[list[int]] = None) -> Optional[list[int]]:
+        """A transposed convolution's output padding for this call (it depends on ``output_size=``), else None."""
+        base = self.get_base_layer()
+        if not base.transposed:
+            return None
+        return base._output_padding(x, output_size, base.stride, base.padding, base.kernel_size,
+                                    base.weight.dim() - 2, base.dilation)
+
+    def _apply_adapter(self, adapter: str, x: torch.Tensor, result: torch.Tensor,
+                       output_padding: Optional[list[int]]) -> torch.Tensor:
+        p = self.hyps_dropout.get(adapter, 0.0)
+        if self._has_parallel(adapter) and adapter not in self.merged_adapters:
+            base = self.get_base_layer()
+            a, b = self.hyps_A[adapter], self.hyps_B[adapter]
+            xa = self._cast_input_dtype(x, a.dtype)
+            if p > 0.0:
+                xa = F.dropout(xa, p=p, training=self.training)
+            a0, b0 = self.hyps_A0[adapter].to(a.dtype), self.hyps_B0[adapter].to(b.dtype)
+            kernel = torch.cat([b, b - b0]).view(2 * b.shape[0], *base.weight.shape[1:])  # (2r, *weight[0].shape)
+            mix = torch.cat([a - a0, a0], dim=1)  # (rows, 2r)
+            if base.transposed:
+                z = _channel_mix(xa, mix.t())
+                u = _CONV_TRANSPOSE[base.weight.dim() - 2](z, kernel, None, base.stride, base.padding, output_padding,
+                                                           1, base.dilation)
+                result = result + u.to(result.dtype)
+            else:
+                result = _add_channel_mix(result, base._conv_forward(xa, kernel, None), mix)
+        if self._has_serial(adapter):
+            down, up = self.hyps_down[adapter], self.hyps_up[adapter]
+            h = self._cast_input_dtype(result, down.weight.dtype)
+            if p > 0.0:
+                h = F.dropout(h, p=p, training=self.training)
+            z = F.relu(_channel_mix(h, down.weight.flatten(1)))
+            result = _add_channel_mix(result, z, up.weight.flatten(1), alpha=self.hyps_scale[adapter])
         return result
 
     def __repr__(self) -> str:
