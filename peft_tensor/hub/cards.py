@@ -1,11 +1,23 @@
 """Model cards for published adapters, filled from ``templates/adapter_card.md`` (next to this file) through
 huggingface_hub's ``ModelCard.from_template`` / ``ModelCardData`` / ``EvalResult`` (evaluation results become
 model-index metadata).
+
+Metadata conventions (the same on adapter and base-weights cards):
+
+- ``library_name: peft-tensor``. The Hub derives the "Use this model" code from ``library_name``. Its ``peft``
+  snippet (huggingface.js ``model-libraries-snippets.ts``) builds the base with ``transformers.AutoModelFor<task>``
+  from ``base_model_name_or_path`` and only for the text task types (CAUSAL_LM, SEQ_2_SEQ_LM, TOKEN_CLS, SEQ_CLS):
+  for a MONAI network it shows "Task type is invalid." The Hub has no ``monai`` library entry either. An unlisted
+  name gives no generated snippet, so the snippet readers see is the card's own (``peft_tensor.hub.load_pretrained``,
+  which rebuilds the MONAI network from ``peft_tensor.json``); ``peft`` stays a tag so PEFT adapters remain findable.
+- ``base_model`` (the base-weights repository) with ``base_model_relation: adapter`` when the base weights are on the
+  Hub; ``pipeline_tag: image-segmentation``; ``license`` always (``unknown`` when the publisher states none).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -17,9 +29,11 @@ from .adapter_files import read_config_file
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"  # shipped as package data
 ADAPTER_TEMPLATE = TEMPLATE_DIR / "adapter_card.md"
-BASE_TAGS = ["peft-tensor", "medical-imaging", "segmentation"]
+LIBRARY_NAME = "peft-tensor"
+BASE_TAGS = ["peft-tensor", "peft", "medical-imaging", "segmentation"]
 TASK_TYPE = "image-segmentation"
-METRIC_NAMES = {"dice": "Dice", "hd95": "HD95 (mm)"}
+NO_LICENSE = "unknown"
+METRIC_NAMES = {"dice": "Dice", "hd95": "HD95 (mm)", "jaccard": "Jaccard"}
 # adapter_config.json fields that are PEFT bookkeeping, not hyperparameters worth a table row.
 _NOT_HYPERPARAMETERS = {
     "peft_type", "task_type", "auto_mapping", "base_model_name_or_path", "revision", "inference_mode",
@@ -36,10 +50,14 @@ def eval_results_from(evaluation: Any) -> list[EvalResult]:
 
     Accepts a list of ``EvalResult`` / dicts of its fields, or the short form
     ``{"dataset": "MSD Task04 Hippocampus", "dataset_type": "msd-hippocampus", "split": "test",
-    "metrics": {"dice": 0.88, "hd95": 1.9}}``.
+    "metrics": {"dice": 0.88, "hd95": 1.9}}``, or a recipe's results (see :func:`eval_results_from_summary`):
+    ``{"dataset": ..., "results": {"test": {...}, "classes": [...], "test_per_class": {...}}}``.
     """
     if evaluation is None:
         return []
+    if isinstance(evaluation, Mapping) and "results" in evaluation:
+        return eval_results_from_summary(evaluation["results"], evaluation.get("dataset"),
+                                         evaluation.get("dataset_type"), evaluation.get("split") or "test")
     if isinstance(evaluation, Mapping) and "metrics" in evaluation:
         name = evaluation.get("dataset") or evaluation.get("dataset_name")
         if not name:
@@ -66,6 +84,75 @@ def eval_results_from(evaluation: Any) -> list[EvalResult]:
     return results
 
 
+def eval_results_from_summary(results: Mapping, dataset: str | None, dataset_type: str | None = None,
+                              split: str = "test") -> list[EvalResult]:
+    """Model-index entries from a recipe's results: every metric of :data:`METRIC_NAMES` as the mean over classes and
+    per class (``metric_config`` = class name).
+
+    ``results[split]`` = ``{metric: {"mean", "std", "n"}}`` (the mean over classes), ``results["classes"]`` = class
+    names, ``results[f"{split}_per_class"]`` = ``{class: {metric: {"mean", "std", "n"}}}``; the per-class keys may be
+    absent (binary tasks, older runs). Non-finite values (an HD95 with an empty prediction) are left out: model-index
+    values must be numbers.
+    """
+    summary = results.get(split) or {}
+    if not summary:
+        return []
+    if not dataset:
+        raise CardError("results need a dataset name for the model card, e.g. dataset='MSD Task04 Hippocampus'.")
+    per_class = results.get(f"{split}_per_class") or {}
+    classes = [str(c) for c in (results.get("classes") or per_class)]
+    several = len(classes) > 1 or (per_class and len(per_class) > 1)
+    common = dict(task_type=TASK_TYPE, task_name="3D segmentation", dataset_name=str(dataset),
+                  dataset_type=str(dataset_type or _slug(dataset)), dataset_split=split)
+    out = []
+    for metric, label in METRIC_NAMES.items():
+        value = _finite((summary.get(metric) or {}).get("mean"))
+        if value is not None:
+            name = f"{label}, mean over classes" if several else label
+            out.append(EvalResult(metric_type=metric, metric_name=name, metric_value=value, **common))
+        for cls in classes if several else ():
+            value = _finite(((per_class.get(cls) or {}).get(metric) or {}).get("mean"))
+            if value is not None:
+                out.append(EvalResult(metric_type=metric, metric_name=f"{label} ({cls})", metric_config=cls,
+                                      metric_value=value, **common))
+    return out
+
+
+def results_table(results: Mapping | None, split: str = "test") -> str | None:
+    """Markdown table: the mean over classes and every class (rows) x each metric, as mean ± std (n)."""
+    summary = (results or {}).get(split) or {}
+    if not summary:
+        return None
+    per_class = results.get(f"{split}_per_class") or {}
+    classes = [str(c) for c in (results.get("classes") or per_class)]
+    metrics = [m for m in METRIC_NAMES if m in summary] + sorted(
+        m for m in summary if m not in METRIC_NAMES and isinstance(summary[m], Mapping))
+    rows = [("mean over classes" if len(classes) > 1 else (classes[0] if classes else "foreground"), summary)]
+    if len(classes) > 1:
+        rows += [(cls, per_class.get(cls) or {}) for cls in classes]
+    lines = ["| class | " + " | ".join(METRIC_NAMES.get(m, m) for m in metrics) + " |",
+             "|---|" + "---:|" * len(metrics)]
+    for name, values in rows:
+        lines.append(f"| {name} | " + " | ".join(_cell(values.get(m)) for m in metrics) + " |")
+    return "\n".join(lines)
+
+
+def _cell(stat) -> str:
+    if not isinstance(stat, Mapping) or _finite(stat.get("mean")) is None:
+        return "n/a"
+    std = _finite(stat.get("std"))
+    return f"{stat['mean']:.4f}" + (f" ± {std:.4f}" if std is not None else "") + (
+        f" (n={stat['n']})" if stat.get("n") is not None else "")
+
+
+def _finite(value) -> float | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
 def eval_results_to_json(results: Iterable[EvalResult]) -> list[dict]:
     return [{k: v for k, v in dataclasses.asdict(r).items() if v is not None} for r in results]
 
@@ -86,16 +173,21 @@ def build_adapter_card(adapter_dir: str | os.PathLike, record: dict | None, *, r
     framework_tag = "transformers" if base and base.cls.startswith("transformers.") else "monai"
     title = (repo_id or card_info.get("name") or Path(adapter_dir).resolve().name).split("/")[-1]
 
+    base_repo = base.weights.repo_id if base and base.weights and base.weights.repo_id else None
+    tags = BASE_TAGS[:1] + [method.lower()] + BASE_TAGS[1:] + [framework_tag]
+    tags += [t for t in card_info.get("tags") or [] if t not in tags]
+    extra = {"base_model_relation": "adapter"} if base_repo else {}
     data = ModelCardData(
-        library_name="peft",
-        license=card_info.get("license"),
-        tags=BASE_TAGS[:1] + [method.lower()] + BASE_TAGS[1:] + [framework_tag] + list(card_info.get("tags") or []),
+        library_name=LIBRARY_NAME,
+        license=card_info.get("license") or NO_LICENSE,
+        tags=tags,
         pipeline_tag=TASK_TYPE,
         datasets=card_info.get("datasets"),
-        base_model=(base.weights.repo_id if base and base.weights and base.weights.repo_id else None),
+        base_model=base_repo,
         model_name=title if evals else None,
         eval_results=evals or None,
         metrics=sorted({r.metric_type for r in evals}) or None,
+        **extra,
     )
     counts = []
     for name, info in adapters.items():
@@ -121,6 +213,9 @@ def build_adapter_card(adapter_dir: str | os.PathLike, record: dict | None, *, r
         base_weights=base.weights.describe() if base and base.weights else None,
         hyperparameters=hyper, parameter_counts=counts,
         training_data=card_info.get("training_data"),
+        details=card_info.get("details"),
+        results_table=results_table(card_info.get("results")),
+        license=card_info.get("license"),
         eval_rows=evals, adapters=list(adapters),
         snippet=loading_snippet(repo_id or str(adapter_dir), base),
         versions=record.get("written_by") or {},
@@ -173,8 +268,10 @@ def check_card_metadata(card: ModelCard) -> None:
     """Client-side validation of the card metadata with huggingface_hub's own parsers (the Hub re-checks on push)."""
     reparsed = ModelCard(str(card))
     meta = reparsed.data.to_dict()
-    if meta.get("library_name") != "peft":
-        raise CardError("model card metadata lost library_name: peft")
+    if meta.get("library_name") != LIBRARY_NAME:
+        raise CardError(f"model card metadata lost library_name: {LIBRARY_NAME}")
+    if meta.get("base_model") and meta.get("base_model_relation") != "adapter":
+        raise CardError("model card metadata names a base_model without base_model_relation: adapter")
     if card.data.eval_results and not reparsed.data.eval_results:
         raise CardError("model card evaluation results do not round-trip through model-index metadata")
 

@@ -7,6 +7,8 @@ MONAI networks carry no config, so an adapter file alone cannot say what it adap
 - ``base_network.kwargs``: its constructor arguments (MONAI), or ``base_network.config``: a transformers config dict;
 - ``base_network.weights``: optional reference to the base weights -- a Hub file (``repo_id``, ``revision``,
   ``filename``) or a local ``path`` -- with the file's ``sha256``;
+- ``base_network.source``: optional, where the user's pretrained weights came from (a MONAI bundle name, a Hub repo
+  id, a checkpoint path) -- informative only, the weights reference above is what loading uses;
 - ``adapters.<name>``: per adapter, its ``peft_type``, parameter counts and the shapes of every base module it
   touches (``module_shapes``), so a wrong base network is refused before it is modified;
 - ``card``: what the model card says about training data and evaluation results.
@@ -78,6 +80,7 @@ class BaseNetwork:
     kwargs: dict = field(default_factory=dict)
     config: dict | None = None
     weights: WeightsRef | None = None
+    source: str | None = None
 
     def to_dict(self) -> dict:
         out: dict[str, Any] = {"class": self.cls}
@@ -87,6 +90,8 @@ class BaseNetwork:
             out["kwargs"] = self.kwargs
         if self.weights is not None:
             out["weights"] = self.weights.to_dict()
+        if self.source:
+            out["source"] = self.source
         return out
 
     @classmethod
@@ -94,9 +99,11 @@ class BaseNetwork:
         if not isinstance(data, Mapping) or not isinstance(data.get("class"), str):
             raise ProvenanceError(f"{PROVENANCE_FILE}: 'base_network' needs a 'class' import path, got {data!r}.")
         weights = data.get("weights")
+        known = {f.name for f in WeightsRef.__dataclass_fields__.values()}
         return cls(
             cls=data["class"], kwargs=dict(data.get("kwargs") or {}), config=data.get("config"),
-            weights=WeightsRef(**weights) if weights else None,
+            weights=WeightsRef(**{k: v for k, v in weights.items() if k in known}) if weights else None,
+            source=data.get("source"),
         )
 
     def describe(self) -> str:

@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import CommitOperationAdd, HfApi
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
 from .._atomic import atomic_write_text
 from ..errors import PeftTensorError
 from .adapter_files import PICKLED_WEIGHTS, WEIGHTS_NAME, adapted_module_shapes, numel, tensor_shapes
-from .cards import build_adapter_card, eval_results_from, eval_results_to_json
+from .cards import LIBRARY_NAME, NO_LICENSE, TASK_TYPE, build_adapter_card, eval_results_from, eval_results_to_json
 from .provenance import (
     FORMAT_VERSION,
     PROVENANCE_FILE,
@@ -67,7 +67,9 @@ def save_pretrained(model, save_directory: str | os.PathLike, *, base_network: B
                     base_weights: WeightsRef | str | os.PathLike | None = None, training_data: str | None = None,
                     evaluation: Any = None, license: str | None = None, datasets: list[str] | None = None,
                     tags: list[str] | None = None, selected_adapters: list[str] | None = None,
-                    repo_id: str | None = None, **save_kwargs) -> Path:
+                    repo_id: str | None = None, results: dict | None = None, dataset: str | None = None,
+                    details: str | None = None, base_model_name_or_path: str | None = None,
+                    name: str | None = None, **save_kwargs) -> Path:
     """``model.save_pretrained`` (safetensors) plus ``peft_tensor.json`` (provenance) and our ``README.md`` card.
 
     Args:
@@ -78,14 +80,28 @@ def save_pretrained(model, save_directory: str | os.PathLike, *, base_network: B
             ``save_base_weights``); recorded with its sha256.
         training_data / evaluation / license / datasets / tags: what the model card states. ``evaluation`` is
             e.g. ``{"dataset": "MSD Hippocampus", "split": "test", "metrics": {"dice": 0.88, "hd95": 1.9}}``.
+        results / dataset: a recipe's results (``{"test": {metric: {mean, std, n}}, "classes": [...],
+            "test_per_class": {class: {metric: {...}}}}``, per-class keys optional) and the dataset's name: the
+            card's results table (mean over classes and every class) and, unless ``evaluation`` is given, its
+            model-index.
+        details: Markdown added to the card's training section (e.g. the recipe's run summary).
+        name: the card's title until it is pushed (then the repo name); default: the directory's name.
+        base_model_name_or_path: written to every ``adapter_config.json``; by default the base weights' Hub repo,
+            else ``base_network.source`` when that is a bundle name or repo id (not a local path).
     """
     save_directory = Path(save_directory)
     spec = base_network or describe_network(model)
     if base_weights is not None:
         spec.weights = base_weights if isinstance(base_weights, WeightsRef) else WeightsRef.from_file(base_weights)
+    if results is not None and evaluation is None and (results.get("test") or {}):
+        evaluation = {"dataset": dataset, "results": results}
+    base_name = base_model_name_or_path or base_reference(spec)
+    names = selected_adapters or list(model.peft_config)
+    if base_name:
+        for name in names:
+            model.peft_config[name].base_model_name_or_path = base_name
     save_kwargs.setdefault("safe_serialization", True)
     model.save_pretrained(str(save_directory), selected_adapters=selected_adapters, **save_kwargs)
-    names = selected_adapters or list(model.peft_config)
     active = model.active_adapter if isinstance(model.active_adapter, str) else None
     adapters = {}
     for name in names:
@@ -106,6 +122,7 @@ def save_pretrained(model, save_directory: str | os.PathLike, *, base_network: B
         "card": {k: v for k, v in {
             "training_data": training_data, "license": license, "datasets": datasets, "tags": tags,
             "eval_results": eval_results_to_json(eval_results_from(evaluation)) or None,
+            "results": _card_results(results), "details": details, "name": name,
         }.items() if v},
     }
     write_json_atomic(save_directory / PROVENANCE_FILE, record)
@@ -116,6 +133,30 @@ def save_pretrained(model, save_directory: str | os.PathLike, *, base_network: B
 
 def _peft_type_name(peft_type) -> str:
     return str(getattr(peft_type, "value", peft_type))
+
+
+def base_reference(spec: BaseNetwork | dict | None) -> str | None:
+    """What ``adapter_config.json``'s ``base_model_name_or_path`` should say: the base weights' Hub repo, else the
+    recorded source when it is a bundle name or repo id rather than a local path; None otherwise."""
+    if isinstance(spec, dict):
+        spec = BaseNetwork.from_dict(spec)
+    if spec is None:
+        return None
+    if spec.weights is not None and spec.weights.repo_id:
+        return spec.weights.repo_id
+    source = spec.source
+    if source and not Path(source).expanduser().exists() and not os.path.isabs(source) \
+            and not source.endswith((".pt", ".pth", ".ckpt", ".safetensors", ".bin")):
+        return source
+    return None
+
+
+def _card_results(results: dict | None) -> dict | None:
+    """The parts of a recipe's results the card reports (JSON values only)."""
+    if not results:
+        return None
+    keep = {k: results[k] for k in ("test", "classes", "test_per_class") if results.get(k)}
+    return keep or None
 
 
 # ------------------------------------------------------------------------------------------------------------ push
@@ -160,11 +201,13 @@ def push_to_hub(adapter, repo_id: str, *, token: str | bool | None = None, priva
         if not local:
             raise HubPublishError("base_weights_repo given but no base weights file: pass base_weights=PATH.")
         pushed_weights = push_base_weights(local, base_weights_repo, api=api, private=private,
-                                           create_repo=create_repo, base_network=record["base_network"])
+                                           create_repo=create_repo, base_network=record["base_network"],
+                                           license=(record.get("card") or {}).get("license"))
         record["base_network"]["weights"] = pushed_weights.to_dict()
 
     card = build_adapter_card(adapter_dir, record, repo_id=repo_id)
-    operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(adapter_dir / rel))
+    base_name = base_reference((record or {}).get("base_network"))
+    operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=_upload_source(adapter_dir / rel, base_name))
                   for rel in files if rel not in ("README.md", PROVENANCE_FILE)]
     if record is not None:
         import json
@@ -177,10 +220,28 @@ def push_to_hub(adapter, repo_id: str, *, token: str | bool | None = None, priva
     return PushResult(repo_id, info.oid, info.commit_url, [op.path_in_repo for op in operations], pushed_weights)
 
 
+def _upload_source(path: Path, base_name: str | None):
+    """The file as uploaded: ``adapter_config.json`` gets ``base_model_name_or_path`` = the base's Hub repo / bundle
+    name (the local file is not modified); every other file is uploaded as it is."""
+    if path.name != "adapter_config.json" or not base_name:
+        return str(path)
+    import json
+
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if config.get("base_model_name_or_path") == base_name:
+        return str(path)
+    config["base_model_name_or_path"] = base_name
+    return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+
+
 def push_base_weights(weights_file: str | os.PathLike, repo_id: str, *, api: HfApi | None = None,
                       token: str | bool | None = None, private: bool | None = None, create_repo: bool = True,
-                      base_network: dict | None = None, endpoint: str | None = None) -> WeightsRef:
-    """Publish a base-weights safetensors file to its own repository (one commit); return the pinned reference."""
+                      base_network: dict | None = None, endpoint: str | None = None,
+                      license: str | None = None) -> WeightsRef:
+    """Publish a base-weights safetensors file to its own repository (one commit); return the pinned reference.
+
+    Its card has the same ``library_name`` (``peft-tensor``), ``pipeline_tag`` and tags as the adapter cards;
+    ``license`` defaults to ``unknown`` (``push_to_hub`` passes the adapter's)."""
     weights_file = Path(weights_file)
     if weights_file.suffix != ".safetensors":
         raise HubPublishError(f"Base weights must be a .safetensors file, got {weights_file.name}.")
@@ -189,11 +250,13 @@ def push_base_weights(weights_file: str | os.PathLike, repo_id: str, *, api: HfA
     api = api or HfApi(endpoint=endpoint, token=token)
     digest = sha256_file(weights_file)
     desc = BaseNetwork.from_dict(base_network).describe() if base_network else "a base network"
-    readme = (
-        "---\nlibrary_name: peft-tensor\ntags:\n- peft-tensor\n- medical-imaging\n- monai\n---\n\n"
+    data = ModelCardData(library_name=LIBRARY_NAME, license=license or NO_LICENSE, pipeline_tag=TASK_TYPE,
+                         tags=["peft-tensor", "medical-imaging", "segmentation", "monai"])
+    readme = str(ModelCard(
+        f"---\n{data.to_yaml()}\n---\n\n"
         f"# Base weights\n\nWeights of `{desc}` used as the frozen base of peft-tensor adapters.\n\n"
         f"`{BASE_WEIGHTS_FILE}`: sha256 `{digest}`. Research use only; not for clinical use.\n"
-    )
+    ))
     operations = [CommitOperationAdd(BASE_WEIGHTS_FILE, str(weights_file)),
                   CommitOperationAdd("README.md", readme.encode())]
     info = _commit(api, repo_id, operations, "Upload base weights with peft-tensor", revision=None, private=private,

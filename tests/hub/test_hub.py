@@ -465,7 +465,7 @@ def test_card_metadata_validated(client, trained):
     card = build_adapter_card(adapter_dir, read_provenance(adapter_dir), repo_id="lab/unetr-lora")
     card.validate()  # the server's /api/validate-yaml, as huggingface_hub calls it before a push
     data = card.data
-    assert data.library_name == "peft" and data.pipeline_tag == "image-segmentation"
+    assert data.library_name == "peft-tensor" and data.pipeline_tag == "image-segmentation"
     assert {"peft-tensor", "lora", "medical-imaging", "segmentation", "monai"} <= set(data.tags)
     results = {r.metric_type: r.metric_value for r in ModelCard(str(card)).data.eval_results}
     assert results == {"dice": 0.812, "hd95": 2.75}
