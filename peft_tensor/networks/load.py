@@ -1,0 +1,541 @@
+"""Pretrained networks in, from whatever the user has: :func:`load_network` and its :class:`LoadReport`.
+
+Sources (``load_network(source, ...)``):
+
+- a MONAI bundle folder: ``configs/inference.json`` (or ``.yaml``) with ``network_def``, weights in
+  ``models/model.safetensors`` or ``models/model.pt``; ``**overrides`` replace ``network_def`` arguments;
+- a bundle name (``"spleen_ct_segmentation"``): taken from the bundle cache (``bundle_dir``, default
+  ``<torch.hub dir>/bundle``), downloaded there with ``monai.bundle.download`` when missing and online;
+- a folder (or Hub repo id) with ``peft_tensor.json`` (the base network and its weights, sha256-checked), or a
+  ``backbone.json`` + ``model.safetensors`` folder written by the pretrain recipe;
+- a checkpoint file (``.pt`` / ``.pth`` / ``.ckpt`` / ``.bin`` / ``.safetensors``) loaded into ``network``: a module,
+  a dotted class path (built with ``**overrides``) or a ``{"_target_": ..., ...}`` spec.
+
+Checkpoint layouts recognised: a flat state dict; one nested under ``state_dict`` / ``model`` / ``net`` / ``network``
+(Lightning, MONAI ``CheckpointSaver``, research code); ``module.`` (DataParallel), ``_orig_mod.`` (torch.compile),
+``model.`` / ``net.`` prefixes; the SwinUNETR self-supervised encoder (``model_swinvit.pt``: ``state_dict`` ->
+``module.<swinViT key>`` with ``mlp.fc1`` / ``mlp.fc2``, what ``SwinUNETR.load_from`` reads; and the pretraining
+code's own ``module.swin_vit.<key>``) whose SSL heads (``rotation_head``, ``contrastive_head``, ``conv``) are reported,
+not loaded.
+
+Files are read with ``torch.load(weights_only=True)`` or safetensors only; anything else that needs unpickling (a
+whole pickled module, a Lightning file with hyper-parameter objects) is refused unless ``allow_pickle=True``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import pickle
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ..errors import PeftTensorError
+from ..hub.provenance import PROVENANCE_FILE, TRUSTED_MODULE_ROOTS, BaseNetwork, import_network_class
+from .specs import NetworkSpecError, build_from_spec, class_path_of, resolve_class_path, split_spec
+
+__all__ = ["LoadReport", "NetworkLoadError", "load_network", "load_state", "read_checkpoint", "extract_state_dict",
+           "CHECKPOINT_SUFFIXES"]
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".tar")
+BUNDLE_CONFIGS = ("inference.json", "inference.yaml", "inference.yml", "train.json", "train.yaml", "train.yml")
+BUNDLE_WEIGHTS = ("model.safetensors", "model.pt")
+NESTED_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module")
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.", "net.", "network.")
+SSL_HEADS = ("rotation_head", "rotation_pre", "contrastive_head", "contrastive_pre", "conv")
+
+
+class NetworkLoadError(PeftTensorError):
+    """A pretrained network cannot be loaded from the given source."""
+
+
+# ---------------------------------------------------------------------------------------------------------- report
+@dataclass
+class LoadReport:
+    """What a load did: tensors ``loaded``, network tensors ``missing`` from the checkpoint (left as initialised),
+    checkpoint tensors ``unexpected`` by the network (not loaded), ``mismatched`` tensors ``(name, checkpoint shape,
+    network shape)`` (left freshly initialised), how the checkpoint was read (``layout``) and ``notes``."""
+
+    source: str
+    network: str
+    weights: str | None = None
+    layout: list[str] = field(default_factory=list)
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        """Every network tensor came from the checkpoint and every checkpoint tensor was used."""
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "network": self.network, "weights": self.weights, "layout": self.layout,
+                "loaded": self.loaded, "missing": self.missing, "unexpected": self.unexpected,
+                "mismatched": [[n, list(a), list(b)] for n, a, b in self.mismatched], "notes": self.notes}
+
+    def __str__(self) -> str:
+        head = f"LoadReport: {self.source} -> {self.network}"
+        lines = [head]
+        if self.weights and self.weights != self.source:
+            lines.append(f"  weights     {self.weights}")
+        if self.layout:
+            lines.append(f"  layout      {'; '.join(self.layout)}")
+        total = len(self.loaded) + len(self.missing) + len(self.mismatched)
+        lines.append(f"  loaded      {len(self.loaded):>5} of {total} network tensors")
+        lines.append(f"  missing     {len(self.missing):>5}  {_grouped(self.missing)}")
+        lines.append(f"  unexpected  {len(self.unexpected):>5}  {_grouped(self.unexpected)}")
+        mism = ", ".join(f"{n} {tuple(a)} vs {tuple(b)}" for n, a, b in self.mismatched[:3])
+        more = f" (+{len(self.mismatched) - 3} more)" if len(self.mismatched) > 3 else ""
+        lines.append(f"  mismatched  {len(self.mismatched):>5}  {mism + more + ' (checkpoint vs network shape)' if mism else ''}")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(line.rstrip() for line in lines)
+
+
+def _grouped(names: list[str], limit: int = 6) -> str:
+    """``decoder2.* (12), out.* (2)``: names grouped by their first component, for the table."""
+    groups: dict[str, int] = {}
+    for name in names:
+        head = name.split(".", 1)[0]
+        groups[head] = groups.get(head, 0) + 1
+    single = {name.split(".", 1)[0]: name for name in names}
+    parts = [f"{g}.* ({c})" if c > 1 else single[g] for g, c in list(groups.items())[:limit]]
+    return ", ".join(parts) + (f", ... ({len(groups) - limit} more groups)" if len(groups) > limit else "")
+
+
+# ---------------------------------------------------------------------------------------------------------- files
+def read_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -> Any:
+    """The object stored in a checkpoint file: safetensors, or ``torch.load(weights_only=True)``; with
+    ``allow_pickle`` a full ``torch.load`` (only for files whose author you trust: unpickling can run code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except SafetensorError as exc:
+            raise NetworkLoadError(f"{path} is not a readable safetensors file ({exc}); it is damaged or was cut "
+                                   "off while being written or downloaded.") from None
+    if allow_pickle:
+        return torch.load(str(path), map_location="cpu", weights_only=False)
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        what = f"a pickled Python object ({found.group(1)})" if found else "pickled Python objects beyond tensors"
+        raise NetworkLoadError(
+            f"{path} holds {what}, e.g. a whole pickled network (torch.save(model)) or training state. Reading it "
+            "means unpickling, which can run arbitrary code, so it is refused. If you trust the file's author, pass "
+            "allow_pickle=True (CLI: --allow-pickle); better, re-save its state_dict (torch.save(model.state_dict())) "
+            "or as safetensors.") from None
+    except RuntimeError as exc:
+        if "TorchScript" in str(exc) or "constants.pkl" in str(exc):
+            raise NetworkLoadError(
+                f"{path} is a TorchScript archive, not a checkpoint. Load it with torch.jit.load, or give the "
+                "bundle's models/model.pt (the state dict).") from None
+        raise NetworkLoadError(f"{path} is not a PyTorch checkpoint torch.load can read: {str(exc)[:300]}") from None
+
+
+def extract_state_dict(obj: Any, layout: list[str] | None = None, _depth: int = 0) -> dict[str, torch.Tensor]:
+    """The state dict inside a loaded checkpoint: a flat ``{name: tensor}``, a module, or one nested under
+    ``state_dict`` / ``model`` / ``net`` / ``network`` (recorded in ``layout``)."""
+    layout = layout if layout is not None else []
+    if isinstance(obj, nn.Module):
+        layout.append(f"a pickled {type(obj).__name__} module (its state_dict)")
+        return dict(obj.state_dict())
+    if not isinstance(obj, Mapping):
+        raise NetworkLoadError(f"the checkpoint holds a {type(obj).__name__}, not a state dict (name -> tensor).")
+    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if tensors and len(tensors) >= len(obj) / 2:
+        dropped = [str(k) for k in obj if not isinstance(obj[k], torch.Tensor)]
+        if dropped:
+            layout.append(f"non-tensor entries ignored: {', '.join(dropped[:5])}")
+        return tensors
+    if _depth < 3:
+        for key in NESTED_KEYS:
+            if isinstance(obj.get(key), (Mapping, nn.Module)):
+                layout.append(f"nested under {key!r}")
+                return extract_state_dict(obj[key], layout, _depth + 1)
+    raise NetworkLoadError(
+        "found no state dict in the checkpoint: its top-level keys are "
+        f"{', '.join(repr(k) for k in list(obj)[:10])}; expected tensors, or a dict under one of "
+        f"{', '.join(NESTED_KEYS)}. Extract the network's state dict and save it (torch.save or safetensors).")
+
+
+# ---------------------------------------------------------------------------------------------------------- keys
+def _matches(keys, own: Mapping) -> int:
+    return sum(1 for k in keys if k in own)
+
+
+def _strip(state: dict, prefix: str) -> dict:
+    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()}
+
+
+def _ssl_swin(state: dict, own: Mapping) -> dict:
+    """SwinUNETR self-supervised layouts onto ``swinViT.``: ``swin_vit.<key>`` (the pretraining code's SSLHead) and
+    bare encoder keys (``model_swinvit.pt`` after ``module.``), timm's ``mlp.fc1/fc2`` -> MONAI's ``linear1/2``."""
+    out = {}
+    for k, v in state.items():
+        if k.startswith("swin_vit."):
+            k = "swinViT." + k[len("swin_vit."):]
+        elif re.match(r"(patch_embed|layers\d+c?|norm)\.", k) and "swinViT." + k not in state:
+            k = "swinViT." + k
+        if k.startswith("swinViT."):
+            k = k.replace(".mlp.fc1.", ".mlp.linear1.").replace(".mlp.fc2.", ".mlp.linear2.")
+        out[k] = v
+    return out
+
+
+def map_keys(state: dict[str, torch.Tensor], own: Mapping[str, torch.Tensor], layout: list[str]) -> dict:
+    """Rename checkpoint keys to the network's: strip wrapper prefixes while that matches more keys, then the
+    SwinUNETR self-supervised layout when the network has a ``swinViT`` encoder."""
+    swin = any(k.startswith("swinViT.") for k in own)
+
+    def score(candidate: dict) -> int:
+        return max(_matches(candidate, own), _matches(_ssl_swin(candidate, own), own) if swin else 0)
+
+    changed = True
+    while changed:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if not any(k.startswith(prefix) for k in state):
+                continue
+            stripped = _strip(state, prefix)
+            if score(stripped) > score(state):
+                n = sum(1 for k in state if k.startswith(prefix))
+                layout.append(f"'{prefix}' prefix stripped ({n} keys)")
+                state, changed = stripped, True
+    if swin:
+        mapped = _ssl_swin(state, own)
+        if _matches(mapped, own) > _matches(state, own):
+            layout.append("SwinUNETR self-supervised encoder layout (model_swinvit.pt): encoder keys -> swinViT.*, "
+                          "mlp.fc1/fc2 -> mlp.linear1/linear2")
+            state = mapped
+    return state
+
+
+# ---------------------------------------------------------------------------------------------------------- load
+def load_state(network: nn.Module, checkpoint: Any, *, strict: bool = False, report: LoadReport | None = None,
+               source: str = "state dict") -> LoadReport:
+    """Load ``checkpoint`` (a loaded checkpoint object or state dict) into ``network`` and report.
+
+    Tensors whose shape differs from the network's (a 14-class head into a 2-class network) are left as initialised
+    and reported as ``mismatched``. With ``strict`` any missing, unexpected or mismatched tensor raises
+    :class:`NetworkLoadError` before the network is changed.
+    """
+    from monai.networks.utils import copy_model_state
+
+    report = report or LoadReport(source=source, network=class_path_of(network))
+    state = extract_state_dict(checkpoint, report.layout)
+    own = network.state_dict()
+    state = map_keys(state, own, report.layout)
+    report.loaded = [k for k in own if k in state and tuple(state[k].shape) == tuple(own[k].shape)]
+    report.missing = [k for k in own if k not in state]
+    report.unexpected = [k for k in state if k not in own]
+    report.mismatched = [(k, tuple(state[k].shape), tuple(own[k].shape)) for k in own
+                         if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    heads = sorted({k.split(".", 1)[0] for k in report.unexpected if k.split(".", 1)[0] in SSL_HEADS})
+    if heads and any("self-supervised" in line for line in report.layout):
+        report.notes.append(f"self-supervised pretraining heads ({', '.join(heads)}) are not part of the network: "
+                            "not loaded")
+    if report.mismatched:
+        report.notes.append("mismatched tensors keep the network's fresh initialisation (e.g. a new output head)")
+    if not report.loaded:
+        raise NetworkLoadError(
+            f"{report.source}: no tensor of the checkpoint fits {report.network} (checkpoint keys such as "
+            f"{', '.join(list(state)[:3])}; network keys such as {', '.join(list(own)[:3])}). It was saved from "
+            "another network: build that one (network=...) or check the constructor arguments.")
+    if strict and not report.complete:
+        raise NetworkLoadError(f"strict load failed, nothing was changed:\n{report}\nPass strict=False to load what "
+                               "fits and keep the rest as initialised.")
+    dtypes = {str(state[k].dtype) for k in report.loaded if state[k].dtype != own[k].dtype}
+    if dtypes:
+        report.notes.append(f"checkpoint tensors in {', '.join(sorted(dtypes))} cast to the network's dtype")
+    quiet = logging.getLogger("monai.networks.utils")  # copy_model_state logs "'dst' model updated" at INFO
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    try:
+        copy_model_state(network, {k: state[k] for k in report.loaded}, inplace=True)
+    finally:
+        quiet.setLevel(level)
+    return report
+
+
+def load_network(source: str | os.PathLike, *, network: nn.Module | str | Mapping | None = None,
+                 strict: bool = False, allow_pickle: bool = False, bundle_dir: str | os.PathLike | None = None,
+                 trusted_module_roots: tuple[str, ...] | None = TRUSTED_MODULE_ROOTS,
+                 **overrides) -> tuple[nn.Module, LoadReport]:
+    """A pretrained network and a :class:`LoadReport` from a MONAI bundle, a bundle name, a provenance or backbone
+    folder, a Hub repo id or a checkpoint file (see the module docstring for every source and layout).
+
+    Args:
+        source: bundle folder or name, folder or Hub repo id with ``peft_tensor.json`` / ``backbone.json``, or a
+            checkpoint file.
+        network: for checkpoint files: the network to load into -- a module, a dotted class path (built with
+            ``**overrides``) or a ``{"_target_": ..., **kwargs}`` spec. For folders it replaces the recorded network.
+        strict: raise on any missing, unexpected or mismatched tensor (the network is left unchanged).
+        allow_pickle: accept files that need full unpickling (only from authors you trust).
+        bundle_dir: the MONAI bundle cache for bundle names (default ``<torch.hub.get_dir()>/bundle``).
+        trusted_module_roots: packages whose classes a bundle or provenance record may name (``None``: any).
+        **overrides: constructor arguments replacing the bundle's ``network_def`` / the recorded ones, e.g.
+            ``out_channels=3``; for checkpoint files, the arguments of a ``network`` given as a class path.
+
+    Returns:
+        ``(network, report)``; ``print(report)`` shows the table.
+    """
+    if isinstance(source, nn.Module):
+        raise NetworkLoadError("load_network(source) takes a path, bundle name or repo id; you passed a module. "
+                               "To load a checkpoint into it: load_network('weights.pt', network=module).")
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _load_folder(path, str(source), network, strict, allow_pickle, trusted_module_roots, overrides)
+    if path.is_file():
+        return _load_file(path, network, strict, allow_pickle, overrides)
+    text = str(source)
+    if text.endswith(CHECKPOINT_SUFFIXES) or os.sep in text.strip("/") and text.count("/") != 1 or text.startswith(
+            (".", "~", "/")):
+        raise FileNotFoundError(f"{source} does not exist (expected a checkpoint file, a bundle folder or a folder "
+                                "with peft_tensor.json / backbone.json)")
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", text):
+        folder = _download_hub(text)
+        return _load_folder(folder, text, network, strict, allow_pickle, trusted_module_roots, overrides)
+    if re.fullmatch(r"[\w.-]+", text):
+        folder = _bundle_from_cache(text, bundle_dir)
+        return _load_folder(folder, text, network, strict, allow_pickle, trusted_module_roots, overrides)
+    raise FileNotFoundError(f"{source!r} is neither an existing path, a Hub repo id (owner/name) nor a bundle name")
+
+
+# ---------------------------------------------------------------------------------------------------------- sources
+def _network_arg(network, overrides: dict, default: tuple[str, dict] | None, roots, where: str,
+                 drop_unknown: bool = False) -> tuple[nn.Module, list[str]]:
+    """The network to load into: the user's (module / class path / spec), else ``default`` (class path, kwargs)
+    with ``overrides``. Returns it and notes."""
+    notes: list[str] = []
+    if isinstance(network, nn.Module):
+        if overrides:
+            raise NetworkLoadError(f"overrides {sorted(overrides)} cannot change an already built network; pass "
+                                   "network as a class path or spec, or build it with those arguments.")
+        return network, notes
+    if isinstance(network, Mapping):
+        class_path, kwargs = split_spec(network)
+        return build_from_spec(class_path, {**kwargs, **overrides}), notes
+    if isinstance(network, str):
+        return build_from_spec(network, overrides), notes
+    if network is not None:
+        raise NetworkLoadError(f"network must be a module, a dotted class path or a _target_ spec, got "
+                               f"{type(network).__name__}")
+    if default is None:
+        raise NetworkLoadError(
+            f"{where} holds weights only; say which network they belong to: load_network(path, "
+            "network='monai.networks.nets.UNETR', in_channels=1, out_channels=2, img_size=96, ...) or "
+            "network=<your module>.")
+    class_path, kwargs = default
+    kwargs = {**kwargs, **overrides}
+    if drop_unknown:
+        klass = import_network_class(resolve_class_path(class_path), roots)
+        accepted = _accepted_args(klass)
+        stale = [k for k in kwargs if accepted is not None and k not in accepted and k not in overrides]
+        for k in stale:
+            notes.append(f"dropped {k}={kwargs.pop(k)!r} from network_def: this {class_path} no longer takes it")
+    try:
+        return build_from_spec(class_path, kwargs, trusted_module_roots=roots), notes
+    except NetworkSpecError as exc:
+        raise NetworkLoadError(f"{where}: {exc}") from None
+
+
+def _accepted_args(klass) -> set[str] | None:
+    try:
+        params = inspect.signature(klass.__init__).parameters
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return None
+    return {n for n in params if n != "self"}
+
+
+def _load_file(path: Path, network, strict, allow_pickle, overrides) -> tuple[nn.Module, LoadReport]:
+    obj = read_checkpoint(path, allow_pickle=allow_pickle)
+    if network is None and isinstance(obj, nn.Module):  # allow_pickle=True and a whole pickled network
+        if overrides:
+            raise NetworkLoadError(f"{path} holds a whole network; overrides {sorted(overrides)} cannot apply")
+        report = LoadReport(source=str(path), network=class_path_of(obj), weights=str(path),
+                            layout=["a pickled network (used as it is)"], loaded=list(obj.state_dict()))
+        return obj, report
+    net, notes = _network_arg(network, overrides, None, None, str(path))
+    report = LoadReport(source=str(path), network=class_path_of(net), weights=str(path), notes=notes)
+    return net, load_state(net, obj, strict=strict, report=report)
+
+
+def _load_folder(folder: Path, source: str, network, strict, allow_pickle, roots, overrides):
+    configs = [folder / "configs" / name for name in BUNDLE_CONFIGS if (folder / "configs" / name).is_file()]
+    if configs:
+        return _load_bundle(folder, configs, source, network, strict, allow_pickle, roots, overrides)
+    if (folder / PROVENANCE_FILE).is_file():
+        return _load_provenance(folder, source, network, strict, roots, overrides)
+    if (folder / "backbone.json").is_file():
+        meta = json.loads((folder / "backbone.json").read_text(encoding="utf-8"))
+        weights = folder / "model.safetensors"
+        default = (meta.get("_target_") or meta["name"], dict(meta.get("kwargs") or {}))
+        net, notes = _network_arg(network, overrides, default, None, str(folder))
+        report = LoadReport(source=source, network=class_path_of(net), weights=str(weights),
+                            layout=["backbone folder (backbone.json + model.safetensors)"], notes=notes)
+        return net, load_state(net, read_checkpoint(weights), strict=strict, report=report)
+    listing = ", ".join(sorted(p.name for p in folder.iterdir())[:12]) or "nothing"
+    raise NetworkLoadError(
+        f"{folder} is not a network folder: expected a MONAI bundle (configs/inference.json + models/model.pt), "
+        f"{PROVENANCE_FILE} or backbone.json; it holds {listing}. For a checkpoint file, pass the file itself.")
+
+
+def _load_bundle(folder, configs, source, network, strict, allow_pickle, roots, overrides):
+    from monai.bundle import ConfigParser
+
+    config = next((c for c in configs if c.name.startswith("inference")), configs[0])
+    parser = ConfigParser()
+    try:
+        parser.read_config(str(config))
+        parser.parse()
+    except Exception as exc:  # noqa: BLE001 - a broken config file: say which
+        raise NetworkLoadError(f"{config} cannot be read as a MONAI bundle config: {exc}") from None
+    default = None
+    if network is None:
+        if "network_def" not in parser.get():
+            raise NetworkLoadError(f"{config} has no 'network_def': pass network=<module or class path>.")
+        netdef = _resolve_refs(parser, parser.get("network_def"), config)
+        default = split_spec(netdef)
+    weights = next((folder / "models" / w for w in BUNDLE_WEIGHTS if (folder / "models" / w).is_file()), None)
+    if weights is None:
+        ts = " (only models/model.ts, a TorchScript export, which is not read as weights)" if (
+            folder / "models" / "model.ts").is_file() else ""
+        raise NetworkLoadError(f"bundle {folder} has no models/model.safetensors or models/model.pt{ts}.")
+    net, notes = _network_arg(network, overrides, default, roots, str(config), drop_unknown=True)
+    report = LoadReport(source=source, network=class_path_of(net), weights=str(weights),
+                        layout=[f"MONAI bundle ({config.relative_to(folder)})"], notes=notes)
+    return net, load_state(net, read_checkpoint(weights, allow_pickle=allow_pickle), strict=strict, report=report)
+
+
+def _resolve_refs(parser, value, where: Path, _seen: tuple = ()):
+    """``network_def`` with ``@id`` references replaced by their values. Python expressions (``$...``) are refused:
+    evaluating them runs code from the config file."""
+    if isinstance(value, str):
+        if value.startswith("$"):
+            raise NetworkLoadError(
+                f"{where}: network_def uses the Python expression {value!r}; peft_tensor does not evaluate code from "
+                "config files. Pass the value as an override (load_network(..., name=value)), or build the network "
+                "yourself (monai.bundle.ConfigParser) and pass network=.")
+        if value.startswith("@"):
+            ref = value[1:]
+            if ref in _seen:
+                raise NetworkLoadError(f"{where}: circular reference {value}")
+            try:
+                target = parser[ref]
+            except KeyError:
+                raise NetworkLoadError(f"{where}: network_def refers to {value}, which the config does not "
+                                       "define.") from None
+            return _resolve_refs(parser, target, where, _seen + (ref,))
+        return value
+    if isinstance(value, Mapping):
+        if "_target_" in value and _seen:
+            raise NetworkLoadError(f"{where}: network_def builds a nested component ({value['_target_']}); only "
+                                   "plain constructor arguments are read. Build the network yourself and pass "
+                                   "network=.")
+        return {k: _resolve_refs(parser, v, where, _seen + ("",)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_resolve_refs(parser, v, where, _seen + ("",)) for v in value]
+    return value
+
+
+def _load_provenance(folder, source, network, strict, roots, overrides):
+    from ..hub.provenance import read_provenance, sha256_file
+
+    record = read_provenance(folder) or {}
+    if not record.get("base_network"):
+        raise NetworkLoadError(f"{folder / PROVENANCE_FILE} records no base network.")
+    spec = BaseNetwork.from_dict(record["base_network"])
+    if spec.config is not None:
+        raise NetworkLoadError(f"{folder}: the base network is a transformers model ({spec.cls}); load it with "
+                               "peft_tensor.hub.load_pretrained.")
+    if spec.weights is None:
+        raise NetworkLoadError(
+            f"{folder / PROVENANCE_FILE} records the base network {spec.describe()} but not its weights: a rebuilt "
+            "network would be random. Load the weights file itself: load_network(<weights>, network=...).")
+    ref = spec.weights
+    if ref.repo_id:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+        try:
+            path = Path(hf_hub_download(ref.repo_id, ref.filename or "model.safetensors", revision=ref.revision))
+        except (HfHubHTTPError, LocalEntryNotFoundError) as exc:
+            raise NetworkLoadError(f"cannot fetch the base weights {ref.describe()}: {exc}") from None
+    else:
+        path = Path(ref.path) if ref.path else None
+        if path is None or not path.is_file():
+            raise NetworkLoadError(f"the base weights file {ref.path} recorded in {folder / PROVENANCE_FILE} is not "
+                                   "on this machine; load the weights file itself with network=.")
+    digest = sha256_file(path)
+    if digest != ref.sha256:
+        raise NetworkLoadError(
+            f"base weights {path} have sha256 {digest[:12]}..., but {PROVENANCE_FILE} records {ref.sha256[:12]}...: "
+            "not the weights the record describes. Load the file itself if you know it is right: "
+            "load_network(<weights>, network=...).")
+    net, notes = _network_arg(network, overrides, (spec.cls, spec.kwargs), roots, str(folder))
+    report = LoadReport(source=source, network=class_path_of(net), weights=str(path),
+                        layout=[f"{PROVENANCE_FILE} base network + weights (sha256 checked)"], notes=notes)
+    return net, load_state(net, read_checkpoint(path), strict=strict, report=report)
+
+
+def _download_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    patterns = [PROVENANCE_FILE, "backbone.json", "model.safetensors", "configs/*", "models/model.pt",
+                "models/model.safetensors"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except LocalEntryNotFoundError:
+        raise NetworkLoadError(f"{repo_id} is not in the local Hub cache and the Hub cannot be reached "
+                               "(HF_HUB_OFFLINE=1 or no network). Download it once while online.") from None
+    except HfHubHTTPError as exc:
+        raise NetworkLoadError(f"{repo_id}: not a local path, and the Hub answered {str(exc).splitlines()[0]}. "
+                               "Check the repo id (or the path, if you meant a local file).") from None
+
+
+def default_bundle_dir() -> Path:
+    """MONAI's bundle cache: ``<torch.hub.get_dir()>/bundle`` (``TORCH_HOME`` moves it)."""
+    return Path(torch.hub.get_dir()) / "bundle"
+
+
+def _bundle_from_cache(name: str, bundle_dir) -> Path:
+    root = Path(bundle_dir) if bundle_dir else default_bundle_dir()
+    folder = root / name
+    if (folder / "configs").is_dir():
+        return folder
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise NetworkLoadError(f"bundle {name!r} is not in the bundle cache {root} and HF_HUB_OFFLINE is set. "
+                               f"Download it once while online (python -m monai.bundle download --name {name} "
+                               f"--bundle_dir {root}) or give the bundle folder's path.")
+    from monai.bundle import download
+
+    try:
+        download(name=name, bundle_dir=str(root), progress=False)
+    except Exception as exc:  # noqa: BLE001 - network errors of several libraries
+        raise NetworkLoadError(f"bundle {name!r} is not in the bundle cache {root}, and downloading it failed "
+                               f"({type(exc).__name__}: {str(exc)[:200]}). Check the name, or give the bundle "
+                               "folder's path.") from None
+    if not (folder / "configs").is_dir():
+        raise NetworkLoadError(f"monai.bundle.download({name!r}) left no {folder}/configs; give the bundle folder.")
+    return folder
