@@ -9,8 +9,11 @@ Dice; it is not the standard metric.
         [split=test data.kind=pairs data.root=...]
 
 Reads ``run_dir/config.json`` (backbone, arm, data) and ``run_dir/adapter``; ``data`` given here replaces the run's
-data (evaluate on another dataset). Writes ``output_dir`` (default ``run_dir/eval_<split>``): ``cases.csv``,
-``volumes.csv`` (id, hippocampal volume in mL: the input of ``diagnose``), ``summary.json``, overlays.
+data (evaluate on another dataset; its task must have the run's classes). Writes ``output_dir`` (default
+``run_dir/eval_<split>``): ``cases.csv`` (per class and the mean over classes), ``volumes.csv`` (id, predicted
+volume of the union of the classes in mL -- the hippocampus: the input of ``diagnose`` -- and one column per class
+when there are several), ``summary.json`` (``metrics``: the mean over classes; ``classes``; ``per_class``),
+overlays (one colour per class).
 """
 
 from __future__ import annotations
@@ -18,11 +21,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from peft_tensor.data import load_cases, load_dataset
-from peft_tensor.training import (evaluate_cases, load_backbone, load_trained, summarize, write_json,
-                                  write_rows_csv)
+from peft_tensor.data import load_dataset
+from peft_tensor.data.datasets import case_sources
+from peft_tensor.training import (Extremes, check_output_channels, evaluate_cases, load_backbone, load_trained,
+                                  model_config_for_task, summarize, summarize_per_class, write_json, write_rows_csv)
 from peft_tensor.training.config import parse_recipe_args, patch_size
-from peft_tensor.training.plots import plot_best_worst
+from peft_tensor.training.plots import plot_extremes
 
 DEFAULT_CONFIG = "evaluate_run"
 
@@ -37,27 +41,38 @@ def main(cfg: dict) -> dict:
     patch = patch_size(run_cfg)
     eval_cfg = {**run_cfg.get("eval", {}), **cfg.get("eval", {})}
 
+    # the data and its task (the classes the network must output)
+    data = load_dataset(data_cfg)
+    task = data.task
+    sources, loader_cfg = case_sources(data, data_cfg, patch, out, cached=())  # read once: loaded case by case
+    if split not in sources:
+        raise KeyError(f"no split {split!r} in the data; available: {sorted(sources)}")
+
     # the fine-tuned model: pretrained backbone + the run's adapter (or trained weights)
-    base, _ = load_backbone(run_cfg["model"]["pretrained"], run_cfg["model"]) if run_cfg["model"].get("pretrained") \
-        else (None, None)
+    model_cfg = model_config_for_task(run_cfg["model"], task)
+    base, _ = load_backbone(model_cfg["pretrained"], model_cfg) if model_cfg.get("pretrained") else (None, None)
     if base is None:
         from peft_tensor.training import build_model
 
-        base = build_model(run_cfg["model"])
+        base = build_model(model_cfg)
+    check_output_channels(base, task)
     model = load_trained(base, run_dir / "adapter", run_cfg["arm"]["name"])
     if cfg.get("merge") and hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
 
-    data = load_dataset(data_cfg)
-    cases = load_cases(data[split], data.foreground, data_cfg.get("spacing_mm"), patch)
-    rows, preds = evaluate_cases(model, cases, patch, float(eval_cfg.get("overlap", 0.5)),
-                                 int(eval_cfg.get("min_component_voxels", 0)), keep_predictions=True,
-                                 progress=cfg.get("progress", True))
-    summary = {"run_dir": str(run_dir), "split": split, "n": len(rows), "metrics": summarize(rows)}
+    extremes = Extremes()
+    rows = evaluate_cases(model, sources[split], patch, float(eval_cfg.get("overlap", 0.5)),
+                          int(eval_cfg.get("min_component_voxels", 0)), progress=cfg.get("progress", True),
+                          task=task, extremes=extremes, num_workers=loader_cfg.num_workers)
+    summary = {"run_dir": str(run_dir), "split": split, "n": len(rows), "metrics": summarize(rows),
+               "classes": list(task.classes), "per_class": summarize_per_class(rows, task.classes)}
     write_rows_csv(out / "cases.csv", rows)
-    write_rows_csv(out / "volumes.csv", [{"id": r["id"], "volume_ml": r["volume_ml"]} for r in rows])
+    several = len(task.classes) > 1
+    write_rows_csv(out / "volumes.csv", [
+        {"id": r["id"], "volume_ml": r["fg_volume_ml"] if several else r["volume_ml"],
+         **({f"volume_ml:{c}": r[f"volume_ml:{c}"] for c in task.classes} if several else {})} for r in rows])
     write_json(out / "summary.json", summary)
-    plot_best_worst(cases, preds, rows, out)
+    plot_extremes(extremes, out, task=task)
     m = summary["metrics"]
     print(f"{split}: n={len(rows)}  Dice {m['dice']['mean']:.4f}  HD95 {m['hd95']['mean']:.2f} mm  "
           f"Jaccard {m['jaccard']['mean']:.4f}  -> {out}")

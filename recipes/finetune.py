@@ -6,9 +6,15 @@ Arms (``arm.name``): tcurlora, lorapt, hyps, lora, pissa, full, decoder_only, fr
     peft-tensor run finetune --config finetune_cpu arm.name=tcurlora data.n_train=5 \
         model.pretrained=runs/pretrain/backbone
 
+Binary, multi-class (``data.task_type=multiclass``, e.g. MSD Task04's anterior / posterior) and multi-label
+(``multilabel``, e.g. BraTS regions) tasks; ``model.out_channels`` follows the task. Cases are preprocessed by
+``data.preprocess`` and served by ``data.loader`` (MONAI Dataset / CacheDataset / PersistentDataset, DataLoader
+workers); see :mod:`peft_tensor.data`.
+
 Writes to ``output_dir``: ``adapter/`` (PEFT ``save_pretrained`` + card, or ``trainable.safetensors`` for the
-non-PEFT arms), ``metrics.{csv,jsonl}``, ``curves.png``, ``test_cases.csv``, ``results.json``,
-``overlay_{best,worst}.png`` and ``checkpoint/checkpoint.safetensors`` (resumed automatically after an interruption).
+non-PEFT arms), ``metrics.{csv,jsonl}``, ``curves.png``, ``test_cases.csv`` (per class and mean),
+``results.json`` (``test``: the mean over classes; ``classes``; ``test_per_class``), ``overlay_{best,worst}.png``
+(one colour per class) and ``checkpoint/checkpoint.safetensors`` (resumed automatically after an interruption).
 """
 
 from __future__ import annotations
@@ -18,17 +24,19 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from peft_tensor.data import load_cases, load_dataset, sample_batch
+from peft_tensor.data import load_dataset, train_loader
+from peft_tensor.data.datasets import case_sources
 from peft_tensor.data.transforms import augmentation
-from peft_tensor.training import (Checkpointer, RunLogger, apply_arm, barrier, build_model, canonical_arm, cleanup,
-                                  evaluate_cases, init_distributed, load_backbone, make_loss, make_optimizer,
-                                  param_counts, poly_scheduler, save_trained, set_seed, step_seed, summarize,
-                                  train_step, wrap_ddp, write_json, write_rows_csv)
+from peft_tensor.training import (Checkpointer, Extremes, RunLogger, apply_arm, barrier, build_model, canonical_arm,
+                                  check_output_channels, cleanup, evaluate_cases, init_distributed, load_backbone,
+                                  make_loss, make_optimizer, model_config_for_task, param_counts, poly_scheduler,
+                                  set_seed, step_seed, summarize, summarize_per_class, train_step,
+                                  wrap_ddp, write_json, write_rows_csv)
 from peft_tensor.training.arms import optimizer_settings
 from peft_tensor.training.config import parse_recipe_args, patch_size, total_steps
 from peft_tensor.training.loop import configure_threads
 from peft_tensor.training.distributed import all_mean, main_process_first
-from peft_tensor.training.plots import plot_best_worst, plot_curves
+from peft_tensor.training.plots import plot_curves, plot_extremes
 
 
 def main(cfg: dict) -> dict:
@@ -42,26 +50,27 @@ def main(cfg: dict) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", cfg)
 
-    # data: the few-shot training subjects, validation and held-out test subjects
+    # data: the few-shot training subjects, validation and held-out test subjects; the task (classes) they define
     data = main_process_first(dist, load_dataset, cfg["data"])  # builds the embedded cohort once
-    spacing = cfg["data"].get("spacing_mm")
-    train_cases = load_cases(data["train"], data.foreground, spacing, patch)
-    val_cases = load_cases(data["val"], data.foreground, spacing, patch) if "val" in data.splits else []
-    test_cases = load_cases(data["test"], data.foreground, spacing, patch) if "test" in data.splits else []
+    task = data.task
+    sources, loader_cfg = case_sources(data, cfg["data"], patch, out)
+    train_cases, val_cases, test_cases = (sources.get(s, []) for s in ("train", "val", "test"))
 
-    # the pretrained backbone, then the arm (a PeftModel for PEFT arms)
-    pretrained = cfg["model"].get("pretrained")
-    model = load_backbone(pretrained, cfg["model"])[0] if pretrained else build_model(cfg["model"])
+    # the pretrained backbone (its output channels must fit the task), then the arm (a PeftModel for PEFT arms)
+    model_cfg = model_config_for_task(cfg["model"], task)
+    pretrained = model_cfg.get("pretrained")
+    model = load_backbone(pretrained, model_cfg)[0] if pretrained else build_model(model_cfg)
+    check_output_channels(model, task)
     set_seed(seed)  # adapter initialisation does not depend on how the backbone was obtained
     t_setup = time.time()
-    model = apply_arm(model, cfg["arm"], cfg["model"]).to(dist.device)
+    model = apply_arm(model, cfg["arm"], model_cfg).to(dist.device)
     setup_s = time.time() - t_setup
     counts = param_counts(model)
 
     steps = total_steps(train_cfg, len(train_cases))
     optimizer = make_optimizer(model, {**cfg["optim"], **optimizer_settings(cfg["arm"])})
     scheduler = poly_scheduler(optimizer, steps, float(cfg["optim"].get("poly_power", 0.9)))
-    loss_fn = make_loss(train_cfg.get("loss", "dice"))
+    loss_fn = make_loss(train_cfg.get("loss", "dice"), task)
 
     ckpt = Checkpointer(out / "checkpoint", train_cfg.get("checkpoint_every", 0), enabled=dist.is_main)
     start, _ = ckpt.resume(model, optimizer, scheduler)
@@ -73,15 +82,18 @@ def main(cfg: dict) -> dict:
     batch, amp = int(train_cfg.get("batch_size", 2)), bool(train_cfg.get("amp", True))
     val_every, stop_after = int(train_cfg.get("val_every", 0)), train_cfg.get("stop_after")
 
+    # batches of steps start..steps-1, cropped and augmented in DataLoader workers (the same for any worker count)
+    batches = iter(train_loader(train_cases, seed, batch, aug, start, steps, dist.rank, dist.world_size, loader_cfg,
+                                dist.device, task.softmax))
     bar = tqdm(range(start, steps), desc=f"finetune {arm}", disable=not (dist.is_main and cfg.get("progress", True)))
     t0 = time.time()
     for step in bar:
         step_seed(seed, step, dist.rank)
-        images, labels = sample_batch(train_cases, step, batch, seed, patch, dist.rank, dist.world_size, aug)
+        images, labels = next(batches)
         loss = all_mean(train_step(ddp_model, images, labels, loss_fn, optimizer, scheduler, amp), dist)
         row = {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0], "time_s": time.time() - t0}
         if val_every and (step + 1) % val_every == 0 and val_cases and dist.is_main:
-            row["val_dice"] = summarize(evaluate_cases(model, val_cases, patch, amp=amp))["dice"]["mean"]
+            row["val_dice"] = summarize(evaluate_cases(model, val_cases, patch, amp=amp, task=task))["dice"]["mean"]
         log.log(**row)
         bar.set_postfix(loss=f"{loss:.3f}")
         if ckpt.due(step):
@@ -93,33 +105,45 @@ def main(cfg: dict) -> dict:
     train_s = time.time() - t0
 
     result = {"arm": arm, "params": counts, "setup_s": setup_s, "train_s": train_s, "steps": steps,
-              "n_train": len(train_cases)}
+              "n_train": len(train_cases), "task_type": task.kind, "classes": list(task.classes)}
     if dist.is_main:
         eval_cfg = cfg.get("eval", {})
-        rows, preds = evaluate_cases(model, test_cases, patch, float(eval_cfg.get("overlap", 0.5)),
-                                     int(eval_cfg.get("min_component_voxels", 0)), amp, keep_predictions=True)
-        result["test"] = summarize(rows)
+        extremes = Extremes()  # only the best and worst case are kept for the overlays, not every prediction
+        rows = evaluate_cases(model, test_cases, patch, float(eval_cfg.get("overlap", 0.5)),
+                              int(eval_cfg.get("min_component_voxels", 0)), amp, task=task, extremes=extremes,
+                              num_workers=loader_cfg.num_workers)
+        result["test"] = summarize(rows)  # per case the mean over classes, then mean / std / n over cases
+        result["test_per_class"] = summarize_per_class(rows, task.classes)
         write_rows_csv(out / "test_cases.csv", rows)
-        plot_best_worst(test_cases, preds, rows, out)
+        plot_extremes(extremes, out, task=task)
         plot_curves(log.rows, out / "curves.png", f"fine-tuning ({arm})")
-        card = _card(cfg, arm, counts, result, data.description)
-        save_trained(model, out / "adapter", arm, card)
+        from peft_tensor.training.outputs import save_outputs  # adapter + provenance + our card, ready to push
+
+        save_outputs(model, out / "adapter", arm=arm, model_cfg=model_cfg, result=result, data_cfg=cfg["data"],
+                     data_description=data.description, details=_card(cfg, arm, counts, result),
+                     card_cfg=cfg.get("card"))
         write_json(out / "results.json", result)
     barrier(dist)
     cleanup(dist)
     return result
 
 
-def _card(cfg, arm, counts, result, data_description) -> str:
-    t = result.get("test", {})
-    fmt = lambda k: f"{t[k]['mean']:.4f} +- {t[k]['std']:.4f} (n={t[k]['n']})" if k in t else "n/a"  # noqa: E731
+def _card(cfg, arm, counts, result) -> str:
+    """The run summary in the adapter's model card (results and data have their own sections there)."""
+    optim = {**cfg["optim"], **optimizer_settings(cfg["arm"])}
+    lrs = f"lr {optim.get('lr')}" + (f", adapter factors {optim['method_lr']}" if optim.get("method_lr") else "")
+    options = {k: v for k, v in cfg["arm"].items() if k != "name"}
+    classes = result.get("classes") or []
     return "\n".join([
-        "## Fine-tuning run (peft_tensor recipe `finetune`)", "",
-        f"- arm: `{arm}`; trainable parameters {counts['trainable']:,} of {counts['total']:,}",
-        f"- backbone: `{cfg['model'].get('name', 'unetr')}` pretrained from `{cfg['model'].get('pretrained')}`",
-        f"- data: {data_description}",
-        f"- steps {result['steps']}, batch {cfg['train'].get('batch_size', 2)}, training subjects {result['n_train']}",
-        f"- test Dice {fmt('dice')}; HD95 (mm, 95th percentile) {fmt('hd95')}; Jaccard {fmt('jaccard')}", "",
+        "### Fine-tuning run (peft_tensor recipe `finetune`)", "",
+        f"- arm: `{arm}` {options or ''}; trainable parameters {counts['trainable']:,} of {counts['total']:,}",
+        f"- backbone: `{cfg['model'].get('name', 'unetr')}`, pretrained weights from "
+        f"`{cfg['model'].get('pretrained') or 'none (random initialisation)'}`",
+        f"- task: {result.get('task_type', 'binary')}" + (f", classes {', '.join(map(str, classes))}"
+                                                          if classes else ""),
+        f"- {result['steps']} steps, batch {cfg['train'].get('batch_size', 2)}, {result['n_train']} training cases, "
+        f"loss {cfg['train'].get('loss', 'dice')}, {lrs}, seed {cfg.get('seed', 0)}",
+        f"- training time {result.get('train_s', float('nan')):.0f} s", "",
     ])
 
 

@@ -17,11 +17,13 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from peft_tensor.data import load_cases, load_dataset, sample_batch
+from peft_tensor.data import load_dataset, train_loader
+from peft_tensor.data.datasets import case_sources
 from peft_tensor.data.transforms import augmentation
 from peft_tensor.training import (Checkpointer, RunLogger, barrier, build_model, cleanup, evaluate_cases,
-                                  init_distributed, make_loss, make_optimizer, poly_scheduler, save_backbone,
-                                  set_seed, step_seed, summarize, train_step, wrap_ddp, write_json)
+                                  init_distributed, make_loss, make_optimizer, model_config_for_task, poly_scheduler,
+                                  save_backbone, set_seed, step_seed, summarize, summarize_per_class, train_step,
+                                  wrap_ddp, write_json)
 from peft_tensor.training.config import parse_recipe_args, patch_size, total_steps
 from peft_tensor.training.loop import configure_threads
 from peft_tensor.training.distributed import all_mean, main_process_first
@@ -39,18 +41,20 @@ def main(cfg: dict) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", cfg)
 
-    # data: preprocessed once, kept in memory; batches are drawn per step (see peft_tensor.data.sample_batch)
+    # data: preprocessed once (data.preprocess) and served by data.loader (cached in memory, on disk, or loaded per
+    # use); batches are drawn per step in DataLoader workers (see peft_tensor.data.datasets)
     data = main_process_first(dist, load_dataset, cfg["data"])  # builds the embedded cohort once
-    spacing = cfg["data"].get("spacing_mm")
-    train_cases = load_cases(data["train"], data.foreground, spacing, patch)
-    val_cases = load_cases(data["val"], data.foreground, spacing, patch) if "val" in data.splits else []
+    task = data.task
+    sources, loader_cfg = case_sources(data, cfg["data"], patch, out)
+    train_cases, val_cases = sources.get("train", []), sources.get("val", [])
 
-    # model, optimiser (Adam amsgrad), poly schedule, soft Dice
-    model = build_model(cfg["model"]).to(dist.device)
+    # model (output channels from the task), optimiser (Adam amsgrad), poly schedule, soft Dice
+    model_cfg = model_config_for_task(cfg["model"], task)
+    model = build_model(model_cfg).to(dist.device)
     steps = total_steps(train_cfg, len(train_cases))
     optimizer = make_optimizer(model, cfg["optim"])
     scheduler = poly_scheduler(optimizer, steps, float(cfg["optim"].get("poly_power", 0.9)))
-    loss_fn = make_loss(train_cfg.get("loss", "dice"))
+    loss_fn = make_loss(train_cfg.get("loss", "dice"), task)
 
     # resume where an interrupted run stopped
     ckpt = Checkpointer(out / "checkpoint", train_cfg.get("checkpoint_every", 0), enabled=dist.is_main)
@@ -63,15 +67,17 @@ def main(cfg: dict) -> dict:
     batch, amp = int(train_cfg.get("batch_size", 2)), bool(train_cfg.get("amp", True))
     val_every, stop_after = int(train_cfg.get("val_every", 0)), train_cfg.get("stop_after")
 
+    batches = iter(train_loader(train_cases, seed, batch, aug, start, steps, dist.rank, dist.world_size, loader_cfg,
+                                dist.device, task.softmax))
     bar = tqdm(range(start, steps), desc="pretrain", disable=not (dist.is_main and cfg.get("progress", True)))
     t0 = time.time()
     for step in bar:
         step_seed(seed, step, dist.rank)
-        images, labels = sample_batch(train_cases, step, batch, seed, patch, dist.rank, dist.world_size, aug)
+        images, labels = next(batches)
         loss = all_mean(train_step(ddp_model, images, labels, loss_fn, optimizer, scheduler, amp), dist)
         row = {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0], "time_s": time.time() - t0}
         if val_every and (step + 1) % val_every == 0 and val_cases and dist.is_main:
-            row["val_dice"] = summarize(evaluate_cases(model, val_cases, patch, amp=amp))["dice"]["mean"]
+            row["val_dice"] = summarize(evaluate_cases(model, val_cases, patch, amp=amp, task=task))["dice"]["mean"]
         log.log(**row)
         bar.set_postfix(loss=f"{loss:.3f}")
         if ckpt.due(step):
@@ -81,11 +87,13 @@ def main(cfg: dict) -> dict:
             cleanup(dist)
             return {"interrupted_at": step + 1}
 
-    result = {"steps": steps}
+    result = {"steps": steps, "task_type": task.kind, "classes": list(task.classes)}
     if dist.is_main:
-        save_backbone(model, cfg["model"], out / "backbone", {"source_task": data.description, "steps": steps})
+        save_backbone(model, model_cfg, out / "backbone", {"source_task": data.description, "steps": steps,
+                                                           "task": task.to_dict()})
         if val_cases:
-            result["val"] = summarize(evaluate_cases(model, val_cases, patch, amp=amp))
+            rows = evaluate_cases(model, val_cases, patch, amp=amp, task=task)
+            result["val"], result["val_per_class"] = summarize(rows), summarize_per_class(rows, task.classes)
         plot_curves(log.rows, out / "curves.png", "pretraining")
         write_json(out / "results.json", result)
     barrier(dist)

@@ -1,40 +1,62 @@
-"""Datasets by path, as lists of ``{"image", "label", "id"}`` dicts plus the label codes that make the foreground.
+"""Datasets by path, as lists of ``{"image", "label", "id"}`` dicts plus the segmentation task their labels make.
 
 Every loader returns a :class:`DatasetSplits`: ``splits[name]`` is a list of case dicts (paths to NIfTI files),
-``foreground`` the label codes merged into the binary foreground. :func:`peft_tensor.data.transforms` turns the
-cases into tensors.
+``task`` the :class:`peft_tensor.data.labels.LabelTask` (binary / multi-class / multi-label, class names and the
+label codes of each class). :mod:`peft_tensor.data.transforms` and :mod:`peft_tensor.data.datasets` turn the cases
+into tensors.
 
-Layouts
-    * :func:`msd_hippocampus` -- Medical Segmentation Decathlon Task04 (``dataset.json``, ``imagesTr/``,
-      ``labelsTr/``; labels 1 anterior, 2 posterior -> hippocampus).
-    * :func:`pairs_folder` -- a folder of ``<id>_img.nii.gz`` / ``<id>_mask.nii.gz`` pairs (the EADC-ADNI / LPBA40 /
-      HFH layout of the papers, and the layout of the embedded cohort) with split files.
-    * :func:`brats2021` -- BraTS 2021 (``<case>/<case>_<modality>.nii.gz`` and ``<case>_seg.nii.gz``); labels 1, 2, 4
-      merged into whole tumour, one modality as the single input channel (FLAIR by default).
-    * :func:`embedded` -- the template-derived default cohort (:mod:`peft_tensor.data.embedded`).
+Layouts (``data.kind``)
+    * ``msd`` -- :func:`msd`: a Medical Segmentation Decathlon task folder (``dataset.json``, ``imagesTr/``,
+      ``labelsTr/``), read with ``monai.data.load_decathlon_datalist``; the classes are ``dataset.json``'s labels
+      (Task04 Hippocampus: anterior, posterior). The same works for any datalist in that format (BTCV's
+      ``dataset_0.json``: 13 organs).
+    * ``pairs`` -- :func:`pairs_folder`: a folder of ``<id>_img.nii.gz`` / ``<id>_mask.nii.gz`` pairs (the
+      EADC-ADNI / LPBA40 / HFH layout of the papers, and the layout of the embedded cohort) with split files.
+    * ``brats`` -- :func:`brats2021`: BraTS 2021 (``<case>/<case>_<modality>.nii.gz`` and ``<case>_seg.nii.gz``);
+      binary whole tumour by default (the papers' pretraining), or the three regions tumour core / whole tumour /
+      enhancing tumour (``task_type: multilabel``); one modality or several as input channels.
+    * ``embedded`` -- :func:`embedded`: the template-derived default cohort (:mod:`peft_tensor.data.embedded`).
+    * a dotted path ``package.module.function`` (or ``package.module:function``) -- the user's own loader, called
+      with the remaining ``data`` keys; it returns a :class:`DatasetSplits` or a mapping ``{split: [case dicts]}``.
+
+The task keys of a data config, for every kind: ``task_type`` (``binary`` | ``multiclass`` | ``multilabel``),
+``classes`` (``{name: [label codes]}``, or a list of names the dataset's metadata knows) and, for binary tasks,
+``foreground`` (the codes merged into the foreground). See :func:`peft_tensor.data.labels.make_task`.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .labels import BRATS_REGIONS, LabelTask, as_task, make_task
 
 
 @dataclass
 class DatasetSplits:
-    splits: dict  # split name -> list of {"image": str, "label": str, "id": str}
-    foreground: tuple  # label codes merged into the foreground class
+    splits: dict  # split name -> list of {"image": str or [str, ...], "label": str, "id": str}
+    task: LabelTask | tuple | None = None  # a LabelTask, or the foreground codes of a binary task (older API)
     description: str = ""
     extra: dict = field(default_factory=dict)
+    label_names: dict = field(default_factory=dict)  # names -> codes the dataset's own metadata gives
+
+    def __post_init__(self):
+        self.task = as_task(self.task)
 
     def __getitem__(self, name: str) -> list:
         if name not in self.splits:
             raise KeyError(f"no split {name!r}; available: {sorted(self.splits)}")
         return self.splits[name]
 
+    @property
+    def foreground(self) -> tuple:
+        """The label codes of the foreground (binary tasks; the union of every class's codes otherwise)."""
+        return tuple(sorted({c for codes in self.task.codes for c in codes}))
 
 
 def _paired_files(root: Path, anchor: str, partner: str):
@@ -81,7 +103,8 @@ def pairs_folder(
 
     Splits come from ``split_files`` (JSON or text files, paths relative to ``root`` allowed), else from
     ``root/splits.json`` if present, else a seeded random split with ``fractions`` (default 60/20/20 train/val/test).
-    ``foreground``: the mask codes merged into the foreground; empty means every non-zero code."""
+    ``foreground``: the mask codes merged into the foreground of the default binary task; empty means every non-zero
+    code. Multi-class masks: ``task_type: multiclass`` with ``classes: {name: [codes]}`` in the data config."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder {root} does not exist")
@@ -106,48 +129,96 @@ def pairs_folder(
         if missing:
             raise FileNotFoundError(f"split {name!r} names cases without an image/mask pair in {root}: {missing[:5]}")
         splits[name] = [cases[m] for m in members]
-    return DatasetSplits(splits, tuple(foreground), f"image/mask pairs in {root}")
+    return DatasetSplits(splits, make_task("binary", foreground=tuple(foreground)), f"image/mask pairs in {root}")
+
+
+def _class_name(name: str) -> str:
+    return re.sub(r"[^0-9a-z]+", "_", str(name).strip().lower()).strip("_") or "class"
+
+
+def msd(root: str | os.PathLike, datalist: str = "dataset.json", fractions: dict | None = None, seed: int = 0,
+        datalist_keys: dict | None = None) -> DatasetSplits:
+    """A Medical Segmentation Decathlon task folder (or any folder with a decathlon-format datalist), read with
+    ``monai.data.load_decathlon_datalist``.
+
+    ``datalist``: the JSON file (``dataset.json``; BTCV: ``dataset_0.json``). ``datalist_keys``: splits taken from
+    the datalist's own lists, e.g. ``{train: training, val: validation}``; by default the labelled ``training`` list
+    is split with ``fractions`` (seeded; default 60/20/20 train/val/test). The unlabelled ``test`` list is not used.
+    The classes are the datalist's ``labels`` (Task04: ``{1: Anterior, 2: Posterior}`` -> classes anterior,
+    posterior, a 2-class task); ``task_type: binary`` merges them into one foreground."""
+    from monai.data import load_decathlon_datalist
+
+    root = Path(root)
+    meta_path = Path(datalist) if Path(datalist).is_absolute() else root / datalist
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path} not found: is {root} an MSD task folder (dataset.json, imagesTr/, "
+                                "labelsTr/)? Set data.datalist for another datalist file name.")
+    meta = json.loads(meta_path.read_text())
+
+    def read(key):
+        if key not in meta:
+            lists = sorted(k for k, v in meta.items() if isinstance(v, list))
+            raise KeyError(f"{meta_path} has no list {key!r}; it has {lists} (data.datalist_keys)")
+        items = load_decathlon_datalist(meta_path, is_segmentation=True, data_list_key=key, base_dir=root)
+        out = []
+        for item in items:
+            paths = item["image"] if isinstance(item["image"], list) else [item["image"]]
+            missing = [p for p in [*paths, item["label"]] if not Path(p).is_file()]
+            if missing:
+                raise FileNotFoundError(f"{meta_path.name} ({key!r}) lists files that do not exist: {missing[:3]}")
+            cid = Path(paths[0]).name.split(".nii")[0]
+            out.append({"image": item["image"], "label": item["label"], "id": cid})
+        return out
+
+    if datalist_keys:
+        splits = {str(name): read(key) for name, key in dict(datalist_keys).items()}
+    else:
+        cases = {c["id"]: c for c in read("training")}
+        ids = _random_split(list(cases), fractions or {"train": 0.6, "val": 0.2, "test": 0.2}, seed)
+        splits = {k: [cases[i] for i in v] for k, v in ids.items()}
+    labels = {_class_name(v): (int(k),) for k, v in meta.get("labels", {}).items() if int(k) != 0}
+    if not labels:
+        raise ValueError(f"{meta_path} has no 'labels' besides background: give data.classes {{name: [codes]}}")
+    task = make_task("multiclass", default_classes=labels) if len(labels) > 1 else \
+        make_task("binary", classes=labels)
+    name = meta.get("name", "MSD")
+    return DatasetSplits(splits, task, f"{name} ({meta_path.name} in {root})", label_names=labels,
+                         extra={"binary_name": _class_name(name)})
 
 
 def msd_hippocampus(root: str | os.PathLike, fractions: dict | None = None, seed: int = 0) -> DatasetSplits:
-    """Medical Segmentation Decathlon Task04_Hippocampus: ``dataset.json`` lists the labelled ``training`` cases
-    (``imagesTr/hippocampus_XXX.nii.gz``, ``labelsTr/...``); labels 1 (anterior) and 2 (posterior) are merged.
-    The unlabelled ``test`` cases are not used; labelled cases are split with ``fractions`` (seeded)."""
-    root = Path(root)
-    meta_path = root / "dataset.json"
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path} not found: is {root} an MSD task folder?")
-    meta = json.loads(meta_path.read_text())
-    cases = {}
-    for item in meta.get("training", []):
-        img = root / item["image"]
-        lab = root / item["label"]
-        if not img.is_file() or not lab.is_file():
-            raise FileNotFoundError(f"dataset.json lists {item} but the files are missing under {root}")
-        cid = Path(item["image"]).name.split(".nii")[0]
-        cases[cid] = {"image": str(img), "label": str(lab), "id": cid}
-    ids = _random_split(list(cases), fractions or {"train": 0.6, "val": 0.2, "test": 0.2}, seed)
-    labels = meta.get("labels", {})
-    fg = tuple(int(k) for k in labels if int(k) != 0) or (1, 2)
-    return DatasetSplits({k: [cases[i] for i in v] for k, v in ids.items()}, fg, meta.get("name", "MSD"))
-
-
-BRATS_WHOLE_TUMOUR = (1, 2, 4)
+    """Medical Segmentation Decathlon Task04_Hippocampus (:func:`msd`): labels 1 (anterior) and 2 (posterior) as
+    two classes; ``task_type: binary`` in the data config merges them into the hippocampus, as the papers do."""
+    return msd(root, fractions=fractions, seed=seed)
 
 
 def brats2021(
-    root: str | os.PathLike, modality: str = "flair", fractions: dict | None = None, seed: int = 0
+    root: str | os.PathLike, modality: str | list = "flair", fractions: dict | None = None, seed: int = 0
 ) -> DatasetSplits:
     """BraTS 2021 training data: one folder per case ``BraTS2021_XXXXX/`` with ``<case>_<modality>.nii.gz`` and
-    ``<case>_seg.nii.gz``. Labels 1 (necrosis), 2 (oedema) and 4 (enhancing tumour) are merged into whole tumour,
-    as in the papers' pretraining."""
+    ``<case>_seg.nii.gz``. By default labels 1 (necrosis), 2 (oedema) and 4 (enhancing tumour) are merged into whole
+    tumour, as in the papers' pretraining; ``task_type: multilabel`` gives MONAI's three BraTS regions (tumour core
+    1|4, whole tumour 1|2|4, enhancing tumour 4: ``ConvertToMultiChannelBasedOnBratsClassesd``). ``modality``: one
+    (``flair``) or a list (``[flair, t1, t1ce, t2]``: one input channel each, ``model.in_channels`` to match)."""
     root = Path(root)
-    cases = {cid: {"image": str(img), "label": str(seg), "id": cid}
-             for cid, seg, img in _paired_files(root, "seg", modality)}
+    mods = [modality] if isinstance(modality, str) else list(modality)
+    cases = {}
+    for cid, seg, img in _paired_files(root, "seg", mods[0]):
+        images = [str(img)] + [str(img.with_name(img.name.replace(f"_{mods[0]}.", f"_{m}."))) for m in mods[1:]]
+        missing = [p for p in images if not Path(p).is_file()]
+        if missing:
+            raise FileNotFoundError(f"BraTS case {cid} lacks modality files {missing}")
+        cases[cid] = {"image": images[0] if len(images) == 1 else images, "label": str(seg), "id": cid}
     if not cases:
-        raise FileNotFoundError(f"no BraTS cases (<case>_seg.nii.gz with <case>_{modality}.nii.gz) under {root}")
+        raise FileNotFoundError(f"no BraTS cases (<case>_seg.nii.gz with <case>_{mods[0]}.nii.gz) under {root}")
     ids = _random_split(list(cases), fractions or {"train": 0.8, "val": 0.1, "test": 0.1}, seed)
-    return DatasetSplits({k: [cases[i] for i in v] for k, v in ids.items()}, BRATS_WHOLE_TUMOUR, "BraTS 2021")
+    task = make_task("binary", classes={"whole_tumour": BRATS_REGIONS["whole_tumour"]})
+    names = {**BRATS_REGIONS, "necrosis": (1,), "oedema": (2,)}
+    return DatasetSplits({k: [cases[i] for i in v] for k, v in ids.items()}, task, "BraTS 2021",
+                         label_names=names, extra={"multilabel_classes": dict(BRATS_REGIONS)})
+
+
+BRATS_WHOLE_TUMOUR = BRATS_REGIONS["whole_tumour"]
 
 
 def embedded(
@@ -182,28 +253,119 @@ def embedded(
         src = first("source", n_source)
         splits = {"train": cases([i for i in src if subject_index(i) < n_source - n_hold]),
                   "val": cases([i for i in src if subject_index(i) >= n_source - n_hold])}
-        fg = SOURCE_LABELS
+        fg = make_task("binary", classes={"subcortical": SOURCE_LABELS})
     elif task == "target":
         splits = {r: cases(first(r, n)) for r, n in (("train", n_train), ("val", n_val), ("test", n_test))}
-        fg = HIPPOCAMPUS_LABELS
+        fg = make_task("binary", classes={"hippocampus": HIPPOCAMPUS_LABELS})
     else:
         raise ValueError(f"task must be 'source' or 'target', got {task!r}")
-    return DatasetSplits(splits, fg, meta["description"], {"folder": str(folder), "spacing": spec.spacing})
+    names = {"hippocampus": HIPPOCAMPUS_LABELS, "left_hippocampus": (17,), "right_hippocampus": (53,),
+             "subcortical": SOURCE_LABELS}
+    return DatasetSplits(splits, fg, meta["description"], {"folder": str(folder), "spacing": spec.spacing},
+                         label_names=names)
+
+
+LOADERS = {"embedded": embedded, "pairs": pairs_folder, "msd": msd, "brats": brats2021}
+# keys of a data config that describe the task, the preprocessing and the loading, not the files: never passed to
+# a loader function
+TASK_KEYS = ("task_type", "classes", "foreground")
+SETTINGS_KEYS = ("spacing_mm", "preprocess", "loader")
+
+
+def resolve_loader(kind: str):
+    """``data.kind`` -> the loader function: a built-in name, or a dotted path to a user's function
+    (``package.module.function`` or ``package.module:function``)."""
+    kind = str(kind)
+    if kind in LOADERS:
+        return LOADERS[kind]
+    if "." not in kind and ":" not in kind:
+        raise ValueError(f"unknown dataset kind {kind!r}; choose one of {sorted(LOADERS)} or give a dotted path to "
+                         "your own loader function, e.g. data.kind=mypackage.data.load_my_scans")
+    module_name, _, attr = kind.rpartition(":") if ":" in kind else kind.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"data.kind={kind!r}: cannot import module {module_name!r} ({e}); is it installed or on "
+                         "PYTHONPATH?") from e
+    fn = getattr(module, attr, None)
+    if fn is None or not callable(fn):
+        raise ValueError(f"data.kind={kind!r}: module {module_name!r} has no function {attr!r}")
+    return fn
+
+
+def _from_user(result, kind: str) -> DatasetSplits:
+    if isinstance(result, DatasetSplits):
+        return result
+    if not isinstance(result, dict) or not all(isinstance(v, (list, tuple)) for v in result.values()):
+        raise TypeError(f"data.kind={kind!r} returned {type(result).__name__}: a loader returns a DatasetSplits or a "
+                        "mapping {split name: [{'image': path, 'label': path}, ...]}")
+    splits = {}
+    for name, items in result.items():
+        cases = []
+        for item in items:
+            if not isinstance(item, dict) or "image" not in item or "label" not in item:
+                raise TypeError(f"data.kind={kind!r}: split {name!r} holds {item!r}; every case is a dict with "
+                                "'image' and 'label' paths (and optionally 'id')")
+            first = item["image"][0] if isinstance(item["image"], (list, tuple)) else item["image"]
+            cases.append({**item, "id": str(item.get("id", Path(str(first)).name.split(".nii")[0]))})
+        splits[str(name)] = cases
+    return DatasetSplits(splits, None, f"cases from {kind}")
+
+
+def check_files(ds: DatasetSplits) -> None:
+    """Every image and label file of every split exists (a clear error before any training starts)."""
+    missing = []
+    for name, items in ds.splits.items():
+        for item in items:
+            paths = item["image"] if isinstance(item["image"], (list, tuple)) else [item["image"]]
+            missing += [(name, str(p)) for p in [*paths, item["label"]] if not Path(p).is_file()]
+    if missing:
+        shown = "; ".join(f"{s}: {p}" for s, p in missing[:5])
+        raise FileNotFoundError(f"{len(missing)} file(s) named by the dataset do not exist ({shown}"
+                                f"{' ...' if len(missing) > 5 else ''}): check data.root and the split lists")
 
 
 def load_dataset(cfg: dict) -> DatasetSplits:
-    """Dispatch on ``cfg["kind"]``: ``embedded`` | ``pairs`` | ``msd`` | ``brats``; other keys are the loader's
-    arguments (``root`` for the path-based ones)."""
+    """Dispatch on ``cfg["kind"]`` (a built-in layout or a dotted path to a loader function, see the module
+    docstring); the other keys are the loader's arguments, except the task keys (``task_type``, ``classes``,
+    ``foreground``) and the settings keys (``spacing_mm``, ``preprocess``, ``loader``), which every kind shares.
+    The returned splits carry the task the config asks for and name only files that exist."""
     cfg = dict(cfg)
-    kind = cfg.pop("kind", "embedded")
-    cfg.pop("spacing_mm", None)
-    loaders = {"embedded": embedded, "pairs": pairs_folder, "msd": msd_hippocampus, "brats": brats2021}
-    if kind not in loaders:
-        raise ValueError(f"unknown dataset kind {kind!r}; choose one of {sorted(loaders)}")
-    if "foreground" in cfg and cfg["foreground"] is not None:
-        cfg["foreground"] = tuple(cfg["foreground"])
-    fg_override = cfg.pop("foreground", None) if kind != "pairs" else None
-    ds = loaders[kind](**cfg)
-    if fg_override:
-        ds.foreground = tuple(fg_override)
+    kind = str(cfg.pop("kind", "embedded"))
+    task_cfg = {k: cfg.pop(k) for k in TASK_KEYS if k in cfg}
+    for k in SETTINGS_KEYS:
+        cfg.pop(k, None)
+    loader = resolve_loader(kind)
+    if loader is pairs_folder and task_cfg.get("foreground") is not None:
+        cfg["foreground"] = tuple(task_cfg["foreground"])
+    try:
+        ds = loader(**cfg)
+    except TypeError as e:
+        if kind in LOADERS and "argument" in str(e):
+            raise TypeError(f"data.kind={kind}: {e}; see the loader's arguments: "
+                            f"help(peft_tensor.data.loaders.{loader.__name__})") from e
+        raise
+    ds = _from_user(ds, kind) if kind not in LOADERS else ds
+    ds.task = _configured_task(ds, task_cfg)
+    check_files(ds)
     return ds
+
+
+def _configured_task(ds: DatasetSplits, task_cfg: dict) -> LabelTask:
+    task_type, classes, foreground = (task_cfg.get(k) for k in TASK_KEYS)
+    if not task_type and classes is None and not foreground:
+        return ds.task
+    names = dict(ds.label_names) or ds.task.mapping
+    default_type = ds.task.kind
+    if task_type == "multilabel" and classes is None:
+        classes = ds.extra.get("multilabel_classes")
+    if task_type == "binary" and classes is None and not foreground:
+        name = ds.task.classes[0] if ds.task.kind == "binary" else ds.extra.get("binary_name", "foreground")
+        return make_task("binary", classes={name: [c for codes in ds.task.codes for c in codes]})
+    if task_type and task_type != "binary" and classes is None and ds.task.kind == "binary":
+        raise ValueError(f"data.task_type={task_type} needs data.classes ({{name: [label codes]}}): the dataset "
+                         f"only defines the binary class {ds.task.mapping}")
+    if classes is None:
+        classes = ds.task.mapping
+    return make_task(task_type, classes, default_classes=names, default_type=default_type,
+                     foreground=tuple(foreground) if foreground else None)

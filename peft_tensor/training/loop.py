@@ -8,8 +8,9 @@ import random
 import numpy as np
 import torch
 
+from ..data.labels import as_task
 from ..data.transforms import seed_for
-from .metrics import case_metrics
+from .metrics import task_case_metrics
 
 
 def set_seed(seed: int) -> None:
@@ -52,15 +53,20 @@ def poly_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, power: fl
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / total) ** power)
 
 
-def make_loss(name: str = "dice"):
-    """``dice``: soft Dice on background + foreground (the papers); ``dicece``: Dice + cross-entropy."""
+def make_loss(name: str = "dice", task=None):
+    """MONAI losses. ``dice``: soft Dice over every channel (background included for softmax tasks, as the papers);
+    ``dicece``: Dice + cross-entropy. Softmax tasks (binary, multi-class; labels [B, 1, ...] class indices):
+    ``to_onehot_y`` + softmax; multi-label tasks (labels [B, K, ...] binary channels): one sigmoid per channel and
+    binary cross-entropy."""
     from monai.losses import DiceCELoss, DiceLoss
 
+    softmax = as_task(task).softmax if task is not None else True
+    kw = dict(to_onehot_y=True, softmax=True, include_background=True) if softmax else dict(sigmoid=True)
     name = str(name).lower()
     if name == "dice":
-        return DiceLoss(to_onehot_y=True, softmax=True, include_background=True)
+        return DiceLoss(**kw)
     if name in ("dicece", "dice_ce"):
-        return DiceCELoss(to_onehot_y=True, softmax=True, include_background=True)
+        return DiceCELoss(**kw)
     raise ValueError(f"unknown loss {name!r}: use 'dice' or 'dicece'")
 
 
@@ -78,8 +84,8 @@ def train_step(model, images, labels, loss_fn, optimizer, scheduler=None, amp: b
     model.train()
     optimizer.zero_grad(set_to_none=True)
     with autocast(device, amp):
-        logits = model(images.to(device))
-    loss = loss_fn(logits.float(), labels.to(device))
+        logits = model(images.to(device, non_blocking=True))
+    loss = loss_fn(logits.float(), labels.to(device, non_blocking=True))
     loss.backward()
     if grad_clip:
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
@@ -90,8 +96,13 @@ def train_step(model, images, labels, loss_fn, optimizer, scheduler=None, amp: b
 
 
 @torch.no_grad()
-def predict(model, image: torch.Tensor, patch, overlap: float = 0.5, sw_batch_size: int = 4, amp: bool = False):
-    """Binary prediction [X, Y, Z] (bool) of one preprocessed image [1, X, Y, Z] by sliding-window inference."""
+def predict(model, image: torch.Tensor, patch, overlap: float = 0.5, sw_batch_size: int = 4, amp: bool = False,
+            task=None):
+    """Prediction of one preprocessed image [C, X, Y, Z] by MONAI's sliding-window inference.
+
+    ``task=None`` (binary, older API): the foreground mask [X, Y, Z] (bool). With a task: the class-index map
+    [X, Y, Z] (uint8, argmax over background + classes) for softmax tasks, K region masks [K, X, Y, Z] (bool,
+    sigmoid > 0.5) for multi-label ones."""
     from monai.inferers import sliding_window_inference
 
     device = next(p for p in model.parameters()).device
@@ -99,27 +110,109 @@ def predict(model, image: torch.Tensor, patch, overlap: float = 0.5, sw_batch_si
     with autocast(device, amp):
         logits = sliding_window_inference(image[None].to(device), tuple(patch), sw_batch_size, model,
                                           overlap=overlap, mode="gaussian")
-    return (torch.as_tensor(logits).float().argmax(1)[0] == 1).cpu()
+    logits = torch.as_tensor(logits).float()[0]
+    if task is None:
+        return (logits.argmax(0) == 1).cpu()
+    task = as_task(task)
+    if logits.shape[0] != task.out_channels:
+        raise ValueError(f"the network outputs {logits.shape[0]} channels, the {task.describe()} task needs "
+                         f"{task.out_channels}: set model.out_channels={task.out_channels}")
+    if task.softmax:
+        return logits.argmax(0).to(torch.uint8).cpu()
+    return (torch.sigmoid(logits) > 0.5).cpu()
 
 
-def evaluate_cases(model, cases: list, patch, overlap: float = 0.5, min_component_voxels: int = 0,
-                   amp: bool = False, keep_predictions: bool = False, progress: bool = False):
-    """Per-case metrics (:func:`peft_tensor.training.metrics.case_metrics`) of ``model`` on ``cases``.
+class Extremes:
+    """The best and the worst case by (mean) Dice seen so far, with their predictions: what the overlays show,
+    without keeping every prediction of a large test set."""
 
-    Returns rows (dicts with ``id``), and the predictions if ``keep_predictions``."""
+    def __init__(self):
+        self.best = self.worst = None  # (dice, case, prediction, row)
+
+    def add(self, case, pred, row) -> None:
+        d = row.get("dice", float("nan"))
+        d = -1.0 if d != d else d
+        if self.best is None or d > self.best[0]:
+            self.best = (d, case, pred, row)
+        if self.worst is None or d < self.worst[0]:
+            self.worst = (d, case, pred, row)
+
+    def items(self) -> list:
+        """``[("worst", case, pred, row), ("best", ...)]`` (empty when no case was seen)."""
+        if self.best is None:
+            return []
+        return [("worst", *self.worst[1:]), ("best", *self.best[1:])]
+
+
+def evaluate_cases(model, cases, patch, overlap: float = 0.5, min_component_voxels: int = 0,
+                   amp: bool = False, keep_predictions: bool = False, progress: bool = False, task=None,
+                   extremes: Extremes | None = None, num_workers: int = 0):
+    """Per-case metrics of ``model`` on ``cases`` (a list of :class:`peft_tensor.data.Case` or a lazily loading
+    :class:`peft_tensor.data.CaseSource`, read ``num_workers`` ahead in worker processes).
+
+    Rows: :func:`peft_tensor.training.metrics.task_case_metrics` plus ``id`` (per class and the mean over classes
+    for several classes). Returns the rows, and the predictions too if ``keep_predictions`` (small sets only);
+    ``extremes`` collects the best and worst case for the overlays."""
+    from ..data.datasets import iterate_cases
+
+    task = as_task(task) if task is not None else as_task(())
     rows, preds = [], []
-    it = cases
+    it = iterate_cases(cases, num_workers)
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(cases, desc="evaluate", unit="case", leave=False)
+        it = tqdm(it, total=len(cases), desc="evaluate", unit="case", leave=False)
     for case in it:
-        pred = predict(model, case.image, patch, overlap, amp=amp)
-        row = {"id": case.id, **case_metrics(pred.numpy(), case.label[0].numpy(), case.spacing, min_component_voxels)}
+        pred = predict(model, case.image, patch, overlap, amp=amp, task=task)
+        row = {"id": case.id, **task_case_metrics(task.masks(pred), task.masks(case.label), task.classes,
+                                                  case.spacing, min_component_voxels)}
         rows.append(row)
         if keep_predictions:
             preds.append(pred)
+        if extremes is not None:
+            extremes.add(case, pred, row)
     return (rows, preds) if keep_predictions else rows
+
+
+def model_config_for_task(model_cfg: dict, task) -> dict:
+    """``model_cfg`` with ``out_channels`` the task needs: filled in when absent, a clear error when it disagrees."""
+    task = as_task(task)
+    cfg = dict(model_cfg)
+    have = cfg.get("out_channels")
+    if have is None:
+        cfg["out_channels"] = task.out_channels
+    elif int(have) != task.out_channels:
+        raise ValueError(_channels_message(int(have), task, "model.out_channels is"))
+    return cfg
+
+
+def output_channels(model: torch.nn.Module) -> int | None:
+    """The output channels of a segmentation network: its ``out_channels`` attribute, else those of its last
+    convolution (MONAI's UNETR / SwinUNETR / UNet heads), else ``None`` (unknown)."""
+    for m in (model, getattr(model, "base_model", None), getattr(getattr(model, "base_model", None), "model", None)):
+        if m is not None and isinstance(getattr(m, "out_channels", None), int):
+            return int(m.out_channels)
+    last = None
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose3d)):
+            last = m
+    return int(last.out_channels) if last is not None else None
+
+
+def check_output_channels(model: torch.nn.Module, task) -> None:
+    """A clear error when the network's output channels do not fit the task (found from its head)."""
+    task = as_task(task)
+    have = output_channels(model)
+    if have is not None and have != task.out_channels:
+        raise ValueError(_channels_message(have, task, "the network has"))
+
+
+def _channels_message(have: int, task, what: str) -> str:
+    k = len(task.classes)
+    need = ("background + " if task.softmax else "") + f"{k} class{'es' if k > 1 else ''}"
+    return (f"{what} {have} output channels, but the data is a {task.describe()} task that needs "
+            f"{task.out_channels} ({need}): set model.out_channels={task.out_channels}, or change data.task_type / "
+            "data.classes")
 
 
 def configure_threads(value) -> int:

@@ -36,42 +36,78 @@ def plot_curves(rows: list, path, title: str = "") -> Path:
     return path
 
 
-def plot_overlay(image, truth, pred, path, title: str = "") -> Path:
-    """Three orthogonal slices through the centre of the truth: image, truth (green) and prediction (red)
-    contours. ``image`` [X, Y, Z], masks [X, Y, Z]."""
+def class_colours(n: int) -> list:
+    """One colour per class (matplotlib's tab10 / tab20 qualitative maps)."""
+    plt = _plt()
+    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
+    return [cmap(k % cmap.N) for k in range(n)]
+
+
+def plot_overlay(image, truth, pred, path, title: str = "", classes=None) -> Path:
+    """Three orthogonal slices through the centre of the truth: the image with truth (solid) and prediction (dashed)
+    contours. ``image`` [X, Y, Z] (or [C, X, Y, Z]: the first channel is shown); masks [X, Y, Z] (one class: truth
+    green, prediction red) or [K, X, Y, Z] with ``classes`` their K names (one colour per class, legend)."""
     plt = _plt()
     image, truth, pred = (np.asarray(a) for a in (image, truth, pred))
-    idx = np.argwhere(truth) if truth.any() else np.argwhere(pred) if pred.any() else None
+    if image.ndim == 4:
+        image = image[0]
+    if truth.ndim == 3:
+        truth, pred = truth[None], pred[None]
+    names = list(classes) if classes is not None else [f"class {k + 1}" for k in range(truth.shape[0])]
+    single = truth.shape[0] == 1
+    colours = [("lime", "red")] if single else [(c, c) for c in class_colours(truth.shape[0])]
+    union_t, union_p = truth.any(0), pred.any(0)
+    idx = np.argwhere(union_t) if union_t.any() else np.argwhere(union_p) if union_p.any() else None
     c = idx.mean(0).round().astype(int) if idx is not None else np.array(image.shape) // 2
-    fig, axes = plt.subplots(1, 3, figsize=(9, 3.4))
-    views = [(image[c[0]], truth[c[0]], pred[c[0]], "sagittal"),
-             (image[:, c[1]], truth[:, c[1]], pred[:, c[1]], "coronal"),
-             (image[:, :, c[2]], truth[:, :, c[2]], pred[:, :, c[2]], "axial")]
-    for ax, (im, tr, pr, name) in zip(axes, views):
-        ax.imshow(np.rot90(im), cmap="gray")
-        if tr.any():
-            ax.contour(np.rot90(tr.astype(float)), levels=[0.5], colors="lime", linewidths=1)
-        if pr.any():
-            ax.contour(np.rot90(pr.astype(float)), levels=[0.5], colors="red", linewidths=1)
+    fig, axes = plt.subplots(1, 3, figsize=(9, 3.4 if single else 3.9))
+    cut = [lambda a: a[..., c[0], :, :], lambda a: a[..., :, c[1], :], lambda a: a[..., :, :, c[2]]]
+    for ax, sl, name in zip(axes, cut, ("sagittal", "coronal", "axial")):
+        ax.imshow(np.rot90(sl(image)), cmap="gray")
+        for k in range(truth.shape[0]):
+            tr, pr = sl(truth[k]), sl(pred[k])
+            if tr.any():
+                ax.contour(np.rot90(tr.astype(float)), levels=[0.5], colors=[colours[k][0]], linewidths=1)
+            if pr.any():
+                ax.contour(np.rot90(pr.astype(float)), levels=[0.5], colors=[colours[k][1]], linewidths=1,
+                           linestyles="dashed" if not single else "solid")
         ax.set_title(name)
         ax.axis("off")
-    fig.suptitle(title + "  (green: truth, red: prediction)")
-    fig.tight_layout()
+    if single:
+        fig.suptitle(title + "  (green: truth, red: prediction)")
+    else:
+        from matplotlib.lines import Line2D
+
+        handles = [Line2D([], [], color=col[0], lw=2, label=n) for n, col in zip(names, colours)]
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(names), 7), fontsize=7, frameon=False)
+        fig.suptitle(title + "  (solid: truth, dashed: prediction)")
+    fig.tight_layout(rect=(0, 0.06 if not single else 0, 1, 1))
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def plot_best_worst(cases: list, preds: list, rows: list, folder, prefix: str = "") -> list:
+def _masks(task, label):
+    return task.masks(label) if task is not None else np.asarray(label).astype(bool)
+
+
+def plot_best_worst(cases: list, preds: list, rows: list, folder, prefix: str = "", task=None) -> list:
     """Overlays of the best and worst case by Dice. Returns the written paths."""
     if not rows:
         return []
     order = sorted(range(len(rows)), key=lambda i: (rows[i]["dice"] if rows[i]["dice"] == rows[i]["dice"] else -1))
+    return plot_extremes([(tag, cases[i], preds[i], rows[i]) for tag, i in (("worst", order[0]), ("best", order[-1]))],
+                         folder, prefix, task)
+
+
+def plot_extremes(items, folder, prefix: str = "", task=None) -> list:
+    """Overlays ``<prefix>overlay_<tag>.png`` of ``(tag, case, prediction, row)`` items
+    (:meth:`peft_tensor.training.loop.Extremes.items`). Returns the written paths."""
     out = []
-    for tag, i in (("worst", order[0]), ("best", order[-1])):
-        case = cases[i]
-        out.append(plot_overlay(case.image[0].numpy(), case.label[0].numpy(), preds[i].numpy(),
-                                Path(folder) / f"{prefix}overlay_{tag}.png",
-                                f"{tag}: {case.id}  Dice {rows[i]['dice']:.3f}"))
+    for tag, case, pred, row in (items.items() if hasattr(items, "items") else items):
+        truth = _masks(task, case.label) if task is not None else np.asarray(case.label[0]).astype(bool)
+        prd = _masks(task, pred) if task is not None else np.asarray(pred).astype(bool)
+        out.append(plot_overlay(case.image.numpy(), truth, prd, Path(folder) / f"{prefix}overlay_{tag}.png",
+                                f"{tag}: {case.id}  Dice {row['dice']:.3f}",
+                                classes=task.classes if task is not None else None))
     return out
