@@ -24,4 +24,18 @@ __all__ = [
     "SWINUNETR_HYPS_TARGETS",
     "from_pretrained",
     "load_adapter_checked",
+    "load_network",
+    "LoadReport",
+    "export_bundle",
 ]
+
+# networks in and out (peft_tensor.networks), imported on first use: `import peft_tensor` stays light
+_NETWORK_EXPORTS = ("load_network", "LoadReport", "export_bundle")
+
+
+def __getattr__(name: str):
+    if name in _NETWORK_EXPORTS:
+        from . import networks
+
+        return getattr(networks, name)
+    raise AttributeError(f"module 'peft_tensor' has no attribute {name!r}")

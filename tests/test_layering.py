@@ -1,10 +1,10 @@
 """The library does not depend on the application.
 
-Library: ``peft_tensor`` itself (``__init__``, ``registry``, ``loading``, ``errors``, ...), ``algebra``, ``tuners``
-and ``hub``. Application: ``training``, ``data``, ``analysis``, ``cli``, the recipes (``peft_tensor.recipes``) and
-the benchmarks. The application imports the library, never the other way round: checked statically (every
-import statement, including those inside functions) and at run time (importing the whole library loads no
-application module)."""
+Library: ``peft_tensor`` itself (``__init__``, ``registry``, ``loading``, ``errors``, ...), ``algebra``, ``tuners``,
+``hub`` and ``networks``. Application: ``training``, ``data``, ``analysis``, ``cli``, the recipes
+(``peft_tensor.recipes``) and the benchmarks. The application imports the library, never the other way round: checked
+statically (every import statement, including those inside functions) and at run time (importing the whole library
+loads no application module)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 PKG = REPO / "peft_tensor"
 APPLICATION = ("peft_tensor.training", "peft_tensor.data", "peft_tensor.analysis", "peft_tensor.cli",
                "peft_tensor.recipes", "recipes", "benchmarks")
-LIBRARY_DIRS = ("algebra", "tuners", "hub")
+LIBRARY_DIRS = ("algebra", "tuners", "hub", "networks")
 
 
 def _library_files() -> list[Path]:

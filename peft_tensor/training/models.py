@@ -1,24 +1,34 @@
-"""Backbones from config dicts, and the files that record which backbone a checkpoint belongs to."""
+"""Backbones from config dicts, and the files that record which backbone a checkpoint belongs to.
+
+A model config names its network either by ``name`` (``unetr`` / ``swinunetr``, with the papers' UNETR-B /
+SwinUNETR-48 defaults filled in) or, MONAI's ``_target_`` convention, by dotted class path plus constructor
+arguments (``{_target_: monai.networks.nets.SwinUNETR, in_channels: 1, out_channels: 3, use_v2: true}``; MONAI's own
+defaults apply). ``pretrained`` may name anything :func:`peft_tensor.load_network` reads.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
 import torch
 
+from ..networks import specs as _specs
 from ..registry import SWINUNETR_TARGETS, UNETR_TARGETS
-# What the papers train beside the adapter in every PEFT arm (the "decoder"): UNETR decoder2-5 + head, 2,678,562
-# parameters in UNETR-B (tCURLoRA r=8 then trains the paper's 2,683,170); SwinUNETR decoder1-5 + head, 19,597,922 in
-# SwinUNETR-48 (HyPS). The convolutional skip encoders (encoder1-4, and encoder10 in SwinUNETR) stay frozen there.
-UNETR_DECODER = ["decoder2", "decoder3", "decoder4", "decoder5", "out.conv.conv"]
-SWIN_DECODER = ["decoder1", "decoder2", "decoder3", "decoder4", "decoder5", "out.conv.conv"]
-HEAD = ["out.conv.conv"]
-# The wider set the recipes trained before (the skip encoders too), kept as the arm option ``decoder: wide``.
-UNETR_DECODER_WIDE = ["encoder1", "encoder2", "encoder3", "encoder4", *UNETR_DECODER]
-SWIN_DECODER_WIDE = ["encoder1", "encoder2", "encoder3", "encoder4", "encoder10", *SWIN_DECODER]
-DECODER_SETS = ("paper", "wide", "head")
+
+logger = logging.getLogger(__name__)
+
+# What the papers train beside the adapter in every PEFT arm (the "decoder"), and the wider and head-only sets: the
+# presets of peft_tensor.networks.specs (UNETR decoder2-5 + head: 2,678,562 parameters in UNETR-B; SwinUNETR decoder1-5
+# + head: 19,597,922 in SwinUNETR-48).
+UNETR_DECODER = list(_specs.UNETR_DECODER)
+SWIN_DECODER = list(_specs.SWIN_DECODER)
+HEAD = list(_specs.HEAD)
+UNETR_DECODER_WIDE = list(_specs.UNETR_DECODER_WIDE)
+SWIN_DECODER_WIDE = list(_specs.SWIN_DECODER_WIDE)
+DECODER_SETS = _specs.DECODER_SETS
 
 _UNETR_DEFAULTS = dict(in_channels=1, out_channels=2, img_size=128, feature_size=16, hidden_size=768, mlp_dim=3072,
                        num_heads=12, proj_type="conv", norm_name="instance", dropout_rate=0.1, qkv_bias=False)
@@ -26,7 +36,13 @@ _SWIN_DEFAULTS = dict(in_channels=1, out_channels=2, feature_size=48, depths=(2,
 
 
 def model_kwargs(cfg: dict) -> tuple[str, dict]:
-    """(name, constructor kwargs) with defaults filled in (UNETR-B / SwinUNETR-48 as in the papers)."""
+    """(name, constructor kwargs) with defaults filled in (UNETR-B / SwinUNETR-48 as in the papers). For a
+    ``_target_`` config: (dotted class path, its constructor arguments as given)."""
+    if "_target_" in dict(cfg):
+        try:
+            return _specs.split_spec({k: v for k, v in dict(cfg).items() if k != "pretrained"})
+        except _specs.NetworkSpecError as exc:
+            raise ValueError(f"model config: {exc}") from None
     cfg = {k: v for k, v in dict(cfg).items() if k != "pretrained" and v is not None}
     name = str(cfg.pop("name", "unetr")).lower()
     if name == "unetr":
@@ -46,8 +62,12 @@ def model_kwargs(cfg: dict) -> tuple[str, dict]:
 
 
 def build_model(cfg: dict) -> torch.nn.Module:
-    """A MONAI UNETR or SwinUNETR from ``cfg`` (``name`` plus constructor arguments)."""
+    """The network of ``cfg``: a MONAI UNETR or SwinUNETR by ``name`` (plus constructor arguments), or any
+    ``nn.Module`` class by ``_target_`` (dotted class path; a short MONAI name such as ``UNETR`` works too) plus its
+    constructor arguments. The network carries its class path and arguments (an adapter trained on it records them)."""
     name, kw = model_kwargs(cfg)
+    if "_target_" in dict(cfg):
+        return _specs.build_from_spec(name, kw)
     if name == "unetr":
         from monai.networks.nets import UNETR
 
@@ -58,16 +78,31 @@ def build_model(cfg: dict) -> torch.nn.Module:
 
 
 def defaults_for(cfg: dict, decoder: str = "paper") -> dict:
-    """Targets and the modules trained beside the adapter for the backbone named in ``cfg``. ``decoder``: ``"paper"``
+    """Targets and the modules trained beside the adapter for the backbone of ``cfg``. ``decoder``: ``"paper"``
     (the papers' decoder + head, the default), ``"wide"`` (also the convolutional skip encoders) or ``"head"`` (the
-    1x1x1 output head only: the adapter alone)."""
-    name = str(dict(cfg).get("name", "unetr")).lower()
+    1x1x1 output head only: the adapter alone). ``_target_`` configs use the presets of
+    :func:`peft_tensor.networks.specs.preset_for` (UNETR, SwinUNETR v1/v2, ViT, ViTAutoEnc; other classes: targets
+    found by name, no decoder set -- set ``arm.modules_to_save``). Also returns ``backbone``, the preset's short
+    name."""
     if decoder not in DECODER_SETS:
         raise ValueError(f"unknown decoder set {decoder!r}: use one of {', '.join(DECODER_SETS)}")
+    if "_target_" in dict(cfg):
+        class_path, kwargs = model_kwargs(cfg)
+        try:
+            preset = _specs.preset_for(class_path, kwargs)
+        except _specs.NetworkSpecError as exc:
+            raise ValueError(str(exc)) from None
+        if not preset.decoder:
+            logger.warning("no decoder preset for %s: only the adapter trains unless arm.modules_to_save is set",
+                           class_path)
+        return {"target_modules": list(preset.target_modules), "decoder": preset.decoder_set(decoder),
+                "backbone": preset.backbone}
+    name = str(dict(cfg).get("name", "unetr")).lower()
     swin = name == "swinunetr"
     sets = {"paper": SWIN_DECODER if swin else UNETR_DECODER,
             "wide": SWIN_DECODER_WIDE if swin else UNETR_DECODER_WIDE, "head": HEAD}
-    return {"target_modules": list(SWINUNETR_TARGETS if swin else UNETR_TARGETS), "decoder": list(sets[decoder])}
+    return {"target_modules": list(SWINUNETR_TARGETS if swin else UNETR_TARGETS), "decoder": list(sets[decoder]),
+            "backbone": "swinunetr" if swin else "unetr"}
 
 
 def save_backbone(model: torch.nn.Module, cfg: dict, folder: str | os.PathLike, extra: dict | None = None) -> Path:
@@ -85,23 +120,68 @@ def save_backbone(model: torch.nn.Module, cfg: dict, folder: str | os.PathLike, 
     return folder
 
 
-def load_backbone(folder: str | os.PathLike, cfg: dict | None = None) -> tuple[torch.nn.Module, dict]:
+def load_backbone(source: str | os.PathLike, cfg: dict | None = None) -> tuple[torch.nn.Module, dict]:
+    """The pretrained network named by ``source`` (the recipes' ``model.pretrained``) and its model config.
+
+    ``source``: a folder written by :func:`save_backbone` (``cfg``, if given, must agree on the architecture), or
+    anything :func:`peft_tensor.load_network` reads -- a MONAI bundle folder or name, a folder / Hub repo with
+    ``peft_tensor.json``, or a checkpoint file, which is loaded into ``build_model(cfg)``. For bundles and provenance
+    folders the constructor arguments written in ``cfg`` (besides ``name`` / ``_target_``) override the source's, e.g.
+    ``out_channels: 2`` for a new head (the checkpoint's head is then reported as mismatched and re-initialised). The
+    load report is printed.
+    """
+    from ..networks import load_network
+    from ..networks.load import NetworkLoadError
+
+    folder = Path(source)
+    if (folder / "backbone.json").is_file():
+        return _load_backbone_folder(folder, cfg)
+    try:
+        if folder.is_file():
+            if cfg is None:
+                raise ValueError(f"{source} is a checkpoint file: a model config is needed to build its network")
+            model, report = load_network(folder, network=build_model(cfg))
+        else:
+            overrides = {k: v for k, v in dict(cfg or {}).items()
+                         if k not in ("name", "_target_", "pretrained") and not str(k).startswith("_")}
+            model, report = load_network(source, **overrides)
+    except (NetworkLoadError, _specs.NetworkSpecError) as exc:
+        raise ValueError(f"model.pretrained={source}: {exc}") from None
+    if cfg is not None and not folder.is_file():
+        want = _class_of(cfg)
+        if want is not None and want != report.network:
+            raise ValueError(f"model.pretrained={source} is a {report.network}, but the model config names {want}; "
+                             "change model.name / model._target_ or the pretrained source.")
+    print(report)
+    spec = _specs.spec_of(model)
+    return model, spec if spec is not None else dict(cfg or {})
+
+
+def _class_of(cfg: dict) -> str | None:
+    cfg = dict(cfg)
+    if "_target_" in cfg:
+        return _specs.resolve_class_path(cfg["_target_"])
+    if "name" in cfg:
+        return _specs.NETWORK_ALIASES.get(str(cfg["name"]).lower())
+    return None
+
+
+def _load_backbone_folder(folder: Path, cfg: dict | None) -> tuple[torch.nn.Module, dict]:
     """Rebuild the backbone saved by :func:`save_backbone`. ``cfg`` (if given) must agree on the architecture."""
     from safetensors.torch import load_file
 
-    folder = Path(folder)
-    if not (folder / "backbone.json").is_file():
-        raise FileNotFoundError(
-            f"{folder} has no backbone.json: not a pretrained backbone folder (run pretrain first)")
     meta = json.loads((folder / "backbone.json").read_text())
     saved_cfg = {"name": meta["name"], **meta["kwargs"]}
+    if "." in str(meta["name"]):  # a _target_ backbone
+        saved_cfg = {"_target_": meta["name"], **meta["kwargs"]}
     if cfg is not None:
         _, want = model_kwargs(cfg)
         _, have = model_kwargs(saved_cfg)
         diff = {k: (want[k], have.get(k)) for k in want if k != "dropout_rate" and want[k] != have.get(k)}
         if diff:
             raise ValueError(f"pretrained backbone in {folder} differs from model config: {diff} (config, saved)")
-        saved_cfg["dropout_rate"] = model_kwargs(cfg)[1].get("dropout_rate", saved_cfg.get("dropout_rate"))
+        if "dropout_rate" in want or "_target_" not in saved_cfg:
+            saved_cfg["dropout_rate"] = want.get("dropout_rate", saved_cfg.get("dropout_rate"))
     model = build_model(saved_cfg)
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
     return model, saved_cfg
