@@ -13,6 +13,7 @@ import sys
 _COMMAND_MODULES = (
     "peft_tensor.cli.hub",  # push, info, load
     "peft_tensor.cli.recipes",  # list, copy, cat, run, demo
+    "peft_tensor.cli.export",  # export (merged network as a MONAI bundle)
 )
 
 
