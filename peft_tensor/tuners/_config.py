@@ -18,7 +18,8 @@ class PeftTensorConfigMixin:
     target_modules: Optional[Union[list[str], str]] = field(
         default=None,
         metadata={
-            "help": "Names (suffix match) or a regex (full match) of the nn.Linear modules to adapt. MONAI networks "
+            "help": "Names (suffix match) or a regex (full match) of the modules to adapt: nn.Linear and, for "
+            "tCURLoRA and LoRA-PT, convolutions (Conv1d/2d/3d, ConvTranspose1d/2d/3d, groups=1). MONAI networks "
             "have no default: name them, e.g. ['attn.qkv', 'attn.out_proj', 'mlp.linear1', 'mlp.linear2'] for UNETR."
         },
     )
@@ -107,6 +108,15 @@ class GroupingConfigMixin:
         metadata={"help": "Order of the 4 slices each block contributes to the attention tensor under "
                   "grouping='paper' (the authors use out_proj, q, k, v)."},
     )
+    conv_layout: str = field(
+        default="kernel",
+        metadata={"help": "How a convolution's kernel (Conv1d/2d/3d, ConvTranspose1d/2d/3d targets) becomes slices. "
+                  "'kernel' (default): one group per layer whose K = prod(kernel_size) slices are the kernel "
+                  "positions, each an out x in matrix (in x out for a transposed convolution): tCURLoRA trains "
+                  "r^2 K numbers per layer whatever its width. 'stacked': the kernel flattened to out x (in K) is one "
+                  "slice, and same-shape kernels of several layers are stacked like Linear weights (by_shape). "
+                  "A 1x1x1 kernel is one out x in slice in both, grouped with the Linear weights of its shape."},
+    )
     delta_mode: str = field(
         default="factored",
         metadata={"help": "How the update D reaches a layer's output; all three compute the same function. "
@@ -120,6 +130,8 @@ class GroupingConfigMixin:
     def _check_grouping(self) -> None:
         if self.grouping not in ("by_shape", "paper"):
             raise PeftTensorError(f"grouping must be 'by_shape' or 'paper', got {self.grouping!r}.")
+        if self.conv_layout not in ("kernel", "stacked"):
+            raise PeftTensorError(f"conv_layout must be 'kernel' or 'stacked', got {self.conv_layout!r}.")
         if self.delta_mode not in ("auto", "factored", "dense"):
             raise PeftTensorError(f"delta_mode must be 'auto', 'factored' or 'dense', got {self.delta_mode!r}.")
         self.slice_order = list(self.slice_order)

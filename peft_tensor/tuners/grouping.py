@@ -5,6 +5,18 @@ A *group* is a list of *slices*; each slice is a block of rows of one targeted `
 ``k``-th entry of the list. The order matters (the FFT along the slice axis mixes neighbouring slices) and is
 documented here:
 
+* Convolutions (``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d``, ``groups=1``) enter through a *matrix view* of
+  their kernel (:func:`matrix_view`), chosen by ``conv_layout``:
+
+  - ``"kernel"`` (default): the ``K = prod(kernel_size)`` kernel positions are the slices of one group per layer,
+    each slice the ``weight[:, :, p]`` matrix (``out x in`` for a convolution, ``in x out`` for a transposed one, as
+    stored), positions in row-major (C) order of the kernel. A 3x3x3 convolution is a ``27 x out x in`` tensor: the
+    FFT runs along the kernel positions, and tCURLoRA trains ``r^2 K`` numbers per layer, independent of its width.
+  - ``"stacked"``: the whole kernel flattened to ``out x (in K)`` (the im2col matrix, LoRA's view of a convolution)
+    is one slice; same-shape kernels of several layers are stacked in module order like Linear weights.
+
+  A 1x1x1 kernel (``K = 1``) is one ``out x in`` slice in either layout: it behaves as a Linear and is grouped with
+  the Linear weights of its shape.
 * ``grouping="by_shape"`` (any model): the matched modules' whole weights, grouped by shape, each group in module
   order (``model.named_modules()`` order). UNETR gives four groups of 12 (qkv kept fused).
 * ``grouping="paper"`` (UNETR-style transformer blocks, as in the tCURLoRA/LoRA-PT papers): per block the fused qkv
@@ -13,18 +25,24 @@ documented here:
   block's ``mlp.linear1`` forms the MLP-up tensor and every ``mlp.linear2`` the MLP-down tensor. UNETR-B gives
   48 x 768 x 768, 12 x 3072 x 768 and 12 x 768 x 3072.
 
-This module is model-free apart from reading module names and weight shapes.
+Under ``grouping="paper"`` the convolutions (which no paper role covers) are grouped as under ``"by_shape"``, after
+the paper's groups. This module is model-free apart from reading module names, types and weight shapes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from ..errors import GroupingError
+from ._targets import is_conv
 
-__all__ = ["SliceSpec", "GroupSpec", "plan_groups", "PAPER_ROLES", "DEFAULT_SLICE_ORDER"]
+__all__ = ["CONV_LAYOUTS", "SliceSpec", "GroupSpec", "plan_groups", "PAPER_ROLES", "DEFAULT_SLICE_ORDER",
+           "from_matrix_view", "matrix_shape", "matrix_view"]
+
+CONV_LAYOUTS = ("kernel", "stacked")
 
 DEFAULT_SLICE_ORDER = ("out_proj", "q", "k", "v")
 # module-name suffix -> role in a UNETR-style block
@@ -67,10 +85,54 @@ def _weight_shape(module: nn.Module) -> tuple[int, int]:
     return int(out_f), int(in_f)
 
 
-def _by_shape(targets: list[tuple[str, nn.Module]]) -> list[GroupSpec]:
-    groups: dict[tuple[int, int], GroupSpec] = {}
-    for name, module in targets:
+def _kernel_positions(module: nn.Module) -> int:
+    return int(torch.Size(module.weight.shape[2:]).numel()) if is_conv(module) else 1
+
+
+def matrix_shape(module: nn.Module, conv_layout: str = "kernel") -> tuple[int, int, int]:
+    """``(n_slices, n1, n2)`` of the module's matrix view: its weight is ``n_slices`` row blocks of ``n1 x n2``."""
+    if not is_conv(module):
         n1, n2 = _weight_shape(module)
+        return 1, n1, n2
+    a, b = (int(d) for d in module.weight.shape[:2])
+    k = _kernel_positions(module)
+    if conv_layout == "stacked":
+        return 1, a, b * k
+    return k, a, b
+
+
+def matrix_view(weight: torch.Tensor, module: nn.Module, conv_layout: str = "kernel") -> torch.Tensor:
+    """The weight as the matrix whose row blocks are the module's slices: a Linear's ``out x in`` weight itself; a
+    convolution's ``(a, b, *kernel)`` kernel as ``(K a) x b`` (``"kernel"``: block ``p`` = ``weight[..., p]``) or
+    ``a x (b K)`` (``"stacked"``). No copy for Linear weights and the stacked layout."""
+    if not is_conv(module):
+        return weight
+    a, b = weight.shape[:2]
+    if conv_layout == "stacked" or weight.dim() == 2 or weight.shape[2:].numel() == 1:
+        return weight.reshape(a, -1)
+    return weight.reshape(a, b, -1).permute(2, 0, 1).reshape(-1, b)
+
+
+def from_matrix_view(matrix: torch.Tensor, module: nn.Module, conv_layout: str = "kernel") -> torch.Tensor:
+    """Inverse of :func:`matrix_view`: a matrix-view tensor (e.g. an update) in the module's weight shape."""
+    if not is_conv(module):
+        return matrix
+    shape = module.weight.shape
+    a, b = shape[:2]
+    if conv_layout == "stacked" or shape[2:].numel() == 1:
+        return matrix.reshape(shape)
+    return matrix.reshape(-1, a, b).permute(1, 2, 0).reshape(shape)
+
+
+def _by_shape(targets: list[tuple[str, nn.Module]], conv_layout: str = "kernel") -> list[GroupSpec]:
+    groups: dict[object, GroupSpec] = {}
+    for name, module in targets:
+        n_slices, n1, n2 = matrix_shape(module, conv_layout)
+        if n_slices > 1:  # a convolution's kernel positions: one group of its own
+            spec = GroupSpec(name=f"kernel_{name}", n1=n1, n2=n2)
+            spec.slices += [SliceSpec(name, p * n1, (p + 1) * n1, role=f"position{p}") for p in range(n_slices)]
+            groups[("kernel", name)] = spec
+            continue
         spec = groups.setdefault((n1, n2), GroupSpec(name=f"shape_{n1}x{n2}", n1=n1, n2=n2))
         spec.slices.append(SliceSpec(name, 0, n1, role="weight"))
     return list(groups.values())
@@ -157,11 +219,16 @@ def _paper(targets: list[tuple[str, nn.Module]], slice_order: tuple[str, ...]) -
 
 
 def plan_groups(targets: list[tuple[str, nn.Module]], grouping: str,
-                slice_order=DEFAULT_SLICE_ORDER) -> list[GroupSpec]:
-    """Plan the group tensors for the matched ``(name, nn.Linear)`` targets (in module order)."""
+                slice_order=DEFAULT_SLICE_ORDER, conv_layout: str = "kernel") -> list[GroupSpec]:
+    """Plan the group tensors for the matched ``(name, layer)`` targets (``nn.Linear`` and convolutions, in module
+    order)."""
+    if conv_layout not in CONV_LAYOUTS:
+        raise GroupingError(f"conv_layout must be one of {list(CONV_LAYOUTS)}, got {conv_layout!r}.")
     if grouping == "by_shape":
-        return _by_shape(targets)
+        return _by_shape(targets, conv_layout)
     if grouping == "paper":
-        return _paper(targets, tuple(slice_order))
+        linears = [(n, m) for n, m in targets if not is_conv(m)]
+        convs = [(n, m) for n, m in targets if is_conv(m)]
+        return (_paper(linears, tuple(slice_order)) if linears else []) + _by_shape(convs, conv_layout)
     raise GroupingError(f"grouping must be 'by_shape' or 'paper', got {grouping!r}.")
 

@@ -13,11 +13,14 @@ here, once:
   saved once). Its factors are computed **once per forward pass of the model** and cached; the cache key holds the
   version counters of its tensors and a forward counter, so it is never stale (after an optimiser step, under
   ``no_grad``, with gradient accumulation, after load, merge or unmerge).
-* :class:`TensorGroupLayer` -- the wrapped ``nn.Linear``. It knows its group, its slice indices and (for a fused
-  qkv weight) their row ranges, and adds ``D_k x`` without ever materialising ``D``:
+* :class:`TensorGroupLayer` -- the wrapped ``nn.Linear`` or convolution. It knows its group, its slice indices and
+  (for a fused qkv weight) their row ranges, and adds ``D_k x`` without ever materialising ``D``:
   ``D_k x = sum_a A_a (B_{(k-a) mod L} x)``, i.e. one ``(N, n2) @ (n2, L q)`` product shared by all of the layer's
   slices and one ``(N, L q) @ (L q, n1)`` product per slice. Merging materialises ``D`` through the FFT.
   (Materialising ``D`` every step instead was measured ~10x slower on CPU: a 28 M-entry FFT and its gradient.)
+  A convolution's slices are its kernel's matrix view (:func:`.grouping.matrix_view`); it runs ``conv(x, W + D)``
+  with its kernel-sized ``D`` from the FFT, once per forward: a kernel is small next to a 3D activation, so the
+  dense kernel is the cheap way there (measured in ``benchmarks/efficiency.py``, ``conv_delta`` section).
 * :class:`TensorGroupTuner` -- the ``BaseTuner``: finds and validates targets *before* touching the model, plans
   the groups, wraps the layers, builds the groups, keeps trainable flags and the forward counter in sync, and maps
   state-dict keys so adapters save and load under any adapter name.
@@ -38,11 +41,12 @@ from torch import nn
 
 from ..algebra import t_product_fourier, to_fourier
 from ..errors import AdapterLoadError, MergeError, RankError, TargetModulesError
+from ._dense_linear import dense_linear, group_dense_slices
 from ._mixed_batch import check_mixed_batch, mixed_batch_hooks, sub_batches
 from ._peft_fixes import MonaiFriendlyTunerMixin
-from ._targets import find_linear_targets
+from ._targets import find_targets, is_conv
 from ._weighted import check_weighted_adapter_args
-from .grouping import GroupSpec, plan_groups
+from .grouping import GroupSpec, from_matrix_view, matrix_shape, matrix_view, plan_groups
 
 __all__ = ["ForwardScope", "TensorGroup", "TensorGroupLayer", "TensorGroupTuner", "SliceAssignment"]
 
@@ -150,6 +154,7 @@ class SliceAssignment:
     group: "TensorGroup"
     slice_ids: tuple[int, ...]
     row_ranges: tuple[tuple[int, int], ...]
+    conv_layout: str = "kernel"  # the matrix view of a convolution's kernel the rows refer to
 
 
 class TensorGroup(nn.Module):
@@ -187,6 +192,7 @@ class TensorGroup(nn.Module):
         self.__dict__["_pending"] = None
         self._roll = {}
         self.delta_mode = getattr(config, "delta_mode", "factored")
+        self.conv_layout = getattr(config, "conv_layout", None) or "kernel"
         self._configure(config)
         # saved with the adapter so a load onto a different network is refused by value, not only by shape
         group_shape = torch.tensor([self.n_slices, self.n1, self.n2], dtype=torch.int64)
@@ -202,12 +208,14 @@ class TensorGroup(nn.Module):
 
     # -- construction ------------------------------------------------------------------------------------------
     def stacked_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The group tensor ``(L, n1, n2)`` gathered from the *unmerged* base weights (merged adapters subtracted)."""
+        """The group tensor ``(L, n1, n2)`` gathered from the *unmerged* base weights (merged adapters subtracted);
+        a convolution contributes rows of its kernel's matrix view."""
         weights, dense_cache = {}, {}
         rows = []
         for layer, r0, r1 in self._sources:
             if id(layer) not in weights:
-                weights[id(layer)] = layer.unmerged_base_weight(dense_cache)
+                weights[id(layer)] = matrix_view(layer.unmerged_base_weight(dense_cache), layer.get_base_layer(),
+                                                 self.conv_layout)
             rows.append(weights[id(layer)][r0:r1].to(dtype))
         return torch.stack(rows, dim=0)
 
@@ -430,10 +438,12 @@ class TensorGroup(nn.Module):
 
 
 class TensorGroupLayer(nn.Module, BaseTunerLayer):
-    """A targeted ``nn.Linear`` whose weight rows are slices of group tensors (one assignment per adapter).
+    """A targeted ``nn.Linear`` or convolution whose weight rows (of its matrix view, for a convolution) are slices of
+    group tensors (one assignment per adapter).
 
     The trainable state lives on the tuner (once per adapter), so this layer registers no adapter parameters;
-    it holds plain references to its groups.
+    it holds plain references to its groups. A Linear adds ``D_k x`` through the thin factors (or runs ``x (W + D)^T``
+    under ``delta_mode='dense'``); a convolution always runs ``conv(x, W + D)`` with its kernel-sized ``D``.
     """
 
     adapter_layer_names: tuple[str, ...] = ()
@@ -446,21 +456,23 @@ class TensorGroupLayer(nn.Module, BaseTunerLayer):
         self._active_adapter = adapter_name
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
-        self.in_features = base_layer.in_features
-        self.out_features = base_layer.out_features
+        self.is_conv = is_conv(base_layer)
+        self.in_features = base_layer.in_channels if self.is_conv else base_layer.in_features
+        self.out_features = base_layer.out_channels if self.is_conv else base_layer.out_features
         self.kwargs = kwargs
 
     def assign(self, adapter_name: str, assignment: SliceAssignment) -> None:
         self.group_slices[adapter_name] = assignment
 
     def get_delta_weight(self, adapter_name: str, dense_cache: Optional[dict] = None) -> torch.Tensor:
-        """``out x in`` update of this layer's weight for one adapter (float32). ``dense_cache`` (group id -> ``D``)
-        lets several layers of one group share one materialisation of ``D``."""
+        """Update of this layer's weight for one adapter, in the weight's shape (``out x in`` for a Linear), float32.
+        ``dense_cache`` (group id -> ``D``) lets several layers of one group share one materialisation of ``D``."""
         asg = self.group_slices[adapter_name]
         cache = {} if dense_cache is None else dense_cache
         if id(asg.group) not in cache:
             cache[id(asg.group)] = asg.group.dense_delta()
-        return cache[id(asg.group)][list(asg.slice_ids)].reshape(-1, asg.group.n2)
+        rows = cache[id(asg.group)][list(asg.slice_ids)].reshape(-1, asg.group.n2)
+        return from_matrix_view(rows, self.get_base_layer(), asg.conv_layout)
 
     def unmerged_base_weight(self, dense_cache: Optional[dict] = None) -> torch.Tensor:
         """The base weight with every merged adapter's update subtracted (what the adapters were built from)."""
@@ -513,6 +525,8 @@ class TensorGroupLayer(nn.Module, BaseTunerLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if self.is_conv:
+            return self._conv_forward(x, args, kwargs, adapter_names)
         if adapter_names is None and not self.merged and not args and not kwargs:
             n_tokens = x.numel() // self.in_features
             dense = [n for n in self.active_adapters
@@ -542,16 +556,59 @@ class TensorGroupLayer(nn.Module, BaseTunerLayer):
         return result
 
     def _dense_forward(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
-        """``x (W + sum D_k)^T + b``: the base layer with the adapters' dense slices added to its weight."""
+        """``x (W + sum D_k)^T + b``: the base layer with the adapters' dense slices added to its weight, through
+        :func:`._dense_linear.dense_linear` (saves ``x`` only, not a weight-sized ``W + D_k`` per layer; each group's
+        ``D`` is built once per forward through the FFT, see :mod:`._dense_linear`)."""
         base = self.get_base_layer()
-        weight = base.weight
+        slices, counts = [], []
         for name in names:
             asg = self.group_slices[name]
-            slices = asg.group.current_dense(device=weight.device)
-            ids = asg.slice_ids
-            rows = slices[ids[0]] if len(ids) == 1 else torch.cat([slices[k] for k in ids])
-            weight = weight + rows.to(weight.dtype)
-        return F.linear(x, weight, base.bias)
+            group_slices = group_dense_slices(asg.group, device=base.weight.device)
+            slices += [group_slices[k] for k in asg.slice_ids]
+            counts.append(len(asg.slice_ids))
+        return dense_linear(x, base.weight, base.bias, counts, slices)
+
+    # -- convolutions: conv(x, W + D) with the kernel-sized D of this forward pass ----------------------------------
+    def _kernel_delta(self, name: str, device) -> Optional[torch.Tensor]:
+        """This forward's update of the kernel for adapter ``name`` (float32, weight-shaped, differentiable)."""
+        asg = self.group_slices.get(name)
+        if asg is None:
+            return None
+        slices = asg.group.current_dense(device=device)
+        ids = asg.slice_ids
+        rows = slices[ids[0]] if len(ids) == 1 else torch.cat([slices[k] for k in ids])
+        return from_matrix_view(rows, self.get_base_layer(), asg.conv_layout)
+
+    def _adapted_conv(self, x: torch.Tensor, names, args: tuple, kwargs: dict) -> torch.Tensor:
+        base = self.get_base_layer()
+        weight = base.weight
+        deltas = [d for d in (self._kernel_delta(n, weight.device) for n in names) if d is not None]
+        if not deltas:
+            return base(x, *args, **kwargs)
+        for delta in deltas:
+            weight = weight + delta.to(weight.dtype)
+        if isinstance(base, nn.modules.conv._ConvTransposeNd):
+            output_size = args[0] if args else kwargs.get("output_size")
+            n_spatial = base.weight.dim() - 2
+            output_padding = base._output_padding(x, output_size, base.stride, base.padding, base.kernel_size,
+                                                  n_spatial, base.dilation)
+            fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[n_spatial - 1]
+            return fn(x, weight, base.bias, base.stride, base.padding, output_padding, base.groups, base.dilation)
+        return base._conv_forward(x, weight, base.bias)
+
+    def _conv_forward(self, x: torch.Tensor, args: tuple, kwargs: dict,
+                      adapter_names: Optional[list[str]]) -> torch.Tensor:
+        if adapter_names is not None:
+            # each adapter's samples run conv(x, W + D) as a batch of their own: the same numbers as a plain run
+            result = self.base_layer(x, *args, **kwargs)
+            check_mixed_batch(x, adapter_names)
+            for name, rows in sub_batches(adapter_names, x.device):
+                if name in self.group_slices:
+                    result[rows] = self._adapted_conv(x[rows], [name], args, kwargs).to(result.dtype)
+            return result
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        return self._adapted_conv(x, list(self.active_adapters), args, kwargs)
 
     def __repr__(self) -> str:
         rep = super().__repr__()
@@ -611,14 +668,16 @@ class TensorGroupTuner(MonaiFriendlyTunerMixin, BaseTuner):
     # -- target discovery and validation (before the model is touched) ----------------------------------------
     @staticmethod
     def find_targets(model: nn.Module, config) -> list[tuple[str, nn.Module]]:
-        """Matched ``(name, base nn.Linear)`` in module order; raises a clear error on nothing/unsupported."""
-        return find_linear_targets(model, config)
+        """Matched ``(name, base layer)`` (``nn.Linear`` or a ``groups=1`` convolution) in module order; raises a
+        clear error on nothing/unsupported."""
+        return find_targets(model, config, convolutions=True)
 
     @classmethod
     def plan(cls, model: nn.Module, config) -> list[GroupSpec]:
         """Validate the config against the model and plan its groups, without touching the model."""
         targets = cls.find_targets(model, config)
-        specs = plan_groups(targets, config.grouping, getattr(config, "slice_order", None) or ())
+        specs = plan_groups(targets, config.grouping, getattr(config, "slice_order", None) or (),
+                            conv_layout=getattr(config, "conv_layout", None) or "kernel")
         for spec in specs:
             limit = min(spec.n1, spec.n2)
             if config.r > limit:
@@ -666,11 +725,12 @@ class TensorGroupTuner(MonaiFriendlyTunerMixin, BaseTuner):
             for module_name, layer in layers.items():
                 ids = tuple(spec.slices_of(module_name))
                 rows = tuple((spec.slices[i].row_start, spec.slices[i].row_end) for i in ids)
-                if rows[0][0] != 0 or rows[-1][1] != layer.out_features or any(
+                n_blocks, n1, _ = matrix_shape(layer.get_base_layer(), group.conv_layout)
+                if rows[0][0] != 0 or rows[-1][1] != n_blocks * n1 or any(
                     a[1] != b[0] for a, b in zip(rows, rows[1:])
                 ):
                     raise RuntimeError(f"internal: slices of {module_name} do not tile its rows: {rows}")
-                layer.assign(adapter_name, SliceAssignment(group, ids, rows))
+                layer.assign(adapter_name, SliceAssignment(group, ids, rows, group.conv_layout))
         self._groups()[adapter_name] = nn.ModuleList(groups)
         # like LoRA's modules, the new groups follow the base weights' dtype; PEFT then calls _cast_adapter_dtype,
         # which upcasts them to float32 unless autocast_adapter_dtype=False
