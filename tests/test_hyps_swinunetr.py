@@ -4,6 +4,7 @@ SwinUNETR-48 for the exact parameter counts. Each model is built once per module
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -195,3 +196,68 @@ def test_full_swinunetr_exact_counts(full):
     # the frozen initial factors are buffers, not parameters: 30,240 * r more values in the saved file
     initial = sum(m.hyps_A0["default"].numel() + m.hyps_B0["default"].numel() for m in _layers(pm).values())
     assert initial == 30_240 * 2
+
+
+# ------------------------------------------------------------------------------------- decoder convolutions too
+
+# The whole network through adapters: the paper's Swin Linears plus every convolution of decoder1-5 (the k2 s2
+# ConvTranspose3d upsampling, the two 3x3x3 Conv3d and the 1x1x1 residual Conv3d of each block); only the 1x1x1 head
+# trains in full.
+SWIN_DECODER_CONVS = ["transp_conv.conv", "conv_block.conv1.conv", "conv_block.conv2.conv", "conv_block.conv3.conv"]
+
+
+def test_swinunetr_with_decoder_convolutions_identity_gradients_merge_save_load(swin, tmp_path):
+    base, x, y0 = swin
+    r, d = 2, 2
+    torch.manual_seed(0)
+    pm = get_peft_model(copy.deepcopy(base), HyPSConfig(target_modules=SWINUNETR_HYPS_TARGETS + SWIN_DECODER_CONVS,
+                                                        r=r, d=d, modules_to_save=["out.conv.conv"]))
+    layers = _layers(pm)
+    convs = {n: m.get_base_layer() for n, m in layers.items() if not isinstance(m.get_base_layer(), nn.Linear)}
+    assert len(layers) == 4 * 5 + 5 * 4 and len(convs) == 5 * 4
+    assert all(".decoder" in n for n in convs) and sum(isinstance(c, nn.ConvTranspose3d) for c in convs.values()) == 5
+    # independent count per convolution: r (out + in k^3) for a Conv3d, r (in + out k^3) for a ConvTranspose3d (its
+    # weight is in x out x k^3), and the serial 1x1x1 pair 2 d out; the head: 12 -> 2 with bias
+    conv_count = sum(r * (c.out_channels + c.in_channels * math.prod(c.kernel_size)) if isinstance(c, nn.Conv3d)
+                     else r * (c.in_channels + c.out_channels * math.prod(c.kernel_size)) for c in convs.values())
+    conv_count += sum(2 * d * c.out_channels for c in convs.values())
+    linear_count = sum(r * (m.in_features + m.out_features) + 2 * d * m.out_features
+                       for m in layers.values() if isinstance(m.get_base_layer(), nn.Linear))
+    assert pm.get_nb_trainable_parameters()[0] == conv_count + linear_count + 12 * 2 + 2
+
+    pm.train()
+    opt = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=1e-3)
+    y = pm(x)
+    torch.testing.assert_close(y.detach(), y0, atol=0, rtol=0)  # identity at init
+    for step in range(2):
+        if step:
+            y = pm(x)
+        _loss(y).backward()
+        for n, p in pm.named_parameters():
+            if not p.requires_grad:
+                assert p.grad is None, f"frozen {n} received a gradient"
+            elif step or "hyps_down" not in n:  # Up starts at zero, so Down's very first gradient is zero
+                assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reached {n} (step {step})"
+        opt.step()
+        opt.zero_grad()
+    pm.eval()
+    with torch.no_grad():
+        trained = pm(x)
+    pm.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert any(k.endswith("decoder5.transp_conv.conv.hyps_A0") for k in saved)
+    assert not any("decoder" in k and "hyps_" not in k for k in saved), "decoder base weights must not be saved"
+    loaded = PeftModel.from_pretrained(tiny_swinunetr(), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), trained, atol=1e-5, rtol=1e-5)
+
+    # parallel-only: merging folds every factor into its kernel, the plain SwinUNETR gives the same output
+    torch.manual_seed(0)
+    par = get_peft_model(copy.deepcopy(base), HyPSConfig(target_modules=SWINUNETR_HYPS_TARGETS + SWIN_DECODER_CONVS,
+                                                         serial=False, init_weights=False))
+    with torch.no_grad():
+        unmerged = par(x).clone()
+        plain = par.merge_and_unload(safe_merge=True)
+        assert type(plain) is type(base) and not _layers(plain)
+        assert type(plain.decoder5.transp_conv.conv) is nn.ConvTranspose3d
+        torch.testing.assert_close(plain(x), unmerged, atol=1e-4, rtol=1e-4)
