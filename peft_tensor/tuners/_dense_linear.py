@@ -1,0 +1,197 @@
+"""Memory-lean dense application of a tensor group's update (``delta_mode="dense"``).
+
+A layer whose weight rows are slices ``k`` of a group computes ``y = x (W + D_k)^T + b``. Two pieces, each one
+autograd node:
+
+* :func:`group_dense_slices` -- the slices ``D_k`` ``(n1, n2)`` of a group's update ``D = sum_i A_i * B_i``,
+  computed **once per model forward** through the FFT along the slice axis (``D`` contiguous ``(L, n1, n2)``; the
+  slices are views, so the backward is one ``stack`` of the layers' slice gradients, not one full-size zero tensor
+  per slice). The node saves no tensors, like the factors' node (:class:`~.tensor_group._Factors`): its backward
+  re-derives the Fourier factors (small) and applies the adjoint of the inverse FFT to the incoming gradient, so
+  ``D`` is never rebuilt in backward and the node can be traversed by several backward passes.
+* :class:`DenseDeltaLinear` -- ``x (W + sum_a D^(a)_rows)^T + b`` that saves only ``x`` (and references to ``W`` and
+  the slices, which are held anyway: a parameter and the group's per-forward ``D``). ``F.linear(x, W + D_rows)``
+  would save the weight-sized sum ``W + D_rows`` per layer; here the sum is rebuilt in backward as a temporary.
+  Gradients: ``dx = g (W + D_rows)``, ``dD_rows = g^T x`` (split into the slices), ``db = sum g``, and ``dW = g^T x``
+  only if the base weight trains.
+
+Memory of the dense mode, per dense group: ``D`` (``L n1 n2`` floats, held from the group's first use in a forward
+until the next forward) and, during backward, the stacked gradient of ``D`` (same size). The factored mode holds
+neither. Tensor algebra (t-product, FFT) stays in :mod:`peft_tensor.algebra`; this module is the autograd glue.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from ..algebra import from_fourier, t_product_fourier, to_fourier
+
+__all__ = ["DenseDeltaLinear", "dense_linear", "group_dense", "group_dense_slices", "from_fourier_adjoint"]
+
+_KIND = "dense_lean"
+
+
+def from_fourier_adjoint(grad: torch.Tensor, n_slices: int) -> torch.Tensor:
+    """Adjoint of :func:`~peft_tensor.algebra.from_fourier` (the inverse rfft along the slice axis, ``dim=-3``):
+    ``(..., L, n1, n2)`` real -> ``(..., L//2+1, n1, n2)`` complex, as autograd's backward of ``irfft`` (a forward
+    rfft scaled by ``1/L``, the bins whose mirror image lies outside the one-sided range counted twice)."""
+    g_hat = torch.fft.rfft(grad, dim=-3, norm="forward")
+    doubled = n_slices - g_hat.shape[-3]
+    if doubled > 0:
+        g_hat.narrow(-3, 1, doubled).mul_(2)
+    return g_hat
+
+
+def _dense_from_factors(pairs) -> torch.Tensor:
+    """``D = sum_i A_i * B_i`` ``(L, n1, n2)`` float32 through the FFT along the (leading, contiguous) slice axis."""
+    n = pairs[0][0].shape[-3]
+    d_hat = None
+    for a, b in pairs:
+        term = t_product_fourier(to_fourier(a.float()), to_fourier(b.float()))
+        d_hat = term if d_hat is None else d_hat + term
+    return from_fourier(d_hat, n)
+
+
+class _GroupDense(torch.autograd.Function):
+    """A group's ``D`` ``(L, n1, n2)`` as one autograd node that saves no tensors (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, group, *params: torch.Tensor):
+        ctx.group, ctx.params = group, params
+        ctx.versions = tuple(p._version for p in params)
+        with torch.no_grad():
+            return _dense_from_factors(group.factors())
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        group = ctx.group
+        if tuple(p._version for p in ctx.params) != ctx.versions:
+            raise RuntimeError(
+                f"peft_tensor: a parameter of group {group.name!r} was modified in place between the forward and the "
+                "backward pass (e.g. an optimiser step before backward). Run backward before stepping."
+            )
+        g_hat = from_fourier_adjoint(grad.float(), group.n_slices)  # (L//2+1, n1, n2)
+        outs, grads = [], []
+        with torch.enable_grad():
+            for (a, b), (train_a, train_b) in zip(group.factors(), group.differentiable_factors):
+                if not (train_a or train_b):
+                    continue
+                a_hat, b_hat = to_fourier(a.float()), to_fourier(b.float())
+                # d_hat = a_hat @ b_hat: autograd's complex matmul backward, dA = g B^H, dB = A^H g
+                if train_a and a_hat.requires_grad:
+                    outs.append(a_hat)
+                    grads.append(g_hat @ b_hat.detach().mH)
+                if train_b and b_hat.requires_grad:
+                    outs.append(b_hat)
+                    grads.append(a_hat.detach().mH @ g_hat)
+            if not outs:
+                return (None,) + tuple(None for _ in ctx.params)
+            got = torch.autograd.grad(outs, list(ctx.params), grads, allow_unused=True)
+        return (None,) + tuple(got)
+
+
+def group_dense(group) -> torch.Tensor:
+    """Fresh ``D`` ``(L, n1, n2)`` float32 of ``group``, differentiable w.r.t. its trainable state."""
+    group.materialize()
+    with torch.autocast(device_type=group.group_shape.device.type, enabled=False):
+        params = [p for p in group.parameters(recurse=False) if p.requires_grad]
+        if params and torch.is_grad_enabled():
+            return _GroupDense.apply(group, *params)
+        with torch.no_grad():
+            return _dense_from_factors(group.factors())
+
+
+def _drop_stale(group) -> None:
+    """Drop the previous forward's ``D`` of ``group`` *before* computing this forward's (else both are alive at once:
+    the group's per-forward cache replaces an entry only after computing the new one)."""
+    scope, live = group._scope, group._live
+    hit = live.get(_KIND)
+    if not scope.active or hit is None:
+        return
+    key = (scope.epoch, torch.is_inference_mode_enabled())
+    if hit[0] == key and (hit[1] or not torch.is_grad_enabled()):
+        return
+    for k in [k for k in live if k == _KIND or (isinstance(k, tuple) and k[1] == _KIND)]:
+        del live[k]
+
+
+def group_dense_slices(group, device=None) -> list[torch.Tensor]:
+    """The slices ``D_k`` ``(n1, n2)`` (views of one contiguous ``D``) for this forward pass: computed once per model
+    forward (and per device), fresh outside one; float32, differentiable."""
+    _drop_stale(group)
+    return group._current(_KIND, lambda: list(group_dense(group).unbind(0)), device)
+
+
+def _effective_weight(weight: torch.Tensor, counts: Sequence[int], slices: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``W + sum_a cat(slices of adapter a)`` in the weight's dtype (a new tensor; ``W`` is not modified)."""
+    out, i = None, 0
+    for c in counts:
+        part = slices[i:i + c]
+        i += c
+        rows = part[0] if c == 1 else torch.cat(list(part))
+        out = (weight + rows.to(weight.dtype)) if out is None else out.add_(rows.to(weight.dtype))
+    return weight if out is None else out
+
+
+class DenseDeltaLinear(torch.autograd.Function):
+    """``y = x (W + sum_a D^(a))^T + b`` where ``D^(a)`` is the row-wise concatenation of ``counts[a]`` slices
+    ``(n1, n2)``; saves ``x`` and references (no weight-sized sum). Runs under the caller's autocast state in
+    forward and backward, as ``F.linear`` would."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, counts, *slices):
+        w = _effective_weight(weight, counts, slices)
+        ctx.counts = tuple(counts)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.device_type = x.device.type
+        ctx.autocast = torch.is_autocast_enabled(ctx.device_type)
+        ctx.autocast_dtype = torch.get_autocast_dtype(ctx.device_type) if ctx.autocast else None
+        ctx.save_for_backward(x, weight, *slices)
+        y = F.linear(x, w, bias)
+        del w
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, weight, *slices = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_slices = ctx.needs_input_grad[4:]
+        grad_x = grad_w = grad_b = None
+        grad_slices = [None] * len(slices)
+        with torch.autocast(device_type=ctx.device_type, dtype=ctx.autocast_dtype, enabled=ctx.autocast):
+            if need_x:
+                w = _effective_weight(weight, ctx.counts, slices)  # a temporary, freed on return
+                grad_x = torch.matmul(grad, w).to(x.dtype)
+                del w
+            if need_w or any(need_slices):
+                g2 = grad.reshape(-1, grad.shape[-1])
+                gw = torch.matmul(g2.t(), x.reshape(-1, x.shape[-1]))  # (out, in)
+                if need_w:
+                    grad_w = gw.to(weight.dtype)
+                i = 0
+                for c in ctx.counts:
+                    row = 0
+                    for j in range(i, i + c):
+                        n = slices[j].shape[0]
+                        if need_slices[j]:
+                            grad_slices[j] = gw[row:row + n].to(slices[j].dtype)
+                        row += n
+                    i += c
+            if need_b and ctx.bias_dtype is not None:
+                grad_b = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
+        return (grad_x, grad_w, grad_b, None, *grad_slices)
+
+
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias, counts: Sequence[int],
+                 slices: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``x (W + sum_a cat(slices_a))^T + b`` through :class:`DenseDeltaLinear` (``counts[a]`` consecutive entries
+    of ``slices`` belong to adapter ``a``; each adapter's slices, stacked row-wise, have ``W``'s shape)."""
+    if sum(counts) != len(slices):
+        raise ValueError(f"counts {list(counts)} do not add up to the {len(slices)} slices given.")
+    return DenseDeltaLinear.apply(x, weight, bias, tuple(counts), *slices)
