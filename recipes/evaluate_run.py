@@ -55,6 +55,10 @@ def main(cfg: dict) -> dict:
         from peft_tensor.training import build_model
 
         base = build_model(model_cfg)
+    if (run_dir / "base" / "model.safetensors").is_file():  # the run's own base weights (e.g. no pretrained source)
+        from safetensors.torch import load_file
+
+        base.load_state_dict(load_file(str(run_dir / "base" / "model.safetensors")))
     check_output_channels(base, task)
     model = load_trained(base, run_dir / "adapter", run_cfg["arm"]["name"])
     if cfg.get("merge") and hasattr(model, "merge_and_unload"):

@@ -15,7 +15,7 @@ import torch
 from peft_tensor.training import (Checkpointer, apply_arm, case_metrics, load_config, param_counts,
                                   remove_small_components)
 from tests._models import tiny_unetr
-from tests._recipe_fixtures import TINY_MODEL, pairs_dataset
+from tests._recipe_fixtures import TINY_MODEL, brats_dataset, msd_dataset, pairs_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -124,6 +124,55 @@ def test_resume_after_interruption_is_exact(tmp_path):
     for f in ("results.json", "curves.png", "overlay_best.png", "overlay_worst.png", "test_cases.csv"):
         assert (tmp_path / "b" / f).is_file(), f
     assert (tmp_path / "b" / "adapter" / "README.md").read_text().count("Fine-tuning run") == 1
+
+
+def test_finetune_multiclass_msd_reports_every_class_and_evaluate_reproduces_it(tmp_path):
+    """MSD Task04 layout (anterior / posterior kept apart): a 3-channel network, per-class results and overlays."""
+    import csv
+
+    from peft_tensor.recipes import evaluate_run, finetune
+
+    root = msd_dataset(tmp_path / "Task04_Hippocampus", n=5)
+    cfg = _finetune_cfg(root, tmp_path / "run", steps=3, checkpoint_every=0)
+    cfg["data"] = {"kind": "msd", "root": str(root), "fractions": {"train": 0.6, "test": 0.4}}
+    with pytest.raises(ValueError, match="model.out_channels is 2, but the data is a 2-class softmax"):
+        finetune.main({**cfg, "model": {**cfg["model"], "out_channels": 2}})
+    result = finetune.main(cfg)
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["classes"] == result["classes"] == ["anterior", "posterior"] and saved["task_type"] == "multiclass"
+    assert set(saved["test_per_class"]) == {"anterior", "posterior"}
+    for name in ("anterior", "posterior"):
+        assert {"dice", "hd95", "jaccard", "volume_ml"} <= set(saved["test_per_class"][name])
+        assert saved["test_per_class"][name]["dice"]["n"] == 2
+    means = [saved["test_per_class"][c]["dice"]["mean"] for c in ("anterior", "posterior")]
+    assert saved["test"]["dice"]["n"] == 2 and saved["test"]["dice"]["mean"] == pytest.approx(np.mean(means))
+    with open(tmp_path / "run" / "test_cases.csv") as f:
+        header = next(csv.reader(f))
+    assert {"dice", "dice:anterior", "hd95:posterior", "fg_volume_ml"} <= set(header)
+    for f in ("overlay_best.png", "overlay_worst.png", "curves.png"):
+        assert (tmp_path / "run" / f).is_file(), f
+
+    summary = evaluate_run.main({"run_dir": str(tmp_path / "run"), "split": "test", "progress": False})
+    assert summary["classes"] == ["anterior", "posterior"]
+    assert summary["metrics"]["dice"]["mean"] == pytest.approx(saved["test"]["dice"]["mean"], abs=1e-6)
+    assert summary["per_class"]["posterior"]["dice"]["mean"] == pytest.approx(means[1], abs=1e-6)
+    with open(tmp_path / "run" / "eval_test" / "volumes.csv") as f:
+        assert next(csv.reader(f)) == ["id", "volume_ml", "volume_ml:anterior", "volume_ml:posterior"]
+
+
+def test_finetune_multilabel_brats_regions_from_a_persistent_cache_with_a_worker(tmp_path):
+    from peft_tensor.recipes import finetune
+
+    root = brats_dataset(tmp_path / "brats", n=3)
+    cfg = _finetune_cfg(root, tmp_path / "run", steps=2, checkpoint_every=0)
+    cfg["data"] = {"kind": "brats", "root": str(root), "task_type": "multilabel",
+                   "loader": {"dataset": "persistent", "num_workers": 1}}
+    cfg["train"]["loss"] = "dicece"
+    result = finetune.main(cfg)
+    assert result["classes"] == ["tumour_core", "whole_tumour", "enhancing_tumour"]
+    assert result["task_type"] == "multilabel" and set(result["test_per_class"]) == set(result["classes"])
+    assert np.isfinite(result["test"]["dice"]["mean"])
+    assert len(list((tmp_path / "run" / "cache").glob("*.pt"))) == result["n_train"]  # the preprocessed cases
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):

@@ -182,7 +182,7 @@ def model_config_for_task(model_cfg: dict, task) -> dict:
     if have is None:
         cfg["out_channels"] = task.out_channels
     elif int(have) != task.out_channels:
-        raise ValueError(_channels_message(int(have), task, "model.out_channels is"))
+        raise ValueError(_channels_message(task, f"model.out_channels is {int(have)}"))
     return cfg
 
 
@@ -204,13 +204,13 @@ def check_output_channels(model: torch.nn.Module, task) -> None:
     task = as_task(task)
     have = output_channels(model)
     if have is not None and have != task.out_channels:
-        raise ValueError(_channels_message(have, task, "the network has"))
+        raise ValueError(_channels_message(task, f"the network has {have} output channels"))
 
 
-def _channels_message(have: int, task, what: str) -> str:
+def _channels_message(task, what: str) -> str:
     k = len(task.classes)
     need = ("background + " if task.softmax else "") + f"{k} class{'es' if k > 1 else ''}"
-    return (f"{what} {have} output channels, but the data is a {task.describe()} task that needs "
+    return (f"{what}, but the data is a {task.describe()} task that needs "
             f"{task.out_channels} ({need}): set model.out_channels={task.out_channels}, or change data.task_type / "
             "data.classes")
 
