@@ -51,6 +51,9 @@ class MethodSpec:
         summary: one line for ``peft-tensor list`` and the docs.
         paper: where the method is defined.
         arm_defaults: config fields a recipe arm uses unless its config sets them (e.g. ``{"r": 8}``).
+        full_arm_defaults: the same for the whole-network arm ``<name>_full`` (adapter on the encoder's Linears and
+            the decoder's convolutions); ``None``: ``arm_defaults``. A rank that suits 768-wide Linears may exceed
+            the channel count of a decoder's convolutions.
         targets: ``target_modules`` per backbone name (``unetr``, ``swinunetr``); backbones not named here use
             :data:`DEFAULT_TARGETS`.
         lr: learning rate of the method's trainable factors in the recipes (``method_lr``; the decoder and head
@@ -66,6 +69,7 @@ class MethodSpec:
     summary: str = ""
     paper: str = ""
     arm_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    full_arm_defaults: Optional[Mapping[str, Any]] = None
     targets: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     lr: Optional[float] = None
     provider: str = "peft-tensor"
@@ -81,6 +85,7 @@ class MethodSpec:
 
 def register(name: str, *, peft_type: str, config_cls: type, model_cls: type, prefix: str, summary: str = "",
              paper: str = "", arm_defaults: Mapping[str, Any] | None = None,
+             full_arm_defaults: Mapping[str, Any] | None = None,
              targets: Mapping[str, tuple[str, ...] | list[str]] | None = None, lr: float | None = None,
              provider: str = "peft-tensor") -> MethodSpec:
     """Register a method with PEFT and with this registry (idempotent: a reload replaces the entry)."""
@@ -88,6 +93,8 @@ def register(name: str, *, peft_type: str, config_cls: type, model_cls: type, pr
         raise ValueError(f"{model_cls.__name__}.prefix is {model_cls.prefix!r}, registered as {prefix!r}")
     spec = MethodSpec(name=name, peft_type=peft_type, config_cls=config_cls, model_cls=model_cls, prefix=prefix,
                       summary=summary, paper=paper, arm_defaults=MappingProxyType(dict(arm_defaults or {})),
+                      full_arm_defaults=(None if full_arm_defaults is None
+                                         else MappingProxyType(dict(full_arm_defaults))),
                       targets=MappingProxyType({k: tuple(v) for k, v in (targets or {}).items()}), lr=lr,
                       provider=provider)
     register_method(peft_type, config_cls, model_cls, prefix=prefix)

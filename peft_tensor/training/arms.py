@@ -5,7 +5,11 @@ arm            what trains
 =============  =====================================================================================
 <method>       every method of :mod:`peft_tensor.registry` (tcurlora, lorapt, hyps): its adapter on the encoder
                Linears + decoder and head (``modules_to_save``)
+<method>_full  the whole network through the adapter: the method on the encoder Linears *and* on every
+               convolution of the decoder (Conv3d and ConvTranspose3d); only the 1x1x1 head trains in full
 lora           PEFT LoRA + decoder and head
+lora_full      PEFT LoRA (r=1) on the encoder Linears and the decoder's Conv3d layers (PEFT LoRA has no
+               ConvTranspose3d: those stay frozen) + the head: the reference for the ``_full`` arms
 pissa          PEFT LoRA with PiSSA initialisation + decoder and head
 full           every parameter
 decoder_only   decoder and head; the encoder is frozen (what the authors' public scripts measure)
@@ -15,7 +19,9 @@ frozen         only the 1x1x1 output head: no encoder and no decoder weight chan
 The decoder trains in every PEFT arm, as in the papers. Which modules that is, is the arm option ``decoder``:
 ``paper`` (default; UNETR decoder2-5 + head, SwinUNETR decoder1-5 + head), ``wide`` (also the convolutional skip
 encoders encoder1-4 / encoder10, what the recipes trained before) or ``head`` (the output head only: the adapter
-alone), e.g. ``{name: tcurlora, decoder: head}``; an explicit ``modules_to_save`` wins. The adapter's factors train
+alone), e.g. ``{name: tcurlora, decoder: head}``; an explicit ``modules_to_save`` wins. In a ``_full`` arm
+the ``decoder`` option names the modules whose convolutions are adapted (``paper`` or ``wide``), and the head
+trains. The adapter's factors train
 at the method's registry learning rate (``method_lr``, see :func:`optimizer_settings`), the decoder at ``optim.lr``.
 An arm of one of our methods takes its config class,
 default fields and target modules per backbone from the method's registry entry
@@ -27,10 +33,13 @@ from __future__ import annotations
 import torch
 
 from ..registry import methods
-from .models import HEAD, defaults_for
+from .models import HEAD, build_model, defaults_for
 
 PEFT_BASELINES = ("lora", "pissa")  # PEFT's own LoRA, plain and with PiSSA initialisation
-PEFT_ARMS = (*methods(), *PEFT_BASELINES)
+FULL_SUFFIX = "_full"
+# whole-network arms: every registered method's, and PEFT LoRA's as their reference
+FULL_ARMS = tuple(f"{m}{FULL_SUFFIX}" for m in (*methods(), "lora"))
+PEFT_ARMS = (*methods(), *PEFT_BASELINES, *FULL_ARMS)
 ARMS = (*PEFT_ARMS, "full", "decoder_only", "frozen")
 _ALIASES = {"decoder-only": "decoder_only", "decoder": "decoder_only", "linear": "decoder_only", "head": "frozen",
             "tcur": "tcurlora", "lora-pt": "lorapt", "lora_pt": "lorapt", "peft_lora": "lora", "peft_pissa": "pissa"}
@@ -57,20 +66,46 @@ def set_trainable(model: torch.nn.Module, patterns) -> None:
         param.requires_grad_(name_matches(pname, patterns))
 
 
+def decoder_conv_targets(model_cfg: dict, decoder: str = "paper", transposed: bool = True) -> list[str]:
+    """Full names of the convolutions inside the backbone's decoder set (``paper`` or ``wide``, see
+    :func:`~peft_tensor.training.models.defaults_for`), the 1x1x1 head excluded, in module order. Read from the
+    backbone built on the meta device (no memory, no weights). ``transposed=False`` leaves out ConvTranspose layers
+    (PEFT LoRA cannot adapt them)."""
+    if decoder == "head":
+        raise ValueError("a _full arm adapts the decoder's convolutions; decoder: head would leave none. Use "
+                         "decoder: paper (default) or wide.")
+    d = defaults_for(model_cfg, decoder)
+    blocks = [m for m in d["decoder"] if m not in HEAD]
+    kinds = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+    if transposed:
+        kinds += (torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
+    with torch.device("meta"):
+        model = build_model(dict(model_cfg))
+    return [n for n, m in model.named_modules() if isinstance(m, kinds) and name_matches(n, blocks)]
+
+
 def peft_config(arm: str, arm_cfg: dict, model_cfg: dict):
     """The PEFT config object of a PEFT arm (fields from ``arm_cfg``; targets / decoder default per backbone)."""
     arm = canonical_arm(arm)
-    d = defaults_for(model_cfg, dict(arm_cfg).get("decoder", "paper"))
+    full = arm.endswith(FULL_SUFFIX)
+    method = arm[: -len(FULL_SUFFIX)] if full else arm
+    decoder = dict(arm_cfg).get("decoder", "paper")
+    d = defaults_for(model_cfg, "paper" if full else decoder)
     kw = {k: v for k, v in dict(arm_cfg).items() if k not in _RESERVED}
-    kw.setdefault("modules_to_save", list(d["decoder"]))
-    spec = methods().get(arm)
+    kw.setdefault("modules_to_save", list(HEAD if full else d["decoder"]))
+    spec = methods().get(method)
+    convs = decoder_conv_targets(model_cfg, decoder, transposed=spec is not None) if full else []
     if spec is not None:
-        kw.setdefault("target_modules", spec.targets_for(dict(model_cfg).get("name", "unetr")))
-        return spec.config_cls(**{**spec.arm_defaults, **kw})
-    kw.setdefault("target_modules", list(d["target_modules"]))
+        kw.setdefault("target_modules", spec.targets_for(dict(model_cfg).get("name", "unetr")) + convs)
+        defaults = spec.arm_defaults if not full or spec.full_arm_defaults is None else spec.full_arm_defaults
+        return spec.config_cls(**{**defaults, **kw})
+    kw.setdefault("target_modules", list(d["target_modules"]) + convs)
     from peft import LoraConfig
 
-    if arm == "pissa":
+    if full:
+        kw.setdefault("r", 1)  # the smallest LoRA: closest to the tensor methods' whole-network budgets
+        kw.setdefault("lora_alpha", 2 * kw["r"])
+    elif arm == "pissa":
         kw.setdefault("r", 2)
         kw.setdefault("lora_alpha", kw["r"])
         kw.setdefault("init_lora_weights", "pissa")
@@ -107,7 +142,8 @@ def optimizer_settings(arm_cfg: dict) -> dict:
     config, else ``method_lr`` = the ``lr`` of the method's registry entry (the learning rate of its trainable
     factors; the decoder and head keep ``optim.lr``), else nothing."""
     out = {k: arm_cfg[k] for k in ("lr", "method_lr") if k in arm_cfg}
-    spec = methods().get(canonical_arm(arm_cfg.get("name", "full")))
+    arm = canonical_arm(arm_cfg.get("name", "full"))
+    spec = methods().get(arm[: -len(FULL_SUFFIX)] if arm.endswith(FULL_SUFFIX) else arm)
     if "method_lr" not in out and spec is not None and spec.lr is not None:
         out["method_lr"] = spec.lr
     return out
