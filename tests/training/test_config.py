@@ -27,11 +27,27 @@ def _check_arm(arm, model_cfg: dict) -> None:
         peft_config(name, arm_cfg, model_cfg)  # the config class validates its fields
 
 
+def _check_data(data: dict, model_cfg: dict) -> None:
+    """The data section: a known layout (or a dotted path), a valid task whose output channels the model has (when
+    the config names them), valid preprocessing and loader settings."""
+    from peft_tensor.data import LoaderSettings, Preprocess, make_task
+    from peft_tensor.data.loaders import LOADERS
+
+    assert data["kind"] in LOADERS or "." in str(data["kind"])
+    Preprocess.from_config(data)
+    LoaderSettings.from_config(data)
+    if data.get("task_type") or data.get("classes"):
+        task = make_task(data.get("task_type"), data.get("classes"), default_type="binary",
+                         foreground=data.get("foreground"))
+        if model_cfg.get("out_channels") is not None:
+            assert int(model_cfg["out_channels"]) == task.out_channels, (model_cfg["out_channels"], task)
+
+
 def _check_training(cfg: dict) -> None:
     model_kwargs(cfg["model"])
     assert {"lr", "weight_decay"} <= set(cfg["optim"])
     assert total_steps(cfg["train"], 10) > 0
-    assert cfg["data"]["kind"] in ("embedded", "msd", "pairs", "brats")
+    _check_data(cfg["data"], cfg["model"])
 
 
 def test_the_packaged_configs_are_the_recipe_configs():
@@ -50,8 +66,9 @@ def test_config_loads_and_validates(name):
         _check_training(cfg)
         if name.startswith("finetune"):
             _check_arm(cfg["arm"], cfg["model"])
-    elif name in ("demo", "fewshot_cpu"):
+    elif name == "demo" or name.startswith("fewshot"):  # the demo and the few-shot benchmark built on it
         model_kwargs(cfg["model"])
+        _check_data(cfg["data"], cfg["model"])
         for section in ("pretrain", "finetune"):
             assert total_steps(cfg[section]["train"], 10) > 0 and cfg[section]["optim"]["lr"] > 0
         for arm in cfg["arms"]:
