@@ -96,7 +96,8 @@ class LoadReport:
         lines.append(f"  unexpected  {len(self.unexpected):>5}  {_grouped(self.unexpected)}")
         mism = ", ".join(f"{n} {tuple(a)} vs {tuple(b)}" for n, a, b in self.mismatched[:3])
         more = f" (+{len(self.mismatched) - 3} more)" if len(self.mismatched) > 3 else ""
-        lines.append(f"  mismatched  {len(self.mismatched):>5}  {mism + more + ' (checkpoint vs network shape)' if mism else ''}")
+        mism = f"{mism}{more} (checkpoint vs network shape)" if mism else ""
+        lines.append(f"  mismatched  {len(self.mismatched):>5}  {mism}")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(line.rstrip() for line in lines)
 
@@ -206,17 +207,23 @@ def map_keys(state: dict[str, torch.Tensor], own: Mapping[str, torch.Tensor], la
     def score(candidate: dict) -> int:
         return max(_matches(candidate, own), _matches(_ssl_swin(candidate, own), own) if swin else 0)
 
-    changed = True
-    while changed:
-        changed = False
-        for prefix in WRAPPER_PREFIXES:
-            if not any(k.startswith(prefix) for k in state):
-                continue
-            stripped = _strip(state, prefix)
-            if score(stripped) > score(state):
-                n = sum(1 for k in state if k.startswith(prefix))
-                layout.append(f"'{prefix}' prefix stripped ({n} keys)")
-                state, changed = stripped, True
+    # wrapper prefixes, possibly stacked ('module._orig_mod.'): the shortest sequence of strips that fits best
+    best_score, best_steps = score(state), []
+    frontier = [(state, [])]
+    for _ in range(3):
+        grown = []
+        for candidate, steps in frontier:
+            for prefix in WRAPPER_PREFIXES:
+                if any(k.startswith(prefix) for k in candidate):
+                    stripped = _strip(candidate, prefix)
+                    grown.append((stripped, steps + [prefix]))
+                    if score(stripped) > best_score:
+                        best_score, best_steps = score(stripped), steps + [prefix]
+        frontier = grown
+    for prefix in best_steps:
+        n = sum(1 for k in state if k.startswith(prefix))
+        layout.append(f"'{prefix}' prefix stripped ({n} keys)")
+        state = _strip(state, prefix)
     if swin:
         mapped = _ssl_swin(state, own)
         if _matches(mapped, own) > _matches(state, own):
@@ -257,6 +264,9 @@ def load_state(network: nn.Module, checkpoint: Any, *, strict: bool = False, rep
             f"{report.source}: no tensor of the checkpoint fits {report.network} (checkpoint keys such as "
             f"{', '.join(list(state)[:3])}; network keys such as {', '.join(list(own)[:3])}). It was saved from "
             "another network: build that one (network=...) or check the constructor arguments.")
+    if len(report.loaded) < len(own) / 2:
+        report.notes.append(f"only {len(report.loaded)} of {len(own)} network tensors came from the checkpoint: is "
+                            "this the right network (class and constructor arguments)?")
     if strict and not report.complete:
         raise NetworkLoadError(f"strict load failed, nothing was changed:\n{report}\nPass strict=False to load what "
                                "fits and keep the rest as initialised.")
