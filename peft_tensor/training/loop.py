@@ -175,12 +175,15 @@ def evaluate_cases(model, cases, patch, overlap: float = 0.5, min_component_voxe
 
 
 def model_config_for_task(model_cfg: dict, task) -> dict:
-    """``model_cfg`` with ``out_channels`` the task needs: filled in when absent, a clear error when it disagrees."""
+    """``model_cfg`` with ``out_channels`` the task needs: filled in when absent (networks by ``name``; a
+    ``_target_`` class may call it otherwise, its built head is checked by :func:`check_output_channels`), a clear
+    error when it disagrees."""
     task = as_task(task)
     cfg = dict(model_cfg)
     have = cfg.get("out_channels")
     if have is None:
-        cfg["out_channels"] = task.out_channels
+        if "_target_" not in cfg:
+            cfg["out_channels"] = task.out_channels
     elif int(have) != task.out_channels:
         raise ValueError(_channels_message(task, f"model.out_channels is {int(have)}"))
     return cfg
