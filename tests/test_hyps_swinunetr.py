@@ -21,6 +21,11 @@ from tests._models import SWIN_TARGETS, full_swinunetr, tiny_swinunetr
 # suffix, so a plain "out" would also catch any module whose name ends in "out").
 SWIN_DECODER = ["decoder1", "decoder2", "decoder3", "decoder4", "decoder5", "out.conv.conv"]
 
+# The whole network through adapters: the paper's Swin Linears plus every convolution of decoder1-5 (the k2 s2
+# ConvTranspose3d upsampling, the two 3x3x3 Conv3d and the 1x1x1 residual Conv3d of each block); only the 1x1x1 head
+# trains in full.
+SWIN_DECODER_CONVS = ["transp_conv.conv", "conv_block.conv1.conv", "conv_block.conv2.conv", "conv_block.conv3.conv"]
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -198,13 +203,23 @@ def test_full_swinunetr_exact_counts(full):
     assert initial == 30_240 * 2
 
 
+def test_full_swinunetr_whole_network_counts_with_decoder_convolutions(full):
+    """The decoder convolutions through adapters instead of trained in full. Closed form for feature size f = 48:
+    decoder i = 2..5 works at c = f 2^(i-2) channels: ConvTranspose3d 2c -> c (k2, matrix 2c x 8c), Conv3d 2c -> c and
+    c -> c (k3: c x 54c, c x 27c), 1x1x1 residual 2c -> c (c x 2c): 96c per r; decoder1 has a f -> f transposed
+    conv (f x 8f): 95f. Parallel 96 (1 + 2 + 4 + 8) f + 95 f = 1,535 f per r; serial 2 out per layer: 128 f per d."""
+    pm = get_peft_model(copy.deepcopy(full), HyPSConfig(target_modules=SWINUNETR_HYPS_TARGETS + SWIN_DECODER_CONVS,
+                                                        modules_to_save=["out.conv.conv"]))
+    f, r, d = 48, 2, 2
+    assert len(_layers(pm)) == 36 + 20
+    adapter = 28_800 * d + 30_240 * r + 1_535 * f * r + 128 * f * d
+    assert _count(pm, "default") == adapter == 277_728
+    assert pm.get_nb_trainable_parameters()[0] == adapter + 48 * 2 + 2 == 277_826  # the 1x1x1 head in full
+    initial = sum(m.hyps_A0["default"].numel() + m.hyps_B0["default"].numel() for m in _layers(pm).values())
+    assert initial == (30_240 + 1_535 * f) * r == 207_840  # frozen A0, B0 saved with the adapter
+
+
 # ------------------------------------------------------------------------------------- decoder convolutions too
-
-# The whole network through adapters: the paper's Swin Linears plus every convolution of decoder1-5 (the k2 s2
-# ConvTranspose3d upsampling, the two 3x3x3 Conv3d and the 1x1x1 residual Conv3d of each block); only the 1x1x1 head
-# trains in full.
-SWIN_DECODER_CONVS = ["transp_conv.conv", "conv_block.conv1.conv", "conv_block.conv2.conv", "conv_block.conv3.conv"]
-
 
 def test_swinunetr_with_decoder_convolutions_identity_gradients_merge_save_load(swin, tmp_path):
     base, x, y0 = swin

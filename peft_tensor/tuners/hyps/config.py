@@ -15,7 +15,8 @@ from .._config import PeftTensorConfigMixin
 __all__ = ["HyPSConfig", "SWINUNETR_HYPS_TARGETS"]
 
 #: The paper's target set on MONAI SwinUNETR: every nn.Linear of the Swin encoder (36 layers for depths 2,2,2,2).
-#: Use the dotted "attn.proj": a bare "proj" also matches the patch-embedding Conv3d ``swinViT.patch_embed.proj``.
+#: Use the dotted "attn.proj": a bare "proj" also matches (and, since HyPS adapts convolutions, adapts) the
+#: patch-embedding Conv3d ``swinViT.patch_embed.proj``.
 SWINUNETR_HYPS_TARGETS = ["attn.qkv", "attn.proj", "mlp.linear1", "mlp.linear2", "downsample.reduction"]
 
 
@@ -23,7 +24,7 @@ SWINUNETR_HYPS_TARGETS = ["attn.qkv", "attn.proj", "mlp.linear1", "mlp.linear2",
 class HyPSConfig(PeftTensorConfigMixin, PeftConfig):
     """Configuration of a [`HyPSModel`].
 
-    Every targeted ``nn.Linear`` (weight ``W``, out x in) gets two branches:
+    Every targeted ``nn.Linear`` (weight ``W``, out x in) or convolution (below) gets two branches:
 
     - parallel (PiSSA on the layer's own SVD): ``A = U_r S_r^(1/2)`` (out x r) and ``B = S_r^(1/2) V_r^T`` (r x in) are
       trainable, their initial values ``A0, B0`` are frozen buffers saved with the adapter, and the layer computes
@@ -31,6 +32,14 @@ class HyPSConfig(PeftTensorConfigMixin, PeftConfig):
     - serial (bottleneck adapter on the layer output): ``y = h + scale * Up(ReLU(Down(h)))`` with ``Down`` (out -> d,
       Kaiming-uniform with rows mirrored in pairs ``(w, -w)``, so that no ReLU bottleneck is dead at init) and ``Up``
       (d -> out, zeros). Non-linear in ``x``: it cannot be merged.
+
+    Convolutions (``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d``, ``groups=1``; our extension, not in the paper)
+    get the same two branches. The parallel branch factorises the kernel as the matrix ``W.reshape(W.shape[0], -1)``:
+    ``out x in*prod(k)`` for a convolution, ``in x out*prod(k)`` for a transposed one (its weight is stored in x out
+    x k). That is the im2col matrix the convolution itself multiplies with, so a ``1x1x1`` convolution is exactly the
+    Linear case, the update runs as an ``r``-kernel convolution plus a ``1x1x1`` mix (no dense kernel per step) and
+    the count ``r (rows + cols)`` equals PEFT LoRA's for Conv3d. The serial branch acts on the output channels with
+    ``1x1x1`` ``Down``/``Up`` convolutions (``2 d out`` parameters).
 
     Both branches are an exact identity at initialisation. Paper defaults: ``r=2, d=2, scale=1/d`` on
     [`SWINUNETR_HYPS_TARGETS`], with the SwinUNETR decoder and head trained in full (``modules_to_save=["decoder1",
