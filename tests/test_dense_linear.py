@@ -10,7 +10,7 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 from torch import nn
 
 from peft_tensor import LoraPTConfig, TCURLoraConfig
@@ -190,3 +190,36 @@ def test_group_d_node_saves_nothing_and_can_be_traversed_by_two_backward_passes(
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
     # outside a model forward the slices are fresh each call (nothing cached that could go stale)
     assert group_dense_slices(group)[0] is not group_dense_slices(group)[0]
+
+
+# -- LoRA-PT frozen_term='dense': -P0 held once per group ------------------------------------------------------------
+@pytest.mark.parametrize("delta_mode", ["factored", "dense"])
+def test_lorapt_frozen_term_dense_is_the_same_adapter(delta_mode, tmp_path):
+    x = _x()
+    ref = _model("lorapt", "factored", init_weights=False)
+    pm = _model("lorapt", delta_mode, init_weights=False, frozen_term="dense")
+    y_ref, y = ref(x), pm(x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    (y_ref ** 2).mean().backward()
+    (y ** 2).mean().backward()
+    for g, g_ref in zip([p.grad for p in _trainable(pm)], [p.grad for p in _trainable(ref)]):
+        torch.testing.assert_close(g, g_ref, rtol=0, atol=2e-4 * g_ref.abs().max().item())
+    group = pm.base_model.groups("default")[0]
+    assert group.term_ranks() == (group.rank,)  # one factored term left
+    assert "_p0" in group.__dict__ and not any("p0" in k for k in pm.state_dict())  # held, never saved
+    with torch.no_grad():
+        with pm.disable_adapter():
+            base = pm(x)
+        with ref.disable_adapter():
+            torch.testing.assert_close(ref(x), base, rtol=0, atol=0)  # the base weights are untouched
+        pm.eval()
+        mixed = pm(x, adapter_names=["default", "__base__"])  # the non-dense path applies -P0 by a matmul
+        torch.testing.assert_close(mixed[0], y[0].detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mixed[1], base[1], rtol=0, atol=0)
+        pm.save_pretrained(tmp_path)
+        pm.merge_adapter()
+        torch.testing.assert_close(pm(x), y.detach(), rtol=1e-4, atol=1e-5)
+        pm.unmerge_adapter()
+        loaded = PeftModel.from_pretrained(Blocks(), tmp_path)
+        assert loaded.peft_config["default"].frozen_term == "dense"
+        torch.testing.assert_close(loaded(x), y.detach(), rtol=0, atol=0)

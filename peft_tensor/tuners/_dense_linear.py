@@ -30,7 +30,8 @@ from torch.autograd.function import once_differentiable
 
 from ..algebra import from_fourier, t_product_fourier, to_fourier
 
-__all__ = ["DenseDeltaLinear", "dense_linear", "group_dense", "group_dense_slices", "from_fourier_adjoint"]
+__all__ = ["DenseDeltaLinear", "dense_linear", "dense_layer_forward", "group_dense", "group_dense_slices",
+           "dense_from_factors", "from_fourier_adjoint"]
 
 _KIND = "dense_lean"
 
@@ -46,7 +47,7 @@ def from_fourier_adjoint(grad: torch.Tensor, n_slices: int) -> torch.Tensor:
     return g_hat
 
 
-def _dense_from_factors(pairs) -> torch.Tensor:
+def dense_from_factors(pairs) -> torch.Tensor:
     """``D = sum_i A_i * B_i`` ``(L, n1, n2)`` float32 through the FFT along the (leading, contiguous) slice axis."""
     n = pairs[0][0].shape[-3]
     d_hat = None
@@ -64,7 +65,7 @@ class _GroupDense(torch.autograd.Function):
         ctx.group, ctx.params = group, params
         ctx.versions = tuple(p._version for p in params)
         with torch.no_grad():
-            return _dense_from_factors(group.factors())
+            return dense_from_factors(group.factors())
 
     @staticmethod
     @once_differentiable
@@ -103,7 +104,7 @@ def group_dense(group) -> torch.Tensor:
         if params and torch.is_grad_enabled():
             return _GroupDense.apply(group, *params)
         with torch.no_grad():
-            return _dense_from_factors(group.factors())
+            return dense_from_factors(group.factors())
 
 
 def _drop_stale(group) -> None:
@@ -195,3 +196,31 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias, counts: Sequence[i
     if sum(counts) != len(slices):
         raise ValueError(f"counts {list(counts)} do not add up to the {len(slices)} slices given.")
     return DenseDeltaLinear.apply(x, weight, bias, tuple(counts), *slices)
+
+
+def dense_layer_forward(layer, x: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
+    """The dense forward of a :class:`~.tensor_group.TensorGroupLayer` (a Linear) for the adapters ``names``:
+    ``x (W + sum D)^T + b`` through :class:`DenseDeltaLinear`.
+
+    Per adapter the group says what is dense: by default its whole ``D`` (:func:`group_dense_slices`); a group with a
+    ``dense_parts(device, n_tokens)`` method returns ``(slice sets, remainder)`` instead -- several full lists of
+    ``L`` slices added to the weight (e.g. LoRA-PT's frozen ``-P0`` held once, next to its per-forward ``D``), and
+    optionally a callable ``remainder(x, slice_ids)`` whose output is added (a term still applied factored)."""
+    base = layer.get_base_layer()
+    device = base.weight.device
+    n_tokens = x.numel() // base.weight.shape[1]
+    slices, counts, remainders = [], [], []
+    for name in names:
+        asg = layer.group_slices[name]
+        parts = getattr(asg.group, "dense_parts", None)
+        sets, remainder = parts(device, n_tokens) if parts is not None else ([group_dense_slices(asg.group, device)],
+                                                                              None)
+        for group_slices in sets:
+            slices += [group_slices[k] for k in asg.slice_ids]
+            counts.append(len(asg.slice_ids))
+        if remainder is not None:
+            remainders.append((remainder, asg.slice_ids))
+    y = dense_linear(x, base.weight, base.bias, counts, slices)
+    for remainder, slice_ids in remainders:
+        y = y + remainder(x, slice_ids).to(y.dtype)
+    return y

@@ -41,7 +41,7 @@ from torch import nn
 
 from ..algebra import t_product_fourier, to_fourier
 from ..errors import AdapterLoadError, MergeError, RankError, TargetModulesError
-from ._dense_linear import dense_linear, group_dense_slices
+from ._dense_linear import dense_layer_forward
 from ._mixed_batch import check_mixed_batch, mixed_batch_hooks, sub_batches
 from ._peft_fixes import MonaiFriendlyTunerMixin
 from ._targets import find_targets, is_conv
@@ -557,16 +557,10 @@ class TensorGroupLayer(nn.Module, BaseTunerLayer):
 
     def _dense_forward(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
         """``x (W + sum D_k)^T + b``: the base layer with the adapters' dense slices added to its weight, through
-        :func:`._dense_linear.dense_linear` (saves ``x`` only, not a weight-sized ``W + D_k`` per layer; each group's
-        ``D`` is built once per forward through the FFT, see :mod:`._dense_linear`)."""
-        base = self.get_base_layer()
-        slices, counts = [], []
-        for name in names:
-            asg = self.group_slices[name]
-            group_slices = group_dense_slices(asg.group, device=base.weight.device)
-            slices += [group_slices[k] for k in asg.slice_ids]
-            counts.append(len(asg.slice_ids))
-        return dense_linear(x, base.weight, base.bias, counts, slices)
+        :func:`._dense_linear.dense_layer_forward` (saves ``x`` only, not a weight-sized ``W + D_k`` per layer; each
+        group's ``D`` is built once per forward through the FFT; a group may keep a term factored or hold a frozen
+        dense term, see there)."""
+        return dense_layer_forward(self, x, names)
 
     # -- convolutions: conv(x, W + D) with the kernel-sized D of this forward pass ----------------------------------
     def _kernel_delta(self, name: str, device) -> Optional[torch.Tensor]:

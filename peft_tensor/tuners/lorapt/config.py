@@ -46,6 +46,18 @@ class LoraPTConfig(GroupingConfigMixin, PeftTensorConfigMixin, PeftConfig):
                   "field existed load as 1.0."},
     )
 
+    frozen_term: str = field(
+        default="factored",
+        metadata={"help": "How the frozen initial part P0 = U0 * S0 * V0^T of D = P - P0 is applied. 'factored' "
+                  "(default): a second t-product of thin factors next to the trainable one (no weight-sized tensor; "
+                  "the identity at init is bit-exact). 'dense': -P0 is materialised once per group from the saved "
+                  "initial factors (never saved, no decomposition; rebuilt after a load) and held, and each layer "
+                  "runs x (W_k - P0_k)^T plus the trainable term, so the frozen term costs two weight-sized additions "
+                  "per step instead of a rank-L r product per slice; costs one weight-sized float32 tensor per group "
+                  "(as PEFT PiSSA's residual, but the base weights stay untouched, so disable_adapter() is the base "
+                  "model); equal to 'factored' up to float rounding (the identity at init is not bit-exact)."},
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = ensure_peft_type("LORAPT")
@@ -54,6 +66,8 @@ class LoraPTConfig(GroupingConfigMixin, PeftTensorConfigMixin, PeftConfig):
         self._check_grouping()
         if self.core not in ("full", "diagonal"):
             raise PeftTensorError(f"core must be 'full' or 'diagonal', got {self.core!r}.")
+        if self.frozen_term not in ("factored", "dense"):
+            raise PeftTensorError(f"frozen_term must be 'factored' or 'dense', got {self.frozen_term!r}.")
         if self.svd_method not in ("auto", "full", "eigh", "randomized"):
             raise PeftTensorError(
                 f"svd_method must be 'auto', 'full', 'eigh' or 'randomized', got {self.svd_method!r}."

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ...algebra import from_fourier, to_fourier, truncated_t_svd
+from .._dense_linear import dense_from_factors, group_dense_slices
 from ..tensor_group import TensorGroup, TensorGroupLayer
 
 
@@ -14,11 +15,18 @@ class LoraPTGroup(TensorGroup):
 
     Trainable: ``lorapt_U (L, n1, r)``, ``lorapt_S`` (``(L, r, r)``, or ``(L, r)`` for an f-diagonal core),
     ``lorapt_V (L, n2, r)``. Frozen and saved: their initial values ``*_init``, which define ``P0``. ``D = U * S * V^T
-    - U0 * S0 * V0^T`` is applied as two t-products of thin factors, the second one frozen.
+    - U0 * S0 * V0^T`` is applied as two t-products of thin factors, the second one frozen (``frozen_term=
+    "factored"``), or the frozen ``-P0`` is held dense once per group and added to the base weight in the layer
+    (``frozen_term="dense"``; :meth:`dense_parts`), the trainable term staying factored unless ``delta_mode`` makes
+    it dense too.
     """
 
     param_names = ("lorapt_U", "lorapt_S", "lorapt_V")
-    differentiable_factors = ((True, True), (False, False))  # U * (S * V^T), then the frozen U0 * -(S0 * V0^T)
+
+    @property
+    def differentiable_factors(self) -> tuple[tuple[bool, bool], ...]:
+        # U * (S * V^T), then (frozen_term='factored') the frozen U0 * -(S0 * V0^T)
+        return ((True, True),) if self.frozen_term == "dense" else ((True, True), (False, False))
 
     @staticmethod
     def expected_shapes(spec, config) -> dict[str, tuple[int, ...]]:
@@ -31,6 +39,7 @@ class LoraPTGroup(TensorGroup):
     def _configure(self, config) -> None:
         self.diagonal = config.core == "diagonal"
         self.factor_scale = getattr(config, "factor_scale", 1.0)
+        self.frozen_term = getattr(config, "frozen_term", "factored")
 
     # Gain of each factor in factor_scale="auto": U, V and S each reach the weights with gain c at init (U and V
     # through S V^T and U S, whose norm is sigma_1; S through the orthonormal U, V). Unscaled, a plain SGD step moves
@@ -70,7 +79,8 @@ class LoraPTGroup(TensorGroup):
             setattr(self, f"lorapt_{name}", nn.Parameter(value.clone()))
 
     def term_ranks(self) -> tuple[int, ...]:
-        return (self.rank, self.rank)  # U * (S V^T) and the frozen U0 * -(S0 V0^T)
+        # U * (S V^T) and (frozen_term='factored') the frozen U0 * -(S0 V0^T)
+        return (self.rank,) if self.frozen_term == "dense" else (self.rank, self.rank)
 
     def _core_times_vt(self, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         s_hat = to_fourier(torch.diag_embed(s) if self.diagonal else s)
@@ -92,6 +102,8 @@ class LoraPTGroup(TensorGroup):
             u_init, s_init, v_init = self.lorapt_U_init.float(), self.lorapt_S_init.float(), self.lorapt_V_init.float()
             u, s, v = u_init + (u - u_init) * a, s_init + (s - s_init) * a_s, v_init + (v - v_init) * a
         g = self._core_times_vt(s, v)
+        if self.frozen_term == "dense":
+            return [(u, g)]  # -P0 is held dense (frozen_dense) and added by the layer
         return [(u, g), (self.lorapt_U_init.float(), self._minus_g0())]
 
     def _minus_g0(self) -> torch.Tensor:
@@ -103,6 +115,64 @@ class LoraPTGroup(TensorGroup):
                 hit = (key, -self._core_times_vt(self.lorapt_S_init.float(), self.lorapt_V_init.float()))
             self.__dict__["_g0"] = hit
         return hit[1]
+
+
+    # -- frozen_term='dense': -P0 held once per group ------------------------------------------------------------
+    def frozen_dense(self, device=None) -> torch.Tensor:
+        """``-P0 = -(U0 * S0 * V0^T)`` ``(L, n1, n2)`` float32, built from the saved initial factors through the FFT
+        (no decomposition) and kept off the module (never saved) until they change (load, device move, cast)."""
+        inits = (self.lorapt_U_init, self.lorapt_S_init, self.lorapt_V_init)
+        key = tuple((t._version, t.data_ptr(), t.device, t.dtype) for t in inits)
+        hit = self.__dict__.get("_p0")
+        if hit is None or hit[0] != key:
+            self.__dict__["_p0"] = None  # drop the stale one before building the new one
+            with torch.no_grad():
+                hit = (key, dense_from_factors([(self.lorapt_U_init.float(), self._minus_g0())]), {})
+            self.__dict__["_p0"] = hit
+        if device is None or torch.device(device) == hit[1].device:
+            return hit[1]
+        device = torch.device(device)
+        if device not in hit[2]:
+            hit[2][device] = hit[1].to(device)
+        return hit[2][device]
+
+    def _frozen_slices(self, device=None) -> list[torch.Tensor]:
+        return list(self.frozen_dense(device).unbind(0))
+
+    def prefers_dense(self, n_tokens: int) -> bool:
+        # frozen_term='dense' always goes through the layer's dense path (which asks dense_parts what is dense)
+        return self.frozen_term == "dense" or super().prefers_dense(n_tokens)
+
+    def dense_parts(self, device, n_tokens: int):
+        """What the layer's dense path adds to its weight (see :func:`.._dense_linear.dense_layer_forward`):
+        ``frozen_term='dense'``: the held ``-P0`` slices, plus this forward's trainable ``D`` if ``delta_mode`` asks
+        for a dense update here, else the trainable term factored as the remainder."""
+        if self.frozen_term != "dense":
+            return [group_dense_slices(self, device)], None
+        frozen = self._frozen_slices(device)
+        if TensorGroup.prefers_dense(self, n_tokens):
+            return [group_dense_slices(self, device), frozen], None
+        return [frozen], lambda x, slice_ids: TensorGroup.delta_output(self, x, slice_ids)
+
+    def delta_output(self, x: torch.Tensor, slice_ids: tuple[int, ...]) -> torch.Tensor:
+        """``[D_k x]`` (see :meth:`TensorGroup.delta_output`); with ``frozen_term='dense'`` the held ``-P0`` rows are
+        applied as one matmul (the paths that do not change the weight: mixed batches)."""
+        y = super().delta_output(x, slice_ids)
+        if self.frozen_term == "dense":
+            frozen = self._frozen_slices(x.device)
+            rows = torch.cat([frozen[k] for k in slice_ids])  # (m n1, n2)
+            y = y + (x.reshape(-1, self.n2).to(rows.dtype) @ rows.t()).reshape(y.shape)
+        return y
+
+    def dense_delta(self) -> torch.Tensor:
+        d = super().dense_delta()
+        return d + self.frozen_dense(d.device) if self.frozen_term == "dense" else d
+
+    def current_dense(self, device=None) -> list[torch.Tensor]:
+        slices = super().current_dense(device)
+        if self.frozen_term != "dense":
+            return slices
+        return [s + f for s, f in zip(slices, self._frozen_slices(slices[0].device))]
 
 
 def _combine_lorapt(groups, weights, configs, combination_type):
