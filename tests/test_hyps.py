@@ -587,10 +587,10 @@ def test_unsupported_target_is_refused_by_name_and_type():
             self.mlp = nn.Linear(4, 4)
 
     model = WithNorm()
-    match = r"nn.Linear layers and convolutions .* only.*matched norm \(LayerNorm\).*Narrow target_modules"
+    match = r"adapts nn.Linear and convolution .* only.*matched norm \(LayerNorm\).*Narrow target_modules"
     with pytest.raises(TargetModulesError, match=match):
         get_peft_model(model, HyPSConfig(target_modules=["proj", "norm", "mlp"]))
-    with pytest.raises(TargetModulesError, match=r"groups=1 only.*matched dw \(Conv3d, groups=4\).*exclude_modules"):
+    with pytest.raises(TargetModulesError, match=r"dw \(Conv3d, groups=4\).*groups=1.*exclude_modules"):
         get_peft_model(model, HyPSConfig(target_modules=["proj", "dw"]))
     assert not _hyps_layers(model), "a refused config must leave the model untouched"
 

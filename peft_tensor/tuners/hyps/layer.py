@@ -24,13 +24,12 @@ from torch import nn
 
 from ...errors import MergeError, RankError
 from .._mixed_batch import check_mixed_batch, sub_batches
+from .._targets import CONV_TYPES
 from .config import HyPSConfig
 
 __all__ = ["CONV_TYPES", "Conv", "HyPSLayer", "Linear", "SUPPORTED_TYPES", "principal_factors"]
 
-#: Convolutions HyPS wraps (``groups=1`` only; the tuner refuses grouped/depthwise ones by name).
-CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-SUPPORTED_TYPES = (nn.Linear,) + CONV_TYPES
+SUPPORTED_TYPES = (nn.Linear,) + CONV_TYPES  # convolutions with groups=1 only (the tuner refuses others by name)
 
 
 def principal_factors(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,81 +6,18 @@ from contextlib import contextmanager
 from typing import Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from ...errors import MergeError, RankError, TargetModulesError
 from .._mixed_batch import mixed_batch_hooks
 from .._peft_fixes import MonaiFriendlyTunerMixin
+from .._targets import find_targets
 from .._weighted import check_weighted_adapter_args
 from .config import HyPSConfig
-from .layer import (CONV_TYPES, SUPPORTED_TYPES, Conv, HyPSLayer, Linear, describe_matrix, matrix_shape,
-                    serial_merge_message)
+from .layer import CONV_TYPES, Conv, HyPSLayer, Linear, describe_matrix, matrix_shape, serial_merge_message
 
-__all__ = ["HyPSModel", "find_hyps_targets"]
-
-_SKIP_PARTS = {"base_layer", "modules_to_save", "original_module"}
-_LISTED = 12
-
-
-def _suffixes(names: list[str]) -> str:
-    suffixes = list(dict.fromkeys(".".join(n.split(".")[-2:]) for n in names))  # 'attn.qkv', not 12 copies
-    return ", ".join(repr(n) for n in suffixes[:_LISTED]) + (" ..." if len(suffixes) > _LISTED else "")
-
-
-def find_hyps_targets(model: nn.Module, config: HyPSConfig) -> list[tuple[str, nn.Module]]:
-    """Matched ``(module name, base layer)`` in module order: ``nn.Linear`` and ``groups=1`` convolutions.
-
-    The wording follows :func:`peft_tensor.tuners._targets.find_linear_targets` (which the tensor-group methods use
-    and which refuses convolutions); HyPS accepts the convolution types of :data:`~.layer.CONV_TYPES` as well.
-
-    Raises:
-        TargetModulesError: the config matches a module of another type or a grouped/depthwise convolution (names
-            them), or nothing (lists the model's Linear and convolution name suffixes).
-    """
-    tuner_layers = [name + "." for name, m in model.named_modules() if name and isinstance(m, BaseTunerLayer)]
-    matches, unsupported, grouped, linears, convs = [], [], [], [], []
-    for name, module in model.named_modules():
-        if not name or _SKIP_PARTS & set(name.split(".")) or any(name.startswith(p) for p in tuner_layers):
-            continue  # PEFT's own wrappers and the adapters' inner modules
-        base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-        if isinstance(base, nn.Linear):
-            linears.append(name)
-        elif isinstance(base, CONV_TYPES):
-            convs.append(name)
-        hit = check_target_module_exists(config, name)
-        if not hit or type(hit).__name__ == "_ExcludedModule":
-            continue
-        if isinstance(base, CONV_TYPES) and base.groups != 1:
-            grouped.append(f"{name} ({type(base).__name__}, groups={base.groups})")
-        elif isinstance(base, SUPPORTED_TYPES):
-            matches.append((name, base))
-        else:
-            unsupported.append(f"{name} ({type(base).__name__})")
-    if grouped:
-        raise TargetModulesError(
-            f"HyPS adapts convolutions with groups=1 only, but target_modules={config.target_modules!r} matched "
-            f"{', '.join(grouped[:5])}{' ...' if len(grouped) > 5 else ''}: a grouped or depthwise kernel has no "
-            "single out x in*k matrix to decompose. Add those modules to exclude_modules or narrow target_modules."
-        )
-    if unsupported:
-        raise TargetModulesError(
-            f"HyPS adapts nn.Linear layers and convolutions (Conv1d/2d/3d, ConvTranspose1d/2d/3d) only, but "
-            f"target_modules={config.target_modules!r} also matched {', '.join(unsupported[:5])}"
-            f"{' ...' if len(unsupported) > 5 else ''}. Narrow target_modules (e.g. 'attn.proj' instead of 'proj', "
-            "or the convolution itself, 'conv_block.conv1.conv', instead of its MONAI block) or add those modules to "
-            "exclude_modules."
-        )
-    if not matches:
-        filtered = " outside exclude_modules" if config.exclude_modules else ""
-        layers = f"Its nn.Linear layers end in: {_suffixes(linears)}" if linears else "It has no nn.Linear layer"
-        layers += f"; its convolutions end in: {_suffixes(convs)}" if convs else "; it has no convolution"
-        raise TargetModulesError(
-            f"HyPS target_modules={config.target_modules!r} matched no module of {type(model).__name__}{filtered}. "
-            f"{layers}. Names match as suffixes ('attn.qkv') or, for a string, as a full regex."
-        )
-    return matches
-
+__all__ = ["HyPSModel"]
 
 class HyPSModel(MonaiFriendlyTunerMixin, BaseTuner):
     """Hybrid parallel + serial adaptation (HyPS, arXiv 2409.00884) of every targeted ``nn.Linear`` and ``groups=1``
@@ -130,7 +67,7 @@ class HyPSModel(MonaiFriendlyTunerMixin, BaseTuner):
         )
 
     def _check_targets(self, model: nn.Module, config: HyPSConfig) -> None:
-        for name, base in find_hyps_targets(model, config):
+        for name, base in find_targets(model, config):
             if not config.parallel:
                 continue
             rows, cols = matrix_shape(base)  # (out, in) for a Linear
