@@ -1,7 +1,9 @@
-"""The usage example in README.md runs exactly as written."""
+"""The README's code runs as written: the usage example, and the section "Start from your pretrained network"."""
 
 import re
 from pathlib import Path
+
+import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -13,3 +15,168 @@ def test_readme_usage_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(blocks[0], "README.md", "exec"), {"__name__": "__readme__"})
     assert (tmp_path / "my_adapter" / "adapter_model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------ "Start from your pretrained network"
+START_SECTION = "## Start from your pretrained network"
+SIZES_LINE = "PATCH, STEPS = 96, 300"
+ADAPTER_REPO, BASE_REPO = "your-name/unetr-tcurlora-hippocampus", "your-name/unetr-hippocampus-base"
+X_SEED = 11
+
+
+def _section(text: str, heading: str) -> str:
+    start = text.index(heading + "\n")
+    end = text.find("\n## ", start + len(heading))
+    return text[start:end if end != -1 else None]
+
+
+def _tiny_bundle(folder: Path, size: int) -> None:
+    """A MONAI bundle as the model zoo ships it: configs/inference.json (network_def) + models/model.pt (a pickled
+    state dict, read with weights_only=True); a 14-class head, as a BTCV model would have."""
+    import json
+
+    import torch
+    from monai.networks.nets import UNETR
+
+    netdef = {"_target_": "UNETR", "in_channels": 1, "out_channels": 14, "img_size": [size] * 3, "feature_size": 8,
+              "hidden_size": 96, "mlp_dim": 192, "num_heads": 4, "proj_type": "conv", "norm_name": "instance"}
+    (folder / "configs").mkdir(parents=True)
+    (folder / "models").mkdir()
+    (folder / "configs" / "inference.json").write_text(json.dumps({"network_def": netdef}))
+    torch.manual_seed(0)
+    torch.save(UNETR(**{k: v for k, v in netdef.items() if k != "_target_"}).state_dict(),
+               folder / "models" / "model.pt")
+
+
+def _env(hub, tmp: Path, cache: str = "hf-cache") -> dict:
+    """A fresh process's environment: huggingface_hub pointed at the local server (as a user sets HF_ENDPOINT)."""
+    import os
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(hub.client_env(str(tmp / cache), HF_TOKEN="hf_readme_test_token"))
+    env["PYTHONPATH"] = str(README.parent) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    return env
+
+
+@pytest.fixture(scope="module")
+def flow(tmp_path_factory):
+    """The section run as written (its sizes line aside: 32^3 patches, 2 steps) on a tiny UNETR bundle and four
+    synthetic MSD cases: the python block in this process, its huggingface_hub pointed at a local Hub server; the
+    bash block (``peft-tensor export <repo id>``) in a fresh process. Yields (folder, the python block's stdout, hub).
+    """
+    import contextlib
+    import io
+    import os
+    import subprocess
+
+    from tests._recipe_fixtures import msd_dataset
+    from tests.hub.hub_server import HubServer
+    from tests.hub.test_hub import _client_constants
+
+    section = _section(README.read_text(), START_SECTION)
+    python = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    bash = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    assert len(python) == 1 and len(bash) == 1, "the section holds one python and one bash block"
+    assert python[0].count(SIZES_LINE) == 1, f"the test replaces the line {SIZES_LINE!r}; keep it in the README"
+    code = python[0].replace(SIZES_LINE, "PATCH, STEPS = 32, 2")
+    tmp = tmp_path_factory.mktemp("pretrained-flow")
+    _tiny_bundle(tmp / "my_bundle", 32)
+    msd_dataset(tmp / "Task04_Hippocampus", n=4)
+    out, cwd = io.StringIO(), os.getcwd()
+    with HubServer() as hub:
+        with _client_constants(hub, tmp / "hf-home"), contextlib.redirect_stdout(out):
+            os.chdir(tmp)
+            try:
+                exec(compile(code, "README.md: Start from your pretrained", "exec"), {"__name__": "__readme__"})
+            finally:
+                os.chdir(cwd)
+        sh = subprocess.run(["bash", "-euo", "pipefail", "-c", bash[0]], cwd=tmp, env=_env(hub, tmp),
+                            capture_output=True, text=True, timeout=600)
+        assert sh.returncode == 0, sh.stderr[-3000:]
+        yield tmp, out.getvalue(), hub
+
+
+def test_start_from_your_pretrained_network_runs(flow):
+    import json
+
+    tmp, stdout, hub = flow
+    assert "mismatched      2" in stdout and "out.conv.conv.weight (14, 8, 1, 1, 1) vs (3, 8, 1, 1, 1)" in stdout
+    results = json.loads((tmp / "runs" / "hippocampus" / "results.json").read_text())
+    assert results["classes"] == ["anterior", "posterior"]
+    for name in results["classes"]:
+        assert f"{name}: Dice" in stdout and name in results["test_per_class"]
+    assert "adapter_model.safetensors" in hub.files(ADAPTER_REPO) and "model.safetensors" in hub.files(BASE_REPO)
+    for rel in ("configs/inference.json", "configs/metadata.json", "models/model.pt", "models/model.ts"):
+        assert (tmp / "hippocampus_bundle" / rel).is_file(), rel
+
+
+def test_recipe_adapter_is_ready_to_share(flow):
+    """The run's adapter folder as written (provenance, our card) and as pushed (the base repo named everywhere)."""
+    import json
+
+    from huggingface_hub import ModelCard
+
+    from peft_tensor.hub import adapter_info, format_info
+
+    tmp, _, hub = flow
+    adapter = tmp / "runs" / "hippocampus" / "adapter"
+    base = json.loads((adapter / "peft_tensor.json").read_text())["base_network"]
+    assert base["class"] == "monai.networks.nets.UNETR" and base["kwargs"]["out_channels"] == 3
+    assert base["source"] == "my_bundle"
+    # the bundle's model.pt is a pickle format, with a 14-class head: the run's own base weights are written
+    assert base["weights"]["path"] == str((tmp / "runs" / "hippocampus" / "base" / "model.safetensors").resolve())
+    info = format_info(adapter_info(adapter))
+    assert "not recorded" not in info and "monai.networks.nets.UNETR(" in info
+
+    local = ModelCard((adapter / "README.md").read_text())
+    assert "Model Card for Model ID" not in local.text and "Fine-tuning run" in local.text
+    for row in ("| mean over classes |", "| anterior |", "| posterior |"):
+        assert row in local.text, row
+    files = hub.files(ADAPTER_REPO)
+    assert json.loads(files["adapter_config.json"])["base_model_name_or_path"] == BASE_REPO
+    card, base_card = ModelCard(files["README.md"].decode()), ModelCard(hub.files(BASE_REPO)["README.md"].decode())
+    data = card.data
+    assert data.base_model == BASE_REPO and data.base_model_relation == "adapter"
+    assert data.pipeline_tag == base_card.data.pipeline_tag == "image-segmentation"
+    assert data.library_name == base_card.data.library_name == "peft-tensor"
+    assert data.license == base_card.data.license == "cc-by-4.0"
+    results = json.loads((tmp / "runs" / "hippocampus" / "results.json").read_text())
+    dice = {r.metric_config: r.metric_value for r in data.eval_results if r.metric_type == "dice"}
+    assert dice[None] == pytest.approx(results["test"]["dice"]["mean"])
+    for name in ("anterior", "posterior"):
+        assert dice[name] == pytest.approx(results["test_per_class"][name]["dice"]["mean"])
+
+
+def test_pushed_adapter_rebuilds_by_repo_id_in_fresh_process(flow):
+    """load_pretrained(repo id) in a fresh process with an empty cache -- network, base weights and adapter from the
+    Hub -- gives the outputs of the run's model rebuilt here the recipes' way (bundle + adapter folder)."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from peft_tensor.training import load_backbone, load_trained
+
+    tmp, _, hub = flow
+    base, _ = load_backbone(str(tmp / "my_bundle"), {"pretrained": str(tmp / "my_bundle"), "out_channels": 3})
+    model = load_trained(base, tmp / "runs" / "hippocampus" / "adapter", "tcurlora").eval()
+    x = torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(X_SEED))
+    with torch.no_grad():
+        torch.save(model(x), tmp / "expected.pt")
+    code = f"""
+import torch
+from peft_tensor.hub import load_pretrained
+model = load_pretrained({ADAPTER_REPO!r})
+x = torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed({X_SEED}))
+with torch.no_grad():
+    out = model(x)
+expected = torch.load({str(tmp / 'expected.pt')!r}, weights_only=True)
+assert torch.equal(out, expected), (out - expected).abs().max()
+print("REBUILT_OK", tuple(out.shape))
+"""
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp, env=_env(hub, tmp, "fresh-cache"),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "REBUILT_OK (1, 3, 32, 32, 32)" in run.stdout

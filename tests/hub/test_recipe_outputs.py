@@ -1,8 +1,10 @@
-"""Every adapter a recipe writes is ready to share as it stands (issue 11, section 6).
+"""The run-output writer (``peft_tensor.training.outputs.save_outputs``): every adapter a recipe writes carries its
+provenance and our card (issue 11, section 6).
 
-The finetune recipe runs 2 steps on a tiny MSD-layout folder (two classes) from a saved backbone; its ``adapter/``
-folder must carry provenance and our card, push to the local Hub server, and rebuild by repo id in a fresh process
-with the run's outputs.
+The finetune recipe end to end -- a bundle in, the adapter folder checked, pushed to the local Hub server and
+rebuilt by repo id in a fresh process -- is tested with the README section that runs it
+(``tests/test_readme.py::test_recipe_adapter_is_ready_to_share`` and
+``::test_pushed_adapter_rebuilds_by_repo_id_in_fresh_process``); here the writer's choices on tiny untrained models.
 """
 
 from __future__ import annotations
@@ -10,119 +12,62 @@ from __future__ import annotations
 import json
 import math
 
-import pytest
 import torch
 from huggingface_hub import ModelCard
 
-from peft_tensor.hub import adapter_info, format_info, push_to_hub
-from peft_tensor.hub.cards import LIBRARY_NAME, eval_results_from_summary, results_table
-
-from tests._recipe_fixtures import TINY_MODEL, msd_dataset
-from .hub_server import HubServer
-from .test_hub import _client_constants, _run
-
-X_SEED = 7
-
-
-@pytest.fixture(scope="module")
-def hub():
-    with HubServer() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """finetune recipe, tCURLoRA r=2, 2 steps, batch 1, on a 4-case MSD folder (anterior / posterior)."""
-    from peft_tensor.recipes import finetune
-    from peft_tensor.training import load_config
-    from peft_tensor.training.models import build_model, save_backbone
-
-    tmp = tmp_path_factory.mktemp("recipe")
-    model_cfg = dict(TINY_MODEL, out_channels=3)
-    torch.manual_seed(0)
-    save_backbone(build_model(model_cfg), model_cfg, tmp / "backbone")
-    cfg = load_config("finetune_cpu")
-    cfg.update({"output_dir": str(tmp / "run"), "progress": False, "device": "cpu", "threads": None})
-    cfg["data"] = {"kind": "msd", "root": str(msd_dataset(tmp / "msd", n=4)), "task_type": "multiclass"}
-    cfg["model"] = dict(model_cfg, pretrained=str(tmp / "backbone"))
-    cfg["arm"] = {"name": "tcurlora", "r": 2}
-    cfg["train"].update({"steps": 2, "batch_size": 1, "checkpoint_every": 0, "val_every": 0, "amp": False})
-    cfg["eval"] = {"overlap": 0.0}
-    cfg["card"] = {"license": "cc-by-4.0"}
-    result = finetune.main(cfg)
-    return tmp, cfg, result
-
-
-def _expected_outputs(tmp, cfg) -> torch.Tensor:
-    """The run's model rebuilt the recipes' own way (backbone + adapter folder), on a fixed input."""
-    from peft_tensor.training import load_backbone, load_trained
-
-    base, _ = load_backbone(cfg["model"]["pretrained"], cfg["model"])
-    model = load_trained(base, tmp / "run" / "adapter", "tcurlora").eval()
-    x = torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(X_SEED))
-    with torch.no_grad():
-        return model(x)
-
-
-def test_recipe_adapter_carries_provenance_and_card(run):
-    tmp, cfg, result = run
-    adapter = tmp / "run" / "adapter"
-    record = json.loads((adapter / "peft_tensor.json").read_text())
-    base = record["base_network"]
-    assert base["class"] == "monai.networks.nets.UNETR" and base["kwargs"]["out_channels"] == 3
-    assert base["weights"]["path"] == str((tmp / "backbone" / "model.safetensors").resolve())  # referenced, not copied
-    assert base["source"] == str(tmp / "backbone")
-    assert not (tmp / "run" / "base").exists()
-
-    info = format_info(adapter_info(adapter))
-    assert "not recorded" not in info and "monai.networks.nets.UNETR(" in info
-
-    card = ModelCard((adapter / "README.md").read_text())
-    assert "Model Card for Model ID" not in card.text  # not PEFT's stock card
-    data = card.data
-    assert data.library_name == LIBRARY_NAME and data.pipeline_tag == "image-segmentation"
-    assert data.license == "cc-by-4.0" and "tcurlora" in data.tags and "peft" in data.tags
-    assert data.base_model is None  # the base weights are not on the Hub yet
-    assert result["classes"] == ["anterior", "posterior"]
-    dice = {r.metric_config: r.metric_value for r in data.eval_results if r.metric_type == "dice"}
-    assert set(dice) == {None, "anterior", "posterior"}
-    assert dice[None] == pytest.approx(result["test"]["dice"]["mean"])
-    assert dice["posterior"] == pytest.approx(result["test_per_class"]["posterior"]["dice"]["mean"])
-    for needle in ("| mean over classes |", "| anterior |", "| posterior |", "Fine-tuning run", "MSD Task04"):
-        assert needle in str(card), needle
-
-
-def test_push_recipe_adapter_then_rebuild_by_repo_id_in_fresh_process(hub, run, tmp_path):
-    tmp, cfg, _ = run
-    adapter = tmp / "run" / "adapter"
-    local_config = (adapter / "adapter_config.json").read_bytes()
-    torch.save(_expected_outputs(tmp, cfg), tmp_path / "expected.pt")
-    with _client_constants(hub, tmp_path / "home"):
-        push_to_hub(adapter, "lab/msd-tcurlora", base_weights_repo="lab/unetr-tiny-base")
-    assert (adapter / "adapter_config.json").read_bytes() == local_config  # the local folder is never modified
-
-    files = hub.files("lab/msd-tcurlora")
-    assert json.loads(files["adapter_config.json"])["base_model_name_or_path"] == "lab/unetr-tiny-base"
-    card = ModelCard(files["README.md"].decode())
-    assert card.data.base_model == "lab/unetr-tiny-base" and card.data.base_model_relation == "adapter"
-    base_card = ModelCard(hub.files("lab/unetr-tiny-base")["README.md"].decode())
-    assert base_card.data.library_name == card.data.library_name == LIBRARY_NAME  # one library_name on both
-    assert base_card.data.license == "cc-by-4.0" and base_card.data.pipeline_tag == "image-segmentation"
-
-    code = f"""
-import torch
 from peft_tensor.hub import load_pretrained
-model = load_pretrained("lab/msd-tcurlora")
-x = torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed({X_SEED}))
-with torch.no_grad():
-    out = model(x)
-expected = torch.load({str(tmp_path / 'expected.pt')!r}, weights_only=True)
-assert torch.equal(out, expected), (out - expected).abs().max()
-print("REBUILT_OK", tuple(out.shape))
-"""
-    loaded = _run(code, hub.client_env(str(tmp_path / "fresh-cache")))
-    assert loaded.returncode == 0, loaded.stderr[-3000:]
-    assert "REBUILT_OK (1, 3, 32, 32, 32)" in loaded.stdout
+from peft_tensor.hub.cards import LIBRARY_NAME, eval_results_from_summary, results_table
+from peft_tensor.training import apply_arm
+from peft_tensor.training.models import build_model, save_backbone
+from peft_tensor.training.outputs import save_outputs
+
+from tests._recipe_fixtures import TINY_MODEL
+
+RESULT = {"test": {"dice": {"mean": 0.5, "std": 0.1, "n": 2}}}
+
+
+def _x():
+    return torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(3))
+
+
+def test_base_weights_referenced_when_exact_else_written(tmp_path):
+    """A pretrained model.safetensors holding exactly the base is referenced where it is; without one, the run's
+    base weights are written once beside the adapter, and the adapter loads from the folder alone."""
+    torch.manual_seed(0)
+    save_backbone(build_model(TINY_MODEL), TINY_MODEL, tmp_path / "backbone")
+    from peft_tensor.training import load_backbone
+
+    for name, pretrained in (("referenced", str(tmp_path / "backbone")), ("written", None)):
+        torch.manual_seed(1)
+        base = load_backbone(pretrained, TINY_MODEL)[0] if pretrained else build_model(TINY_MODEL)
+        model = apply_arm(base, {"name": "tcurlora", "r": 2, "init_weights": False}, TINY_MODEL).eval()
+        cfg = {**TINY_MODEL, "pretrained": pretrained}
+        save_outputs(model, tmp_path / name / "adapter", arm="tcurlora", model_cfg=cfg, result=RESULT,
+                     data_cfg={"kind": "pairs", "root": "/data/hippo"}, data_description="two toy cases")
+        weights = json.loads((tmp_path / name / "adapter" / "peft_tensor.json").read_text())["base_network"]["weights"]
+        if pretrained:
+            assert weights["path"] == str((tmp_path / "backbone" / "model.safetensors").resolve())
+            assert not (tmp_path / name / "base").exists()
+        else:
+            assert weights["path"] == str((tmp_path / name / "base" / "model.safetensors").resolve())
+        with torch.no_grad():
+            assert torch.equal(load_pretrained(tmp_path / name / "adapter")(_x()), model(_x()))
+        card = ModelCard((tmp_path / name / "adapter" / "README.md").read_text())
+        assert card.data.library_name == LIBRARY_NAME and card.data.license == "apache-2.0"
+        assert card.data.eval_results[0].dataset_name == "pairs dataset hippo"
+
+
+def test_non_peft_arm_gets_weights_record_and_card(tmp_path):
+    model = apply_arm(build_model(TINY_MODEL), "frozen", TINY_MODEL)
+    save_outputs(model, tmp_path / "adapter", arm="frozen", model_cfg=TINY_MODEL, result=RESULT,
+                 card_cfg={"license": "mit", "dataset": "toy"})
+    folder = tmp_path / "adapter"
+    assert (folder / "trainable.safetensors").is_file()
+    record = json.loads((folder / "peft_tensor.json").read_text())
+    assert record["base_network"]["class"] == "monai.networks.nets.UNETR"
+    card = ModelCard((folder / "README.md").read_text())
+    assert card.data.license == "mit" and card.data.library_name == LIBRARY_NAME
+    assert "load_trained" in card.text and "| foreground | 0.5000 ± 0.1000 (n=2) |" in card.text
 
 
 def test_card_results_with_and_without_per_class_keys():
