@@ -137,7 +137,11 @@ def export_bundle(model: nn.Module, out_dir: str | os.PathLike, *, network_def: 
         (tmp / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
         torch.save(state, tmp / "models" / "model.pt")
         if ts_module is not None:
-            torch.jit.save(ts_module, str(tmp / "models" / "model.ts"))
+            import warnings
+
+            with warnings.catch_warnings():  # torch 2.13 deprecates torch.jit in favour of torch.export; MONAI bundles
+                warnings.simplefilter("ignore", DeprecationWarning)  # still ship TorchScript as models/model.ts
+                torch.jit.save(ts_module, str(tmp / "models" / "model.ts"))
         (tmp / "docs" / "README.md").write_text(_readme(class_path, info, ts_info, roi), encoding="utf-8")
         for path in tmp.rglob("*"):
             if path.is_file():
