@@ -84,6 +84,16 @@ def test_config_loads_and_validates(name):
         assert {cfg["floor_arm"], cfg["reference"]} <= set(cfg["arms"]) and cfg["run"]["steps"] > 0
         for arm in cfg["arms"].values():
             _check_arm({k: v for k, v in arm.items() if k != "label"}, {"name": "unetr"})
+    elif name.startswith("loader"):  # benchmarks/loader_throughput.py
+        from peft_tensor.data import LoaderSettings, Preprocess
+
+        Preprocess(**cfg["preprocess"])
+        for dataset in cfg["datasets"]:
+            for workers in cfg["workers"]:
+                LoaderSettings(dataset=dataset, num_workers=workers, cache_rate=cfg.get("cache_rate", 1.0))
+        assert cfg["synthetic"]["n_cases"] > 0 and all(p <= s for p, s in zip(cfg["patch"], cfg["synthetic"]["size"]))
+        for spec in cfg["models"].values():
+            model_kwargs(spec["model"])
     elif name == "evaluate_run":
         assert {"run_dir", "split", "eval"} <= set(cfg)
     elif name.startswith("diagnose"):
