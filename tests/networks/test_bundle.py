@@ -1,12 +1,15 @@
 """export_bundle / ``peft-tensor export``: the adapted network merged into a MONAI bundle that monai.bundle and
-torch.jit load in a fresh Python process (without peft_tensor) with the adapted model's outputs."""
+torch.jit load in a fresh Python process (without peft_tensor) with the adapted model's outputs; the README section
+"Load your pretrained network" runs as written."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,8 +52,36 @@ READER = textwrap.dedent("""
 """)
 
 
-def test_unetr_bundle_round_trip_in_a_fresh_process(tmp_path):
-    pm = _adapted(UNETR, unetr_kwargs(), ["attn.qkv", "mlp.linear2"])
+def _readme_block() -> tuple[str, str]:
+    """The python block of the README section "Load your pretrained network", split at its training comment."""
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = text.index("### Load your pretrained network\n")
+    block = re.search(r"```python\n(.*?)```", text[start:], flags=re.S).group(1)
+    before, marker, after = block.partition("# ... fine-tune model ...\n")
+    assert marker, "the README block marks where training goes"
+    return before, after
+
+
+def test_readme_block_bundle_round_trip_in_a_fresh_process(tmp_path, monkeypatch):
+    """The README block as written on a test-sized 14-class UNETR bundle; the exported bundle is read in a fresh
+    process by monai.bundle (ConfigParser network_def + model.pt) and torch.jit (model.ts), without peft_tensor."""
+    from .test_load import _write_bundle
+
+    src = build(UNETR, unetr_kwargs(out_channels=14), seed=1)
+    _write_bundle(tmp_path / "btcv_unetr_bundle", {"_target_": "UNETR", **unetr_kwargs(out_channels=14)},
+                  src.state_dict())
+    monkeypatch.chdir(tmp_path)
+    load_part, export_part = _readme_block()
+    ns: dict = {"__name__": "__readme__"}
+    exec(compile(load_part, "README.md", "exec"), ns)
+    report, pm = ns["report"], ns["model"]
+    assert [m[0] for m in report.mismatched] == ["out.conv.conv.weight", "out.conv.conv.bias"]
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # stands in for training: the adapter and the head move away from their initialisation
+        for _, p in pm.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    pm.eval()
     x = torch.randn(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = pm(x)
@@ -58,8 +89,8 @@ def test_unetr_bundle_round_trip_in_a_fresh_process(tmp_path):
             base_out = pm(x)
     assert (want - base_out).abs().max() > 1e-3  # the adapter changes the output: merging is tested
     before = {k: v.clone() for k, v in pm.state_dict().items()}
-
-    out = export_bundle(pm, tmp_path / "unetr_bundle", channel_names=["background", "hippocampus"])
+    exec(compile(export_part, "README.md", "exec"), ns)
+    out = tmp_path / "my_unetr_bundle"
 
     assert same_tensors(before, pm.state_dict()) and hasattr(pm, "peft_config")  # the user's model is unchanged
     assert sorted(p.name for p in (out / "configs").iterdir()) == ["inference.json", "metadata.json"]
@@ -68,9 +99,9 @@ def test_unetr_bundle_round_trip_in_a_fresh_process(tmp_path):
     meta = json.loads((out / "configs" / "metadata.json").read_text())
     assert meta["peft_tensor"]["merged_adapters"] == {"default": "TCURLORA"}
     assert meta["peft_tensor"]["torchscript"]["method"] == "torch.jit.script"
-    assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {"0": "background", "1": "hippocampus"}
+    assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {"0": "background", "1": "class 1"}
     inference = json.loads((out / "configs" / "inference.json").read_text())
-    assert inference["network_def"] == {"_target_": UNETR, **unetr_kwargs()}
+    assert inference["network_def"] == {"_target_": UNETR, **unetr_kwargs(out_channels=2)}
     assert inference["inferer"]["roi_size"] == [16, 16, 16]
 
     torch.save(x, tmp_path / "x.pt")
