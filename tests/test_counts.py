@@ -47,3 +47,61 @@ def test_lorapt_paper(unetr, r, expected):
 
 def test_peft_lora_reference(unetr):
     assert _count(unetr, LoraConfig(r=8, target_modules=UNETR_TARGETS))[0] == 1_179_648
+
+
+# ------------------------------------------------------------------------------ whole-network adapters (issue 12)
+# UNETR-B's decoder (feature size 16): per block decoder5..decoder2 a ConvTranspose3d 2x2x2 (in -> out), conv1 3x3x3
+# (2 out -> out), conv2 3x3x3 (out -> out) and conv3 1x1x1 (2 out -> out); the head 1x1x1 16 -> 2 with bias.
+_DECODER = [(768, 128), (128, 64), (64, 32), (32, 16)]  # (transposed-conv in, block out)
+_HEAD = 16 * 2 + 2
+
+
+def _full_arm(arm: dict):
+    from peft_tensor.training import apply_arm, param_counts
+    from peft_tensor.training.models import build_model
+
+    cfg = {"name": "unetr", "img_size": 64}  # UNETR-B; no trainable count depends on img_size
+    model = apply_arm(build_model(cfg), arm, cfg)
+    return model, param_counts(model)["trainable"]
+
+
+def test_tcurlora_full_unetr_b_is_tens_of_thousands_and_its_file_well_under_1_mb(tmp_path):
+    r = 8
+    # slices: 4 by-shape groups of 12 Linears; per decoder block 8 + 27 + 27 kernel positions and one 1x1x1 slice
+    slices = 4 * 12 + len(_DECODER) * (8 + 27 + 27 + 1)
+    expected = r * r * slices + _HEAD
+    model, n = _full_arm({"name": "tcurlora_full"})
+    assert n == expected == 19_234
+    model.save_pretrained(tmp_path)
+    size = (tmp_path / "adapter_model.safetensors").stat().st_size
+    # U and U0 in float32 (2 r^2 L), column/row indices and the group shape (int64), the head, a JSON header
+    assert 2 * 4 * r * r * slices < size < 2 * 4 * r * r * slices + 16_384 < 1_000_000
+    print(f"\ntcurlora_full UNETR-B: {n:,} trainable ({r}^2 x {slices} slices + head {_HEAD}), file {size:,} bytes")
+
+
+def test_lorapt_full_and_lora_full_unetr_b_counts():
+    from peft import get_peft_model
+
+    from peft_tensor.training.arms import peft_config
+
+    cfg = {"name": "unetr", "img_size": 64}
+    r = 2
+    # LoRA-PT, by-shape Linear groups (L = 12 each) and one kernel group per convolution: L (r (n1 + n2) + r^2)
+    linear = 12 * sum(r * (n1 + n2) + r * r for n1, n2 in ((2304, 768), (768, 768), (3072, 768), (768, 3072)))
+    convs = 0
+    for t_in, out in _DECODER:
+        convs += 8 * (r * (t_in + out) + r * r)  # ConvTranspose3d, slices in x out
+        convs += 27 * (r * (out + 2 * out) + r * r) + 27 * (r * (out + out) + r * r) + (r * (out + 2 * out) + r * r)
+    from peft_tensor.training.models import build_model
+
+    # no decomposition needed for a count: groups built empty on the meta device
+    config = peft_config("lorapt_full", {"name": "lorapt_full", "r": r}, cfg)
+    pm = get_peft_model(build_model(cfg), config, low_cpu_mem_usage=True)
+    n = sum(p.numel() for p in pm.parameters() if p.requires_grad)
+    assert n == linear + convs + _HEAD
+    # PEFT LoRA r=1 on the Linears (r (in + out)) and the decoder's Conv3d (r (in k^3 + out)); no ConvTranspose3d
+    lora = 12 * sum(n1 + n2 for n1, n2 in ((2304, 768), (768, 768), (3072, 768), (768, 3072)))
+    lora += sum((2 * out * 27 + out) + (out * 27 + out) + (2 * out + out) for _, out in _DECODER)
+    _, n_lora = _full_arm({"name": "lora_full"})
+    assert n_lora == lora + _HEAD
+    print(f"\nlorapt_full (r={r}) UNETR-B: {n:,} trainable; lora_full (r=1): {n_lora:,}")
