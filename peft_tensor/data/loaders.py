@@ -27,6 +27,7 @@ The task keys of a data config, for every kind: ``task_type`` (``binary`` | ``mu
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import os
 import random
@@ -338,13 +339,15 @@ def load_dataset(cfg: dict) -> DatasetSplits:
     loader = resolve_loader(kind)
     if loader is pairs_folder and task_cfg.get("foreground") is not None:
         cfg["foreground"] = tuple(task_cfg["foreground"])
-    try:
-        ds = loader(**cfg)
-    except TypeError as e:
-        if kind in LOADERS and "argument" in str(e):
-            raise TypeError(f"data.kind={kind}: {e}; see the loader's arguments: "
-                            f"help(peft_tensor.data.loaders.{loader.__name__})") from e
-        raise
+    if kind in LOADERS:  # a key another layout uses, left null in a config (e.g. split_files: null), is not set
+        accepted = inspect.signature(loader).parameters
+        if not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
+            cfg = {k: v for k, v in cfg.items() if k in accepted or v is not None}
+            unknown = sorted(set(cfg) - set(accepted))
+            if unknown:
+                raise TypeError(f"data.kind={kind} does not take {unknown}; its arguments: {sorted(accepted)} "
+                                f"(help(peft_tensor.data.loaders.{loader.__name__}))")
+    ds = loader(**cfg)
     ds = _from_user(ds, kind) if kind not in LOADERS else ds
     ds.task = _configured_task(ds, task_cfg)
     check_files(ds)

@@ -53,8 +53,10 @@ def test_msd_classes_from_dataset_json_and_the_binary_special_case(tmp_path):
 
     binary = load_dataset({"kind": "msd", "root": str(root), "task_type": "binary"})
     assert binary.task.kind == "binary" and binary.task.codes == ((1, 2),) and binary.task.classes == ("hippocampus",)
-    one = load_dataset({"kind": "msd", "root": str(root), "classes": ["posterior"]})
-    assert one.task.classes == ("posterior",) and one.task.codes == ((2,),)
+    one = load_dataset({"kind": "msd", "root": str(root), "classes": ["posterior"], "split_files": None})
+    assert one.task.classes == ("posterior",) and one.task.codes == ((2,),)  # split_files: null (pairs' key) ignored
+    with pytest.raises(TypeError, match=r"data.kind=msd does not take \['split_files'\]; its arguments"):
+        load_dataset({"kind": "msd", "root": str(root), "split_files": ["splits.json"]})
 
     brats = load_dataset({"kind": "brats", "root": str(brats_dataset(tmp_path / "brats", n=2)),
                           "task_type": "multilabel", "modality": ["flair", "t1"]})
