@@ -277,4 +277,6 @@ def check_card_metadata(card: ModelCard) -> None:
 
 
 def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in str(text).lower()).strip("-")
+    import re
+
+    return re.sub(r"-+", "-", "".join(c if c.isalnum() else "-" for c in str(text).lower())).strip("-")

@@ -89,7 +89,7 @@ def save_pretrained(model, save_directory: str | os.PathLike, *, base_network: B
         base_model_name_or_path: written to every ``adapter_config.json``; by default the base weights' Hub repo,
             else ``base_network.source`` when that is a bundle name or repo id (not a local path).
     """
-    save_directory = Path(save_directory)
+    save_directory, card_name = Path(save_directory), name
     spec = base_network or describe_network(model)
     if base_weights is not None:
         spec.weights = base_weights if isinstance(base_weights, WeightsRef) else WeightsRef.from_file(base_weights)
@@ -122,7 +122,7 @@ def save_pretrained(model, save_directory: str | os.PathLike, *, base_network: B
         "card": {k: v for k, v in {
             "training_data": training_data, "license": license, "datasets": datasets, "tags": tags,
             "eval_results": eval_results_to_json(eval_results_from(evaluation)) or None,
-            "results": _card_results(results), "details": details, "name": name,
+            "results": _card_results(results), "details": details, "name": card_name,
         }.items() if v},
     }
     write_json_atomic(save_directory / PROVENANCE_FILE, record)

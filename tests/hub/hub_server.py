@@ -185,6 +185,12 @@ def validate_card_yaml(content: str) -> list[str]:
             isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
         ):
             errors.append(f'"{key}" must be a string or a list of strings')
+    relation = meta.get("base_model_relation")
+    if relation is not None:
+        if relation not in ("adapter", "merge", "quantized", "finetune"):
+            errors.append('"base_model_relation" must be one of adapter, merge, quantized, finetune')
+        elif not meta.get("base_model"):
+            errors.append('"base_model_relation" needs a "base_model"')
     model_index = meta.get("model-index")
     if model_index is not None:
         if not isinstance(model_index, list):

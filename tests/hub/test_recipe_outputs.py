@@ -55,6 +55,7 @@ def test_base_weights_referenced_when_exact_else_written(tmp_path):
         card = ModelCard((tmp_path / name / "adapter" / "README.md").read_text())
         assert card.data.library_name == LIBRARY_NAME and card.data.license == "apache-2.0"
         assert card.data.eval_results[0].dataset_name == "pairs dataset hippo"
+        assert card.text.lstrip().startswith(f"# {name}\n")  # titled by the run folder until pushed
 
 
 def test_non_peft_arm_gets_weights_record_and_card(tmp_path):
