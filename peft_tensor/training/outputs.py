@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Mapping
 
@@ -75,11 +76,18 @@ def save_outputs(model: torch.nn.Module, folder: str | os.PathLike, *, arm: str,
     results = dict(result or {})
     if canonical_arm(arm) in PEFT_ARMS and hasattr(model, "peft_config"):
         from ..hub import save_pretrained
+        from ..hub.provenance import ProvenanceError
 
-        spec, weights = base_record(model, model_cfg, folder.parent / "base")
-        return save_pretrained(model, folder, base_network=spec, base_weights=weights, training_data=data_description,
-                               results=results, dataset=dataset, details=details, license=license, tags=tags,
-                               name=folder.resolve().parent.name)
+        card = dict(training_data=data_description, results=results, dataset=dataset, details=details,
+                    license=license, tags=tags, name=folder.resolve().parent.name)
+        try:
+            spec, weights = base_record(model, model_cfg, folder.parent / "base")
+        except ProvenanceError as exc:  # never lose a trained adapter over its record: save it, say what is missing
+            warnings.warn(f"{exc} The adapter is saved to {folder} without its base network record; record the "
+                          "network (peft_tensor.hub.record_network) and save it again with "
+                          "peft_tensor.hub.save_pretrained before sharing it.", stacklevel=2)
+            return _save_unrecorded(model, folder, card)
+        return save_pretrained(model, folder, base_network=spec, base_weights=weights, **card)
     return _save_plain(model, folder, arm, model_cfg, results, dataset, data_description, details, license, tags)
 
 
@@ -169,6 +177,26 @@ def _same_tensors(path: Path, state: Mapping[str, torch.Tensor]) -> bool:
         if set(fh.keys()) != set(state):
             return False
         return all(torch.equal(fh.get_tensor(k), state[k].detach().to("cpu")) for k in state)
+
+
+def _save_unrecorded(model, folder: Path, card: dict) -> Path:
+    """PEFT's files and our card (base network: not recorded) when the base network cannot be described."""
+    from ..hub.cards import build_adapter_card
+    from ..hub.publish import _card_results
+    from ..hub.provenance import library_versions
+
+    model.save_pretrained(str(folder), safe_serialization=True)
+    evals = None
+    if card["results"].get("test"):
+        from ..hub.cards import eval_results_from_summary, eval_results_to_json
+
+        evals = eval_results_to_json(eval_results_from_summary(card["results"], card["dataset"]))
+    record = {"written_by": library_versions(), "card": {k: v for k, v in {
+        "training_data": card["training_data"], "license": card["license"], "tags": card["tags"],
+        "eval_results": evals, "results": _card_results(card["results"]), "details": card["details"],
+        "name": card["name"]}.items() if v}}
+    atomic_write_text(folder / "README.md", str(build_adapter_card(folder, record)))
+    return folder
 
 
 # ---------------------------------------------------------------------------------------------------- other arms

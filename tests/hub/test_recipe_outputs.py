@@ -58,6 +58,28 @@ def test_base_weights_referenced_when_exact_else_written(tmp_path):
         assert card.text.lstrip().startswith(f"# {name}\n")  # titled by the run folder until pushed
 
 
+def test_unrecordable_base_still_saves_the_adapter(tmp_path):
+    """A trained adapter is never lost over its record: a network the model config does not describe is saved with
+    a warning, and the card says the base network is not recorded."""
+    import pytest
+    from peft import LoraConfig, get_peft_model
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    model = get_peft_model(Net(), LoraConfig(r=2, target_modules=["proj"]))
+    with pytest.warns(UserWarning, match="without its base network record"):
+        save_outputs(model, tmp_path / "adapter", arm="lora", model_cfg=TINY_MODEL, result=RESULT)
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert "Network: not recorded" in card and "| foreground | 0.5000" in card
+
+
 def test_non_peft_arm_gets_weights_record_and_card(tmp_path):
     model = apply_arm(build_model(TINY_MODEL), "frozen", TINY_MODEL)
     save_outputs(model, tmp_path / "adapter", arm="frozen", model_cfg=TINY_MODEL, result=RESULT,
