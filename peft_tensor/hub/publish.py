@@ -1,9 +1,12 @@
 """Save adapters with their provenance and card, and publish them to the Hub in one commit per repository.
 
-PEFT's inherited ``PeftModel.push_to_hub`` replaces the card with a transformers card and knows nothing of the
-base network, so publishing goes through here: save to a directory, build the card, upload every file with one
-``HfApi.create_commit``. The local directory is only read while pushing; a failed push leaves it as it was and,
-since a commit is all-or-nothing on the Hub, leaves the repository as it was too.
+PEFT's inherited ``PeftModel.push_to_hub`` (transformers' ``PushToHubMixin``) knows nothing of the base network: on
+a new repository it uploads transformers' stock card ("Model Card for Model ID", ``library_name: transformers``) and
+no ``peft_tensor.json``; on a repository published from here it replaces the adapter weights but re-uploads the old
+card and leaves the old ``peft_tensor.json``, which then describe the previous adapter (both checked against the
+local Hub server of the tests). So publishing goes through here: save to a directory, build the card, upload every
+file with one ``HfApi.create_commit``. The local directory is only read while pushing; a failed push leaves it as it
+was and, since a commit is all-or-nothing on the Hub, leaves the repository as it was too.
 """
 
 from __future__ import annotations
@@ -205,6 +208,11 @@ def push_to_hub(adapter, repo_id: str, *, token: str | bool | None = None, priva
                                            license=(record.get("card") or {}).get("license"))
         record["base_network"]["weights"] = pushed_weights.to_dict()
 
+    weights = ((record or {}).get("base_network") or {}).get("weights") or {}
+    if weights and not weights.get("repo_id"):
+        logger.warning("%s records its base weights only as the local file %s: others cannot rebuild the network "
+                       "from %s. Publish them too: base_weights_repo= (CLI: --base-weights-repo).", adapter_dir,
+                       weights.get("path"), repo_id)
     card = build_adapter_card(adapter_dir, record, repo_id=repo_id)
     base_name = base_reference((record or {}).get("base_network"))
     operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=_upload_source(adapter_dir / rel, base_name))
