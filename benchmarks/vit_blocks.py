@@ -30,8 +30,17 @@ step of each arm in turn** (the starting arm rotates each round), after warm-up 
   through ``torch.autograd.graph.saved_tensors_hooks``, each storage once, *excluding* the model's parameters and
   buffers and the input (held anyway): a device-independent memory proxy (a dense ``W + D`` built in the forward
   counts, a frozen weight saved for ``dX = dY W`` does not). ``saved_total_mb`` includes the resident ones;
+* adapter-held bytes: the adapter's own tensors (parameters and buffers the base network does not have, each
+  storage once) plus what its groups cache between steps (``delta_mode='dense'``: one ``D`` per group, held from a
+  forward until the next one);
 * on CUDA: peak ``max_memory_allocated`` during a step minus the memory allocated just before it (peak stats
-  reset before every step), the largest over the timed steps.
+  reset before every step), the largest over the timed steps;
+* on CPU (``run.memory_probe``, default on for CPU): the step's peak resident memory above the resident memory
+  just before it, **each arm in a fresh process** (:func:`memory_probe`): the arm is built, the kernel's peak-RSS
+  mark is reset (``/proc/self/clear_refs``) and one step runs, with glibc told to return every freed block of
+  64 KiB or more to the system (``MALLOC_MMAP_THRESHOLD_``), so the mark follows the live tensors. This catches
+  what the saved-tensor count cannot: temporaries of the backward pass (e.g. the stacked gradient of a dense
+  ``D``) and the gradients of the trainable parameters.
 
 Ratios: ``x floor`` against the floor arm (``floor_arm``), ``x LoRA`` against the reference arm (``reference``,
 PEFT LoRA r=8) of the same cell. Arms of a method whose config class has a ``delta_mode`` field are also run with
@@ -60,8 +69,8 @@ from peft_tensor.registry import methods
 from peft_tensor.training.arms import canonical_arm, peft_config
 from peft_tensor.training.config import load_config
 
-__all__ = ["ViTBlocks", "build_blocks", "expand_arms", "build_arm", "saved_activation_bytes", "run_benchmark",
-           "markdown_report", "write_outputs", "main"]
+__all__ = ["ViTBlocks", "build_blocks", "expand_arms", "build_arm", "saved_activation_bytes", "adapter_held_bytes",
+           "memory_probe", "run_benchmark", "markdown_report", "write_outputs", "main"]
 
 MB = 1024 * 1024
 HERE = Path(__file__).resolve().parent
@@ -192,7 +201,8 @@ def _storage_key(t: torch.Tensor):
         return (str(t.device), "id", id(t)), t.numel() * t.element_size()
 
 
-def saved_activation_bytes(model: nn.Module, x: torch.Tensor, loss_fn) -> tuple[int, int]:
+def saved_activation_bytes(model: nn.Module, x: torch.Tensor, loss_fn, keys_out: Optional[set] = None
+                           ) -> tuple[int, int]:
     """(activation bytes, total bytes) autograd saves for backward in one forward of ``model`` on ``x``, each
     storage once; activations exclude the storages of ``model``'s parameters and buffers and of ``x``. Runs the
     backward too (so the step is complete) and clears the gradients."""
@@ -207,15 +217,105 @@ def saved_activation_bytes(model: nn.Module, x: torch.Tensor, loss_fn) -> tuple[
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = loss_fn(model(x))
     loss.backward()
-    _clear(model, x)
+    _clear(model, x, drop_caches=False)  # the caches are counted next (adapter_held_bytes)
+    if keys_out is not None:
+        keys_out.update(seen)
     total = sum(seen.values())
     return total - sum(b for k, b in seen.items() if k in resident), total
 
 
-def _clear(model: nn.Module, x: torch.Tensor) -> None:
+def _tensors_in(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors_in(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors_in(v)
+
+
+def adapter_held_bytes(model: nn.Module, base_bytes: int, exclude: frozenset = frozenset()) -> tuple[int, int]:
+    """(state bytes, cache bytes) an adapter holds: the bytes of ``model``'s parameters and buffers (each storage
+    once) above ``base_bytes`` (the base network's), and the tensors its tensor groups cache between forward passes
+    (the per-forward factors, or a dense ``D`` per group), each storage once, storages in ``exclude`` (e.g. those
+    already counted as saved for backward) left out of the cache bytes."""
+    seen: dict = {}
+    for t in (*model.parameters(), *model.buffers()):
+        key, nbytes = _storage_key(t)
+        seen[key] = nbytes
+    state = sum(seen.values()) - base_bytes
+    cache: dict = {}
+    for m in model.modules():
+        live = m.__dict__.get("_live")
+        if isinstance(live, dict):
+            for t in _tensors_in(live):
+                key, nbytes = _storage_key(t)
+                if key not in seen and key not in exclude:
+                    cache[key] = nbytes
+    return state, sum(cache.values())
+
+
+def _proc_status_kb(field: str) -> Optional[int]:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def memory_probe(cfg: dict, arm_name: str, tokens: int, batch: int) -> dict:
+    """In *this* process (meant to be a fresh one, see :func:`_run_probe`): build arm ``arm_name``, reset the peak
+    resident-memory mark, run one step on ``(batch, tokens, hidden)`` and return the step's peak above the resident
+    memory before it (MB). CPU only (Linux ``/proc``)."""
+    import gc
+
+    run = cfg["run"]
+    torch.set_num_threads(int(run.get("threads", 1)))
+    arm = expand_arms(cfg["arms"], run.get("delta_modes", ["factored", "dense"]))[arm_name]
+    base = build_blocks(cfg["model"], seed=int(run.get("seed", 0)))
+    model, _ = build_arm(base, arm, cfg["targets"], torch.device("cpu"))
+    del base
+    gen = torch.Generator().manual_seed(int(run.get("seed", 0)) + 1)
+    x = torch.randn(batch, tokens, int(cfg["model"]["hidden_size"]), generator=gen).requires_grad_(True)
+    _clear(model, x)
+    gc.collect()
+    rss0 = _proc_status_kb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM (the peak RSS mark) to the current RSS
+    _loss(model(x)).backward()
+    peak = _proc_status_kb("VmHWM")
+    return {"peak_above_mb": (peak - rss0) / 1024, "rss_before_mb": rss0 / 1024, "peak_rss_mb": peak / 1024}
+
+
+def _run_probe(cfg: dict, arm_name: str, tokens: int, batch: int, timeout: float) -> dict:
+    """:func:`memory_probe` in a fresh Python process (glibc returns freed blocks >= 64 KiB to the system there)."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = Path(tmp) / "probe.json"
+        spec.write_text(json.dumps({"cfg": cfg, "arm": arm_name, "tokens": tokens, "batch": batch}, default=str))
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent), env.get("PYTHONPATH")]))
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--memory-probe", str(spec)],
+                              capture_output=True, text=True, timeout=timeout, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory probe of {arm_name} failed: {proc.stderr.strip()[-800:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _clear(model: nn.Module, x: torch.Tensor, drop_caches: bool = True) -> None:
+    """Gradients cleared and the tensor groups' per-forward caches dropped (the next forward rebuilds them anyway),
+    so memory measured from here on counts this step's own ``D`` / factors."""
     x.grad = None
     for p in model.parameters():
         p.grad = None
+    for m in model.modules() if drop_caches else ():
+        live = m.__dict__.get("_live")
+        if isinstance(live, dict):
+            live.clear()
 
 
 def _loss(y: torch.Tensor) -> torch.Tensor:
@@ -269,17 +369,21 @@ def _ratios(cell_arms: dict, floor: str, ref: str) -> None:
     """Each arm's ratios to the floor arm and to the reference arm *of the same cell* (None where one is absent)."""
     f, r = cell_arms.get(floor, {}), cell_arms.get(ref, {})
     for a in cell_arms.values():
+        if "peak_above_mb" in a:  # the step's measured peak (CUDA allocator or the CPU probe) + the adapter's state
+            a["step_memory_mb"] = a["peak_above_mb"] + a.get("adapter_state_mb", 0.0)
+    for a in cell_arms.values():
         if "error" in a:
             continue
         a["vs_floor"] = {"step": _ratio(a["step_ms"], f.get("step_ms")),
                          "step_cpu": _ratio(a["cpu_ms"], f.get("cpu_ms"))}
         a["vs_lora"] = {"step": _ratio(a["step_ms"], r.get("step_ms")),
                         "step_cpu": _ratio(a["cpu_ms"], r.get("cpu_ms")),
-                        "saved_act": _ratio(a["saved_act_mb"], r.get("saved_act_mb"))}
+                        "saved_act": _ratio(a["saved_act_mb"], r.get("saved_act_mb")),
+                        "memory_proxy": _ratio(a.get("memory_proxy_mb"), r.get("memory_proxy_mb"))}
+        a["vs_lora"]["step_memory"] = _ratio(a.get("step_memory_mb"), r.get("step_memory_mb"))
         if "cuda_ms" in a:
             a["vs_floor"]["cuda"] = _ratio(a["cuda_ms"], f.get("cuda_ms"))
             a["vs_lora"]["cuda"] = _ratio(a["cuda_ms"], r.get("cuda_ms"))
-            a["vs_lora"]["peak_above"] = _ratio(a["peak_above_mb"], r.get("peak_above_mb"))
 
 
 def run_cell(models: dict, tokens: int, batch: int, hidden: int, run: dict, device: torch.device, log) -> dict:
@@ -289,8 +393,12 @@ def run_cell(models: dict, tokens: int, batch: int, hidden: int, run: dict, devi
     names = list(models)
     out: dict[str, dict] = {n: {} for n in names}
     for n in names:  # also the first warm-up of each arm
-        act, total = saved_activation_bytes(models[n], x, _loss)
-        out[n].update(saved_act_mb=act / MB, saved_total_mb=total / MB)
+        keys: set = set()
+        act, total = saved_activation_bytes(models[n], x, _loss, keys_out=keys)
+        state, cache = adapter_held_bytes(models[n], int(run.get("_base_bytes", 0)), frozenset(keys))
+        # memory proxy: what backward keeps + the adapter's own tensors + its caches not already saved
+        out[n].update(saved_act_mb=act / MB, saved_total_mb=total / MB, adapter_state_mb=state / MB,
+                      adapter_cache_mb=cache / MB, memory_proxy_mb=(act + state + cache) / MB)
     warmup, steps = int(run["warmup_steps"]), int(run["steps"])
     samples: dict[str, list] = {n: [] for n in names}
     load0 = _load()
@@ -313,8 +421,29 @@ def run_cell(models: dict, tokens: int, batch: int, hidden: int, run: dict, devi
             a["cuda_ms"] = _median([s["cuda_ms"] for s in ss])
             a["cuda_samples_ms"] = [round(s["cuda_ms"], 3) for s in ss]
             a["peak_above_mb"] = max(s["peak_above_mb"] for s in ss)
+    if _probe_enabled(run, device):
+        for n in names:
+            try:
+                out[n].update(_run_probe(run["_cfg"], n, tokens, batch, float(run.get("probe_timeout_s", 1800))))
+                log(f"  [{tokens} tokens x {batch}] memory probe {n}: peak {out[n]['peak_above_mb']:.0f} MB above")
+            except (RuntimeError, OSError, ValueError, subprocess_error()) as err:
+                out[n]["probe_error"] = str(err)[-300:]
+                log(f"  [{tokens} tokens x {batch}] memory probe {n} FAILED: {out[n]['probe_error']}")
     return {"tokens": tokens, "batch": batch, "input": [batch, tokens, hidden], "warmup_steps": warmup,
             "steps": steps, "load_average": {"start": load0, "end": _load()}, "arms": out}
+
+
+def subprocess_error():
+    import subprocess
+
+    return subprocess.SubprocessError
+
+
+def _probe_enabled(run: dict, device: torch.device) -> bool:
+    want = run.get("memory_probe", "auto")
+    if want in (False, "false", "off", None):
+        return False
+    return device.type == "cpu" and Path("/proc/self/clear_refs").exists() and "_cfg" in run
 
 
 def run_benchmark(cfg: dict, log=print, on_cell=None) -> dict:
@@ -345,9 +474,11 @@ def run_benchmark(cfg: dict, log=print, on_cell=None) -> dict:
             result["arms"][n] = {"method": _method(arm), "label": arm.get("label", n), "error":
                                  f"{type(err).__name__}: {err}"}
             log(f"set-up {n} FAILED: {result['arms'][n]['error']}")
+    base_bytes = sum(t.numel() * t.element_size() for t in (*base.parameters(), *base.buffers()))
     del base
+    run_ctx = {**run, "_cfg": copy.deepcopy(cfg), "_base_bytes": base_bytes}
     for tokens, batch in _cells(run):
-        cell = run_cell(models, tokens, batch, int(cfg["model"]["hidden_size"]), run, device, log)
+        cell = run_cell(models, tokens, batch, int(cfg["model"]["hidden_size"]), run_ctx, device, log)
         for n, a in result["arms"].items():
             if "error" in a:
                 cell["arms"][n] = {"error": a["error"]}
@@ -396,34 +527,48 @@ def markdown_report(result: dict) -> str:
                   f"1 untimed step (saved activations) + {c['warmup_steps']} warm-up + {c['steps']} timed steps per "
                   f"arm, round-robin; load average "
                   f"{c['load_average']['start']} -> {c['load_average']['end']}.", ""]
+        probe = any("peak_above_mb" in a for a in c["arms"].values()) and not cuda
         head = "| arm | step ms (wall) | CPU ms | x floor (wall / CPU) | x LoRA (wall / CPU) | saved-activation MB " \
-               "| x LoRA memory |"
-        rule = "|---|---:|---:|---:|---:|---:|---:|"
+               "| adapter MB (state + cache) | x LoRA memory (proxy) |"
+        rule = "|---|---:|---:|---:|---:|---:|---:|---:|"
         if cuda:
-            head += " CUDA ms | x floor (CUDA) | x LoRA (CUDA) | step peak alloc MB | x LoRA (peak) |"
+            head += " CUDA ms | x floor (CUDA) | x LoRA (CUDA) | step peak alloc MB | x LoRA (peak + state) |"
             rule += "---:|---:|---:|---:|---:|"
+        elif probe:
+            head += " step peak RSS MB (own process) | x LoRA (peak + state) |"
+            rule += "---:|---:|"
         lines += [head, rule]
         for n, a in c["arms"].items():
             label = result["arms"][n]["label"] + (" (ref)" if n == ref else "") + (" (floor)" if n == floor else "")
             if "error" in a:
-                lines.append(f"| {label} | FAILED | | | | | |" + (" | | | | |" if cuda else ""))
+                lines.append(f"| {label} | FAILED | | | | | | |" + (" | | | | |" if cuda else " | |" if probe else ""))
                 continue
             f, r = a["vs_floor"], a["vs_lora"]
             row = (f"| {label} | {_fmt(a['step_ms'], '{:.1f}')} | {_fmt(a['cpu_ms'], '{:.1f}')} | "
                    f"{_fmt(f['step'])} / {_fmt(f['step_cpu'])} | {_fmt(r['step'])} / {_fmt(r['step_cpu'])} | "
-                   f"{a['saved_act_mb']:.1f} | {_fmt(r['saved_act'])} |")
+                   f"{a['saved_act_mb']:.1f} | {a.get('adapter_state_mb', 0):.1f} + "
+                   f"{a.get('adapter_cache_mb', 0):.1f} | {_fmt(r.get('memory_proxy'))} |")
             if cuda:
                 row += (f" {_fmt(a['cuda_ms'], '{:.2f}')} | {_fmt(f['cuda'])} | {_fmt(r['cuda'])} | "
-                        f"{a['peak_above_mb']:.1f} | {_fmt(r['peak_above'])} |")
+                        f"{a['peak_above_mb']:.1f} | {_fmt(r.get('step_memory'))} |")
+            elif probe:
+                row += f" {_fmt(a.get('peak_above_mb'), '{:.0f}')} | {_fmt(r.get('step_memory'))} |"
             lines.append(row)
         lines.append("")
     lines += ["Columns: *step* = grads cleared + forward of the blocks + mean-square loss + backward (input requires "
               "grad in every arm, so the floor back-propagates through the frozen blocks to it), median; *CPU* = "
               "process CPU time (all threads); *saved-activation MB* = bytes autograd saves for backward in one step, "
-              "each storage once, without the model's parameters / buffers and the input; ratios are to the floor "
-              "arm and to PEFT LoRA r=8 of the same table"
+              "each storage once, without the model's parameters / buffers and the input; *adapter MB* = the "
+              "adapter's own parameters and buffers (state) + what its groups cache between forward passes and "
+              "backward did not already save (cache; a dense `D` per group is saved, so it shows in the saved "
+              "column); *memory (proxy)* = saved + state + cache; ratios are to the floor arm and to PEFT LoRA r=8 "
+              "of the same table"
               + ("; *step peak alloc* = `max_memory_allocated` during a step minus the memory allocated before it "
-                 "(largest over the timed steps)." if cuda else "."), ""]
+                 "(largest over the timed steps), *peak + state* adds the adapter's state." if cuda else
+                 "; *step peak RSS* = peak resident memory of one step above the resident memory before it, each arm "
+                 "built and stepped in a fresh process (glibc returning freed blocks >= 64 KiB), *peak + state* adds "
+                 "the adapter's state." if any("peak_above_mb" in a for c in result["cells"]
+                                              for a in c["arms"].values()) else "."), ""]
     return "\n".join(lines)
 
 
@@ -441,7 +586,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="YAML path or a name in benchmarks/configs (default: CPU or GPU config)")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value (YAML value), e.g. run.steps=3")
+    parser.add_argument("--memory-probe", metavar="SPEC_JSON", help=argparse.SUPPRESS)  # internal: one arm's probe
     args = parser.parse_args(argv)
+    if args.memory_probe:
+        spec = json.loads(Path(args.memory_probe).read_text())
+        out = memory_probe(spec["cfg"], spec["arm"], int(spec["tokens"]), int(spec["batch"]))
+        print(json.dumps(out))
+        return out
     name = args.config or ("vit_blocks_gpu" if torch.cuda.is_available() else "vit_blocks_cpu")
     cfg = load_config(name, args.overrides, search=[CONFIG_DIR])
     stem = cfg.get("stem", "vit_blocks")
