@@ -54,7 +54,7 @@ import torch
 from peft import PeftModel
 
 from peft_tensor.registry import methods
-from peft_tensor.training.arms import PEFT_ARMS, apply_arm, canonical_arm, name_matches, save_trained
+from peft_tensor.training.arms import FULL_SUFFIX, PEFT_ARMS, apply_arm, canonical_arm, name_matches, save_trained
 from peft_tensor.training.config import load_config
 from peft_tensor.training.models import build_model, defaults_for
 
@@ -99,6 +99,8 @@ def make_arm(model: torch.nn.Module, arm: dict, spec: dict) -> tuple[torch.nn.Mo
     name = canonical_arm(fields["name"])
     if name == "decoder_only":
         fields.setdefault("modules_to_save", decoder_of(spec))
+    elif name.endswith(FULL_SUFFIX):
+        pass  # whole-network arms: their own targets (encoder Linears + decoder convolutions) and the head
     elif name in PEFT_ARMS:
         fields.setdefault("modules_to_save", [])
         if spec.get("targets"):
@@ -197,6 +199,7 @@ class ArmWorker:
         trainable = sum(p.numel() for p in params)
         self.opt = torch.optim.Adam(params, lr=1e-3, weight_decay=2e-5, amsgrad=True) if params else None
         return {"trainable": trainable, "decoder_params": decoder_params, "setup_s": setup_s,
+                "trains_decoder": bool(arm.get("modules_to_save")),
                 "setup_cpu_s": setup_cpu_s, "adapter_file_bytes": self._file_size(), "rss_after_setup_mb": _rss_mb()}
 
     def _file_size(self) -> Optional[int]:
@@ -493,9 +496,89 @@ def run_benchmark(cfg: dict, log=print) -> dict:
     t0 = time.time()
     for name in names:
         result["backbones"][name] = run_backbone(name, cfg, log=log)
+    if cfg.get("conv_delta"):
+        cd = cfg["conv_delta"]
+        result["conv_delta"] = []
+        for out_ch, in_ch, spatial in cd["shapes"]:
+            result["conv_delta"].append(conv_delta_costs(int(out_ch), int(in_ch), int(spatial), r=int(cd.get("r", 8)),
+                                                         reps=int(cd.get("reps", 3))))
+            log(f"[conv_delta] {result['conv_delta'][-1]}")
     result["load_average_end"] = _load()
     result["wall_time_s"] = round(time.time() - t0, 1)
     return result
+
+
+# -- a convolution's update: kernel-sized D versus thin factors -------------------------------------------------------
+def conv_delta_costs(out_ch: int, in_ch: int, spatial: int, r: int = 8, k: int = 3, batch: int = 1,
+                     reps: int = 3, seed: int = 0) -> dict:
+    """Forward + backward CPU time of three ways to apply a tCURLoRA-style update ``D = C * B`` (t-product along the
+    ``K = k^3`` kernel positions, ``C (K, out, r)``, ``B (K, r, in)``, only ``B`` trainable) to one Conv3d, on a
+    ``(batch, in, s, s, s)`` input; median of ``reps`` after one warm-up, ``time.process_time`` (all threads).
+
+    * ``base``: the frozen convolution alone (what every arm pays);
+    * ``dense``: ``D`` through the FFT, ``conv(x, W + D)`` -- the one convolution of the base layer plus a kernel-sized
+      FFT and the kernel's weight gradient (what peft_tensor does for convolutions);
+    * ``factored``: never a kernel-sized ``D``: ``D x = sum_a C_a z_a`` with ``z = conv(x, B~)``, ``B~`` the
+      ``(K r) x in x k^3`` kernel whose block ``a`` holds ``B_{(p - a) mod K}`` at position ``p``, then a 1x1x1
+      convolution with ``C`` -- the convolution analogue of the Linear path (``K r`` channels at full resolution).
+    """
+    from peft_tensor.algebra import from_fourier, t_product_fourier, to_fourier
+
+    g = torch.Generator().manual_seed(seed)
+    K = k ** 3
+    x = torch.randn(batch, in_ch, spatial, spatial, spatial, generator=g)
+    w = torch.randn(out_ch, in_ch, k, k, k, generator=g) / (in_ch * K) ** 0.5
+    c = torch.randn(K, out_ch, r, generator=g)
+    b0 = torch.randn(K, r, in_ch, generator=g) * 1e-3
+    roll = torch.stack([(torch.arange(K) - a) % K for a in range(K)])  # (a, p) -> (p - a) mod K
+
+    def base():
+        return torch.nn.functional.conv3d(x, w.requires_grad_(False), padding=k // 2)
+
+    def dense(b):
+        d = from_fourier(t_product_fourier(to_fourier(c), to_fourier(b)), K)  # (K, out, in)
+        kernel = d.permute(1, 2, 0).reshape(out_ch, in_ch, k, k, k)
+        return torch.nn.functional.conv3d(x, w + kernel, padding=k // 2)
+
+    def factored(b):
+        bt = b[roll]  # (a, p, r, in): B_{(p-a) mod K}
+        kernel = bt.permute(0, 2, 3, 1).reshape(K * r, in_ch, k, k, k)
+        z = torch.nn.functional.conv3d(x, kernel, padding=k // 2)  # (N, K r, s^3)
+        a_flat = c.permute(1, 0, 2).reshape(out_ch, K * r, 1, 1, 1)  # C_a over (a, j)
+        return base() + torch.nn.functional.conv3d(z, a_flat)
+
+    with torch.no_grad():  # the two ways compute the same function
+        torch.testing.assert_close(dense(b0), factored(b0), rtol=1e-4, atol=1e-5)
+    x.requires_grad_(True)  # as inside a network: the input gradient is needed by the layers below
+    out = {"shape": [out_ch, in_ch, k, k, k], "input": [batch, in_ch, spatial, spatial, spatial], "r": r}
+    for name, fn in (("base", None), ("dense", dense), ("factored", factored)):
+        times = []
+        for i in range(reps + 1):
+            b = b0.clone().requires_grad_(True)
+            x.grad = None
+            t = time.process_time()
+            y = base() if fn is None else fn(b)
+            y.square().mean().backward()
+            if i:
+                times.append(time.process_time() - t)
+        out[f"{name}_cpu_s"] = _median(times)
+    return out
+
+
+def conv_delta_table(rows: list[dict]) -> list[str]:
+    lines = ["## A convolution's update: kernel-sized D vs thin factors", "",
+             "Forward + backward of one Conv3d (3x3x3, tCURLoRA-style D = C * B along the 27 kernel positions, "
+             "r = 8), "
+             "median process CPU time; `dense` = conv(x, W + D) with D from the FFT (what peft_tensor runs), "
+             "`factored` = never a kernel-sized D (a (27 r)-channel convolution, then a 1x1x1 one), see "
+             "`conv_delta_costs`.", "",
+             "| conv (out x in) | input | base s | dense s (×base) | factored s (×base) |", "|---|---|---:|---:|---:|"]
+    for r in rows:
+        b = r["base_cpu_s"]
+        lines.append(f"| {r['shape'][0]} x {r['shape'][1]} | {'x'.join(map(str, r['input']))} | {b:.4f} | "
+                     f"{r['dense_cpu_s']:.4f} ({r['dense_cpu_s'] / b:.2f}) | "
+                     f"{r['factored_cpu_s']:.4f} ({r['factored_cpu_s'] / b:.2f}) |")
+    return lines + [""]
 
 
 # -- report -----------------------------------------------------------------------------------------------------------
@@ -541,8 +624,10 @@ def markdown_report(result: dict) -> str:
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for n, a in b["arms"].items():
             r = a.get("vs_ref", {})
-            plus_dec = a["trainable"] + b["decoder_params"] if a["method"] not in ("full", "decoder_only") \
-                else a["trainable"]
+            # arms that train their decoder (or, _full, adapt it) already count it
+            own = (a["method"] in ("full", "decoder_only") or a["method"].endswith(FULL_SUFFIX)
+                   or a.get("trains_decoder"))
+            plus_dec = a["trainable"] if own else a["trainable"] + b["decoder_params"]
             peak = a.get("max_allocated_mb") if cuda else a.get("peak_rss_mb")
             above = a["peak_rss_mb"] - a["rss_before_train_mb"]
             lines.append(
@@ -559,6 +644,8 @@ def markdown_report(result: dict) -> str:
             lines += ["", "Targets:", "", "| arm | target | value | met |", "|---|---|---:|---|"]
             lines += [f"| {c['arm']} | {c['target']} | {c['value']} | {'yes' if c['met'] else 'NO'} |" for c in checks]
         lines.append("")
+    if result.get("conv_delta"):
+        lines += conv_delta_table(result["conv_delta"])
     lines += ["Columns: *trainable* = parameters the optimiser updates (shared tensors once); *adapter file* = "
               "`adapter_model.safetensors` from `save_pretrained` (non-PEFT arms: their trainable weights as "
               "safetensors); *set-up* = `get_peft_model` incl. decompositions; *step* = zero_grad + forward + soft "
