@@ -2,7 +2,10 @@
 # One-command GPU check (issue 9, section 4), sized for under 8 minutes on one GPU:
 #   1. the CUDA-marked tests (tests/test_cuda.py and the CUDA cases of the lifecycle and HyPS suites),
 #   2. PEFT's generic suite (tests/test_peft_suite.py) on CUDA (PEFT's tests pick the accelerator themselves),
-#   3. the GPU efficiency benchmark (benchmarks/configs/efficiency_gpu.yaml), shortened.
+#   3. the GPU efficiency benchmark (benchmarks/configs/efficiency_gpu.yaml), shortened,
+#   4. the ViT-blocks micro-benchmark (benchmarks/configs/vit_blocks_gpu.yaml: UNETR-B's 12 blocks, 512 x 1 and
+#      1024 x 2 tokens, floor / LoRA / tCURLoRA / LoRA-PT factored, dense and frozen_term=dense, CUDA time and
+#      per-step peak memory) -- the numbers delta_mode='auto' on CUDA is calibrated from (TensorGroup.prefers_dense).
 # Results go to $OUT (the device tool's folder) or benchmarks/results/gpu_check/.
 #
 # On a machine without internet (the lent GPU machines), carry wheels of what its image lacks in .whl/
@@ -37,4 +40,7 @@ timeout 150 "$PY" -m pytest -q -p no:cacheprovider $xdist tests/test_peft_suite.
 echo "== GPU efficiency benchmark" | tee "$OUT/efficiency_gpu.txt"
 timeout 240 "$PY" benchmarks/efficiency.py --config efficiency_gpu run.steps=8 run.infer_reps=8 \
   "output_dir=$OUT" stem=efficiency_gpu 2>&1 | tail -60 | tee -a "$OUT/efficiency_gpu.txt" || status=1
+echo "== ViT-blocks micro-benchmark" | tee "$OUT/vit_blocks_gpu.txt"
+timeout 200 "$PY" benchmarks/vit_blocks.py --config vit_blocks_gpu "output_dir=$OUT" \
+  2>&1 | tail -60 | tee -a "$OUT/vit_blocks_gpu.txt" || status=1
 exit $status
