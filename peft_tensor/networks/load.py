@@ -439,6 +439,8 @@ def _resolve_refs(parser, value, where: Path, _seen: tuple = ()):
     """``network_def`` with ``@id`` references replaced by their values. Python expressions (``$...``) are refused:
     evaluating them runs code from the config file."""
     if isinstance(value, str):
+        if re.fullmatch(r"\$@[\w.#:]+", value):  # "$@id": an expression that is only a reference
+            value = value[1:]
         if value.startswith("$"):
             raise NetworkLoadError(
                 f"{where}: network_def uses the Python expression {value!r}; peft_tensor does not evaluate code from "

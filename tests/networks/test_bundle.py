@@ -127,13 +127,9 @@ def test_swinunetr_bundle_is_traced_and_equal(tmp_path):
     assert meta["method"] == "torch.jit.trace" and meta["input_shape"] == [1, 1, 64, 64]
     assert meta["max_abs_error"] <= ATOL
     ts = torch.jit.load(str(out / "models" / "model.ts"))
-    net, report = load_network(out)
-    assert report.complete
     x = torch.randn(1, 1, 96, 64, generator=torch.Generator().manual_seed(2))  # not the traced shape
     with torch.no_grad():
-        want = pm(x)
-        assert torch.allclose(net.eval()(x), want, atol=ATOL)
-        assert torch.allclose(ts(x), want, atol=ATOL)
+        assert torch.allclose(ts(x), pm(x), atol=ATOL)
 
 
 def test_export_refusals_and_overwrite(tmp_path):

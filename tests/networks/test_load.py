@@ -167,6 +167,10 @@ def test_bundle_folder_refs_overrides_and_stale_arguments(tmp_path, unetr_src):
                           swin_src.state_dict(), yaml=True)
     net, report = load_network(stale)  # img_size: an argument this MONAI's SwinUNETR no longer takes
     assert report.complete and any("dropped img_size=96" in n for n in report.notes)
+    ref = _write_bundle(tmp_path / "b5", {"_target_": "UNETR", **kw, "out_channels": "$@channels#out"},
+                        unetr_src.state_dict())
+    net, report = load_network(ref)  # "$@id" is only a reference: read
+    assert report.complete
     code = _write_bundle(tmp_path / "b3", {"_target_": "UNETR", **kw, "out_channels": "$int('2')"},
                          unetr_src.state_dict())
     with pytest.raises(NetworkLoadError, match="Python expression"):
