@@ -290,6 +290,20 @@ def test_conv_net_merge_rules():
             torch.testing.assert_close(pm(x), TinyConvNet()(x), atol=1e-6, rtol=1e-6)
 
 
+def test_conv_net_weighted_adapter_is_the_exact_weighted_sum():
+    torch.manual_seed(0)
+    pm = get_peft_model(TinyConvNet(), HyPSConfig(target_modules=NET_TARGETS, serial=False, init_weights=False),
+                        adapter_name="a")
+    pm.add_adapter("b", HyPSConfig(target_modules=NET_TARGETS, serial=False, init_weights=False, r=1))
+    pm.add_weighted_adapter(["a", "b"], [0.3, -0.7], "mix")
+    for name in NET_TARGETS:
+        layer = getattr(pm.base_model.model, name)
+        assert layer.hyps_A["mix"].shape[1] == 3  # concatenation: rank 2 + 1
+        torch.testing.assert_close(layer.get_delta_weight("mix"),
+                                   0.3 * layer.get_delta_weight("a") - 0.7 * layer.get_delta_weight("b"),
+                                   atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_conv_net_low_precision_and_merge(dtype):
     x = _x().to(dtype)
