@@ -344,6 +344,23 @@ def test_conv_net_torch_autocast():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in pm.named_parameters() if "hyps_" in n)
 
 
+def test_conv_net_gradient_checkpointing_gives_the_same_gradients():
+    """Non-reentrant checkpointing re-runs the forward in backward: the conv path keeps no cache, so it must agree."""
+    from torch.utils.checkpoint import checkpoint
+
+    pm = get_peft_model(TinyConvNet(), HyPSConfig(target_modules=NET_TARGETS, init_weights=False))
+    x = _x()
+    grads = []
+    for ckpt in (False, True):
+        pm.zero_grad()
+        y = checkpoint(pm, x, use_reentrant=False) if ckpt else pm(x)
+        _loss(y).backward()
+        grads.append({n: p.grad.clone() for n, p in pm.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-5)
+
+
 def test_conv_dropout_keeps_identity_at_init():
     x = _x()
     pm = get_peft_model(TinyConvNet(), HyPSConfig(target_modules=NET_TARGETS, dropout=0.5))
