@@ -114,7 +114,8 @@ def resolve_class_path(target: str) -> str:
     """Dotted class path of a ``_target_``: an alias (``unetr``), a short MONAI network name (``UNETR``, looked up in
     ``monai.networks.nets``) or a dotted path (returned as is)."""
     if not isinstance(target, str) or not target:
-        raise NetworkSpecError(f"_target_ must be a class path string like 'monai.networks.nets.UNETR', got {target!r}")
+        raise NetworkSpecError(
+            f"_target_ must be a class path string like 'monai.networks.nets.UNETR', got {target!r}")
     if target.lower() in NETWORK_ALIASES:
         return NETWORK_ALIASES[target.lower()]
     if "." in target:
@@ -225,6 +226,14 @@ def _meta_build(class_path: str, kwargs: Mapping) -> nn.Module:
     try:
         with torch.device("meta"):
             return klass(**_from_json(copy.deepcopy(dict(kwargs))))
+    except RuntimeError:  # constructors that read tensor values (.item()) do not run on meta: build it for real
+        pass
+    except Exception as exc:  # noqa: BLE001 - any constructor failure: report it with the spec
+        raise NetworkSpecError(
+            f"cannot build {class_path}(**{dict(kwargs)!r}) to find its target layers ({type(exc).__name__}: "
+            f"{exc}); pass target_modules yourself.") from exc
+    try:
+        return klass(**_from_json(copy.deepcopy(dict(kwargs))))
     except Exception as exc:  # noqa: BLE001 - any constructor failure: report it with the spec
         raise NetworkSpecError(
             f"cannot build {class_path}(**{dict(kwargs)!r}) to find its target layers ({type(exc).__name__}: "
