@@ -40,9 +40,9 @@ def test_base_weights_referenced_when_exact_else_written(tmp_path):
     for name, pretrained in (("referenced", str(tmp_path / "backbone")), ("written", None)):
         torch.manual_seed(1)
         base = load_backbone(pretrained, TINY_MODEL)[0] if pretrained else build_model(TINY_MODEL)
-        model = apply_arm(base, {"name": "tcurlora", "r": 2, "init_weights": False}, TINY_MODEL).eval()
+        model = apply_arm(base, {"name": "lora", "r": 2, "init_lora_weights": False}, TINY_MODEL).eval()
         cfg = {**TINY_MODEL, "pretrained": pretrained}
-        save_outputs(model, tmp_path / name / "adapter", arm="tcurlora", model_cfg=cfg, result=RESULT,
+        save_outputs(model, tmp_path / name / "adapter", arm="lora", model_cfg=cfg, result=RESULT,
                      data_cfg={"kind": "pairs", "root": "/data/hippo"}, data_description="two toy cases")
         weights = json.loads((tmp_path / name / "adapter" / "peft_tensor.json").read_text())["base_network"]["weights"]
         if pretrained:
