@@ -311,6 +311,9 @@ def load_network(source: str | os.PathLike, *, network: nn.Module | str | Mappin
     path = Path(source).expanduser()
     if path.is_dir():
         return _load_folder(path, str(source), network, strict, allow_pickle, trusted_module_roots, overrides)
+    if path.is_file() and path.suffix in (".json", ".yaml", ".yml") and path.parent.name == "configs":
+        return _load_bundle(path.parent.parent, [path], str(source), network, strict, allow_pickle,
+                            trusted_module_roots, overrides)  # a bundle's config file: that bundle, that config
     if path.is_file():
         return _load_file(path, network, strict, allow_pickle, overrides)
     text = str(source)

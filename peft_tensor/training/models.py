@@ -144,6 +144,8 @@ def load_backbone(source: str | os.PathLike, cfg: dict | None = None) -> tuple[t
         else:
             overrides = {k: v for k, v in dict(cfg or {}).items()
                          if k not in ("name", "_target_", "pretrained") and not str(k).startswith("_")}
+            if str(dict(cfg or {}).get("name", "")).lower() == "swinunetr":
+                overrides.pop("img_size", None)  # as model_kwargs: today's SwinUNETR takes no img_size
             model, report = load_network(source, **overrides)
     except (NetworkLoadError, _specs.NetworkSpecError) as exc:
         raise ValueError(f"model.pretrained={source}: {exc}") from None

@@ -5,6 +5,7 @@ torch.jit load in a fresh Python process (without peft_tensor) with the adapted 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -105,8 +106,9 @@ def test_readme_block_bundle_round_trip_in_a_fresh_process(tmp_path, monkeypatch
     assert inference["inferer"]["roi_size"] == [16, 16, 16]
 
     torch.save(x, tmp_path / "x.pt")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one small forward: threads would only spin
     proc = subprocess.run([sys.executable, "-c", READER, str(out), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = torch.load(tmp_path / "y.pt", weights_only=True)
     assert not got["peft_tensor"]  # plain MONAI + torch read the bundle

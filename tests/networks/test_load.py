@@ -160,6 +160,7 @@ def test_bundle_folder_refs_overrides_and_stale_arguments(tmp_path, unetr_src):
     net, report = load_network(bundle)
     assert report.complete and same_tensors(unetr_src.state_dict(), net.state_dict())
     assert report.network == UNETR and report.weights.endswith("models/model.pt")
+    assert load_network(bundle / "configs" / "inference.json")[1].complete  # the config file names its bundle
     net3, report3 = load_network(bundle, out_channels=3)  # a new head: reported, freshly initialised
     assert net3.out.conv.conv.out_channels == 3 and len(report3.mismatched) == 2
     swin_src = build(SWIN, swin_kwargs(), seed=3)
