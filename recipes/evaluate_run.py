@@ -47,6 +47,11 @@ def main(cfg: dict) -> dict:
     sources, loader_cfg = case_sources(data, data_cfg, patch, out, cached=())  # read once: loaded case by case
     if split not in sources:
         raise KeyError(f"no split {split!r} in the data; available: {sorted(sources)}")
+    trained = json.loads((run_dir / "results.json").read_text()).get("classes") \
+        if (run_dir / "results.json").is_file() else None
+    if trained and list(trained) != list(task.classes):
+        raise ValueError(f"the run was trained on classes {trained}, the data to evaluate defines "
+                         f"{list(task.classes)}: set data.task_type / data.classes to the run's classes")
 
     # the fine-tuned model: pretrained backbone + the run's adapter (or trained weights)
     model_cfg = model_config_for_task(run_cfg["model"], task)

@@ -158,6 +158,9 @@ def test_finetune_multiclass_msd_reports_every_class_and_evaluate_reproduces_it(
     assert summary["per_class"]["posterior"]["dice"]["mean"] == pytest.approx(means[1], abs=1e-6)
     with open(tmp_path / "run" / "eval_test" / "volumes.csv") as f:
         assert next(csv.reader(f)) == ["id", "volume_ml", "volume_ml:anterior", "volume_ml:posterior"]
+    with pytest.raises(ValueError, match=r"trained on classes \['anterior', 'posterior'\].*data.task_type"):
+        evaluate_run.main({"run_dir": str(tmp_path / "run"), "progress": False,
+                           "data": {**cfg["data"], "task_type": "binary"}})
 
 
 def test_finetune_multilabel_brats_regions_from_a_persistent_cache_with_a_worker(tmp_path):
