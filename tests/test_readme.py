@@ -63,13 +63,17 @@ def _env(hub, tmp: Path, cache: str = "hf-cache") -> dict:
 @pytest.fixture(scope="module")
 def flow(tmp_path_factory):
     """The section run as written (its sizes line aside: 32^3 patches, 2 steps) on a tiny UNETR bundle and four
-    synthetic MSD cases: the python block in this process, its huggingface_hub pointed at a local Hub server; the
-    bash block (``peft-tensor export <repo id>``) in a fresh process. Yields (folder, the python block's stdout, hub).
+    synthetic MSD cases, in this process with huggingface_hub pointed at a local Hub server: the python block, then
+    each ``peft-tensor`` command of the bash block through the console script's function (``peft_tensor.cli.main``).
+    Yields (folder, the blocks' stdout, hub). The fresh-process check is
+    :func:`test_pushed_adapter_rebuilds_by_repo_id_in_fresh_process`.
     """
     import contextlib
     import io
     import os
-    import subprocess
+    import shlex
+
+    from peft_tensor.cli import main as cli
 
     from tests._recipe_fixtures import msd_dataset
     from tests.hub.hub_server import HubServer
@@ -85,16 +89,17 @@ def flow(tmp_path_factory):
     _tiny_bundle(tmp / "my_bundle", 32)
     msd_dataset(tmp / "Task04_Hippocampus", n=4)
     out, cwd = io.StringIO(), os.getcwd()
+    commands = [line for line in bash[0].splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    assert commands and all(c.startswith("peft-tensor ") for c in commands), commands
     with HubServer() as hub:
         with _client_constants(hub, tmp / "hf-home"), contextlib.redirect_stdout(out):
             os.chdir(tmp)
             try:
                 exec(compile(code, "README.md: Start from your pretrained", "exec"), {"__name__": "__readme__"})
+                for command in commands:
+                    assert cli(shlex.split(command, comments=True)[1:]) == 0, command
             finally:
                 os.chdir(cwd)
-        sh = subprocess.run(["bash", "-euo", "pipefail", "-c", bash[0]], cwd=tmp, env=_env(hub, tmp),
-                            capture_output=True, text=True, timeout=600)
-        assert sh.returncode == 0, sh.stderr[-3000:]
         yield tmp, out.getvalue(), hub
 
 
