@@ -223,3 +223,22 @@ def test_lorapt_frozen_term_dense_is_the_same_adapter(delta_mode, tmp_path):
         loaded = PeftModel.from_pretrained(Blocks(), tmp_path)
         assert loaded.peft_config["default"].frozen_term == "dense"
         torch.testing.assert_close(loaded(x), y.detach(), rtol=0, atol=0)
+
+
+def test_auto_delta_mode_follows_the_per_device_cost_weight(monkeypatch):
+    """delta_mode='auto': a device type without a cost weight (CPU, as measured) runs factored; with one, the flop
+    comparison decides per group and per call (many tokens favour dense, few favour factored)."""
+    from peft_tensor.tuners.tensor_group import TensorGroup
+
+    pm = _model("tcurlora", "auto", init_weights=False)
+    groups = list(pm.base_model.groups("default"))
+    assert "cpu" not in TensorGroup.DENSE_COST_SCALE
+    assert not any(g.prefers_dense(10 ** 6) for g in groups)
+    monkeypatch.setitem(TensorGroup.DENSE_COST_SCALE, "cpu", 1.0)
+    assert all(g.prefers_dense(10 ** 6) for g in groups) and not any(g.prefers_dense(1) for g in groups)
+    x = _x((2, 700, 32))  # 1400 tokens: dense for every group of these small weights
+    assert all(g.prefers_dense(1400) for g in groups)
+    y = pm(x)
+    assert all("dense_lean" in g._live for g in groups)
+    monkeypatch.setitem(TensorGroup.DENSE_COST_SCALE, "cpu", 1e9)
+    torch.testing.assert_close(pm(x), y, rtol=1e-5, atol=1e-5)  # factored now: the same function

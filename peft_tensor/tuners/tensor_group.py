@@ -376,19 +376,26 @@ class TensorGroup(nn.Module):
         """``q_i`` of each factor pair (for the cost model); default: one term of rank ``r``."""
         return (self.rank,)
 
+    # delta_mode='auto' per device type: the weight of the dense path's cost against the factored one's (flop counts
+    # below); a device type not listed always runs factored. CPU is not listed: measured on UNETR-B's 12 blocks at 512
+    # tokens x 1 (one thread, benchmarks/results/vit_blocks_cpu.md), the memory-lean dense path is still slower than
+    # the factored one (tCURLoRA paper 2.14x vs 1.15x LoRA's step CPU time, LoRA-PT 2.40x vs 1.61x) and holds one
+    # weight-sized D per group (step peak 1.8x LoRA's). CUDA: the plain flop comparison (H200, old dense path:
+    # 0.67-0.92x LoRA's step where factored is 0.92-1.52x); re-calibrate from `bash benchmarks/gpu_check.sh`.
+    DENSE_COST_SCALE: dict = {"cuda": 1.0}
+
     def prefers_dense(self, n_tokens: int) -> bool:
-        """``delta_mode='auto'``: dense ``W_k + D_k`` when its flop count is lower than the factored path's.
+        """``delta_mode='auto'``: dense ``W_k + D_k`` when its (weighted) flop count is lower than the factored path's.
 
         Per forward (x3 with a backward pass), over the group's ``n_layers`` layers and ``L`` slices, on ``N`` tokens:
         factored ``N * L * sum(q_i) * (n_layers * n2 + L * n1)``; dense: the FFT materialisation of ``D``
         (``(L/2+1) * n1 * n2 * sum(q_i)`` complex multiply-adds, ~4 real each) plus, with a backward pass, one
-        weight-sized gradient per slice (``N * L * n1 * n2``).
+        weight-sized gradient per slice (``N * L * n1 * n2``), times ``DENSE_COST_SCALE[device type]``.
         """
         if self.delta_mode != "auto":
             return self.delta_mode == "dense"
-        if self.group_shape.device.type == "cpu":
-            # measured (UNETR-B blocks, 512 tokens, one CPU thread): materialising D through the FFT and its
-            # recomputation in backward cost more than the factored products save, by 2x
+        scale = self.DENSE_COST_SCALE.get(self.group_shape.device.type)
+        if scale is None:
             return False
         q = sum(self.term_ranks())
         n_layers = len({id(layer) for layer, _, _ in self._sources})
@@ -398,7 +405,7 @@ class TensorGroup(nn.Module):
         dense = 4 * (self.n_slices // 2 + 1) * self.n1 * self.n2 * q * passes
         if grad:
             dense += n_tokens * self.n_slices * self.n1 * self.n2
-        return dense < factored
+        return dense * scale < factored
 
     def dense_delta(self) -> torch.Tensor:
         """The full update tensor ``D = sum_i A_i * B_i`` ``(L, n1, n2)``, float32 (used for merging)."""
