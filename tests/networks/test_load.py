@@ -164,8 +164,11 @@ def test_bundle_folder_refs_overrides_and_stale_arguments(tmp_path, unetr_src):
     net3, report3 = load_network(bundle, out_channels=3)  # a new head: reported, freshly initialised
     assert net3.out.conv.conv.out_channels == 3 and len(report3.mismatched) == 2
     swin_src = build(SWIN, swin_kwargs(), seed=3)
-    stale = _write_bundle(tmp_path / "b2", {"_target_": "SwinUNETR", "img_size": 96, **swin_kwargs()},
-                          swin_src.state_dict(), yaml=True)
+    zoo_like = {"imports": ["$import glob"], "device": "$torch.device('cpu')",  # model-zoo style: never evaluated
+                "network": "$@network_def.to(@device)", "run": ["$@evaluator.run()"]}
+    stale = _write_bundle(tmp_path / "b2", {"_target_": "SwinUNETR", "spatial_dims": 3, "img_size": 96,
+                                            "use_checkpoint": False, **swin_kwargs()},
+                          swin_src.state_dict(), yaml=True, extra=zoo_like)
     net, report = load_network(stale)  # img_size: an argument this MONAI's SwinUNETR no longer takes
     assert report.complete and any("dropped img_size=96" in n for n in report.notes)
     ref = _write_bundle(tmp_path / "b5", {"_target_": "UNETR", **kw, "out_channels": "$@channels#out"},
