@@ -79,7 +79,7 @@ def export_bundle(model: nn.Module, out_dir: str | os.PathLike, *, network_def: 
         roi_size: the inference window (``SlidingWindowInferer`` in ``inference.json``); default: the network's
             ``img_size`` when it has one.
         example_input: the input TorchScript is checked on (and traced at, when scripting fails); default: zeros of
-            ``(1, in_channels, *roi_size)`` (SwinUNETR without ``roi_size``: 64^3).
+            ``(1, in_channels, *roi_size)`` (SwinUNETR without ``roi_size``: 64 per side).
         torchscript: also write ``models/model.ts``.
         overwrite: replace an existing bundle folder at ``out_dir``.
         description / channel_names: for ``metadata.json`` (output channel names, e.g. ``["background", "tumour"]``).
@@ -115,7 +115,8 @@ def export_bundle(model: nn.Module, out_dir: str | os.PathLike, *, network_def: 
     network.eval()
     roi = list(roi_size) if roi_size is not None else _img_size(kwargs)
     if example_input is None:
-        shape = roi or ([64, 64, 64] if class_path.endswith("SwinUNETR") else None)
+        dims = int(kwargs.get("spatial_dims", 3))
+        shape = roi or ([64] * dims if class_path.endswith("SwinUNETR") else None)  # SwinUNETR: sides >= 64
         if shape is not None:
             example_input = torch.zeros(1, int(kwargs.get("in_channels", 1)), *shape)
     ts_info: dict[str, Any] = {}
