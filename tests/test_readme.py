@@ -141,6 +141,9 @@ def test_recipe_adapter_is_ready_to_share(flow):
         assert row in local.text, row
     files = hub.files(ADAPTER_REPO)
     assert json.loads(files["adapter_config.json"])["base_model_name_or_path"] == BASE_REPO
+    pushed = json.loads(files["peft_tensor.json"])["base_network"]
+    assert pushed["weights"]["repo_id"] == BASE_REPO and "path" not in pushed["weights"]
+    assert str(tmp) not in files["peft_tensor.json"].decode()  # no local paths of the publisher's machine
     card, base_card = ModelCard(files["README.md"].decode()), ModelCard(hub.files(BASE_REPO)["README.md"].decode())
     data = card.data
     assert data.base_model == BASE_REPO and data.base_model_relation == "adapter"

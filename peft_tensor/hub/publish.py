@@ -220,6 +220,9 @@ def push_to_hub(adapter, repo_id: str, *, token: str | bool | None = None, priva
     if record is not None:
         import json
 
+        source = (record.get("base_network") or {}).get("source")
+        if source and (os.path.isabs(source) or Path(source).expanduser().exists()):
+            record["base_network"]["source"] = Path(source).name  # a local path says nothing to others
         operations.append(CommitOperationAdd(PROVENANCE_FILE, (json.dumps(record, indent=2) + "\n").encode()))
     operations.append(CommitOperationAdd("README.md", str(card).encode()))
     message = commit_message or f"Upload {record_method(adapter_dir)} adapter with peft-tensor"
