@@ -107,3 +107,16 @@ def test_card_results_with_and_without_per_class_keys():
     table = results_table(multi)
     assert table.count("\n") == 5 and "| WT | 0.9000 ± 0.0100 (n=4) |" in table
     assert not any(math.isnan(r.metric_value) for r in evals)
+
+
+def test_base_model_name_or_path_is_the_hub_repo_or_bundle_name(tmp_path):
+    from peft_tensor.hub.provenance import BaseNetwork, WeightsRef
+    from peft_tensor.hub.publish import base_reference
+
+    net = lambda **kw: BaseNetwork("monai.networks.nets.UNETR", {}, **kw)  # noqa: E731
+    assert base_reference(net(source="spleen_ct_segmentation")) == "spleen_ct_segmentation"  # a bundle name
+    assert base_reference(net(source="lab/unetr-base")) == "lab/unetr-base"  # a Hub repo id
+    assert base_reference(net(source=str(tmp_path))) is None  # a local folder says nothing to others
+    assert base_reference(net(source="weights/model.pth")) is None
+    hub_weights = WeightsRef(sha256="0" * 64, repo_id="lab/pushed-base", filename="model.safetensors")
+    assert base_reference(net(source="spleen_ct_segmentation", weights=hub_weights)) == "lab/pushed-base"
