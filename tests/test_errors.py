@@ -55,8 +55,8 @@ def test_rank_too_large(cfg):
 @pytest.mark.parametrize("cfg", CONFIGS)
 def test_unsupported_layer_type(cfg):
     model = tiny_unetr(num_layers=1)
-    with pytest.raises(TargetModulesError, match=r"nn.Linear layers only.*patch_embeddings \(Conv3d\)"):
-        get_peft_model(model, cfg(r=2, target_modules=["attn.qkv", "patch_embeddings"]))
+    with pytest.raises(TargetModulesError, match=r"nn.Linear and convolution .* layers only.*norm1 \(LayerNorm\)"):
+        get_peft_model(model, cfg(r=2, target_modules=["attn.qkv", "norm1"]))
 
 
 @pytest.mark.parametrize("bad", [{"r": 0}, {"r": 2.5}, {"grouping": "rows"}])
@@ -217,10 +217,10 @@ def test_well_formed_safetensors_header_is_accepted(tmp_path):
     assert {k: tuple(v["shape"]) for k, v in header.items()} == {k: tuple(t.shape) for k, t in tensors.items()}
 
 
-def test_a_network_without_linear_layers_points_to_peft_lora_for_convolutions():
+def test_targets_matching_nothing_in_a_cnn_name_its_convolutions():
     from monai.networks.nets import BasicUNet
 
     net = BasicUNet(spatial_dims=3, in_channels=1, out_channels=2, features=(4, 4, 8, 8, 16, 4))
-    for config in (TCURLoraConfig(r=2, target_modules=["conv"]), HyPSConfig(r=2, target_modules=["conv_0"])):
-        with pytest.raises(TargetModulesError, match="no nn.Linear layer at all.*LoraConfig"):
+    for config in (TCURLoraConfig(r=2, target_modules=["norm"]), HyPSConfig(r=2, target_modules=["attn.qkv"])):
+        with pytest.raises(TargetModulesError, match=r"no nn.Linear layer. Its convolutions end in: 'conv_0.conv'"):
             get_peft_model(net, config)
