@@ -17,33 +17,47 @@ from typing import Optional
 
 import torch
 
-__all__ = ["single_threaded_cpu"]
+__all__ = ["single_threaded_cpu", "scipy_openblas_library"]
 
+_LIBRARY: Optional[tuple] = None  # (CDLL, symbol prefix) once looked up; () when not found
 _OPENBLAS: Optional[tuple] = None  # (set, get) once looked up; () when not found
+
+
+def scipy_openblas_library() -> Optional[tuple]:
+    """``(ctypes.CDLL, symbol prefix)`` of the OpenBLAS bundled with SciPy, or ``None`` when not found."""
+    global _LIBRARY
+    if _LIBRARY is None:
+        _LIBRARY = ()
+        try:
+            import scipy
+            import scipy.linalg  # noqa: F401  (loads the library, so the CDLL below is the same handle)
+
+            site = os.path.dirname(os.path.dirname(scipy.__file__))
+            for path in sorted(glob.glob(os.path.join(site, "scipy.libs", "*openblas*"))):
+                lib = ctypes.CDLL(path)
+                for prefix in ("scipy_", ""):
+                    if getattr(lib, prefix + "openblas_set_num_threads", None) is not None:
+                        _LIBRARY = (lib, prefix)
+                        break
+                if _LIBRARY:
+                    break
+        except (ImportError, OSError):
+            pass
+    return _LIBRARY or None
 
 
 def _scipy_openblas():
     global _OPENBLAS
     if _OPENBLAS is None:
         _OPENBLAS = ()
-        try:
-            import scipy
-
-            site = os.path.dirname(os.path.dirname(scipy.__file__))
-            libs = glob.glob(os.path.join(site, "scipy.libs", "*openblas*"))
-            for path in libs:
-                lib = ctypes.CDLL(path)  # already loaded by scipy.linalg: the same handle, no second copy
-                for prefix in ("scipy_openblas_", "openblas_"):
-                    setter = getattr(lib, prefix + "set_num_threads", None)
-                    getter = getattr(lib, prefix + "get_num_threads", None)
-                    if setter is not None and getter is not None:
-                        getter.restype = ctypes.c_int
-                        _OPENBLAS = (setter, getter)
-                        break
-                if _OPENBLAS:
-                    break
-        except (ImportError, OSError):
-            pass
+        found = scipy_openblas_library()
+        if found is not None:
+            lib, prefix = found
+            setter = getattr(lib, prefix + "openblas_set_num_threads", None)
+            getter = getattr(lib, prefix + "openblas_get_num_threads", None)
+            if setter is not None and getter is not None:
+                getter.restype = ctypes.c_int
+                _OPENBLAS = (setter, getter)
     return _OPENBLAS
 
 

@@ -9,10 +9,13 @@ imaginary part ``irfft`` silently drops, breaking the reconstruction at the 1e-2
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple, Optional
 
 import torch
 
+from . import _openblas
 from ._threads import single_threaded_cpu
 from .tproduct import SLICE_AXIS, compute_dtype, fourier_slice_weights, from_fourier, to_fourier
 
@@ -139,15 +142,23 @@ def _eigh_svd(m: torch.Tensor, rank: int, oversample: int = 8):
     k = min(rank + oversample, min(n1, n2))
     wide_dtype = torch.complex128 if m.is_complex() else torch.float64
     mats = m.reshape(-1, n1, n2)
+    kern = _openblas.kernels() if m.device.type == "cpu" and m.dtype in (torch.float32, torch.complex64) else None
     us, ss, vhs = [], [], []
     for x in mats:
         y = x.mH if flip else x
-        y = y.contiguous()
-        v = _top_eigvecs(_gram_upper(y), k).to(device=y.device, dtype=wide_dtype)  # (n, k)
+        if kern is not None:  # GIL-free BLAS herk + LAPACK evr on x itself (no transposed copy)
+            g = kern.gram_upper(x.detach().resolve_conj().contiguous(), columns=not flip)  # y^H y
+            v = kern.top_eigh(g, k)[1].to(dtype=wide_dtype)
+        else:
+            y = y.contiguous()
+            v = _top_eigvecs(_gram_upper(y), k).to(device=y.device, dtype=wide_dtype)  # (n, k)
+        # evr's vectors are orthogonal only to about n * eps32 (5e-5 at n = 768), which Rayleigh-Ritz would turn into
+        # errors of that size in the principal part: re-orthonormalise in float64 (n x k, cheap)
         v = torch.linalg.qr(v).Q
         # Rayleigh-Ritz in float64: the product too, or rounding at eps32 * sigma_1 decides between nearly equal
         # singular values inside the block (the float32 Gram only has to get the block right, not its order)
-        ub, sb, vbh = torch.linalg.svd(y.to(wide_dtype) @ v, full_matrices=False)
+        xw = x.to(wide_dtype)  # converted as stored: a transposed conversion copy is several times slower
+        ub, sb, vbh = torch.linalg.svd((v.mH @ xw).mH if flip else xw @ v, full_matrices=False)
         u_y = ub[:, :rank].to(y.dtype)
         v_y = (v @ vbh.mH[:, :rank]).to(y.dtype)
         s = sb[:rank].to(y.real.dtype if y.is_complex() else y.dtype)
@@ -173,6 +184,14 @@ def _svd(m: torch.Tensor, rank: int, method: str):
     raise ValueError(f"svd method must be 'auto', 'full', 'eigh' or 'randomized', got {method!r}")
 
 
+def _slice_workers(a_hat: torch.Tensor, n_problems: int) -> int:
+    """Threads for the independent per-slice decompositions: torch's thread count (the caller's choice, e.g. 1 in
+    the benchmarks), on CPU only and only where the kernels release the GIL (SciPy's wrappers do not)."""
+    if a_hat.device.type != "cpu" or _openblas.kernels() is None or a_hat.dtype != torch.complex64:
+        return 1
+    return max(1, min(torch.get_num_threads(), os.cpu_count() or 1, n_problems))
+
+
 def _svd_fourier(a_hat: torch.Tensor, n_slices: int, rank: int, method: str = "auto"):
     """Slice-wise truncated SVD of rfft slices, real on the DC/Nyquist slices. Returns complex U, real s, complex
     Vh."""
@@ -186,11 +205,22 @@ def _svd_fourier(a_hat: torch.Tensor, n_slices: int, rank: int, method: str = "a
     if method == "auto":
         method = "eigh" if 4 * (rank + 10) < min(n1, n2) else "full"
     if method == "eigh":  # one slice at a time: no gathered copy of the complex slices, single-threaded LAPACK
+        workers = _slice_workers(a_hat, len(real_ids) + len(complex_ids))
+
+        def one(i):
+            if workers > 1:
+                torch.set_num_threads(1)  # a new thread's OpenMP thread count starts at the default, not at 1
+            x = a_hat[..., i, :, :]
+            return _eigh_svd(x.real if i in real_ids else x, rank)
+
         with single_threaded_cpu(a_hat.device):
-            for i in range(a_hat.shape[-3]):
-                x = a_hat[..., i, :, :]
-                ui, si, vhi = _eigh_svd(x.real if i in real_ids else x, rank)
-                u[..., i, :, :], s[..., i, :], vh[..., i, :, :] = ui, si, vhi
+            if workers > 1:
+                with ThreadPoolExecutor(max_workers=workers) as pool:
+                    results = list(pool.map(one, range(a_hat.shape[-3])))
+            else:
+                results = [one(i) for i in range(a_hat.shape[-3])]
+        for i, (ui, si, vhi) in enumerate(results):
+            u[..., i, :, :], s[..., i, :], vh[..., i, :, :] = ui, si, vhi
         return u, s, vh
     if complex_ids:
         uc, sc, vhc = _svd(a_hat[..., complex_ids, :, :], rank, method)

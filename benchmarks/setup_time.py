@@ -1,0 +1,221 @@
+"""Adapter set-up time (``get_peft_model``) of the tensor methods on full-size UNETR-B, and LoRA-PT's error against
+the exact truncated t-SVD (issue 13).
+
+Per arm and torch thread count: wall and process CPU time of ``get_peft_model`` (median of ``--reps`` runs, each on a
+fresh copy of the same base network), the time of each group's decomposition (tensor CUR / truncated t-SVD, the
+part the methods differ in), and for LoRA-PT the distance of the adapter's principal part ``U0 * S0 * V0^T`` from
+the float64 exact truncated t-SVD of the same group tensor (``svd_method="full"``), as a fraction of ``max|W|`` and
+relative in Frobenius norm.
+
+Arms: ``tcurlora`` and ``lorapt`` (paper grouping, r=8, defaults), and ``lorapt_scipy``: the same default t-SVD
+run through SciPy's wrappers instead of the GIL-free OpenBLAS calls (what set-up used before; serial whatever the
+thread count). ``--weights decaying`` adds a rank-6 component of twice the bulk's spectral norm to every targeted
+weight (a synthetic stand-in for trained weights: a few strong directions over a flat bulk); ``random`` (default)
+is MONAI's initialisation, whose flat spectra are the hard case for the t-SVD.
+
+    python benchmarks/setup_time.py                                  # UNETR-B, threads 1 and 2, 3 reps
+    python benchmarks/setup_time.py --weights decaying --threads 1 --arms lorapt
+
+Writes ``benchmarks/results/<stem>.json`` and ``.md`` (stem ``setup_time_cpu`` or ``setup_time_cpu_<weights>``).
+Timing noise: report the load average next to the numbers (it is in the table); on a shared machine process CPU
+time is the steadier of the two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TARGETS = ["attn.qkv", "attn.out_proj", "mlp.linear1", "mlp.linear2"]
+
+
+def build_unetr(seed: int, weights: str) -> torch.nn.Module:
+    from monai.networks.nets import UNETR
+
+    torch.manual_seed(seed)
+    model = UNETR(in_channels=1, out_channels=2, img_size=64, feature_size=16, hidden_size=768, mlp_dim=3072,
+                  num_heads=12, proj_type="conv", norm_name="instance", dropout_rate=0.1)
+    if weights == "decaying":
+        gen = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for name, module in model.named_modules():
+                if isinstance(module, torch.nn.Linear) and any(name.endswith(t) for t in TARGETS):
+                    w = module.weight
+                    low = torch.randn(w.shape[0], 6, generator=gen) @ torch.randn(6, w.shape[1], generator=gen)
+                    w += low * (2 * torch.linalg.matrix_norm(w, 2) / torch.linalg.matrix_norm(low, 2))
+    elif weights != "random":
+        raise SystemExit(f"--weights must be 'random' or 'decaying', got {weights!r}")
+    return model
+
+
+def peft_config(arm: str):
+    from peft_tensor import LoraPTConfig, TCURLoraConfig
+
+    if arm == "tcurlora":
+        return TCURLoraConfig(r=8, grouping="paper", target_modules=TARGETS)
+    if arm in ("lorapt", "lorapt_scipy"):
+        return LoraPTConfig(r=8, grouping="paper", target_modules=TARGETS)
+    raise SystemExit(f"unknown arm {arm!r}: use tcurlora, lorapt, lorapt_scipy")
+
+
+class _Recorder:
+    """Wraps the decomposition a method's groups call, recording (group shape, wall s, CPU s) per call."""
+
+    def __init__(self):
+        self.calls: list[dict] = []
+        self._undo = []
+
+    def wrap(self, module, name: str):
+        original = getattr(module, name)
+
+        def timed(weight, *args, **kwargs):
+            w0, c0 = time.perf_counter(), time.process_time()
+            out = original(weight, *args, **kwargs)
+            self.calls.append({"shape": list(weight.shape), "wall_s": time.perf_counter() - w0,
+                               "cpu_s": time.process_time() - c0})
+            return out
+
+        setattr(module, name, timed)
+        self._undo.append((module, name, original))
+
+    def restore(self):
+        for module, name, original in reversed(self._undo):
+            setattr(module, name, original)
+
+
+def set_up(base: torch.nn.Module, arm: str):
+    import peft
+
+    from peft_tensor.algebra import _openblas
+    from peft_tensor.tuners.lorapt import layer as lorapt_layer
+    from peft_tensor.tuners.tcurlora import layer as tcurlora_layer
+
+    rec = _Recorder()
+    rec.wrap(lorapt_layer, "truncated_t_svd")
+    rec.wrap(tcurlora_layer, "tensor_cur")
+    kernels = _openblas.kernels
+    if arm == "lorapt_scipy":
+        _openblas.kernels = lambda: None
+    model = copy.deepcopy(base)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            w0, c0 = time.perf_counter(), time.process_time()
+            model = peft.get_peft_model(model, peft_config(arm))
+            wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+    finally:
+        _openblas.kernels = kernels
+        rec.restore()
+    return model, {"wall_s": wall, "cpu_s": cpu, "groups": rec.calls}
+
+
+def lorapt_error(model) -> list[dict]:
+    """Each group's principal part ``U0 * S0 * V0^T`` against the float64 exact truncated t-SVD of its tensor."""
+    from peft_tensor.algebra import t_product, t_transpose, truncated_t_svd
+
+    out = []
+    for group in model.base_model.groups("default"):
+        w = group.stacked_weight().double()
+        s0 = group.lorapt_S_init.double()
+        core = torch.diag_embed(s0) if group.diagonal else s0
+        got = t_product(t_product(group.lorapt_U_init.double(), core), t_transpose(group.lorapt_V_init.double()))
+        ex = truncated_t_svd(w, group.rank, method="full")
+        exact = t_product(t_product(ex.U, ex.S), t_transpose(ex.V))
+        out.append({"group": group.name, "shape": list(w.shape),
+                    "max_err_rel_max_w": float((got - exact).abs().max() / w.abs().max()),
+                    "fro_err_rel": float((got - exact).norm() / exact.norm())})
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arms", nargs="+", default=["tcurlora", "lorapt", "lorapt_scipy"])
+    p.add_argument("--threads", nargs="+", type=int, default=[1, 2], help="torch thread counts to run each arm with")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--weights", default="random", choices=["random", "decaying"])
+    p.add_argument("--no-error", action="store_true", help="skip LoRA-PT's error (float64 full t-SVDs: ~1 min)")
+    p.add_argument("--stem", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    stem = args.stem or ("setup_time_cpu" if args.weights == "random" else f"setup_time_cpu_{args.weights}")
+
+    base = build_unetr(args.seed, args.weights)
+    res = {"command": " ".join(["python", "benchmarks/setup_time.py", *(argv if argv is not None else sys.argv[1:])]),
+           "machine": {"cpu": platform.processor() or platform.machine(), "logical_cores": os.cpu_count(),
+                       "torch": torch.__version__, "platform": platform.platform()},
+           "weights": args.weights, "reps": args.reps, "runs": []}
+    errors_done = False
+    for threads in args.threads:
+        for arm in args.arms:
+            torch.set_num_threads(threads)
+            runs, load = [], os.getloadavg()[0]
+            for _ in range(args.reps):
+                model, timing = set_up(base, arm)
+                runs.append(timing)
+                print(f"{arm:13s} threads {threads}: wall {timing['wall_s']:.2f} s, CPU {timing['cpu_s']:.2f} s "
+                      f"(load {os.getloadavg()[0]:.1f})", flush=True)
+            entry = {"arm": arm, "threads": threads, "load_average_1min": [load, os.getloadavg()[0]],
+                     "wall_s": statistics.median(r["wall_s"] for r in runs),
+                     "cpu_s": statistics.median(r["cpu_s"] for r in runs),
+                     "wall_s_all": [r["wall_s"] for r in runs], "cpu_s_all": [r["cpu_s"] for r in runs],
+                     "groups": _group_medians(runs)}
+            if arm == "lorapt" and not args.no_error and not errors_done:
+                entry["error"] = lorapt_error(model)
+                errors_done = True
+            res["runs"].append(entry)
+            del model
+    RESULTS.mkdir(exist_ok=True)
+    from peft_tensor._atomic import atomic_write_text
+
+    atomic_write_text(RESULTS / f"{stem}.json", json.dumps(res, indent=1) + "\n")
+    table = render(res)
+    atomic_write_text(RESULTS / f"{stem}.md", table)
+    print(table)
+    return 0
+
+
+def _group_medians(runs: list[dict]) -> list[dict]:
+    out = []
+    for i, call in enumerate(runs[0]["groups"]):
+        out.append({"shape": call["shape"], "wall_s": statistics.median(r["groups"][i]["wall_s"] for r in runs),
+                    "cpu_s": statistics.median(r["groups"][i]["cpu_s"] for r in runs)})
+    return out
+
+
+def render(res: dict) -> str:
+    m = res["machine"]
+    lines = [f"# Set-up time: UNETR-B, paper grouping, r=8 ({res['weights']} weights)", "",
+             f"`{res['command']}`", "",
+             f"Machine: {m['cpu']}, {m['logical_cores']} logical cores, torch {m['torch']}, {m['platform']}. "
+             f"Median of {res['reps']} runs of `get_peft_model` each; CPU = process CPU time (all threads). "
+             "Groups: the decomposition of each group tensor (L x n1 x n2), wall / CPU s.", "",
+             "| arm | torch threads | wall s | CPU s | groups (wall / CPU s) | load average (1 min, before / after) |",
+             "|---|---:|---:|---:|---|---|"]
+    for r in res["runs"]:
+        groups = "; ".join(f"{'x'.join(map(str, g['shape']))}: {g['wall_s']:.2f} / {g['cpu_s']:.2f}"
+                           for g in r["groups"])
+        load = " / ".join(f"{x:.1f}" for x in r["load_average_1min"])
+        lines.append(f"| {r['arm']} | {r['threads']} | {r['wall_s']:.2f} | {r['cpu_s']:.2f} | {groups} | {load} |")
+    for r in res["runs"]:
+        if "error" in r:
+            lines += ["", "LoRA-PT principal part vs the float64 exact truncated t-SVD (`svd_method=\"full\"`):", "",
+                      "| group | shape | max error / max abs(W) | Frobenius error, relative |", "|---|---|---:|---:|"]
+            for e in r["error"]:
+                lines.append(f"| {e['group']} | {'x'.join(map(str, e['shape']))} | {e['max_err_rel_max_w']:.1e} | "
+                             f"{e['fro_err_rel']:.1e} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
