@@ -19,6 +19,10 @@ from peft_tensor import HyPSConfig, LoraPTConfig, TCURLoraConfig
 from tests._models import UNETR_DECODER, UNETR_TARGETS, TinyMLP, tiny_bert, tiny_unetr, tiny_vit
 
 
+# the convolutions of UNETR's decoder2-5 blocks (suffixes found in no other UNETR block)
+UNETR_DECODER_CONVS = ["transp_conv.conv", "conv_block.conv1.conv", "conv_block.conv2.conv", "conv_block.conv3.conv"]
+
+
 def _unetr_input(seed=1):
     g = torch.Generator().manual_seed(seed)
     return {"x": torch.randn(1, 1, 32, 32, 32, generator=g)}
@@ -49,6 +53,11 @@ CASES = {
                                                          **kw)),
     "lorapt-unetr-paper": (tiny_unetr, _unetr_input,
                            lambda **kw: LoraPTConfig(r=2, target_modules=UNETR_TARGETS, grouping="paper", **kw)),
+    # whole network (issue 12): the paper's Linear groups plus one kernel-position group per decoder convolution
+    # (ConvTranspose3d 2x2x2, Conv3d 3x3x3) and the 1x1x1 convolutions grouped by shape
+    "tcurlora-unetr-full": (tiny_unetr, _unetr_input,
+                            lambda **kw: TCURLoraConfig(r=4, target_modules=UNETR_TARGETS + UNETR_DECODER_CONVS,
+                                                        grouping="paper", **kw)),
     "tcurlora-mlp": (TinyMLP, _mlp_input,
                      lambda **kw: TCURLoraConfig(r=3, target_modules=["lin1", "lin2", "lin3"], **kw)),
     "lorapt-mlp": (TinyMLP, _mlp_input,

@@ -24,6 +24,20 @@ for _name, _cls, _extra in (
         (f"Vanilla MLP 3 {_name}", "MLP", _cls, {"target_modules": "lin.*", "modules_to_save": ["lin1"], **_extra}),
     ]
 
+# Convolution targets (issue 12) on upstream's convolutional test models: Conv1d(1, 1, 2), Conv2d(5, 10, 3) (+ lin0),
+# Conv3d(5, 10, 3), Conv2d 1x1 (1 -> 10: rank 1 at most); kernel layout (K kernel positions as slices) and stacked.
+# LoRA-PT shares the convolution code with tCURLoRA (tensor_group.py): two cases suffice for it.
+TEST_CASES += [
+    ("Conv1d tCURLoRA", "Conv1d", TCURLoraConfig, {"target_modules": ["conv1d"], "r": 1}),
+    ("Conv2d 2 tCURLoRA", "Conv2d", TCURLoraConfig, {"target_modules": ["conv2d", "lin0"], "r": 2}),
+    ("Conv2d stacked tCURLoRA", "Conv2d", TCURLoraConfig, {"target_modules": ["conv2d"], "r": 2,
+                                                           "conv_layout": "stacked"}),
+    ("Conv3d 1 tCURLoRA", "Conv3d", TCURLoraConfig, {"target_modules": ["conv3d"], "r": 2}),
+    ("Conv2d 1x1 tCURLoRA", "Conv2d1x1", TCURLoraConfig, {"target_modules": ["conv2d"], "r": 1}),
+    ("Conv2d 2 LoRA-PT", "Conv2d", LoraPTConfig, {"target_modules": ["conv2d", "lin0"], "r": 2, "svd_method": "full"}),
+    ("Conv3d 1 LoRA-PT", "Conv3d", LoraPTConfig, {"target_modules": ["conv3d"], "r": 2, "svd_method": "full"}),
+]
+
 # (test name, tuner method, config class, 1st config kwargs, 2nd config kwargs), model: MLP
 MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES = []
 for _name, _cls, _extra in (
