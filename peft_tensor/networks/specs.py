@@ -197,7 +197,7 @@ def preset_for(class_path: str, kwargs: Mapping | None = None, network: nn.Modul
     transformer blocks; their decoder sets are empty (set ``modules_to_save`` yourself).
 
     Raises:
-        NetworkSpecError: the network has no such Linear layer (a convolutional network: use PEFT LoRA).
+        NetworkSpecError: the network has no such Linear layer (a convolutional network: name its convolutions).
     """
     class_path = resolve_class_path(class_path)
     kwargs = dict(kwargs or {})
@@ -211,8 +211,8 @@ def preset_for(class_path: str, kwargs: Mapping | None = None, network: nn.Modul
     if not found:
         what = (f"its nn.Linear layers ({', '.join(sorted({'.'.join(n.split('.')[-2:]) for n in linear})[:8])}) are "
                 "not named like MONAI's transformer blocks: pass target_modules yourself") if linear else (
-            "it has no nn.Linear layer at all (a convolutional network?); peft_tensor's methods adapt nn.Linear "
-            "layers: for convolutions use PEFT's LoraConfig with Conv3d target_modules")
+            "it has no nn.Linear layer at all (a convolutional network?); peft_tensor's methods adapt its "
+            "convolutions too: pass target_modules naming them (e.g. 'conv'), or use an arm <method>_full")
         raise NetworkSpecError(f"no target preset for {class_path}: {what}.")
     return Preset(class_path.rsplit(".", 1)[-1].lower(), found, {})
 

@@ -172,6 +172,8 @@ def _load_backbone_folder(folder: Path, cfg: dict | None) -> tuple[torch.nn.Modu
     """Rebuild the backbone saved by :func:`save_backbone`. ``cfg`` (if given) must agree on the architecture."""
     from safetensors.torch import load_file
 
+    from ..networks import load_network
+
     meta = json.loads((folder / "backbone.json").read_text())
     saved_cfg = {"name": meta["name"], **meta["kwargs"]}
     if "." in str(meta["name"]):  # a _target_ backbone
@@ -180,10 +182,16 @@ def _load_backbone_folder(folder: Path, cfg: dict | None) -> tuple[torch.nn.Modu
         _, want = model_kwargs(cfg)
         _, have = model_kwargs(saved_cfg)
         diff = {k: (want[k], have.get(k)) for k in want if k != "dropout_rate" and want[k] != have.get(k)}
-        if diff:
+        head_only = set(diff) == {"out_channels"}
+        if diff and not head_only:
             raise ValueError(f"pretrained backbone in {folder} differs from model config: {diff} (config, saved)")
         if "dropout_rate" in want or "_target_" not in saved_cfg:
             saved_cfg["dropout_rate"] = want.get("dropout_rate", saved_cfg.get("dropout_rate"))
+        if head_only:  # e.g. a binary-pretrained backbone fine-tuned on a K-class task: a fresh head, reported
+            saved_cfg["out_channels"] = want["out_channels"]
+            model, report = load_network(folder / "model.safetensors", network=build_model(saved_cfg))
+            print(report)
+            return model, saved_cfg
     model = build_model(saved_cfg)
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
     return model, saved_cfg

@@ -57,7 +57,7 @@ def test_presets_agree_with_the_name_configs():
                                                           "out.conv.conv"]
 
 
-def test_unknown_classes_get_targets_by_name_or_a_pointer_to_lora():
+def test_unknown_classes_get_targets_by_name_or_a_pointer_to_conv_targets():
     class Block(nn.Module):
         def __init__(self, width: int = 8):
             super().__init__()
@@ -77,7 +77,7 @@ def test_unknown_classes_get_targets_by_name_or_a_pointer_to_lora():
         assert preset.target_modules == ("attn.qkv", "mlp.linear1") and preset.decoder_set("paper") == []
     finally:
         del sys.modules["tests_networks_custom"]
-    with pytest.raises(NetworkSpecError, match="LoraConfig"):
+    with pytest.raises(NetworkSpecError, match="adapt its convolutions too.*<method>_full"):
         preset_for("monai.networks.nets.BasicUNet", {"spatial_dims": 3, "in_channels": 1, "out_channels": 2,
                                                      "features": [4, 4, 8, 8, 16, 4]})
 
@@ -115,3 +115,23 @@ def test_load_backbone_takes_any_source(tmp_path):
     assert net.out.conv.conv.out_channels == 3 and used["out_channels"] == 3
     with pytest.raises(ValueError, match="SwinUNETR"):
         load_backbone(bundle, {"name": "swinunetr"})
+
+
+def test_a_backbone_folder_takes_a_new_head(tmp_path, capsys):
+    """A binary-pretrained backbone folder fine-tuned on a K-class task: everything loads but the head, which is
+    freshly initialised and reported; any other architecture difference stays an error."""
+    from peft_tensor.training.models import save_backbone
+
+    legacy = {"name": "unetr", "img_size": 16, "feature_size": 8, "hidden_size": 96, "mlp_dim": 192, "num_heads": 4,
+              "dropout_rate": 0.0, "out_channels": 2}
+    torch.manual_seed(0)
+    src = build_model(legacy)
+    save_backbone(src, legacy, tmp_path / "bb")
+    net, used = load_backbone(tmp_path / "bb", {**legacy, "out_channels": 3})
+    assert used["out_channels"] == 3 and net.out.conv.conv.out_channels == 3
+    mine, theirs = net.state_dict(), src.state_dict()
+    head = {k for k in theirs if k.startswith("out.")}
+    assert head and all(torch.equal(mine[k], theirs[k]) for k in theirs if k not in head)
+    assert "out.conv.conv.weight" in capsys.readouterr().out  # the report names the re-initialised head
+    with pytest.raises(ValueError, match="differs from model config"):
+        load_backbone(tmp_path / "bb", {**legacy, "hidden_size": 48, "num_heads": 4})
