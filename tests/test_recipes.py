@@ -245,6 +245,11 @@ def test_demo_pipeline_smoke_tiny(tmp_path):
     assert "| arm |" in (out / "demo_results.md").read_text()
     assert (out / ARM / "adapter" / "adapter_config.json").is_file()
     assert (out / "frozen" / "adapter" / "trainable.safetensors").is_file()
+    from peft_tensor.hub import adapter_info, format_info
+
+    info = format_info(adapter_info(out / ARM / "adapter"))  # ready to share as written: base network recorded
+    assert "not recorded" not in info and "UNETR" in info
+    assert "Model Card for Model ID" not in (out / ARM / "adapter" / "README.md").read_text()
     again = demo.main(cfg)  # the pretrained backbone is reused from the cache
     assert again["pretrain_reused"]
     assert again["results"][ARM]["test"]["dice"]["mean"] == result["results"][ARM]["test"]["dice"]["mean"]
