@@ -42,3 +42,26 @@ def test_every_method_has_a_registry_learning_rate(method):
     at the frozen network's Dice; each method's factors train at its own rate, the decoder keeps optim.lr."""
     settings = optimizer_settings({"name": method})
     assert settings["method_lr"] > 3e-3
+
+
+def test_full_arms_adapt_the_decoder_convolutions_and_train_only_the_head():
+    """<method>_full: the method on the encoder Linears and every decoder2-5 convolution; the head trains in full."""
+    from peft_tensor.training.arms import FULL_ARMS, decoder_conv_targets, peft_config
+
+    cfg = {"name": "unetr", "img_size": 32, "feature_size": 8, "hidden_size": 96, "mlp_dim": 192, "num_heads": 4}
+    assert {"tcurlora_full", "lorapt_full", "hyps_full", "lora_full"} <= set(FULL_ARMS)
+    convs = decoder_conv_targets(cfg)
+    assert len(convs) == 16 and all(c.startswith(("decoder2", "decoder3", "decoder4", "decoder5")) for c in convs)
+    assert sum(c.endswith("transp_conv.conv") for c in convs) == 4
+    config = peft_config("tcurlora_full", {"name": "tcurlora_full"}, cfg)
+    assert set(config.target_modules) >= set(convs) and config.modules_to_save == ["out.conv.conv"]
+    lora = peft_config("lora_full", {"name": "lora_full"}, cfg)  # PEFT LoRA has no ConvTranspose3d
+    assert lora.r == 1 and not any(t.endswith("transp_conv.conv") for t in lora.target_modules)
+    model = apply_arm(build_model(cfg), "tcurlora_full", cfg)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("modules_to_save" in n and "out.conv.conv" in n for n in names)
+    assert not any("decoder" in n for n in names), "the decoder is adapted, not trained in full"
+    # 8^2 x (4 by-shape Linear groups of 12 + per block 8 + 27 + 27 + 1 slices) + the 8 -> 2 head
+    assert param_counts(model)["trainable"] == 64 * (48 + 4 * 63) + 18
+    with pytest.raises(ValueError, match="decoder: head would leave none"):
+        peft_config("tcurlora_full", {"name": "tcurlora_full", "decoder": "head"}, cfg)
