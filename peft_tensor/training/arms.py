@@ -79,7 +79,9 @@ def decoder_conv_targets(model_cfg: dict, decoder: str = "paper", transposed: bo
     kinds = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
     if transposed:
         kinds += (torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
-    with torch.device("meta"):
+    from accelerate import init_empty_weights  # parameters on meta; SwinUNETR's constructor .item()s a tensor
+
+    with init_empty_weights():
         model = build_model(dict(model_cfg))
     return [n for n, m in model.named_modules() if isinstance(m, kinds) and name_matches(n, blocks)]
 
@@ -96,7 +98,7 @@ def peft_config(arm: str, arm_cfg: dict, model_cfg: dict):
     spec = methods().get(method)
     convs = decoder_conv_targets(model_cfg, decoder, transposed=spec is not None) if full else []
     if spec is not None:
-        kw.setdefault("target_modules", spec.targets_for(dict(model_cfg).get("name", "unetr")) + convs)
+        kw.setdefault("target_modules", list(spec.targets.get(d["backbone"]) or d["target_modules"]) + convs)
         defaults = spec.arm_defaults if not full or spec.full_arm_defaults is None else spec.full_arm_defaults
         return spec.config_cls(**{**defaults, **kw})
     kw.setdefault("target_modules", list(d["target_modules"]) + convs)
@@ -190,7 +192,7 @@ def load_trained(base_model: torch.nn.Module, folder, arm: str) -> torch.nn.Modu
 
     folder = Path(folder)
     if canonical_arm(arm) in PEFT_ARMS:
-        if canonical_arm(arm) in PEFT_BASELINES:
+        if canonical_arm(arm) in (*PEFT_BASELINES, "lora_full"):
             from peft import PeftModel
 
             return PeftModel.from_pretrained(base_model, str(folder))

@@ -19,8 +19,9 @@ class PeftTensorConfigMixin:
         default=None,
         metadata={
             "help": "Names (suffix match) or a regex (full match) of the modules to adapt: nn.Linear and, for "
-            "tCURLoRA and LoRA-PT, convolutions (Conv1d/2d/3d, ConvTranspose1d/2d/3d, groups=1). MONAI networks "
-            "have no default: name them, e.g. ['attn.qkv', 'attn.out_proj', 'mlp.linear1', 'mlp.linear2'] for UNETR."
+            "every method (tCURLoRA, LoRA-PT, HyPS), convolutions (Conv1d/2d/3d, ConvTranspose1d/2d/3d, groups=1). "
+            "MONAI networks have no default: name them, e.g. ['attn.qkv', 'attn.out_proj', 'mlp.linear1', "
+            "'mlp.linear2'] for UNETR."
         },
     )
     exclude_modules: Optional[Union[list[str], str]] = field(

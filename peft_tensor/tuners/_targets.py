@@ -18,8 +18,8 @@ __all__ = ["CONV_TYPES", "find_linear_targets", "find_targets", "is_conv"]
 _SKIP_PARTS = {"base_layer", "modules_to_save", "original_module"}
 _LISTED = 12
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_CONV_HINT = ("tCURLoRA and LoRA-PT also adapt convolutions (target the Conv3d / ConvTranspose3d modules, or use the "
-              "recipes' whole-network arms tcurlora_full / lorapt_full)")
+_CONV_HINT = ("tCURLoRA, LoRA-PT and HyPS also adapt convolutions (target the Conv3d / ConvTranspose3d modules, or "
+              "use the recipes' whole-network arms tcurlora_full / lorapt_full / hyps_full)")
 
 
 def is_conv(module: nn.Module) -> bool:

@@ -65,3 +65,23 @@ def test_full_arms_adapt_the_decoder_convolutions_and_train_only_the_head():
     assert param_counts(model)["trainable"] == 64 * (48 + 4 * 63) + 18
     with pytest.raises(ValueError, match="decoder: head would leave none"):
         peft_config("tcurlora_full", {"name": "tcurlora_full", "decoder": "head"}, cfg)
+
+
+def test_full_arms_on_swinunetr_and_target_configs():
+    """hyps_full on SwinUNETR (its constructor .item()s a tensor, so the decoder is read from an empty-weights build,
+    not the meta device); lorapt_full takes its own rank; a _target_ network config gets the same targets as the
+    equivalent name: config."""
+    from peft_tensor.training.arms import decoder_conv_targets, peft_config
+
+    swin = {"name": "swinunetr", "feature_size": 12, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1]}
+    convs = decoder_conv_targets(swin)
+    assert convs and all(c.startswith(("decoder1", "decoder2", "decoder3", "decoder4", "decoder5")) for c in convs)
+    hyps = peft_config("hyps_full", {"name": "hyps_full"}, swin)
+    assert set(hyps.target_modules) >= set(convs) and "attn.qkv" in hyps.target_modules
+    unetr = {"name": "unetr", "img_size": 32, "feature_size": 8, "hidden_size": 96, "mlp_dim": 192, "num_heads": 4}
+    assert peft_config("lorapt_full", {"name": "lorapt_full"}, unetr).r == 2
+    by_target = {"_target_": "monai.networks.nets.UNETR", "in_channels": 1, "out_channels": 2, "img_size": [32] * 3,
+                 "feature_size": 8, "hidden_size": 96, "mlp_dim": 192, "num_heads": 4}
+    for arm in ("tcurlora", "hyps", "tcurlora_full"):
+        assert (sorted(peft_config(arm, {"name": arm}, by_target).target_modules)
+                == sorted(peft_config(arm, {"name": arm}, unetr).target_modules))
