@@ -142,12 +142,14 @@ def apply_arm(model: torch.nn.Module, arm_cfg: dict | str, model_cfg: dict) -> t
 def optimizer_settings(arm_cfg: dict) -> dict:
     """The arm's learning rates, laid over the recipe's ``optim`` section: ``lr`` / ``method_lr`` from the arm's
     config, else ``method_lr`` = the ``lr`` of the method's registry entry (the learning rate of its trainable
-    factors; the decoder and head keep ``optim.lr``), else nothing."""
+    factors; the decoder and head keep ``optim.lr``; ``full_lr`` for a ``<method>_full`` arm), else nothing."""
     out = {k: arm_cfg[k] for k in ("lr", "method_lr") if k in arm_cfg}
     arm = canonical_arm(arm_cfg.get("name", "full"))
-    spec = methods().get(arm[: -len(FULL_SUFFIX)] if arm.endswith(FULL_SUFFIX) else arm)
-    if "method_lr" not in out and spec is not None and spec.lr is not None:
-        out["method_lr"] = spec.lr
+    full = arm.endswith(FULL_SUFFIX)
+    spec = methods().get(arm[: -len(FULL_SUFFIX)] if full else arm)
+    lr = None if spec is None else spec.full_lr if full and spec.full_lr is not None else spec.lr
+    if "method_lr" not in out and lr is not None:
+        out["method_lr"] = lr
     return out
 
 

@@ -80,6 +80,11 @@ def test_full_arms_on_swinunetr_and_target_configs():
     assert set(hyps.target_modules) >= set(convs) and "attn.qkv" in hyps.target_modules
     unetr = {"name": "unetr", "img_size": 32, "feature_size": 8, "hidden_size": 96, "mlp_dim": 192, "num_heads": 4}
     assert peft_config("lorapt_full", {"name": "lorapt_full"}, unetr).r == 2
+    # the whole-network tCURLoRA arm has its own core learning rate (0.3 is unstable there); others fall back to lr
+    assert optimizer_settings({"name": "tcurlora_full"}) == {"method_lr": 0.03}
+    assert optimizer_settings({"name": "tcurlora"}) == {"method_lr": 0.3}
+    assert optimizer_settings({"name": "hyps_full"}) == optimizer_settings({"name": "hyps"})
+    assert optimizer_settings({"name": "tcurlora_full", "method_lr": 0.1}) == {"method_lr": 0.1}
     by_target = {"_target_": "monai.networks.nets.UNETR", "in_channels": 1, "out_channels": 2, "img_size": [32] * 3,
                  "feature_size": 8, "hidden_size": 96, "mlp_dim": 192, "num_heads": 4}
     for arm in ("tcurlora", "hyps", "tcurlora_full"):
