@@ -37,6 +37,16 @@ TEST_CASES += [
     ("Conv2d 2 LoRA-PT", "Conv2d", LoraPTConfig, {"target_modules": ["conv2d", "lin0"], "r": 2, "svd_method": "full"}),
     ("Conv3d 1 LoRA-PT", "Conv3d", LoraPTConfig, {"target_modules": ["conv3d"], "r": 2, "svd_method": "full"}),
 ]
+# HyPS on convolutions (its own conv layer, tuners/hyps): with the serial branch and parallel-only.
+for _name, _extra in (("HyPS", {"d": 2}), ("HyPS parallel", {"serial": False})):
+    TEST_CASES += [
+        (f"Conv1d {_name}", "Conv1d", HyPSConfig, {"target_modules": ["conv1d"], "r": 1, **_extra}),
+        (f"Conv2d 1 {_name}", "Conv2d", HyPSConfig, {"target_modules": ["conv2d"], "r": 2, **_extra}),
+        (f"Conv2d 2 {_name}", "Conv2d", HyPSConfig, {"target_modules": ["conv2d", "lin0"], "r": 2, **_extra}),
+        (f"Conv2d 1x1 {_name}", "Conv2d1x1", HyPSConfig, {"target_modules": ["conv2d"], "r": 1, **_extra}),
+        (f"Conv3d 1 {_name}", "Conv3d", HyPSConfig, {"target_modules": ["conv3d"], "r": 2, **_extra}),
+        (f"Conv3d 2 {_name}", "Conv3d", HyPSConfig, {"target_modules": ["conv3d", "lin0"], "r": 2, **_extra}),
+    ]
 
 # (test name, tuner method, config class, 1st config kwargs, 2nd config kwargs), model: MLP
 MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES = []
@@ -67,7 +77,8 @@ MIXED_ADAPTER_TEST_CASES = [
 # both substrings is skipped with that reason. Keep this list short and each reason specific.
 _SERIAL = ("HyPS with its serial branch (y = h + s Up(ReLU(Down(h)))) is non-linear in the layer input, so merging "
            "raises MergeError by design (tests/test_hyps.py checks the error; HyPS parallel runs these tests)")
-_HYPS_SERIAL_CASES = ("HyPS-MLP", "HyPS Same", "HyPS Different", "HyPS mixed adapter")
+_HYPS_SERIAL_CASES = ("HyPS-MLP", "HyPS Same", "HyPS Different", "HyPS mixed adapter", "HyPS-Conv1d", "HyPS-Conv2d",
+                      "HyPS-Conv3d")
 _MERGING_TESTS = (
     "test_merge_layers", "test_safe_merge", "test_disable_adapters_with_merging", "test_delete_merged_adapter",
     "test_forward_float16", "test_forward_bfloat16", "test_multiple_active_adapters_merge_and_unmerge",
@@ -82,3 +93,9 @@ EXCLUSIONS.append(("test_parameters_after_loading_model", "Vanilla MLP 2 HyPS-ML
                    "SGD lr 0.5 on inputs up to 89 diverges for every method incl. LoRA (inf); HyPS serial reaches "
                    "NaN, "
                    "and allclose(NaN, NaN) is False"))
+# Measured: SGD lr 0.5 on sum(log_softmax) of the conv models diverges for every method (PEFT LoRA on Conv2d: loss
+# -3.9e21, |grad| 5e17 at step 3); HyPS serial turns the inf into NaN. Not a save/load defect.
+for _case in ("Conv2d 2 HyPS-Conv2d", "Conv3d 2 HyPS-Conv3d"):
+    EXCLUSIONS.append(("test_parameters_after_loading_model", _case,
+                       "SGD lr 0.5 diverges on this conv model for every method incl. LoRA (inf); HyPS serial "
+                       "reaches NaN, and allclose(NaN, NaN) is False"))
