@@ -224,3 +224,15 @@ def test_targets_matching_nothing_in_a_cnn_name_its_convolutions():
     for config in (TCURLoraConfig(r=2, target_modules=["norm"]), HyPSConfig(r=2, target_modules=["attn.qkv"])):
         with pytest.raises(TargetModulesError, match=r"no nn.Linear layer. Its convolutions end in: 'conv_0.conv'"):
             get_peft_model(net, config)
+
+
+def test_rank_above_a_thin_convolution_names_the_layer_and_the_ways_out():
+    """The first conv of a CNN (1 input channel) caps r at 1 in the kernel layout: the error names the layer, the
+    cap, leaving it out, and conv_layout='stacked' (with which the same r works)."""
+    from monai.networks.nets import BasicUNet
+
+    net = BasicUNet(spatial_dims=3, in_channels=1, out_channels=2, features=(4, 4, 8, 8, 16, 4))
+    with pytest.raises(RankError, match=r"Choose r <= 1, or leave 'conv_0.conv_0.conv' out of target_modules.*"
+                                        r"conv_layout='stacked'"):
+        get_peft_model(net, TCURLoraConfig(r=2, target_modules=["conv"]))
+    get_peft_model(net, TCURLoraConfig(r=2, target_modules=["conv"], conv_layout="stacked"))

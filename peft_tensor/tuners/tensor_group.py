@@ -682,10 +682,13 @@ class TensorGroupTuner(MonaiFriendlyTunerMixin, BaseTuner):
         for spec in specs:
             limit = min(spec.n1, spec.n2)
             if config.r > limit:
+                kernel = spec.name.startswith("kernel_")  # a convolution in conv_layout="kernel" (out x in slices)
                 raise RankError(
                     f"r={config.r} exceeds min(n1, n2)={limit} of group {spec.name!r} "
                     f"({spec.n_slices} x {spec.n1} x {spec.n2}, from {spec.slices[0].module_name} ...). "
-                    f"Choose r <= {limit}."
+                    f"Choose r <= {limit}, or leave {spec.slices[0].module_name!r} out of target_modules"
+                    + (" (a convolution with few channels, e.g. the first one of a network: conv_layout='stacked' "
+                       "views it as out x in*k^3, which allows a larger r)" if kernel else "") + "."
                 )
         return specs
 
