@@ -228,6 +228,26 @@ class HyPSLayer(BaseTunerLayer):
         return (conv(self.out_features, d, 1, bias=False, device=device),
                 conv(d, self.out_features, 1, bias=False, device=device))
 
+    def _adapted_forward(self, x: torch.Tensor, args: tuple, kwargs: dict, adapter_names: Optional[list[str]],
+                         *extra: Any) -> torch.Tensor:
+        """The forward of every HyPS layer: the base layer, then each active adapter (``_apply_adapter(adapter, x,
+        result, *extra)``), or per-adapter sub-batches for ``adapter_names``; the output in the base output's dtype."""
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        result_dtype = result.dtype
+        if adapter_names is not None:
+            check_mixed_batch(x, adapter_names)
+            out = result.clone()
+            for adapter, rows in sub_batches(adapter_names, x.device):
+                out[rows] = self._apply_adapter(adapter, x[rows], result[rows], *extra).to(result_dtype)
+            return out
+        for adapter in self.active_adapters:
+            result = self._apply_adapter(adapter, x, result, *extra)
+        return result.to(result_dtype)
+
     # ----------------------------------------------------------------------------------------------------- merging
 
     def _has_parallel(self, adapter: str) -> bool:
@@ -325,22 +345,7 @@ class Linear(nn.Module, HyPSLayer):
 
     def forward(self, x: torch.Tensor, *args: Any, adapter_names: Optional[list[str]] = None,
                 **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-
-        result = self.base_layer(x, *args, **kwargs)
-        result_dtype = result.dtype
-        if adapter_names is not None:
-            check_mixed_batch(x, adapter_names)
-            out = result.clone()
-            for adapter, rows in sub_batches(adapter_names, x.device):
-                out[rows] = self._apply_adapter(adapter, x[rows], result[rows]).to(result_dtype)
-            return out
-        for adapter in self.active_adapters:
-            result = self._apply_adapter(adapter, x, result)
-        return result.to(result_dtype)
+        return self._adapted_forward(x, args, kwargs, adapter_names)
 
     def _apply_adapter(self, adapter: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         p = self.hyps_dropout.get(adapter, 0.0)
@@ -416,23 +421,8 @@ class Conv(nn.Module, HyPSLayer):
 
     def forward(self, x: torch.Tensor, *args: Any, adapter_names: Optional[list[str]] = None,
                 **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-
-        result = self.base_layer(x, *args, **kwargs)
-        result_dtype = result.dtype
         output_padding = self._transposed_output_padding(x, *args, **kwargs)
-        if adapter_names is not None:
-            check_mixed_batch(x, adapter_names)
-            out = result.clone()
-            for adapter, rows in sub_batches(adapter_names, x.device):
-                out[rows] = self._apply_adapter(adapter, x[rows], result[rows], output_padding).to(result_dtype)
-            return out
-        for adapter in self.active_adapters:
-            result = self._apply_adapter(adapter, x, result, output_padding)
-        return result.to(result_dtype)
+        return self._adapted_forward(x, args, kwargs, adapter_names, output_padding)
 
     def _transposed_output_padding(self, x: torch.Tensor,
                                    output_size: Optional[list[int]] = None) -> Optional[list[int]]:
