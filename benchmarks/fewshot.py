@@ -29,18 +29,13 @@ import numpy as np
 import torch
 
 import peft_tensor
-from peft_tensor.recipes.demo import ensure_backbone, finetune_arm
+from peft_tensor.recipes.demo import arm_label, ensure_backbone, finetune_arm
 from peft_tensor.training import write_json
 from peft_tensor.training.config import parse_recipe_args
 from peft_tensor.training.loop import configure_threads
 
 DEFAULT_CONFIG = "fewshot_cpu"
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-
-
-def arm_name(arm) -> str:
-    """The arm's name in the tables: its ``label`` if any (``{name: lora, decoder: head, label: lora_alone}``)."""
-    return arm if isinstance(arm, str) else str(arm.get("label", arm["name"]))
 
 
 def aggregate(runs: list[dict], arms: list[str], ns: list[int]) -> dict:
@@ -138,7 +133,7 @@ def main(cfg: dict) -> dict:
     t_start = time.time()
     bench = cfg["benchmark"]
     ns, seeds = [int(n) for n in bench["n_train"]], [int(s) for s in bench["seeds"]]
-    arms = [arm_name(a) for a in cfg["arms"]]
+    arms = [arm_label(a) for a in cfg["arms"]]
     out, stem = Path(cfg.get("output_dir", "benchmarks/results")), cfg.get("stem", "fewshot_cpu")
     threads = configure_threads(cfg.get("threads"))
     cfg = {**cfg, "threads": threads}  # every run with the threads chosen once, at the start
@@ -171,7 +166,7 @@ def main(cfg: dict) -> dict:
         for seed in seeds:  # outer: a complete grid per seed, so an interrupted run still has whole grids
             for n in ns:
                 for arm in cfg["arms"]:
-                    name = arm_name(arm)
+                    name = arm_label(arm)
                     print(f"[fewshot] seed {seed}, N = {n}, {name}", flush=True)
                     r = finetune_arm(cfg, arm, backbone, work / f"seed{seed}" / f"n{n}" / name,
                                      data={**cfg["data"], "n_train": n}, seed=seed)

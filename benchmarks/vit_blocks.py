@@ -55,7 +55,6 @@ import copy
 import dataclasses
 import json
 import os
-import statistics
 import sys
 import time
 import warnings
@@ -101,6 +100,11 @@ def _efficiency():
     except ImportError:
         import efficiency  # type: ignore[no-redef]
     return efficiency
+
+
+# the efficiency benchmark's small helpers, shared rather than copied
+_median, _load, _fmt = _efficiency()._median, _efficiency()._load, _efficiency()._fmt
+_proc_status_kb = _efficiency()._status_kb
 
 
 # -- network and arms -------------------------------------------------------------------------------------------------
@@ -256,16 +260,6 @@ def adapter_held_bytes(model: nn.Module, base_bytes: int, exclude: frozenset = f
     return state, sum(cache.values())
 
 
-def _proc_status_kb(field: str) -> Optional[int]:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def memory_probe(cfg: dict, arm_name: str, tokens: int, batch: int) -> dict:
     """In *this* process (meant to be a fresh one, see :func:`_run_probe`): build arm ``arm_name``, reset the peak
     resident-memory mark, run one step on ``(batch, tokens, hidden)`` and return the step's peak above the resident
@@ -344,19 +338,8 @@ def _step(model: nn.Module, x: torch.Tensor, device: torch.device) -> dict:
 
 
 # -- the run ----------------------------------------------------------------------------------------------------------
-def _median(xs):
-    return statistics.median(xs) if xs else None
-
-
 def _ratio(a, b):
     return None if a is None or b in (None, 0) else a / b
-
-
-def _load() -> list[float]:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return []
 
 
 def _cells(run: dict) -> list[tuple[int, int]]:
@@ -493,10 +476,6 @@ def run_benchmark(cfg: dict, log=print, on_cell=None) -> dict:
 
 
 # -- report -----------------------------------------------------------------------------------------------------------
-def _fmt(v, spec="{:.2f}", none="—"):
-    return none if v is None else spec.format(v)
-
-
 def markdown_report(result: dict) -> str:
     """One table per (tokens, batch) cell, ratios to the floor and to PEFT LoRA of that cell."""
     m, v = result["machine"], result["versions"]

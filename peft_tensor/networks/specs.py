@@ -15,12 +15,13 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Mapping
 
 from torch import nn
 
 from ..errors import PeftTensorError
 from ..hub.provenance import BaseNetwork, import_network_class
+from ..registry import SWINUNETR_TARGETS, UNETR_TARGETS
 
 __all__ = ["NETWORK_ALIASES", "NetworkSpecError", "Preset", "DECODER_SETS", "build_from_spec", "class_path_of",
            "preset_for", "resolve_class_path", "split_spec", "spec_of", "SWIN_DECODER", "SWIN_DECODER_WIDE",
@@ -40,8 +41,7 @@ NETWORK_ALIASES = MappingProxyType({
 
 # The Linear layers of MONAI's transformer blocks (``monai.networks.blocks``: SABlock / MLPBlock in ViT and UNETR,
 # WindowAttention / MLPBlock / PatchMerging in SwinUNETR), as PEFT ``target_modules`` suffixes.
-VIT_TARGETS = ("attn.qkv", "attn.out_proj", "mlp.linear1", "mlp.linear2")
-SWIN_TARGETS = ("attn.qkv", "attn.proj", "mlp.linear1", "mlp.linear2", "downsample.reduction")
+VIT_TARGETS, SWIN_TARGETS = UNETR_TARGETS, SWINUNETR_TARGETS  # the registry's, named per block family
 
 # What the papers train beside the adapter (the "decoder"): UNETR decoder2-5 + head, 2,678,562 parameters in UNETR-B
 # (tCURLoRA r=8 then trains the paper's 2,683,170); SwinUNETR decoder1-5 + head, 19,597,922 in SwinUNETR-48 (HyPS).
@@ -238,10 +238,3 @@ def _meta_build(class_path: str, kwargs: Mapping) -> nn.Module:
         raise NetworkSpecError(
             f"cannot build {class_path}(**{dict(kwargs)!r}) to find its target layers ({type(exc).__name__}: "
             f"{exc}); pass target_modules yourself.") from exc
-
-
-def jsonable(kwargs: Mapping[str, Any]) -> dict:
-    """Constructor arguments as JSON values (tuples -> lists)."""
-    from ..hub.provenance import _to_json
-
-    return _to_json(dict(kwargs), "kwargs")

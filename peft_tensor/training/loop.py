@@ -60,7 +60,7 @@ def make_loss(name: str = "dice", task=None):
     binary cross-entropy."""
     from monai.losses import DiceCELoss, DiceLoss
 
-    softmax = as_task(task).softmax if task is not None else True
+    softmax = as_task(task).softmax
     kw = dict(to_onehot_y=True, softmax=True, include_background=True) if softmax else dict(sigmoid=True)
     name = str(name).lower()
     if name == "dice":
@@ -155,7 +155,7 @@ def evaluate_cases(model, cases, patch, overlap: float = 0.5, min_component_voxe
     ``extremes`` collects the best and worst case for the overlays."""
     from ..data.datasets import iterate_cases
 
-    task = as_task(task) if task is not None else as_task(())
+    task = as_task(task)
     rows, preds = [], []
     it = iterate_cases(cases, num_workers)
     if progress:

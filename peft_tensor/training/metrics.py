@@ -80,8 +80,6 @@ def summarize(rows: list, keys=("dice", "hd95", "jaccard", "volume_ml", "dice_cc
     return out
 
 
-PER_CLASS_METRICS = ("dice", "hd95", "jaccard", "volume_ml", "true_volume_ml", "dice_cc", "hd95_cc", "jaccard_cc",
-                     "volume_ml_cc")
 
 
 def task_case_metrics(pred_masks, truth_masks, classes, spacing=(1.0, 1.0, 1.0),

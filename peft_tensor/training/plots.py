@@ -87,17 +87,6 @@ def plot_overlay(image, truth, pred, path, title: str = "", classes=None) -> Pat
     return path
 
 
-def _masks(task, label):
-    return task.masks(label) if task is not None else np.asarray(label).astype(bool)
-
-
-def plot_best_worst(cases: list, preds: list, rows: list, folder, prefix: str = "", task=None) -> list:
-    """Overlays of the best and worst case by Dice. Returns the written paths."""
-    if not rows:
-        return []
-    order = sorted(range(len(rows)), key=lambda i: (rows[i]["dice"] if rows[i]["dice"] == rows[i]["dice"] else -1))
-    return plot_extremes([(tag, cases[i], preds[i], rows[i]) for tag, i in (("worst", order[0]), ("best", order[-1]))],
-                         folder, prefix, task)
 
 
 def plot_extremes(items, folder, prefix: str = "", task=None) -> list:
@@ -105,8 +94,8 @@ def plot_extremes(items, folder, prefix: str = "", task=None) -> list:
     (:meth:`peft_tensor.training.loop.Extremes.items`). Returns the written paths."""
     out = []
     for tag, case, pred, row in (items.items() if hasattr(items, "items") else items):
-        truth = _masks(task, case.label) if task is not None else np.asarray(case.label[0]).astype(bool)
-        prd = _masks(task, pred) if task is not None else np.asarray(pred).astype(bool)
+        truth = task.masks(case.label) if task is not None else np.asarray(case.label[0]).astype(bool)
+        prd = task.masks(pred) if task is not None else np.asarray(pred).astype(bool)
         out.append(plot_overlay(case.image.numpy(), truth, prd, Path(folder) / f"{prefix}overlay_{tag}.png",
                                 f"{tag}: {case.id}  Dice {row['dice']:.3f}",
                                 classes=task.classes if task is not None else None))

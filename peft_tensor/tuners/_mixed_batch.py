@@ -33,7 +33,8 @@ def sub_batches(adapter_names: list[str], device) -> list[tuple[str, torch.Tenso
 @contextlib.contextmanager
 def mixed_batch_hooks(tuner, layer_cls, adapter_names):
     """PEFT's ``adapter_names=`` mixed batches, as LoRA does them: checks at the call, then a pre-forward hook on each
-    adapted layer passes the per-sample adapter names down. ``"__base__"`` selects the base model for a sample."""
+    adapted layer passes the per-sample adapter names down. :data:`BASE_ADAPTER` selects the base model for a
+    sample."""
     if adapter_names is None:
         yield
         return
@@ -42,7 +43,7 @@ def mixed_batch_hooks(tuner, layer_cls, adapter_names):
                          "for inference. Call model.eval() first.")
     if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
         raise ValueError("adapter_names must be a list of adapter names, one per sample ('__base__' for none).")
-    unknown = sorted(set(adapter_names) - set(tuner.peft_config) - {"__base__"})
+    unknown = sorted(set(adapter_names) - set(tuner.peft_config) - {BASE_ADAPTER})
     if unknown:
         raise ValueError(f"adapter_names names unknown adapters {unknown}; this model has {sorted(tuner.peft_config)} "
                          "(and '__base__' for the base model).")

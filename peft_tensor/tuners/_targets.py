@@ -1,9 +1,8 @@
 """Target discovery shared by every peft_tensor tuner: which layers a config matches, and one wording for the errors
 when it matches nothing or something the method cannot adapt. Runs before the model is touched.
 
-Tensor-group methods (tCURLoRA, LoRA-PT) adapt ``nn.Linear`` and convolutions (``nn.Conv1d/2d/3d``,
-``nn.ConvTranspose1d/2d/3d`` with ``groups=1``); a method that adapts ``nn.Linear`` only calls
-:func:`find_linear_targets`.
+Every method (tCURLoRA, LoRA-PT, HyPS) adapts ``nn.Linear`` and convolutions (``nn.Conv1d/2d/3d``,
+``nn.ConvTranspose1d/2d/3d`` with ``groups=1``): :func:`find_targets` with ``convolutions=True``.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ from torch import nn
 
 from ..errors import TargetModulesError
 
-__all__ = ["CONV_TYPES", "find_linear_targets", "find_targets", "is_conv"]
+__all__ = ["CONV_TYPES", "find_targets", "is_conv"]
 
 _SKIP_PARTS = {"base_layer", "modules_to_save", "original_module"}
 _LISTED = 12
@@ -94,13 +93,3 @@ def find_targets(model: nn.Module, config, *, convolutions: bool = True) -> list
             f"{filtered}. {layers} Names match as suffixes ('attn.qkv') or, for a string, as a full regex."
         )
     return matches
-
-
-def find_linear_targets(model: nn.Module, config) -> list[tuple[str, nn.Linear]]:
-    """Matched ``(module name, base nn.Linear)`` in module order (methods that adapt ``nn.Linear`` only).
-
-    Raises:
-        TargetModulesError: see :func:`find_targets`; a network without ``nn.Linear`` is pointed to the tensor
-            methods' convolution targets and to PEFT LoRA for Conv3d.
-    """
-    return find_targets(model, config, convolutions=False)
