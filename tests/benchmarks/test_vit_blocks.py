@@ -47,7 +47,6 @@ def test_benchmark_vit_blocks_smoke(tmp_path, capsys):
         assert a["vs_lora"]["step_cpu"] == pytest.approx(a["cpu_ms"] / lora["cpu_ms"])
         assert a["vs_lora"]["saved_act"] == pytest.approx(a["saved_act_mb"] / lora["saved_act_mb"])
     assert lora["vs_lora"]["step"] == 1.0 and floor["vs_floor"]["step"] == 1.0
-    assert tcur["vs_lora"]["step"] != tcur["vs_floor"]["step"] or tcur["step_ms"] == lora["step_ms"]
     assert floor["saved_act_mb"] < lora["saved_act_mb"]  # LoRA saves its adapters' inputs and low-rank outputs
     assert floor["adapter_state_mb"] == 0
     # LoRA r=8's A and B in float32; tCURLoRA: its cores and their initial values, the indices and the frozen C and R

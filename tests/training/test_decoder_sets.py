@@ -38,7 +38,7 @@ def test_swinunetr_default_decoder_is_hyps_papers():
 
 @pytest.mark.parametrize("method", ["tcurlora", "lorapt", "hyps"])
 def test_every_method_has_a_registry_learning_rate(method):
-    """Measured adapter-only sweep (benchmarks/results/lr_sweep.md): the recipes' 3e-3 leaves tCURLoRA and LoRA-PT
+    """Measured adapter-only sweep (benchmarks/results/lr_sweep_cpu.md): the recipes' 3e-3 leaves tCURLoRA and LoRA-PT
     at the frozen network's Dice; each method's factors train at its own rate, the decoder keeps optim.lr."""
     settings = optimizer_settings({"name": method})
     assert settings["method_lr"] > 3e-3
