@@ -192,7 +192,7 @@ def test_group_d_node_saves_nothing_and_can_be_traversed_by_two_backward_passes(
     assert group_dense_slices(group)[0] is not group_dense_slices(group)[0]
 
 
-# -- LoRA-PT frozen_term='dense': -P0 held once per group ------------------------------------------------------------
+# -- LoRA-PT frozen_term='dense': W - P0 held once per layer ---------------------------------------------------------
 @pytest.mark.parametrize("delta_mode", ["factored", "dense"])
 def test_lorapt_frozen_term_dense_is_the_same_adapter(delta_mode, tmp_path):
     x = _x()
@@ -206,7 +206,16 @@ def test_lorapt_frozen_term_dense_is_the_same_adapter(delta_mode, tmp_path):
         torch.testing.assert_close(g, g_ref, rtol=0, atol=2e-4 * g_ref.abs().max().item())
     group = pm.base_model.groups("default")[0]
     assert group.term_ranks() == (group.rank,)  # one factored term left
-    assert "_p0" in group.__dict__ and not any("p0" in k for k in pm.state_dict())  # held, never saved
+    # W - P0 held once per Linear of the group (one weight-sized copy, no -P0 besides), never saved
+    folded = group.__dict__["_folded"]
+    layers = {id(layer): layer for layer, _, _ in group._sources}
+    assert set(folded) == set(layers) and group.__dict__.get("_p0") is None
+    assert not any("p0" in k or "folded" in k for k in pm.state_dict())
+    minus_p0 = group.frozen_dense(hold=False)
+    for k, (layer, r0, r1) in enumerate(group._sources):
+        w = layer.get_base_layer().weight
+        torch.testing.assert_close(folded[id(layer)][1][r0:r1], w[r0:r1] + minus_p0[k], rtol=0, atol=1e-6)
+    assert group.__dict__.get("_p0") is None  # hold=False kept nothing
     with torch.no_grad():
         with pm.disable_adapter():
             base = pm(x)
@@ -218,11 +227,40 @@ def test_lorapt_frozen_term_dense_is_the_same_adapter(delta_mode, tmp_path):
         torch.testing.assert_close(mixed[1], base[1], rtol=0, atol=0)
         pm.save_pretrained(tmp_path)
         pm.merge_adapter()
+        assert not group.__dict__["_folded"]  # W was rewritten through .data: the held W - P0 is dropped
         torch.testing.assert_close(pm(x), y.detach(), rtol=1e-4, atol=1e-5)
         pm.unmerge_adapter()
+        torch.testing.assert_close(pm(x), y.detach(), rtol=1e-4, atol=1e-5)
         loaded = PeftModel.from_pretrained(Blocks(), tmp_path)
         assert loaded.peft_config["default"].frozen_term == "dense"
         torch.testing.assert_close(loaded(x), y.detach(), rtol=0, atol=0)
+
+
+def test_lorapt_frozen_term_dense_follows_the_base_weight():
+    """The held W - P0 is rebuilt when the base weight changes (an in-place edit, a dtype cast), and a base weight
+    that trains is not folded: its gradient is the factored adapter's."""
+    x = _x()
+    ref = _model("lorapt", "factored", init_weights=False)
+    pm = _model("lorapt", "factored", init_weights=False, frozen_term="dense")
+    torch.testing.assert_close(pm(x), ref(x), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        for model in (ref, pm):
+            model.base_model.model.blocks[1].attn.qkv.base_layer.weight.mul_(1.5)
+    torch.testing.assert_close(pm(x), ref(x), rtol=1e-5, atol=1e-5)
+    for model in (ref, pm):
+        model.base_model.model.blocks[0].mlp.linear1.base_layer.weight.requires_grad_(True)
+    (ref(x) ** 2).mean().backward()
+    (pm(x) ** 2).mean().backward()
+    w_ref = ref.base_model.model.blocks[0].mlp.linear1.base_layer.weight
+    w = pm.base_model.model.blocks[0].mlp.linear1.base_layer.weight
+    torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-4, atol=1e-6)
+    pm.base_model.model.to(torch.bfloat16)
+    ref.base_model.model.to(torch.bfloat16)
+    with torch.no_grad():
+        want, got = ref(x.bfloat16()).float(), pm(x.bfloat16()).float()
+    torch.testing.assert_close(got, want, rtol=0, atol=0.05 * want.abs().max().item())
+    folded = pm.base_model.groups("default")[0].__dict__["_folded"]
+    assert {v[1].dtype for v in folded.values()} == {torch.bfloat16}
 
 
 def test_auto_delta_mode_follows_the_per_device_cost_weight(monkeypatch):

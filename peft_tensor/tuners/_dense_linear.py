@@ -192,9 +192,12 @@ class DenseDeltaLinear(torch.autograd.Function):
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias, counts: Sequence[int],
                  slices: Sequence[torch.Tensor]) -> torch.Tensor:
     """``x (W + sum_a cat(slices_a))^T + b`` through :class:`DenseDeltaLinear` (``counts[a]`` consecutive entries
-    of ``slices`` belong to adapter ``a``; each adapter's slices, stacked row-wise, have ``W``'s shape)."""
+    of ``slices`` belong to adapter ``a``; each adapter's slices, stacked row-wise, have ``W``'s shape); no slices:
+    plain ``F.linear``."""
     if sum(counts) != len(slices):
         raise ValueError(f"counts {list(counts)} do not add up to the {len(slices)} slices given.")
+    if not slices:
+        return F.linear(x, weight, bias)
     return DenseDeltaLinear.apply(x, weight, bias, tuple(counts), *slices)
 
 
@@ -203,24 +206,28 @@ def dense_layer_forward(layer, x: torch.Tensor, names: Sequence[str]) -> torch.T
     ``x (W + sum D)^T + b`` through :class:`DenseDeltaLinear`.
 
     Per adapter the group says what is dense: by default its whole ``D`` (:func:`group_dense_slices`); a group with a
-    ``dense_parts(device, n_tokens)`` method returns ``(slice sets, remainder)`` instead -- several full lists of
-    ``L`` slices added to the weight (e.g. LoRA-PT's frozen ``-P0`` held once, next to its per-forward ``D``), and
-    optionally a callable ``remainder(x, slice_ids)`` whose output is added (a term still applied factored)."""
+    ``dense_parts(layer, weight, device, n_tokens)`` method returns ``(weight, slice sets, remainder)`` instead: the
+    weight to use from here on (the one it was given, or one with a frozen term folded in and held, e.g. LoRA-PT's
+    ``W - P0``), several full lists of ``L`` slices added to it, and optionally a callable
+    ``remainder(x, slice_ids)`` whose output is added (a term still applied factored)."""
     base = layer.get_base_layer()
-    device = base.weight.device
-    n_tokens = x.numel() // base.weight.shape[1]
+    weight = base.weight
+    device = weight.device
+    n_tokens = x.numel() // weight.shape[1]
     slices, counts, remainders = [], [], []
     for name in names:
         asg = layer.group_slices[name]
         parts = getattr(asg.group, "dense_parts", None)
-        sets, remainder = parts(device, n_tokens) if parts is not None else ([group_dense_slices(asg.group, device)],
-                                                                              None)
+        if parts is None:
+            sets, remainder = [group_dense_slices(asg.group, device)], None
+        else:
+            weight, sets, remainder = parts(layer, weight, device, n_tokens)
         for group_slices in sets:
             slices += [group_slices[k] for k in asg.slice_ids]
             counts.append(len(asg.slice_ids))
         if remainder is not None:
             remainders.append((remainder, asg.slice_ids))
-    y = dense_linear(x, base.weight, base.bias, counts, slices)
+    y = dense_linear(x, weight, base.bias, counts, slices)
     for remainder, slice_ids in remainders:
         y = y + remainder(x, slice_ids).to(y.dtype)
     return y

@@ -260,6 +260,10 @@ class TensorGroup(nn.Module):
     def refresh_frozen(self) -> None:
         """Rebuild derived, non-persistent buffers (called after loading a state dict)."""
 
+    def base_weight_changed(self, layer) -> None:
+        """``layer``'s base weight was rewritten through ``.data`` (merge, unmerge), which its version counter does not
+        record: drop whatever this group derived from it (default: nothing)."""
+
     @classmethod
     def combine(cls, groups: list[list["TensorGroup"]], weights: list[float], configs: list,
                 combination_type: Optional[str]):  # pragma: no cover - abstract
@@ -508,6 +512,11 @@ class TensorGroupLayer(nn.Module, BaseTunerLayer):
                 )
             base.weight.data.copy_(merged.to(base.weight.dtype))
             self.merged_adapters.append(name)
+            self._base_weight_changed()
+
+    def _base_weight_changed(self) -> None:
+        for asg in self.group_slices.values():
+            asg.group.base_weight_changed(self)
 
     def unmerge(self) -> None:
         if not self.merged:
@@ -519,6 +528,7 @@ class TensorGroupLayer(nn.Module, BaseTunerLayer):
             if name in self.group_slices:
                 delta = self.get_delta_weight(name).to(base.weight.device)
                 base.weight.data.copy_((base.weight.data.float() - delta).to(base.weight.dtype))
+                self._base_weight_changed()
 
     def _delta(self, name: str, x: torch.Tensor) -> Optional[torch.Tensor]:
         asg = self.group_slices.get(name)

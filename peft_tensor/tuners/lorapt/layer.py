@@ -16,9 +16,9 @@ class LoraPTGroup(TensorGroup):
     Trainable: ``lorapt_U (L, n1, r)``, ``lorapt_S`` (``(L, r, r)``, or ``(L, r)`` for an f-diagonal core),
     ``lorapt_V (L, n2, r)``. Frozen and saved: their initial values ``*_init``, which define ``P0``. ``D = U * S * V^T
     - U0 * S0 * V0^T`` is applied as two t-products of thin factors, the second one frozen (``frozen_term=
-    "factored"``), or the frozen ``-P0`` is held dense once per group and added to the base weight in the layer
-    (``frozen_term="dense"``; :meth:`dense_parts`), the trainable term staying factored unless ``delta_mode`` makes
-    it dense too.
+    "factored"``), or each Linear runs with ``W - P0`` (its base weight with its rows of ``-P0`` folded in, held
+    once per layer: :meth:`folded_weight`, :meth:`dense_parts`) as its weight (``frozen_term="dense"``), the trainable
+    term staying factored unless ``delta_mode`` makes it dense too.
     """
 
     param_names = ("lorapt_U", "lorapt_S", "lorapt_V")
@@ -117,13 +117,17 @@ class LoraPTGroup(TensorGroup):
         return hit[1]
 
 
-    # -- frozen_term='dense': -P0 held once per group ------------------------------------------------------------
-    def frozen_dense(self, device=None) -> torch.Tensor:
+    # -- frozen_term='dense': -P0 (mixed batches, convolutions) and W - P0 per Linear ---------------------------------
+    def frozen_dense(self, device=None, hold: bool = True) -> torch.Tensor:
         """``-P0 = -(U0 * S0 * V0^T)`` ``(L, n1, n2)`` float32, built from the saved initial factors through the FFT
-        (no decomposition) and kept off the module (never saved) until they change (load, device move, cast)."""
-        inits = (self.lorapt_U_init, self.lorapt_S_init, self.lorapt_V_init)
-        key = tuple((t._version, t.data_ptr(), t.device, t.dtype) for t in inits)
+        (no decomposition) and kept off the module (never saved) until they change (load, device move, cast);
+        ``hold=False``: not kept (merging), unless it already is."""
+        key = self._inits_key()
         hit = self.__dict__.get("_p0")
+        if not hold and (hit is None or hit[0] != key):
+            with torch.no_grad():
+                p0 = dense_from_factors([(self.lorapt_U_init.float(), self._minus_g0())])
+            return p0 if device is None else p0.to(device)
         if hit is None or hit[0] != key:
             self.__dict__["_p0"] = None  # drop the stale one before building the new one
             with torch.no_grad():
@@ -143,16 +147,66 @@ class LoraPTGroup(TensorGroup):
         # frozen_term='dense' always goes through the layer's dense path (which asks dense_parts what is dense)
         return self.frozen_term == "dense" or super().prefers_dense(n_tokens)
 
-    def dense_parts(self, device, n_tokens: int):
-        """What the layer's dense path adds to its weight (see :func:`.._dense_linear.dense_layer_forward`):
-        ``frozen_term='dense'``: the held ``-P0`` slices, plus this forward's trainable ``D`` if ``delta_mode`` asks
-        for a dense update here, else the trainable term factored as the remainder."""
+    def _inits_key(self) -> tuple:
+        return tuple((t._version, t.data_ptr(), t.device, t.dtype)
+                     for t in (self.lorapt_U_init, self.lorapt_S_init, self.lorapt_V_init))
+
+    def folded_weight(self, layer) -> torch.Tensor:
+        """``W - P0`` for the Linear ``layer`` of this group (its weight with this group's frozen rows of ``-P0``
+        added), in the weight's dtype and device: held off the module (never saved) until the weight or the initial
+        factors change (load, device move, cast, merge/unmerge, an in-place edit). All stale layers of the group are
+        rebuilt together from one ``-P0`` (built through the FFT, used, dropped), so the group holds one weight-sized
+        copy, and a step runs ``x (W - P0)^T`` with no weight-sized addition."""
+        held = self.__dict__.setdefault("_folded", {})
+        inits = self._inits_key()
+
+        def key(w: torch.Tensor) -> tuple:
+            return (w.data_ptr(), w._version, w.dtype, w.device, inits)
+
+        hit = held.get(id(layer))
+        if hit is not None and hit[0] == key(layer.get_base_layer().weight):
+            return hit[1]
+        rows: dict[int, tuple] = {}
+        for k, (src, r0, r1) in enumerate(self._sources):
+            if not src.is_conv:
+                rows.setdefault(id(src), (src, []))[1].append((k, r0, r1))
+        stale = [(src, ks) for lid, (src, ks) in rows.items()
+                 if held.get(lid) is None or held[lid][0] != key(src.get_base_layer().weight)]
+        for src, _ in stale:
+            held.pop(id(src), None)  # drop the stale copies before building the new ones
+        with torch.no_grad():
+            hit = self.__dict__.get("_p0")
+            minus_p0 = hit[1] if hit is not None and hit[0] == inits else dense_from_factors(
+                [(self.lorapt_U_init.float(), self._minus_g0())])
+            for src, ks in stale:
+                w = src.get_base_layer().weight
+                out = w.detach().float().clone()
+                for k, r0, r1 in ks:
+                    out[r0:r1] += minus_p0[k].to(out.device)
+                held[id(src)] = (key(w), out.to(w.dtype))
+            del minus_p0
+        return held[id(layer)][1]
+
+    def base_weight_changed(self, layer) -> None:
+        self.__dict__.get("_folded", {}).pop(id(layer), None)
+
+    def dense_parts(self, layer, weight: torch.Tensor, device, n_tokens: int):
+        """What the layer's dense path uses (see :func:`.._dense_linear.dense_layer_forward`), as ``(weight, slice
+        sets, remainder)``. ``frozen_term='dense'``: the held ``W - P0`` as the weight (the frozen term costs nothing
+        per step; when another adapter already replaced the weight, or the base weight trains, the held ``-P0``
+        slices are added instead), plus this forward's trainable ``D`` if ``delta_mode`` asks for a dense update
+        here, else the trainable term factored as the remainder."""
         if self.frozen_term != "dense":
-            return [group_dense_slices(self, device)], None
-        frozen = self._frozen_slices(device)
+            return weight, [group_dense_slices(self, device)], None
+        base = layer.get_base_layer().weight
+        sets = []
+        if weight is base and not base.requires_grad:
+            weight = self.folded_weight(layer)
+        else:
+            sets.append(self._frozen_slices(device))
         if TensorGroup.prefers_dense(self, n_tokens):
-            return [group_dense_slices(self, device), frozen], None
-        return [frozen], lambda x, slice_ids: TensorGroup.delta_output(self, x, slice_ids)
+            return weight, [group_dense_slices(self, device)] + sets, None
+        return weight, sets, lambda x, slice_ids: TensorGroup.delta_output(self, x, slice_ids)
 
     def delta_output(self, x: torch.Tensor, slice_ids: tuple[int, ...]) -> torch.Tensor:
         """``[D_k x]`` (see :meth:`TensorGroup.delta_output`); with ``frozen_term='dense'`` the held ``-P0`` rows are
@@ -166,7 +220,7 @@ class LoraPTGroup(TensorGroup):
 
     def dense_delta(self) -> torch.Tensor:
         d = super().dense_delta()
-        return d + self.frozen_dense(d.device) if self.frozen_term == "dense" else d
+        return d + self.frozen_dense(d.device, hold=False) if self.frozen_term == "dense" else d
 
     def current_dense(self, device=None) -> list[torch.Tensor]:
         slices = super().current_dense(device)
