@@ -17,7 +17,9 @@ from torch import nn
 
 import peft_tensor.tuners.hyps  # noqa: F401  (registers HYPS with PEFT)
 from peft_tensor.errors import MergeError, PeftTensorError, RankError, TargetModulesError
-from peft_tensor.tuners.hyps import SWINUNETR_HYPS_TARGETS, HyPSConfig, HyPSLayer, HyPSModel, principal_factors
+from peft_tensor.tuners.hyps import SWINUNETR_HYPS_TARGETS, HyPSConfig, HyPSModel, principal_factors
+from tests._hyps import check_gradients, hyps_layers, loss
+from tests._hyps import one_thread  # noqa: F401  (autouse fixture: this module runs single-threaded)
 from tests._models import UNETR_TARGETS, TinyMLP, tiny_bert, tiny_unetr, tiny_vit
 
 MLP_TARGETS = ["lin0", "lin1", "lin2", "lin3"]
@@ -49,32 +51,13 @@ CASES = {
 LIGHT = ["mlp", "vit", "bert"]  # cheap enough for every lifecycle test; UNETR gets the core ones
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP barriers make them several
-    times slower; run this module single-threaded and restore the setting afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _out(model, inputs):
     y = model(inputs["x"]) if "x" in inputs else model(**inputs)
     return y.last_hidden_state if hasattr(y, "last_hidden_state") else y
 
 
-def _loss(y, seed=7):
-    target = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(y)
-    return ((y.float() - target.float()) ** 2).mean()
-
-
 def _trainable(model):
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _hyps_layers(model):
-    return [m for m in model.modules() if isinstance(m, HyPSLayer)]
 
 
 def _config(case, **kw):
@@ -157,7 +140,7 @@ def test_identity_at_init_and_counts(case):
     with torch.no_grad():
         got = _out(pm, inputs)
     assert torch.equal(got, expected), "HyPS must be an exact identity at initialisation"
-    layers = _hyps_layers(pm)
+    layers = hyps_layers(pm)
     assert layers and len(layers) == len(pm.base_model.targeted_module_names) <= len(n_linear)
     expected_count = sum(2 * (lin.in_features + lin.out_features) + 2 * 3 * lin.out_features for lin in layers)
     assert pm.get_nb_trainable_parameters()[0] == expected_count
@@ -168,9 +151,9 @@ def test_branch_switches_and_parameter_layout():
     base = TinyMLP()
     par = get_peft_model(copy.deepcopy(base), _config("mlp", serial=False, modules_to_save=None))
     ser = get_peft_model(copy.deepcopy(base), _config("mlp", parallel=False, modules_to_save=None, d=4))
-    for layer in _hyps_layers(par):
+    for layer in hyps_layers(par):
         assert "default" in layer.hyps_A and "default" not in layer.hyps_down
-    for layer in _hyps_layers(ser):
+    for layer in hyps_layers(ser):
         assert "default" in layer.hyps_down and "default" not in layer.hyps_A
     assert par.get_nb_trainable_parameters()[0] == 2 * (10 + 16) + 3 * 2 * (16 + 16)
     assert ser.get_nb_trainable_parameters()[0] == 4 * 4 * 2 * 16
@@ -213,25 +196,17 @@ def test_every_factor_gets_gradient_after_one_step(case):
         before = _out(pm, inputs).clone()
     opt = torch.optim.Adam(_trainable(pm).values(), lr=1e-2)
     # step 1: Up starts at zero, so Down's first gradient is exactly zero (as LoRA's A); everything else moves
-    _loss(_out(pm, inputs)).backward()
-    for n, p in pm.named_parameters():
-        if not p.requires_grad:
-            assert p.grad is None, f"frozen {n} received a gradient"
-        elif "hyps_down" not in n:
-            assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reached {n}"
+    loss(_out(pm, inputs)).backward()
+    check_gradients(pm, first_step=True)
     opt.step()
     opt.zero_grad()
     # step 2: every trainable factor (A, B, Down, Up) and the modules_to_save copies receive a non-zero gradient
     y = _out(pm, inputs)
-    _loss(y).backward()
+    loss(y).backward()
     factors = _adapter_factor_names(pm)
     assert {k for n in factors for k in ("hyps_A.", "hyps_B.", "hyps_down.", "hyps_up.") if k in n} == {
         "hyps_A.", "hyps_B.", "hyps_down.", "hyps_up."}
-    for n, p in pm.named_parameters():
-        if p.requires_grad:
-            assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reached {n} after one step"
-        else:
-            assert p.grad is None, f"frozen {n} received a gradient"
+    check_gradients(pm, where=" after one step")
     assert not torch.allclose(y.detach(), before, atol=1e-6), "an optimiser step did not change the output"
 
 
@@ -241,7 +216,7 @@ def test_base_weights_never_modified_by_training():
     opt = torch.optim.SGD(_trainable(pm).values(), lr=0.1)
     for _ in range(3):
         opt.zero_grad()
-        _loss(_out(pm, _mlp_input())).backward()
+        loss(_out(pm, _mlp_input())).backward()
         opt.step()
     for n, p in pm.named_parameters():
         if n in frozen:
@@ -299,7 +274,7 @@ def test_load_uses_saved_initial_factors_not_a_fresh_svd(tmp_path):
     pm = get_peft_model(TinyMLP(), _config("mlp", init_weights=False))
     with torch.no_grad():
         expected = _out(pm, _mlp_input())
-        for layer in _hyps_layers(pm):  # flip a sign pair: same A0 B0 product, different factors
+        for layer in hyps_layers(pm):  # flip a sign pair: same A0 B0 product, different factors
             for t in (layer.hyps_A0["default"], layer.hyps_A["default"]):
                 t[:, 0].neg_()
             for t in (layer.hyps_B0["default"], layer.hyps_B["default"]):
@@ -326,7 +301,7 @@ def test_low_cpu_mem_usage_load_and_direct_injection(tmp_path):
         torch.testing.assert_close(_out(loaded, _mlp_input()), expected, atol=1e-6, rtol=1e-6)
     # HyPS keeps no cross-layer state, so PEFT's bare injection works too
     model = inject_adapter_in_model(_config("mlp", modules_to_save=None), TinyMLP())
-    assert len(_hyps_layers(model)) == 4
+    assert len(hyps_layers(model)) == 4
     with torch.no_grad():
         assert torch.equal(_out(model, _mlp_input()), _out(TinyMLP(), _mlp_input()))
 
@@ -398,7 +373,7 @@ def test_merge_unmerge_merge_and_unload_exact_parallel_only(case):
     with torch.no_grad():
         expected = _out(pm, inputs).clone()
         pm.merge_adapter(safe_merge=True)
-        assert all(layer.merged for layer in _hyps_layers(pm))
+        assert all(layer.merged for layer in hyps_layers(pm))
         torch.testing.assert_close(_out(pm, inputs), expected, atol=1e-5, rtol=1e-4)
         pm.unmerge_adapter()
         torch.testing.assert_close(_out(pm, inputs), expected, atol=1e-5, rtol=1e-5)
@@ -408,7 +383,7 @@ def test_merge_unmerge_merge_and_unload_exact_parallel_only(case):
                 torch.testing.assert_close(p, base_weights[key], atol=1e-6, rtol=0)
         plain = pm.merge_and_unload(safe_merge=True)
         assert type(plain) is type(build())
-        assert not _hyps_layers(plain)
+        assert not hyps_layers(plain)
         assert not any("hyps_" in n or "base_layer" in n for n, _ in plain.named_parameters())
         torch.testing.assert_close(_out(plain, inputs), expected, atol=1e-5, rtol=1e-4)
 
@@ -446,7 +421,7 @@ def test_merge_with_serial_branch_raises_and_changes_nothing(how, branches):
         expected = _out(pm, _mlp_input())
     with pytest.raises(MergeError, match=r"serial branch.*non-linear.*serial=False"):
         getattr(pm, how)()
-    assert not any(layer.merged for layer in _hyps_layers(pm))
+    assert not any(layer.merged for layer in hyps_layers(pm))
     for n, p in pm.named_parameters():
         assert torch.equal(p, weights[n]), n
     with torch.no_grad():
@@ -455,7 +430,7 @@ def test_merge_with_serial_branch_raises_and_changes_nothing(how, branches):
     with pytest.raises(MergeError, match="serial"):
         pm.base_model.model.lin1.merge()
     plain = pm.unload()
-    assert isinstance(plain, TinyMLP) and not _hyps_layers(plain)
+    assert isinstance(plain, TinyMLP) and not hyps_layers(plain)
     with torch.no_grad():
         torch.testing.assert_close(_out(plain, _mlp_input()), _out(TinyMLP(), _mlp_input()), atol=0, rtol=0)
 
@@ -487,15 +462,15 @@ def test_low_precision_base_models(case, dtype):
     pm = get_peft_model(base, _config(case, modules_to_save=None))
     factors = [p for n, p in pm.named_parameters() if n in set(_adapter_factor_names(pm))]
     assert factors and all(p.dtype == torch.float32 for p in factors), "adapter parameters stay float32"
-    assert all(layer.hyps_A0["default"].dtype == torch.float32 for layer in _hyps_layers(pm))
+    assert all(layer.hyps_A0["default"].dtype == torch.float32 for layer in hyps_layers(pm))
     with torch.no_grad():
         got = _out(pm, inputs)
     assert got.dtype == dtype and torch.equal(got, expected)
     opt = torch.optim.SGD(factors, lr=0.1)
-    _loss(_out(pm, inputs)).backward()
+    loss(_out(pm, inputs)).backward()
     opt.step()
     opt.zero_grad()
-    _loss(_out(pm, inputs)).backward()
+    loss(_out(pm, inputs)).backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 and p.grad.abs().sum() > 0 for p in factors)
     with torch.no_grad():
         y = _out(pm, inputs)
@@ -523,7 +498,7 @@ def test_torch_autocast():
         ref = _out(pm, inputs)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = _out(pm, inputs)
-        _loss(y).backward()
+        loss(y).backward()
     torch.testing.assert_close(y.float(), ref, atol=5e-2, rtol=5e-2)
     assert all(p.grad is not None for n, p in pm.named_parameters() if "hyps_" in n and "hyps_down" not in n)
 
@@ -543,10 +518,10 @@ def test_device_lifecycle(device, tmp_path):
         cpu_out = _out(pm, inputs)
     pm = pm.to(device)
     dev_inputs = {k: v.to(device) for k, v in inputs.items()}
-    assert all(t.device.type == device for layer in _hyps_layers(pm) for t in (layer.hyps_A0["default"],))
+    assert all(t.device.type == device for layer in hyps_layers(pm) for t in (layer.hyps_A0["default"],))
     with torch.no_grad():
         torch.testing.assert_close(_out(pm, dev_inputs).cpu(), cpu_out, atol=1e-4, rtol=1e-4)
-    _loss(_out(pm, dev_inputs)).backward()
+    loss(_out(pm, dev_inputs)).backward()
     assert all(p.grad is not None for n, p in pm.named_parameters() if "hyps_A" in n)
     pm.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(TinyMLP().to(device), tmp_path)
@@ -560,7 +535,7 @@ def test_device_lifecycle(device, tmp_path):
         half = get_peft_model(TinyMLP().to(device, torch.float16), _config("mlp", modules_to_save=None))
         y = _out(half, {"x": dev_inputs["x"].half()})
         assert y.dtype == torch.float16
-        _loss(y).backward()
+        loss(y).backward()
 
 
 # ------------------------------------------------------------------------------------------------------ bad input
@@ -570,7 +545,7 @@ def test_targets_matching_nothing_list_available_linear_layers():
     model = TinyMLP()
     with pytest.raises(TargetModulesError, match=r"matched no module of TinyMLP.*'lin0', 'lin1'.*'head'"):
         get_peft_model(model, HyPSConfig(target_modules=["attn.qkv"]))
-    assert not _hyps_layers(model)
+    assert not hyps_layers(model)
     expected = "matched no module of UNETR.*Linear layers end in: .*'attn.qkv'"
     with pytest.raises(TargetModulesError, match=expected) as err:
         get_peft_model(tiny_unetr(), HyPSConfig(target_modules=["q_proj"]))
@@ -592,14 +567,14 @@ def test_unsupported_target_is_refused_by_name_and_type():
         get_peft_model(model, HyPSConfig(target_modules=["proj", "norm", "mlp"]))
     with pytest.raises(TargetModulesError, match=r"dw \(Conv3d, groups=4\).*groups=1.*exclude_modules"):
         get_peft_model(model, HyPSConfig(target_modules=["proj", "dw"]))
-    assert not _hyps_layers(model), "a refused config must leave the model untouched"
+    assert not hyps_layers(model), "a refused config must leave the model untouched"
 
 
 def test_rank_larger_than_layer_names_the_layer():
     model = TinyMLP()
     with pytest.raises(RankError, match=r"r=11 exceeds min\(out, in\) = 10 of the Linear 'lin0' \(16 x 10\)"):
         get_peft_model(model, HyPSConfig(target_modules=MLP_TARGETS, r=11))
-    assert not _hyps_layers(model)
+    assert not hyps_layers(model)
     # r only constrains the parallel branch
     get_peft_model(TinyMLP(), HyPSConfig(target_modules=MLP_TARGETS, r=11, parallel=False))
 

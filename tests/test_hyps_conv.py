@@ -18,24 +18,8 @@ from torch import nn
 import peft_tensor.tuners.hyps  # noqa: F401  (registers HYPS with PEFT)
 from peft_tensor.errors import MergeError, RankError, TargetModulesError
 from peft_tensor.tuners.hyps import Conv, HyPSConfig, HyPSLayer
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads on a busy 2-core machine; restore the setting afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def _layers(model):
-    return [m for m in model.modules() if isinstance(m, HyPSLayer)]
-
-
-def _loss(y, seed=7):
-    target = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(y)
-    return ((y.float() - target.float()) ** 2).mean()
+from tests._hyps import check_gradients, hyps_layers, loss, named_hyps_layers, train_two_steps
+from tests._hyps import one_thread  # noqa: F401  (autouse fixture: this module runs single-threaded)
 
 
 # --------------------------------------------------------------------------------- one layer, dense reference
@@ -161,7 +145,7 @@ def test_rank_error_names_the_kernel_matricisation():
     match = r"r=3 exceeds min\(out, in\) = 2 of the ConvTranspose3d \(kernel matricised as in x out\*2x2x2\)"
     with pytest.raises(RankError, match=match):
         get_peft_model(model, HyPSConfig(target_modules=["up"], r=3))
-    assert not _layers(model), "a refused config must leave the model untouched"
+    assert not hyps_layers(model), "a refused config must leave the model untouched"
     get_peft_model(model, HyPSConfig(target_modules=["skip", "up"], r=2, parallel=False))  # r binds parallel only
 
 
@@ -169,7 +153,7 @@ def test_grouped_convolution_is_refused_by_name():
     model = nn.ModuleDict({"dw": nn.Conv3d(4, 4, 3, groups=4), "pw": nn.Conv3d(4, 4, 1)})
     with pytest.raises(TargetModulesError, match=r"dw \(Conv3d, groups=4\).*exclude_modules"):
         get_peft_model(model, HyPSConfig(target_modules=["dw", "pw"]))
-    assert not _layers(model)
+    assert not hyps_layers(model)
     with pytest.raises(TypeError, match="groups=1 only"):
         Conv(nn.Conv2d(4, 4, 3, groups=2), "default", HyPSConfig(target_modules=["x"]))
 
@@ -208,12 +192,8 @@ def test_conv_net_training_reaches_every_factor_and_leaves_base_weights():
     opt = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
     for step in range(2):
         opt.zero_grad()
-        _loss(pm(x)).backward()
-        for n, p in pm.named_parameters():
-            if not p.requires_grad:
-                assert p.grad is None, f"frozen {n} received a gradient"
-            elif step == 1 or "hyps_down" not in n:  # Up starts at zero: Down's first gradient is exactly zero
-                assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reached {n} (step {step})"
+        loss(pm(x)).backward()
+        check_gradients(pm, first_step=step == 0, where=f" (step {step})")
         opt.step()
     trainable = [n for n, p in pm.named_parameters() if p.requires_grad]
     for layer in NET_TARGETS:
@@ -319,7 +299,7 @@ def test_conv_net_low_precision_and_merge(dtype):
     opt = torch.optim.SGD(factors, lr=0.1)
     for _ in range(2):
         opt.zero_grad()
-        _loss(pm(x)).backward()
+        loss(pm(x)).backward()
         opt.step()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 and p.grad.abs().sum() > 0 for p in factors)
 
@@ -339,7 +319,7 @@ def test_conv_net_torch_autocast():
         ref = pm(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = pm(x)
-        _loss(y).backward()
+        loss(y).backward()
     torch.testing.assert_close(y.float(), ref, atol=5e-2, rtol=5e-2)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in pm.named_parameters() if "hyps_" in n)
 
@@ -354,7 +334,7 @@ def test_conv_net_gradient_checkpointing_gives_the_same_gradients():
     for ckpt in (False, True):
         pm.zero_grad()
         y = checkpoint(pm, x, use_reentrant=False) if ckpt else pm(x)
-        _loss(y).backward()
+        loss(y).backward()
         grads.append({n: p.grad.clone() for n, p in pm.named_parameters() if p.requires_grad})
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for n in grads[0]:
@@ -393,7 +373,7 @@ def test_basic_unet_identity_gradients_merge_save_load(tmp_path):
     torch.manual_seed(0)
     pm = get_peft_model(copy.deepcopy(base), HyPSConfig(target_modules=UNET_TARGETS, r=r, d=d,
                                                         modules_to_save=["final_conv"]))
-    layers = {n: m for n, m in pm.named_modules() if isinstance(m, HyPSLayer)}
+    layers = named_hyps_layers(pm)
     bases = [m.get_base_layer() for m in layers.values()]
     n_conv = sum(isinstance(m, nn.Conv3d) for m in base.modules()) - 1  # all but final_conv
     assert len(layers) == n_conv + 4 and sum(isinstance(b, nn.ConvTranspose3d) for b in bases) == 4
@@ -401,24 +381,7 @@ def test_basic_unet_identity_gradients_merge_save_load(tmp_path):
     expected = sum(r * (b.weight.shape[0] + b.weight[0].numel()) + 2 * d * b.out_channels for b in bases)
     assert pm.get_nb_trainable_parameters()[0] == expected + 2 * 4 + 2
 
-    pm.train()
-    opt = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
-    y = pm(x)
-    torch.testing.assert_close(y.detach(), y0, atol=0, rtol=0)  # identity at init
-    for step in range(2):
-        if step:
-            y = pm(x)
-        _loss(y).backward()
-        for n, p in pm.named_parameters():
-            if not p.requires_grad:
-                assert p.grad is None, f"frozen {n} received a gradient"
-            elif step or "hyps_down" not in n:
-                assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reached {n} (step {step})"
-        opt.step()
-        opt.zero_grad()
-    pm.eval()
-    with torch.no_grad():
-        trained = pm(x)
+    trained = train_two_steps(pm, x, y0, lr=1e-2)
     assert not torch.allclose(trained, y0, atol=1e-5)
     pm.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(_basic_unet(), tmp_path)
@@ -433,5 +396,5 @@ def test_basic_unet_identity_gradients_merge_save_load(tmp_path):
     with torch.no_grad():
         unmerged = par(x).clone()
         plain = par.merge_and_unload(safe_merge=True)
-        assert type(plain) is type(base) and not _layers(plain)
+        assert type(plain) is type(base) and not hyps_layers(plain)
         torch.testing.assert_close(plain(x), unmerged, atol=1e-4, rtol=1e-4)

@@ -14,7 +14,9 @@ from torch import nn
 
 import peft_tensor.tuners.hyps  # noqa: F401  (registers HYPS with PEFT)
 from peft_tensor.errors import MergeError
-from peft_tensor.tuners.hyps import SWINUNETR_HYPS_TARGETS, HyPSConfig, HyPSLayer
+from peft_tensor.tuners.hyps import SWINUNETR_HYPS_TARGETS, HyPSConfig
+from tests._hyps import check_gradients, hyps_layers, loss, named_hyps_layers, train_two_steps
+from tests._hyps import one_thread  # noqa: F401  (autouse fixture: this module runs single-threaded)
 from tests._models import SWIN_TARGETS, full_swinunetr, tiny_swinunetr
 
 # The decoder and head that train in full in the paper (dotted "out.conv.conv": PEFT matches modules_to_save by bare
@@ -25,16 +27,6 @@ SWIN_DECODER = ["decoder1", "decoder2", "decoder3", "decoder4", "decoder5", "out
 # ConvTranspose3d upsampling, the two 3x3x3 Conv3d and the 1x1x1 residual Conv3d of each block); only the 1x1x1 head
 # trains in full.
 SWIN_DECODER_CONVS = ["transp_conv.conv", "conv_block.conv1.conv", "conv_block.conv2.conv", "conv_block.conv3.conv"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """On a busy 2-core machine OpenMP barriers (and LAPACK's threads) make two intra-op threads several times slower
-    than one for these models; run this module single-threaded and restore the setting afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -52,15 +44,6 @@ def full():
     return full_swinunetr()
 
 
-def _loss(y):
-    target = torch.randn(y.shape, generator=torch.Generator().manual_seed(3))
-    return ((y - target) ** 2).mean()
-
-
-def _layers(model):
-    return {n: m for n, m in model.named_modules() if isinstance(m, HyPSLayer)}
-
-
 def test_paper_target_constant_matches_the_test_models():
     assert SWINUNETR_HYPS_TARGETS == SWIN_TARGETS
 
@@ -74,7 +57,7 @@ def test_swinunetr_paper_setup_identity_training_disable_save_load(swin, tmp_pat
     torch.manual_seed(0)
     pm = get_peft_model(copy.deepcopy(base), HyPSConfig(target_modules=SWINUNETR_HYPS_TARGETS,
                                                         modules_to_save=SWIN_DECODER))
-    layers = _layers(pm)
+    layers = named_hyps_layers(pm)
     # depths (1,1,1,1): per stage qkv, proj, linear1, linear2 + the patch-merging reduction; every one an nn.Linear
     assert len(layers) == 4 * 5
     assert all(isinstance(m.get_base_layer(), nn.Linear) for m in layers.values())
@@ -90,21 +73,13 @@ def test_swinunetr_paper_setup_identity_training_disable_save_load(swin, tmp_pat
     opt = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=1e-3)
     y = pm(x)
     torch.testing.assert_close(y.detach(), y0, atol=1e-6, rtol=1e-6)  # identity at init
-    _loss(y).backward()
-    for n, p in pm.named_parameters():
-        if not p.requires_grad:
-            assert p.grad is None, f"frozen {n} received a gradient"
-        elif "hyps_down" not in n:  # Up starts at zero, so Down's very first gradient is zero
-            assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reached {n}"
+    loss(y, seed=3).backward()
+    check_gradients(pm, first_step=True)
     opt.step()
     opt.zero_grad()
     y = pm(x)
-    _loss(y).backward()
-    for n, p in pm.named_parameters():
-        if p.requires_grad:
-            assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reached {n} after one step"
-        else:
-            assert p.grad is None, f"frozen {n} received a gradient"
+    loss(y, seed=3).backward()
+    check_gradients(pm, where=" after one step")
     assert not torch.allclose(y.detach(), y0, atol=1e-6), "an optimiser step did not change the output"
     trained = y.detach()  # no dropout in this network: the training-mode output is the inference output
 
@@ -136,7 +111,7 @@ def test_swinunetr_parallel_only_merge_and_unload_is_a_plain_swinunetr(swin):
         head.weight.add_(1.0)  # a "trained" head copy, which the merged network must keep
         expected = pm.base_model.model.swinViT(x)  # every adapted layer lives in the Swin encoder
     plain = pm.merge_and_unload(safe_merge=True)
-    assert type(plain) is type(base) and not _layers(plain)
+    assert type(plain) is type(base) and not hyps_layers(plain)
     assert type(plain.out.conv.conv) is nn.Conv3d and torch.equal(plain.out.conv.conv.weight, head.weight)
     assert type(plain.decoder5) is type(base.decoder5)  # block-level modules_to_save unwrap too
     assert [n for n, _ in plain.named_parameters()] == [n for n, _ in base.named_parameters()]
@@ -152,7 +127,7 @@ def test_swinunetr_merge_with_serial_branch_explains_what_to_do(swin):
         pm.merge_and_unload()
     with pytest.raises(MergeError, match="serial branch"):
         pm.merge_adapter()
-    assert not any(m.merged for m in _layers(pm).values())
+    assert not any(m.merged for m in hyps_layers(pm))
 
 
 def test_swinunetr_bare_proj_also_adapts_the_patch_embedding_conv(swin):
@@ -160,7 +135,7 @@ def test_swinunetr_bare_proj_also_adapts_the_patch_embedding_conv(swin):
     attn.proj (which is why SWINUNETR_HYPS_TARGETS spells out "attn.proj")."""
     base, _, _ = swin
     pm = get_peft_model(copy.deepcopy(base), HyPSConfig(target_modules=["qkv", "proj"]))
-    layers = _layers(pm)
+    layers = named_hyps_layers(pm)
     assert isinstance(layers["base_model.model.swinViT.patch_embed.proj"].get_base_layer(), nn.Conv3d)
     assert len(layers) == 1 + 2 * 4 and sum(n.endswith(("attn.qkv", "attn.proj")) for n in layers) == 2 * 4
 
@@ -180,7 +155,7 @@ def test_full_swinunetr_exact_counts(full):
 
     pm = get_peft_model(copy.deepcopy(full), HyPSConfig(target_modules=SWINUNETR_HYPS_TARGETS,
                                                         modules_to_save=SWIN_DECODER))
-    assert len(_layers(pm)) == 36
+    assert len(hyps_layers(pm)) == 36
     r, d = 2, 2
     assert _count(pm, "default") == 28_800 * d + 30_240 * r == 118_080
     trainable, total = pm.get_nb_trainable_parameters()
@@ -199,7 +174,7 @@ def test_full_swinunetr_exact_counts(full):
         expected = 28_800 * width if name.startswith("serial") else 30_240 * width
         assert _count(pm, name) == expected, name
     # the frozen initial factors are buffers, not parameters: 30,240 * r more values in the saved file
-    initial = sum(m.hyps_A0["default"].numel() + m.hyps_B0["default"].numel() for m in _layers(pm).values())
+    initial = sum(m.hyps_A0["default"].numel() + m.hyps_B0["default"].numel() for m in hyps_layers(pm))
     assert initial == 30_240 * 2
 
 
@@ -211,11 +186,11 @@ def test_full_swinunetr_whole_network_counts_with_decoder_convolutions(full):
     pm = get_peft_model(copy.deepcopy(full), HyPSConfig(target_modules=SWINUNETR_HYPS_TARGETS + SWIN_DECODER_CONVS,
                                                         modules_to_save=["out.conv.conv"]))
     f, r, d = 48, 2, 2
-    assert len(_layers(pm)) == 36 + 20
+    assert len(hyps_layers(pm)) == 36 + 20
     adapter = 28_800 * d + 30_240 * r + 1_535 * f * r + 128 * f * d
     assert _count(pm, "default") == adapter == 277_728
     assert pm.get_nb_trainable_parameters()[0] == adapter + 48 * 2 + 2 == 277_826  # the 1x1x1 head in full
-    initial = sum(m.hyps_A0["default"].numel() + m.hyps_B0["default"].numel() for m in _layers(pm).values())
+    initial = sum(m.hyps_A0["default"].numel() + m.hyps_B0["default"].numel() for m in hyps_layers(pm))
     assert initial == (30_240 + 1_535 * f) * r == 207_840  # frozen A0, B0 saved with the adapter
 
 
@@ -227,7 +202,7 @@ def test_swinunetr_with_decoder_convolutions_identity_gradients_merge_save_load(
     torch.manual_seed(0)
     pm = get_peft_model(copy.deepcopy(base), HyPSConfig(target_modules=SWINUNETR_HYPS_TARGETS + SWIN_DECODER_CONVS,
                                                         r=r, d=d, modules_to_save=["out.conv.conv"]))
-    layers = _layers(pm)
+    layers = named_hyps_layers(pm)
     convs = {n: m.get_base_layer() for n, m in layers.items() if not isinstance(m.get_base_layer(), nn.Linear)}
     assert len(layers) == 4 * 5 + 5 * 4 and len(convs) == 5 * 4
     assert all(".decoder" in n for n in convs) and sum(isinstance(c, nn.ConvTranspose3d) for c in convs.values()) == 5
@@ -240,24 +215,7 @@ def test_swinunetr_with_decoder_convolutions_identity_gradients_merge_save_load(
                        for m in layers.values() if isinstance(m.get_base_layer(), nn.Linear))
     assert pm.get_nb_trainable_parameters()[0] == conv_count + linear_count + 12 * 2 + 2
 
-    pm.train()
-    opt = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=1e-3)
-    y = pm(x)
-    torch.testing.assert_close(y.detach(), y0, atol=0, rtol=0)  # identity at init
-    for step in range(2):
-        if step:
-            y = pm(x)
-        _loss(y).backward()
-        for n, p in pm.named_parameters():
-            if not p.requires_grad:
-                assert p.grad is None, f"frozen {n} received a gradient"
-            elif step or "hyps_down" not in n:  # Up starts at zero, so Down's very first gradient is zero
-                assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reached {n} (step {step})"
-        opt.step()
-        opt.zero_grad()
-    pm.eval()
-    with torch.no_grad():
-        trained = pm(x)
+    trained = train_two_steps(pm, x, y0, lr=1e-3, seed=3)
     pm.save_pretrained(tmp_path)
     saved = load_file(tmp_path / "adapter_model.safetensors")
     assert any(k.endswith("decoder5.transp_conv.conv.hyps_A0") for k in saved)
@@ -273,6 +231,6 @@ def test_swinunetr_with_decoder_convolutions_identity_gradients_merge_save_load(
     with torch.no_grad():
         unmerged = par(x).clone()
         plain = par.merge_and_unload(safe_merge=True)
-        assert type(plain) is type(base) and not _layers(plain)
+        assert type(plain) is type(base) and not hyps_layers(plain)
         assert type(plain.decoder5.transp_conv.conv) is nn.ConvTranspose3d
         torch.testing.assert_close(plain(x), unmerged, atol=1e-4, rtol=1e-4)

@@ -92,41 +92,36 @@ def save_pretrained(model, save_directory: str | os.PathLike, *, base_network: B
         base_model_name_or_path: written to every ``adapter_config.json``; by default the base weights' Hub repo,
             else ``base_network.source`` when that is a bundle name or repo id (not a local path).
     """
-    save_directory, card_name = Path(save_directory), name
+    save_directory = Path(save_directory)
     spec = base_network or describe_network(model)
     if base_weights is not None:
         spec.weights = base_weights if isinstance(base_weights, WeightsRef) else WeightsRef.from_file(base_weights)
-    if results is not None and evaluation is None and (results.get("test") or {}):
-        evaluation = {"dataset": dataset, "results": results}
     base_name = base_model_name_or_path or base_reference(spec)
     names = selected_adapters or list(model.peft_config)
     if base_name:
-        for name in names:
-            model.peft_config[name].base_model_name_or_path = base_name
+        for adapter_name in names:
+            model.peft_config[adapter_name].base_model_name_or_path = base_name
     save_kwargs.setdefault("safe_serialization", True)
     model.save_pretrained(str(save_directory), selected_adapters=selected_adapters, **save_kwargs)
     active = model.active_adapter if isinstance(model.active_adapter, str) else None
     adapters = {}
-    for name in names:
-        sub = None if name == "default" else name
+    for adapter_name in names:
+        sub = None if adapter_name == "default" else adapter_name
         shapes = tensor_shapes(save_directory / (sub or ""))
-        entry = {"subfolder": sub, "peft_type": _peft_type_name(model.peft_config[name].peft_type),
+        entry = {"subfolder": sub, "peft_type": _peft_type_name(model.peft_config[adapter_name].peft_type),
                  "stored_values": sum(numel(s) for s in shapes.values()),
-                 "module_shapes": adapted_module_shapes(model, name)}
-        if name == active:
+                 "module_shapes": adapted_module_shapes(model, adapter_name)}
+        if adapter_name == active:
             entry["trainable_params"], entry["all_params"] = model.get_nb_trainable_parameters()
-        adapters[name] = entry
+        adapters[adapter_name] = entry
     record = {
         "format": "peft_tensor.provenance",
         "format_version": FORMAT_VERSION,
         "written_by": library_versions(),
         "base_network": spec.to_dict(),
         "adapters": adapters,
-        "card": {k: v for k, v in {
-            "training_data": training_data, "license": license, "datasets": datasets, "tags": tags,
-            "eval_results": eval_results_to_json(eval_results_from(evaluation)) or None,
-            "results": _card_results(results), "details": details, "name": card_name,
-        }.items() if v},
+        "card": card_record(training_data=training_data, evaluation=evaluation, license=license, datasets=datasets,
+                            tags=tags, results=results, dataset=dataset, details=details, name=name),
     }
     write_json_atomic(save_directory / PROVENANCE_FILE, record)
     card = build_adapter_card(save_directory, record, repo_id=repo_id)
@@ -152,6 +147,21 @@ def base_reference(spec: BaseNetwork | dict | None) -> str | None:
             and not source.endswith((".pt", ".pth", ".ckpt", ".safetensors", ".bin")):
         return source
     return None
+
+
+def card_record(*, training_data: str | None = None, evaluation: Any = None, license: str | None = None,
+                datasets: list[str] | None = None, tags: list[str] | None = None, results: dict | None = None,
+                dataset: str | None = None, details: str | None = None, name: str | None = None) -> dict:
+    """The ``card`` section of ``peft_tensor.json`` (what :func:`~peft_tensor.hub.cards.build_adapter_card` reads):
+    the arguments of :func:`save_pretrained` that the card states, empty ones left out. ``results`` + ``dataset``
+    give the model-index unless ``evaluation`` is given."""
+    if results is not None and evaluation is None and (results.get("test") or {}):
+        evaluation = {"dataset": dataset, "results": results}
+    return {k: v for k, v in {
+        "training_data": training_data, "license": license, "datasets": datasets, "tags": tags,
+        "eval_results": eval_results_to_json(eval_results_from(evaluation)) or None,
+        "results": _card_results(results), "details": details, "name": name,
+    }.items() if v}
 
 
 def _card_results(results: dict | None) -> dict | None:

@@ -47,6 +47,7 @@ __all__ = ["LoadReport", "NetworkLoadError", "load_network", "load_state", "read
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".tar")
 BUNDLE_CONFIGS = ("inference.json", "inference.yaml", "inference.yml", "train.json", "train.yaml", "train.yml")
 BUNDLE_WEIGHTS = ("model.safetensors", "model.pt")
+BACKBONE_META, BACKBONE_WEIGHTS = "backbone.json", "model.safetensors"  # a backbone folder (save_backbone)
 NESTED_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.", "net.", "network.")
 SSL_HEADS = ("rotation_head", "rotation_pre", "contrastive_head", "contrastive_pre", "conv")
@@ -397,18 +398,34 @@ def _load_folder(folder: Path, source: str, network, strict, allow_pickle, roots
         return _load_bundle(folder, configs, source, network, strict, allow_pickle, roots, overrides)
     if (folder / PROVENANCE_FILE).is_file():
         return _load_provenance(folder, source, network, strict, roots, overrides)
-    if (folder / "backbone.json").is_file():
-        meta = json.loads((folder / "backbone.json").read_text(encoding="utf-8"))
-        weights = folder / "model.safetensors"
-        default = (meta.get("_target_") or meta["name"], dict(meta.get("kwargs") or {}))
-        net, notes = _network_arg(network, overrides, default, None, str(folder))
-        report = LoadReport(source=source, network=class_path_of(net), weights=str(weights),
-                            layout=["backbone folder (backbone.json + model.safetensors)"], notes=notes)
-        return net, load_state(net, read_checkpoint(weights), strict=strict, report=report)
+    if (folder / BACKBONE_META).is_file():
+        return load_backbone_folder(folder, network, strict=strict, source=source, **overrides)
     listing = ", ".join(sorted(p.name for p in folder.iterdir())[:12]) or "nothing"
     raise NetworkLoadError(
         f"{folder} is not a network folder: expected a MONAI bundle (configs/inference.json + models/model.pt), "
         f"{PROVENANCE_FILE} or backbone.json; it holds {listing}. For a checkpoint file, pass the file itself.")
+
+
+def read_backbone_meta(folder: str | os.PathLike) -> tuple[str, dict]:
+    """(network name or class path, constructor arguments) recorded in a backbone folder's ``backbone.json`` (written
+    by :func:`peft_tensor.training.models.save_backbone`: ``{"name": ..., "kwargs": {...}}``; a ``_target_`` entry
+    takes precedence over ``name``)."""
+    meta = json.loads((Path(folder) / BACKBONE_META).read_text(encoding="utf-8"))
+    return meta.get("_target_") or meta["name"], dict(meta.get("kwargs") or {})
+
+
+def load_backbone_folder(folder: str | os.PathLike, network: nn.Module | str | Mapping | None = None, /, *,
+                         strict: bool = False, source: str | None = None,
+                         **overrides) -> tuple[nn.Module, LoadReport]:
+    """A backbone folder (``backbone.json`` + ``model.safetensors``): its network, built from the recorded
+    arguments with ``overrides`` unless ``network`` is given, loaded as :func:`load_state` does; and the report."""
+    folder = Path(folder)
+    weights = folder / BACKBONE_WEIGHTS
+    net, notes = _network_arg(network, overrides, read_backbone_meta(folder), None, str(folder))
+    report = LoadReport(source=str(folder) if source is None else source, network=class_path_of(net),
+                        weights=str(weights), layout=["backbone folder (backbone.json + model.safetensors)"],
+                        notes=notes)
+    return net, load_state(net, read_checkpoint(weights), strict=strict, report=report)
 
 
 def _load_bundle(folder, configs, source, network, strict, allow_pickle, roots, overrides):

@@ -170,14 +170,10 @@ def _class_of(cfg: dict) -> str | None:
 
 def _load_backbone_folder(folder: Path, cfg: dict | None) -> tuple[torch.nn.Module, dict]:
     """Rebuild the backbone saved by :func:`save_backbone`. ``cfg`` (if given) must agree on the architecture."""
-    from safetensors.torch import load_file
+    from ..networks.load import load_backbone_folder, read_backbone_meta
 
-    from ..networks import load_network
-
-    meta = json.loads((folder / "backbone.json").read_text())
-    saved_cfg = {"name": meta["name"], **meta["kwargs"]}
-    if "." in str(meta["name"]):  # a _target_ backbone
-        saved_cfg = {"_target_": meta["name"], **meta["kwargs"]}
+    name, kwargs = read_backbone_meta(folder)
+    saved_cfg = {"_target_" if "." in str(name) else "name": name, **kwargs}  # a dotted name: a _target_ backbone
     if cfg is not None:
         _, want = model_kwargs(cfg)
         _, have = model_kwargs(saved_cfg)
@@ -189,9 +185,8 @@ def _load_backbone_folder(folder: Path, cfg: dict | None) -> tuple[torch.nn.Modu
             saved_cfg["dropout_rate"] = want.get("dropout_rate", saved_cfg.get("dropout_rate"))
         if head_only:  # e.g. a binary-pretrained backbone fine-tuned on a K-class task: a fresh head, reported
             saved_cfg["out_channels"] = want["out_channels"]
-            model, report = load_network(folder / "model.safetensors", network=build_model(saved_cfg))
+            model, report = load_backbone_folder(folder, build_model(saved_cfg))
             print(report)
             return model, saved_cfg
-    model = build_model(saved_cfg)
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    model, _ = load_backbone_folder(folder, build_model(saved_cfg), strict=True)
     return model, saved_cfg

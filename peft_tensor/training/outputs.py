@@ -182,19 +182,11 @@ def _same_tensors(path: Path, state: Mapping[str, torch.Tensor]) -> bool:
 def _save_unrecorded(model, folder: Path, card: dict) -> Path:
     """PEFT's files and our card (base network: not recorded) when the base network cannot be described."""
     from ..hub.cards import build_adapter_card
-    from ..hub.publish import _card_results
     from ..hub.provenance import library_versions
+    from ..hub.publish import card_record
 
     model.save_pretrained(str(folder), safe_serialization=True)
-    evals = None
-    if card["results"].get("test"):
-        from ..hub.cards import eval_results_from_summary, eval_results_to_json
-
-        evals = eval_results_to_json(eval_results_from_summary(card["results"], card["dataset"]))
-    record = {"written_by": library_versions(), "card": {k: v for k, v in {
-        "training_data": card["training_data"], "license": card["license"], "tags": card["tags"],
-        "eval_results": evals, "results": _card_results(card["results"]), "details": card["details"],
-        "name": card["name"]}.items() if v}}
+    record = {"written_by": library_versions(), "card": card_record(**card)}
     atomic_write_text(folder / "README.md", str(build_adapter_card(folder, record)))
     return folder
 
