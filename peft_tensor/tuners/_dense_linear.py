@@ -107,24 +107,9 @@ def group_dense(group) -> torch.Tensor:
             return dense_from_factors(group.factors())
 
 
-def _drop_stale(group) -> None:
-    """Drop the previous forward's ``D`` of ``group`` *before* computing this forward's (else both are alive at once:
-    the group's per-forward cache replaces an entry only after computing the new one)."""
-    scope, live = group._scope, group._live
-    hit = live.get(_KIND)
-    if not scope.active or hit is None:
-        return
-    key = (scope.epoch, torch.is_inference_mode_enabled())
-    if hit[0] == key and (hit[1] or not torch.is_grad_enabled()):
-        return
-    for k in [k for k in live if k == _KIND or (isinstance(k, tuple) and k[1] == _KIND)]:
-        del live[k]
-
-
 def group_dense_slices(group, device=None) -> list[torch.Tensor]:
     """The slices ``D_k`` ``(n1, n2)`` (views of one contiguous ``D``) for this forward pass: computed once per model
     forward (and per device), fresh outside one; float32, differentiable."""
-    _drop_stale(group)
     return group._current(_KIND, lambda: list(group_dense(group).unbind(0)), device)
 
 

@@ -39,9 +39,8 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from ..algebra import t_product_fourier, to_fourier
 from ..errors import AdapterLoadError, MergeError, RankError, TargetModulesError
-from ._dense_linear import dense_layer_forward
+from ._dense_linear import dense_from_factors, dense_layer_forward
 from ._mixed_batch import check_mixed_batch, mixed_batch_hooks, sub_batches
 from ._peft_fixes import MonaiFriendlyTunerMixin
 from ._targets import find_targets, is_conv
@@ -321,10 +320,9 @@ class TensorGroup(nn.Module):
         layer's rows are a cat of its slices, whose backward is a split, not a full-size zero tensor per layer)."""
         if kind == "flat":
             return self._compute_flat()
-        d_hat = sum(t_product_fourier(to_fourier(a), to_fourier(b)) for a, b in self.factors())  # (L//2+1, n1, n2)
-        # the inverse FFT along a contiguous last axis is several times faster than along the leading one
-        d = torch.fft.irfft(d_hat.permute(1, 2, 0).contiguous(), n=self.n_slices, dim=-1)  # (n1, n2, L)
-        return tuple(d[..., k].contiguous() for k in range(self.n_slices))
+        # one contiguous (L, n1, n2) D: the inverse FFT along the leading axis is 3-5x faster on CPU than a permute to
+        # the last axis and back (48 x 768 x 768, one thread)
+        return tuple(dense_from_factors(self.factors()).unbind(0))
 
     def _fresh(self, kind: str) -> tuple[torch.Tensor, ...]:
         """Fresh float32 tensors of ``kind`` ('flat' factors or 'dense' D), differentiable w.r.t. trainable state."""
@@ -354,9 +352,11 @@ class TensorGroup(nn.Module):
             if hit is not None and hit[0] == key and (hit[1] or not grad):
                 value = hit[2]
             else:
-                value = compute()
+                # drop the previous forward's value (and its device copies) before computing this one's, so that a
+                # weight-sized one (a dense D) is never alive twice
                 for k in [k for k in self._live if k == kind or (isinstance(k, tuple) and k[1] == kind)]:
                     del self._live[k]
+                value = compute()
                 self._live[kind] = (key, grad, value)
             if device is not None and _device_of(value) != device:
                 moved = self._live.get(("moved", kind, device))
