@@ -47,7 +47,16 @@ from ._targets import find_targets, is_conv
 from ._weighted import check_weighted_adapter_args
 from .grouping import GroupSpec, from_matrix_view, matrix_shape, matrix_view, plan_groups
 
-__all__ = ["ForwardScope", "TensorGroup", "TensorGroupLayer", "TensorGroupTuner", "SliceAssignment"]
+__all__ = ["cache_build", "ForwardScope", "TensorGroup", "TensorGroupLayer", "TensorGroupTuner", "SliceAssignment"]
+
+
+@contextmanager
+def cache_build():
+    """Where a tensor kept across forward passes (an index, a frozen product) is built: without autograd and outside
+    inference mode, so that one built during a ``torch.inference_mode()`` evaluation is a normal tensor, which a later
+    training step can save for backward (an inference tensor cannot be)."""
+    with torch.inference_mode(False), torch.no_grad():
+        yield
 
 
 class ForwardScope:
@@ -420,8 +429,9 @@ class TensorGroup(nn.Module):
     def _roll_index(self, slice_ids: tuple[int, ...], device) -> torch.Tensor:
         idx = self._roll.get((slice_ids, device))
         if idx is None:
-            ar = torch.arange(self.n_slices, device=device)
-            idx = torch.stack([(k - ar) % self.n_slices for k in slice_ids])  # (m, L)
+            with cache_build():
+                ar = torch.arange(self.n_slices, device=device)
+                idx = torch.stack([(k - ar) % self.n_slices for k in slice_ids])  # (m, L)
             self._roll[(slice_ids, device)] = idx
         return idx
 

@@ -7,7 +7,7 @@ from torch import nn
 
 from ...algebra import from_fourier, to_fourier, truncated_t_svd
 from .._dense_linear import dense_from_factors, group_dense_slices
-from ..tensor_group import TensorGroup, TensorGroupLayer
+from ..tensor_group import TensorGroup, TensorGroupLayer, cache_build
 
 
 class LoraPTGroup(TensorGroup):
@@ -111,7 +111,7 @@ class LoraPTGroup(TensorGroup):
         key = tuple((t._version, t.data_ptr()) for t in (self.lorapt_S_init, self.lorapt_V_init))
         hit = self.__dict__.get("_g0")
         if hit is None or hit[0] != key:
-            with torch.no_grad():
+            with cache_build():
                 hit = (key, -self._core_times_vt(self.lorapt_S_init.float(), self.lorapt_V_init.float()))
             self.__dict__["_g0"] = hit
         return hit[1]
@@ -130,14 +130,15 @@ class LoraPTGroup(TensorGroup):
             return p0 if device is None else p0.to(device)
         if hit is None or hit[0] != key:
             self.__dict__["_p0"] = None  # drop the stale one before building the new one
-            with torch.no_grad():
+            with cache_build():
                 hit = (key, dense_from_factors([(self.lorapt_U_init.float(), self._minus_g0())]), {})
             self.__dict__["_p0"] = hit
         if device is None or torch.device(device) == hit[1].device:
             return hit[1]
         device = torch.device(device)
         if device not in hit[2]:
-            hit[2][device] = hit[1].to(device)
+            with cache_build():
+                hit[2][device] = hit[1].to(device)
         return hit[2][device]
 
     def _frozen_slices(self, device=None) -> list[torch.Tensor]:
@@ -174,7 +175,7 @@ class LoraPTGroup(TensorGroup):
                  if held.get(lid) is None or held[lid][0] != key(src.get_base_layer().weight)]
         for src, _ in stale:
             held.pop(id(src), None)  # drop the stale copies before building the new ones
-        with torch.no_grad():
+        with cache_build():
             hit = self.__dict__.get("_p0")
             minus_p0 = hit[1] if hit is not None and hit[0] == inits else dense_from_factors(
                 [(self.lorapt_U_init.float(), self._minus_g0())])

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ...algebra import fourier_slice_weights, from_fourier, tensor_cur, to_fourier
-from ..tensor_group import TensorGroup, TensorGroupLayer
+from ..tensor_group import TensorGroup, TensorGroupLayer, cache_build
 
 
 class TCURLoraGroup(TensorGroup):
@@ -56,7 +56,7 @@ class TCURLoraGroup(TensorGroup):
         key = (rows.data_ptr(), rows._version, rows.dtype, rows.device)
         hit = self.__dict__.get("_rows_hat_cache")
         if hit is None or hit[0] != key:
-            with torch.no_grad():
+            with cache_build():
                 hit = (key, to_fourier(rows.float()))
             self.__dict__["_rows_hat_cache"] = hit
         return hit[1]
