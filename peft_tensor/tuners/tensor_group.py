@@ -28,6 +28,7 @@ here, once:
 
 from __future__ import annotations
 
+import copy
 import sys
 import warnings
 from contextlib import contextmanager
@@ -213,6 +214,21 @@ class TensorGroup(nn.Module):
             self.register_buffer("group_shape", group_shape)
             with torch.no_grad():
                 self._init_from_weight(self.stacked_weight(), config)
+
+    # what a group derives and keeps off the module (per-forward values, frozen products, held dense terms, keyed by
+    # the layers and versions of the original): a copy starts without them and rebuilds them on use
+    _TRANSIENT = frozenset({"_live", "_folded", "_p0", "_g0", "_rows_hat_cache", "_scale_cache"})
+
+    def __deepcopy__(self, memo):
+        """``copy.deepcopy`` (an EMA or mean-teacher copy of the adapted model) after a forward pass: the per-forward
+        cache holds non-leaf tensors, which deepcopy refuses, so the copy starts with empty caches."""
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            if key not in self._TRANSIENT:
+                new.__dict__[key] = copy.deepcopy(value, memo)
+        new.__dict__["_live"] = {}
+        return new
 
     # -- construction ------------------------------------------------------------------------------------------
     def stacked_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
