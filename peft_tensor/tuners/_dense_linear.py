@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ..algebra import from_fourier, t_product_fourier, to_fourier
+from ._group_state import bound_state, trainable_state
 
 __all__ = ["DenseDeltaLinear", "dense_linear", "dense_layer_forward", "group_dense", "group_dense_slices",
            "dense_from_factors", "from_fourier_adjoint"]
@@ -61,8 +62,8 @@ class _GroupDense(torch.autograd.Function):
     """A group's ``D`` ``(L, n1, n2)`` as one autograd node that saves no tensors (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, group, *params: torch.Tensor):
-        ctx.group, ctx.params = group, params
+    def forward(ctx, group, names, *params: torch.Tensor):
+        ctx.group, ctx.names, ctx.params = group, names, params
         ctx.versions = tuple(p._version for p in params)
         with torch.no_grad():
             return dense_from_factors(group.factors())
@@ -78,7 +79,7 @@ class _GroupDense(torch.autograd.Function):
             )
         g_hat = from_fourier_adjoint(grad.float(), group.n_slices)  # (L//2+1, n1, n2)
         outs, grads = [], []
-        with torch.enable_grad():
+        with torch.enable_grad(), bound_state(group, ctx.names, ctx.params):  # what the forward saw
             for (a, b), (train_a, train_b) in zip(group.factors(), group.differentiable_factors):
                 if not (train_a or train_b):
                     continue
@@ -91,18 +92,18 @@ class _GroupDense(torch.autograd.Function):
                     outs.append(b_hat)
                     grads.append(a_hat.detach().mH @ g_hat)
             if not outs:
-                return (None,) + tuple(None for _ in ctx.params)
+                return (None, None) + tuple(None for _ in ctx.params)
             got = torch.autograd.grad(outs, list(ctx.params), grads, allow_unused=True)
-        return (None,) + tuple(got)
+        return (None, None) + tuple(got)
 
 
 def group_dense(group) -> torch.Tensor:
     """Fresh ``D`` ``(L, n1, n2)`` float32 of ``group``, differentiable w.r.t. its trainable state."""
     group.materialize()
     with torch.autocast(device_type=group.group_shape.device.type, enabled=False):
-        params = [p for p in group.parameters(recurse=False) if p.requires_grad]
+        names, params = trainable_state(group)
         if params and torch.is_grad_enabled():
-            return _GroupDense.apply(group, *params)
+            return _GroupDense.apply(group, names, *params)
         with torch.no_grad():
             return dense_from_factors(group.factors())
 

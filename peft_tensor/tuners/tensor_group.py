@@ -42,6 +42,7 @@ from torch import nn
 
 from ..errors import AdapterLoadError, MergeError, RankError, TargetModulesError
 from ._dense_linear import dense_from_factors, dense_layer_forward
+from ._group_state import bound_state, trainable_state
 from ._mixed_batch import check_mixed_batch, mixed_batch_hooks, sub_batches
 from ._peft_fixes import MonaiFriendlyTunerMixin
 from ._targets import find_targets, is_conv
@@ -95,8 +96,8 @@ class _Factors(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, group: "TensorGroup", kind: str, *params: torch.Tensor):
-        ctx.group, ctx.kind = group, kind
+    def forward(ctx, group: "TensorGroup", kind: str, names: tuple[str, ...], *params: torch.Tensor):
+        ctx.group, ctx.kind, ctx.names = group, kind, names
         ctx.params = params
         ctx.versions = tuple(p._version for p in params)
         with torch.no_grad():
@@ -119,13 +120,14 @@ class _Factors(torch.autograd.Function):
                 "the backward pass (e.g. an optimiser step before backward). Run backward before stepping."
             )
         with torch.enable_grad():
-            outs = ctx.group._compute(ctx.kind)
+            with bound_state(ctx.group, ctx.names, ctx.params):  # what the forward saw (functional_call)
+                outs = ctx.group._compute(ctx.kind)
             pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
             if not pairs:
-                return (None, None) + tuple(None for _ in ctx.params)
+                return (None, None, None) + tuple(None for _ in ctx.params)
             got = torch.autograd.grad([o for o, _ in pairs], list(ctx.params), [g for _, g in pairs],
                                       allow_unused=True)
-        return (None, None) + tuple(got)
+        return (None, None, None) + tuple(got)
 
 
 def _device_of(value) -> torch.device:
@@ -354,9 +356,9 @@ class TensorGroup(nn.Module):
         self.materialize()
         device_type = self.group_shape.device.type
         with torch.autocast(device_type=device_type, enabled=False):
-            params = [p for p in self.parameters(recurse=False) if p.requires_grad]
+            names, params = trainable_state(self)
             if params and torch.is_grad_enabled():
-                return _Factors.apply(self, kind, *params)
+                return _Factors.apply(self, kind, names, *params)
             with torch.no_grad():
                 return self._compute(kind)
 

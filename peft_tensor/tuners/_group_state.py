@@ -1,0 +1,41 @@
+"""Which tensors a tensor group's factors are differentiated against, and binding them again in a backward pass.
+
+A group's factors are built by autograd nodes that save nothing (:class:`~.tensor_group._Factors`,
+:class:`~._dense_linear._GroupDense`): their backward recomputes the factors from the group's attributes. The
+trainable tensors the forward saw are not always the ones the group holds when backward runs:
+``torch.func.functional_call`` substitutes tensors for the forward only, and a parametrization
+(``torch.nn.utils.parametrize``) keeps the leaf under ``parametrizations.<name>.original``. So the forward records
+the tensors by name, and the backward binds them again while it recomputes (without that, their gradients were
+silently ``None``).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+def trainable_state(group: nn.Module) -> tuple[tuple[str, ...], tuple[torch.Tensor, ...]]:
+    """Names and tensors of the group's trainable state, parametrized originals included."""
+    named = [(name, p) for name, p in group.named_parameters() if p.requires_grad]
+    return tuple(n for n, _ in named), tuple(p for _, p in named)
+
+
+@contextmanager
+def bound_state(group: nn.Module, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]):
+    """``group``'s parameters ``names`` set to ``tensors`` (those its forward pass saw) for the duration."""
+    swapped = []
+    try:
+        for name, tensor in zip(names, tensors):
+            owner, _, leaf = name.rpartition(".")
+            module = group.get_submodule(owner) if owner else group
+            current = module._parameters.get(leaf)
+            if current is not tensor:
+                swapped.append((module, leaf, current))
+                module._parameters[leaf] = tensor
+        yield
+    finally:
+        for module, leaf, original in reversed(swapped):
+            module._parameters[leaf] = original

@@ -1,0 +1,66 @@
+"""Trainable tensors the adapter does not hold itself reach its gradients, as with PEFT LoRA:
+``torch.func.functional_call`` with substituted (non-leaf) tensors, as in MAML-style or hypernetwork training, and a
+parametrization (``torch.nn.utils.parametrize``) on an adapter tensor. The tensor groups recompute their factors in
+backward, so they must bind the tensors the forward saw (these gradients used to be silently ``None``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model
+from torch.func import functional_call
+from torch.nn.utils import parametrize
+
+from tests.test_dense_linear import Blocks
+from tests.test_inference_mode import LINEAR
+
+
+def _x():
+    return torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(1))
+
+
+def _trainable(model):
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("case", sorted(LINEAR))
+def test_functional_call_with_substituted_tensors_gets_their_gradients(case):
+    x = _x()
+    model, twin = get_peft_model(Blocks(), LINEAR[case]()), get_peft_model(Blocks(), LINEAR[case]())
+    gen = torch.Generator().manual_seed(2)
+    leaves = {n: (p.detach() + 0.01 * torch.randn(p.shape, generator=gen)).requires_grad_(True)
+              for n, p in _trainable(model).items()}
+    substituted = {n: leaf * 1.0 for n, leaf in leaves.items()}  # non-leaf, as a MAML inner step gives
+    functional_call(model, substituted, (x,)).pow(2).mean().backward()
+    with torch.no_grad():
+        for n, p in _trainable(twin).items():
+            p.copy_(leaves[n])
+    twin(x).pow(2).mean().backward()
+    assert all(p.grad is None for p in _trainable(model).values())  # the module's own tensors are not involved
+    for n, p in _trainable(twin).items():
+        assert leaves[n].grad is not None, n
+        torch.testing.assert_close(leaves[n].grad, p.grad, rtol=1e-5, atol=1e-7, msg=n)
+
+
+class _Double(torch.nn.Module):
+    def forward(self, t):
+        return 2 * t
+
+
+@pytest.mark.parametrize("case", sorted(LINEAR))
+def test_parametrized_adapter_tensor_gets_its_gradient(case):
+    x = _x()
+    model, twin = get_peft_model(Blocks(), LINEAR[case]()), get_peft_model(Blocks(), LINEAR[case]())
+    name = next(iter(_trainable(model)))
+    owner_name, _, leaf = name.rpartition(".")
+    owner, twin_owner = model.get_submodule(owner_name), twin.get_submodule(owner_name)
+    parametrize.register_parametrization(owner, leaf, _Double())
+    with torch.no_grad():
+        getattr(twin_owner, leaf).mul_(2)
+    y, y_twin = model(x), twin(x)
+    torch.testing.assert_close(y, y_twin, rtol=0, atol=0)
+    y.pow(2).mean().backward()
+    y_twin.pow(2).mean().backward()
+    original = owner.parametrizations[leaf].original
+    assert original.grad is not None
+    torch.testing.assert_close(original.grad, 2 * getattr(twin_owner, leaf).grad, rtol=1e-5, atol=1e-7)
