@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import random
 
@@ -57,7 +58,12 @@ def test_checkpoint_holds_no_pickle_and_resume_is_exact(tmp_path, monkeypatch):
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == ["checkpoint.safetensors"]
     raw = (tmp_path / files[0]).read_bytes()
-    assert not raw.startswith(b"PK\x03\x04") and b"\x80\x02" not in raw[:2] and not raw.startswith(b"\x80")
+    # safetensors layout: an 8-byte little-endian header length, then a JSON header, then raw tensor bytes (the first
+    # byte is part of the length, so it may well be 0x80: that alone says nothing about pickle)
+    n_header = int.from_bytes(raw[:8], "little")
+    assert 0 < n_header < len(raw) and raw[8:9] == b"{"
+    assert isinstance(json.loads(raw[8:8 + n_header]), dict)
+    assert not raw.startswith(b"PK\x03\x04")  # not a torch.save zip archive
     with safe_open(str(tmp_path / files[0]), framework="pt") as fh:
         assert fh.metadata()["format"] == "peft_tensor.checkpoint"
         assert any(k.startswith("model/") for k in fh.keys()) and any(k.startswith("optimizer/") for k in fh.keys())
