@@ -64,3 +64,30 @@ def test_parametrized_adapter_tensor_gets_its_gradient(case):
     original = owner.parametrizations[leaf].original
     assert original.grad is not None
     torch.testing.assert_close(original.grad, 2 * getattr(twin_owner, leaf).grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("case", sorted(LINEAR))
+def test_float64_model_is_differentiated_in_float64(case):
+    """After ``model.to(torch.float64)`` the update is computed in float64 (as LoRA's is): central differences on a
+    few entries of every trainable tensor agree with the gradients to float64 precision (float32 factors gave
+    relative errors of 0.06-0.99 here)."""
+    x = _x().double()
+    model = get_peft_model(Blocks(), LINEAR[case]()).to(torch.float64)
+
+    def loss():
+        return model(x).pow(2).mean()
+
+    loss().backward()
+    eps = 1e-6
+    for name, p in _trainable(model).items():
+        assert p.dtype == torch.float64
+        for i in torch.randperm(p.numel(), generator=torch.Generator().manual_seed(0))[:3].tolist():
+            ix = tuple(int(v) for v in torch.unravel_index(torch.tensor(i), p.shape))
+            with torch.no_grad():
+                p.data[ix] += eps
+                up = loss().item()
+                p.data[ix] -= 2 * eps
+                down = loss().item()
+                p.data[ix] += eps
+            numeric = (up - down) / (2 * eps)
+            assert abs(numeric - p.grad[ix].item()) <= 1e-6 * max(abs(numeric), 1e-3), (name, ix, numeric)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ..algebra import from_fourier, t_product_fourier, to_fourier
+from ..algebra import compute_dtype, from_fourier, t_product_fourier, to_fourier
 from ._group_state import bound_state, trainable_state
 
 __all__ = ["DenseDeltaLinear", "dense_linear", "dense_layer_forward", "group_dense", "group_dense_slices",
@@ -53,7 +53,7 @@ def dense_from_factors(pairs) -> torch.Tensor:
     n = pairs[0][0].shape[-3]
     d_hat = None
     for a, b in pairs:
-        term = t_product_fourier(to_fourier(a.float()), to_fourier(b.float()))
+        term = t_product_fourier(to_fourier(a), to_fourier(b))  # float32, or float64 for float64 factors
         d_hat = term if d_hat is None else d_hat + term
     return from_fourier(d_hat, n)
 
@@ -77,13 +77,13 @@ class _GroupDense(torch.autograd.Function):
                 f"peft_tensor: a parameter of group {group.name!r} was modified in place between the forward and the "
                 "backward pass (e.g. an optimiser step before backward). Run backward before stepping."
             )
-        g_hat = from_fourier_adjoint(grad.float(), group.n_slices)  # (L//2+1, n1, n2)
+        g_hat = from_fourier_adjoint(grad.to(compute_dtype(grad.dtype)), group.n_slices)  # (L//2+1, n1, n2)
         outs, grads = [], []
         with torch.enable_grad(), bound_state(group, ctx.names, ctx.params):  # what the forward saw
             for (a, b), (train_a, train_b) in zip(group.factors(), group.differentiable_factors):
                 if not (train_a or train_b):
                     continue
-                a_hat, b_hat = to_fourier(a.float()), to_fourier(b.float())
+                a_hat, b_hat = to_fourier(a), to_fourier(b)
                 # d_hat = a_hat @ b_hat: autograd's complex matmul backward, dA = g B^H, dB = A^H g
                 if train_a and a_hat.requires_grad:
                     outs.append(a_hat)

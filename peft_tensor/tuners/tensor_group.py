@@ -21,6 +21,9 @@ here, once:
   A convolution's slices are its kernel's matrix view (:func:`.grouping.matrix_view`); it runs ``conv(x, W + D)``
   with its kernel-sized ``D`` from the FFT, once per forward: a kernel is small next to a 3D activation, so the
   dense kernel is the cheap way there (measured in ``benchmarks/efficiency.py``, ``conv_delta`` section).
+* Precision: factors, ``D`` and merges are computed in float32 whatever the model's dtype (half-precision weights
+  get one correctly rounded result), and in float64 for a float64 model (``algebra.compute_dtype``); "float32" in the
+  docstrings below means that compute dtype.
 * :class:`TensorGroupTuner` -- the ``BaseTuner``: finds and validates targets *before* touching the model, plans
   the groups, wraps the layers, builds the groups, keeps trainable flags and the forward counter in sync, and maps
   state-dict keys so adapters save and load under any adapter name.
@@ -40,6 +43,7 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from ..algebra import compute_dtype
 from ..errors import AdapterLoadError, MergeError, RankError, TargetModulesError
 from ._dense_linear import dense_from_factors, dense_layer_forward
 from ._group_state import bound_state, trainable_state
@@ -518,7 +522,7 @@ class TensorGroupLayer(nn.Module, BaseTunerLayer):
         weight = self.get_base_layer().weight.detach()
         if not self.merged_adapters:
             return weight
-        out = weight.float()
+        out = weight.to(compute_dtype(weight.dtype))
         for name in self.merged_adapters:
             if name in self.group_slices:
                 out = out - self.get_delta_weight(name, dense_cache).to(out.device)
@@ -532,7 +536,7 @@ class TensorGroupLayer(nn.Module, BaseTunerLayer):
                 continue
             delta = self.get_delta_weight(name).to(base.weight.device)
             # add in float32 and round once: a half-precision weight gets the correctly rounded merged value
-            merged = base.weight.data.float() + delta
+            merged = base.weight.data.to(compute_dtype(base.weight.dtype)) + delta
             if safe_merge and not torch.isfinite(merged).all():
                 raise MergeError(
                     f"Merging adapter {name!r} would put NaN/inf into {type(base).__name__} weights; the adapter "
@@ -555,7 +559,8 @@ class TensorGroupLayer(nn.Module, BaseTunerLayer):
             name = self.merged_adapters.pop()
             if name in self.group_slices:
                 delta = self.get_delta_weight(name).to(base.weight.device)
-                base.weight.data.copy_((base.weight.data.float() - delta).to(base.weight.dtype))
+                weight = base.weight.data
+                weight.copy_((weight.to(compute_dtype(weight.dtype)) - delta).to(weight.dtype))
                 self._base_weight_changed()
 
     def _delta(self, name: str, x: torch.Tensor) -> Optional[torch.Tensor]:

@@ -5,7 +5,7 @@ import copy
 import torch
 from torch import nn
 
-from ...algebra import from_fourier, to_fourier, truncated_t_svd
+from ...algebra import compute_dtype, from_fourier, to_fourier, truncated_t_svd
 from .._dense_linear import dense_from_factors, group_dense_slices
 from ..tensor_group import TensorGroup, TensorGroupLayer, cache_build
 
@@ -97,14 +97,15 @@ class LoraPTGroup(TensorGroup):
 
     def factors(self):
         a, a_s = self.scales()
-        u, s, v = self.lorapt_U.float(), self.lorapt_S.float(), self.lorapt_V.float()
+        dt = compute_dtype(self.lorapt_U.dtype)  # float32, or float64 for a float64 model
+        u, s, v = self.lorapt_U.to(dt), self.lorapt_S.to(dt), self.lorapt_V.to(dt)
         if (a, a_s) != (1.0, 1.0):  # X0 + a (X - X0): exactly X0 at init (a * 0 = 0), the identity stays bit-exact
-            u_init, s_init, v_init = self.lorapt_U_init.float(), self.lorapt_S_init.float(), self.lorapt_V_init.float()
+            u_init, s_init, v_init = self.lorapt_U_init.to(dt), self.lorapt_S_init.to(dt), self.lorapt_V_init.to(dt)
             u, s, v = u_init + (u - u_init) * a, s_init + (s - s_init) * a_s, v_init + (v - v_init) * a
         g = self._core_times_vt(s, v)
         if self.frozen_term == "dense":
             return [(u, g)]  # -P0 is held dense (frozen_dense) and added by the layer
-        return [(u, g), (self.lorapt_U_init.float(), self._minus_g0())]
+        return [(u, g), (self.lorapt_U_init.to(dt), self._minus_g0())]
 
     def _minus_g0(self) -> torch.Tensor:
         """``-(S0 * V0^T)``: frozen, so computed once and kept until the initial factors change (load, device move)."""
@@ -112,7 +113,8 @@ class LoraPTGroup(TensorGroup):
         hit = self.__dict__.get("_g0")
         if hit is None or hit[0] != key:
             with cache_build():
-                hit = (key, -self._core_times_vt(self.lorapt_S_init.float(), self.lorapt_V_init.float()))
+                dt = compute_dtype(self.lorapt_S_init.dtype)
+                hit = (key, -self._core_times_vt(self.lorapt_S_init.to(dt), self.lorapt_V_init.to(dt)))
             self.__dict__["_g0"] = hit
         return hit[1]
 
@@ -126,12 +128,12 @@ class LoraPTGroup(TensorGroup):
         hit = self.__dict__.get("_p0")
         if not hold and (hit is None or hit[0] != key):
             with torch.no_grad():
-                p0 = dense_from_factors([(self.lorapt_U_init.float(), self._minus_g0())])
+                p0 = dense_from_factors([(self.lorapt_U_init, self._minus_g0())])
             return p0 if device is None else p0.to(device)
         if hit is None or hit[0] != key:
             self.__dict__["_p0"] = None  # drop the stale one before building the new one
             with cache_build():
-                hit = (key, dense_from_factors([(self.lorapt_U_init.float(), self._minus_g0())]), {})
+                hit = (key, dense_from_factors([(self.lorapt_U_init, self._minus_g0())]), {})
             self.__dict__["_p0"] = hit
         if device is None or torch.device(device) == hit[1].device:
             return hit[1]
@@ -178,10 +180,10 @@ class LoraPTGroup(TensorGroup):
         with cache_build():
             hit = self.__dict__.get("_p0")
             minus_p0 = hit[1] if hit is not None and hit[0] == inits else dense_from_factors(
-                [(self.lorapt_U_init.float(), self._minus_g0())])
+                [(self.lorapt_U_init, self._minus_g0())])
             for src, ks in stale:
                 w = src.get_base_layer().weight
-                out = w.detach().float().clone()
+                out = w.detach().to(compute_dtype(w.dtype), copy=True)
                 for k, r0, r1 in ks:
                     out[r0:r1] += minus_p0[k].to(out.device)
                 held[id(src)] = (key(w), out.to(w.dtype))

@@ -5,7 +5,7 @@ import copy
 import torch
 from torch import nn
 
-from ...algebra import fourier_slice_weights, from_fourier, tensor_cur, to_fourier
+from ...algebra import compute_dtype, fourier_slice_weights, from_fourier, tensor_cur, to_fourier
 from ..tensor_group import TensorGroup, TensorGroupLayer, cache_build
 
 
@@ -57,7 +57,7 @@ class TCURLoraGroup(TensorGroup):
         hit = self.__dict__.get("_rows_hat_cache")
         if hit is None or hit[0] != key:
             with cache_build():
-                hit = (key, to_fourier(rows.float()))
+                hit = (key, to_fourier(rows))  # float32, or float64 for a float64 model
             self.__dict__["_rows_hat_cache"] = hit
         return hit[1]
 
@@ -87,9 +87,11 @@ class TCURLoraGroup(TensorGroup):
         return hit[1]
 
     def factors(self):
-        delta_core = (self.tcurlora_core.float() - self.tcurlora_core_init.float()) * self.scale()
+        core, core0 = self.tcurlora_core, self.tcurlora_core_init
+        dt = compute_dtype(core.dtype)
+        delta_core = (core.to(dt) - core0.to(dt)) * self.scale()
         b = from_fourier(to_fourier(delta_core) @ self._rows_hat(), self.n_slices)  # s (U - U0) * R : (L, r, n2)
-        return [(self.cols.float(), b)]
+        return [(self.cols.to(dt), b)]
 
 
 def _combine_tcurlora(groups, weights, configs, combination_type):
