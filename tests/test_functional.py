@@ -91,3 +91,24 @@ def test_float64_model_is_differentiated_in_float64(case):
                 p.data[ix] += eps
             numeric = (up - down) / (2 * eps)
             assert abs(numeric - p.grad[ix].item()) <= 1e-6 * max(abs(numeric), 1e-3), (name, ix, numeric)
+
+
+@pytest.mark.parametrize("case", ["tcurlora", "tcurlora-dense", "lorapt"])
+def test_torch_func_transforms_are_refused_with_a_clear_error(case):
+    model = get_peft_model(Blocks(), LINEAR[case]())
+    params = {n: p.detach() for n, p in _trainable(model).items()}
+
+    def loss(p):
+        return functional_call(model, p, (_x(),)).pow(2).mean()
+
+    with pytest.raises(NotImplementedError, match="does not support torch.func transforms"):
+        torch.func.grad(loss)(params)
+    loss(params)  # plain calls still work after the refusal
+
+
+@pytest.mark.parametrize("case", ["lora", "hyps"])
+def test_torch_func_grad_works_where_it_does_for_lora(case):
+    model = get_peft_model(Blocks(), LINEAR[case]())
+    params = {n: p.detach() for n, p in _trainable(model).items()}
+    grads = torch.func.grad(lambda p: functional_call(model, p, (_x(),)).pow(2).mean())(params)
+    assert set(grads) == set(params) and all(torch.isfinite(g).all() for g in grads.values())

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ..algebra import compute_dtype, from_fourier, t_product_fourier, to_fourier
-from ._group_state import bound_state, trainable_state
+from ._group_state import bound_state, refuse_functorch, trainable_state
 
 __all__ = ["DenseDeltaLinear", "dense_linear", "dense_layer_forward", "group_dense", "group_dense_slices",
            "dense_from_factors", "from_fourier_adjoint"]
@@ -101,6 +101,7 @@ def group_dense(group) -> torch.Tensor:
     """Fresh ``D`` ``(L, n1, n2)`` float32 of ``group``, differentiable w.r.t. its trainable state."""
     group.materialize()
     with torch.autocast(device_type=group.group_shape.device.type, enabled=False):
+        refuse_functorch(group)
         names, params = trainable_state(group)
         if params and torch.is_grad_enabled():
             return _GroupDense.apply(group, names, *params)

@@ -39,3 +39,16 @@ def bound_state(group: nn.Module, names: tuple[str, ...], tensors: tuple[torch.T
     finally:
         for module, leaf, original in reversed(swapped):
             module._parameters[leaf] = original
+
+
+def refuse_functorch(group: nn.Module) -> None:
+    """A clear error instead of torch's (which names neither the package nor a way out) under ``torch.func``
+    transforms (``grad``, ``vmap``, ``jacrev``, ...): the factor nodes read the group's state in backward, which
+    functorch's ``setup_context`` protocol cannot express."""
+    if torch._C._are_functorch_transforms_active():
+        raise NotImplementedError(
+            f"peft_tensor: the tensor group {getattr(group, 'name', '?')!r} (tCURLoRA / LoRA-PT) does not support "
+            "torch.func transforms (grad, vmap, jacrev, ...). Use torch.autograd instead: "
+            "torch.func.functional_call(model, params, (x,)) followed by loss.backward() or torch.autograd.grad "
+            "gives the gradients of the substituted tensors. HyPS and PEFT LoRA do support torch.func."
+        )

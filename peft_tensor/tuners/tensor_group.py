@@ -46,7 +46,7 @@ from torch import nn
 from ..algebra import compute_dtype
 from ..errors import AdapterLoadError, MergeError, RankError, TargetModulesError
 from ._dense_linear import dense_from_factors, dense_layer_forward
-from ._group_state import bound_state, trainable_state
+from ._group_state import bound_state, refuse_functorch, trainable_state
 from ._mixed_batch import check_mixed_batch, mixed_batch_hooks, sub_batches
 from ._peft_fixes import MonaiFriendlyTunerMixin
 from ._targets import find_targets, is_conv
@@ -360,6 +360,7 @@ class TensorGroup(nn.Module):
         self.materialize()
         device_type = self.group_shape.device.type
         with torch.autocast(device_type=device_type, enabled=False):
+            refuse_functorch(self)
             names, params = trainable_state(self)
             if params and torch.is_grad_enabled():
                 return _Factors.apply(self, kind, names, *params)
