@@ -415,7 +415,7 @@ class TensorGroup(nn.Module):
     # delta_mode='auto' per device type: the weight of the dense path's cost against the factored one's (flop counts
     # below); a device type not listed always runs factored. CPU is not listed: measured on UNETR-B's 12 blocks at 512
     # tokens x 1 (one thread, benchmarks/results/vit_blocks_cpu.md), the memory-lean dense path is still slower than
-    # the factored one (tCURLoRA paper 2.14x vs 1.15x LoRA's step CPU time, LoRA-PT 2.40x vs 1.61x) and holds one
+    # the factored one (tCURLoRA paper 2.25x vs 1.26x LoRA's step CPU time, LoRA-PT 2.61x vs 1.60x) and holds one
     # weight-sized D per group (step peak 1.8x LoRA's). CUDA: the plain flop comparison (H200, old dense path:
     # 0.67-0.92x LoRA's step where factored is 0.92-1.52x); re-calibrate from `bash benchmarks/gpu_check.sh`.
     DENSE_COST_SCALE: dict = {"cuda": 1.0}

@@ -104,7 +104,7 @@ class LoraPTGroup(TensorGroup):
             u, s, v = u_init + (u - u_init) * a, s_init + (s - s_init) * a_s, v_init + (v - v_init) * a
         g = self._core_times_vt(s, v)
         if self.frozen_term == "dense":
-            return [(u, g)]  # -P0 is held dense (frozen_dense) and added by the layer
+            return [(u, g)]  # -P0 is folded into the layers' weights (folded_weight) or held (frozen_dense)
         return [(u, g), (self.lorapt_U_init.to(dt), self._minus_g0())]
 
     def _minus_g0(self) -> torch.Tensor:
@@ -128,12 +128,12 @@ class LoraPTGroup(TensorGroup):
         hit = self.__dict__.get("_p0")
         if not hold and (hit is None or hit[0] != key):
             with torch.no_grad():
-                p0 = dense_from_factors([(self.lorapt_U_init, self._minus_g0())])
+                p0 = self._build_minus_p0()
             return p0 if device is None else p0.to(device)
         if hit is None or hit[0] != key:
             self.__dict__["_p0"] = None  # drop the stale one before building the new one
             with cache_build():
-                hit = (key, dense_from_factors([(self.lorapt_U_init, self._minus_g0())]), {})
+                hit = (key, self._build_minus_p0(), {})
             self.__dict__["_p0"] = hit
         if device is None or torch.device(device) == hit[1].device:
             return hit[1]
@@ -142,6 +142,10 @@ class LoraPTGroup(TensorGroup):
             with cache_build():
                 hit[2][device] = hit[1].to(device)
         return hit[2][device]
+
+    def _build_minus_p0(self) -> torch.Tensor:
+        """``-P0`` ``(L, n1, n2)`` from the saved initial factors, through the FFT (no decomposition)."""
+        return dense_from_factors([(self.lorapt_U_init, self._minus_g0())])
 
     def _frozen_slices(self, device=None) -> list[torch.Tensor]:
         return list(self.frozen_dense(device).unbind(0))
@@ -179,8 +183,7 @@ class LoraPTGroup(TensorGroup):
             held.pop(id(src), None)  # drop the stale copies before building the new ones
         with cache_build():
             hit = self.__dict__.get("_p0")
-            minus_p0 = hit[1] if hit is not None and hit[0] == inits else dense_from_factors(
-                [(self.lorapt_U_init, self._minus_g0())])
+            minus_p0 = hit[1] if hit is not None and hit[0] == inits else self._build_minus_p0()
             for src, ks in stale:
                 w = src.get_base_layer().weight
                 out = w.detach().to(compute_dtype(w.dtype), copy=True)
