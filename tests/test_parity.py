@@ -15,6 +15,7 @@ import peft_tensor.tuners.tcurlora.layer as tcurlora_layer
 from peft_tensor import HyPSConfig, LoraPTConfig, TCURLoraConfig
 from peft_tensor.errors import MergeError
 from tests._models import SWIN_TARGETS, UNETR_TARGETS, TinyMLP, tiny_unetr
+from tests._numerics import UNETR_DEPTH, assert_float32_close
 
 # method -> config factory on UNETR (module names of UNETR-B)
 UNETR_CONFIGS = {
@@ -112,9 +113,10 @@ def test_adapter_names_mixed_batch_matches_per_sample_runs(method):
         yb = pm(x)
         assert not torch.allclose(ya, yb), "the two adapters must differ for this test to mean anything"
         mixed = pm(x, adapter_names=["a", "__base__", "b"])
-    torch.testing.assert_close(mixed[0], ya[0], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(mixed[1], base[1], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(mixed[2], yb[2], rtol=1e-5, atol=1e-6)
+    # sub-batches of one sample against a batch of three: other GEMM / FFT kernels, so equal up to float32 rounding
+    assert_float32_close(mixed[0], ya[0], depth=UNETR_DEPTH, msg="sample 0 (adapter a)")
+    assert_float32_close(mixed[1], base[1], depth=UNETR_DEPTH, msg="sample 1 (base)")
+    assert_float32_close(mixed[2], yb[2], depth=UNETR_DEPTH, msg="sample 2 (adapter b)")
     with pytest.raises(ValueError, match="unknown adapters"):
         pm(x, adapter_names=["a", "zzz", "b"])
     with pytest.raises(ValueError, match="got 2 and 3"):

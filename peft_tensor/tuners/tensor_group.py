@@ -220,6 +220,7 @@ class TensorGroup(nn.Module):
             self.register_buffer("group_shape", group_shape)
             with torch.no_grad():
                 self._init_from_weight(self.stacked_weight(), config)
+                self._canonical_layout()
 
     # what a group derives and keeps off the module (per-forward values, frozen products, held dense terms, keyed by
     # the layers and versions of the original): a copy starts without them and rebuilds them on use
@@ -280,12 +281,28 @@ class TensorGroup(nn.Module):
         device = self.group_shape.device
         with torch.no_grad():
             self._init_from_weight(self.stacked_weight().to(device), config)
+            self._canonical_layout()
             for name, param in old.items():  # keep Parameter identity (an optimiser may already hold it)
                 new = getattr(self, name)
                 if param.device.type != "meta" and param.shape == new.shape:
                     param.data = new.data.to(param.dtype)
                     param.requires_grad_(new.requires_grad or param.requires_grad)
                     setattr(self, name, param)
+
+    def _canonical_layout(self) -> None:
+        """Store every tensor of a decomposition contiguous, the layout a state dict is loaded into.
+
+        A decomposition may return strided views (``t_pinv``'s core has the slice axis fastest); MKL picks its FFT and
+        GEMM kernels by memory layout as well as by CPU, so the same values in another layout can round differently.
+        With one layout, a freshly decomposed group and the same group loaded from its file run the same operations on
+        the same data: save then load is exact on every CPU by construction, not by the kernels' luck.
+        """
+        for name, param in self.named_parameters(recurse=False):
+            if not param.is_contiguous():
+                param.data = param.data.contiguous()
+        for name, buf in self.named_buffers(recurse=False):
+            if buf is not None and not buf.is_contiguous():
+                self.register_buffer(name, buf.contiguous(), persistent=name not in self._non_persistent_buffers_set)
 
     def refresh_frozen(self) -> None:
         """Rebuild derived, non-persistent buffers (called after loading a state dict)."""
