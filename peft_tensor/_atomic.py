@@ -3,6 +3,9 @@
 A crash or an error mid-write leaves the previous file (or no file) under the real name, never a partial one. The
 result has the permissions a plain ``open(path, "w")`` would give it: those of the file it replaces, else ``0o666``
 less the umask (``mkstemp`` alone would leave every result readable by its owner only).
+
+A symbolic link at the destination is never followed: ``os.replace`` replaces the link itself with the new file (its
+target, wherever it points, is left as it was), and the new file gets the default permissions, not the target's.
 """
 
 from __future__ import annotations
@@ -32,15 +35,23 @@ def _current_umask() -> int:
 
 
 def _mode_for(path: Path) -> int:
-    """The permissions ``open(path, "w")`` would leave: the existing file's, else 0o666 less the umask."""
+    """The permissions ``open(path, "w")`` would leave: the existing file's, else 0o666 less the umask.
+
+    ``lstat``: a symbolic link (dangling, looping or not) is replaced, not followed, so its target's mode is not
+    copied (the result would otherwise take e.g. the executable bits of whatever file the link names)."""
     try:
-        return stat.S_IMODE(os.stat(path).st_mode)
+        st = os.lstat(path)
     except FileNotFoundError:
+        st = None
+    if st is None or stat.S_ISLNK(st.st_mode):
         return 0o666 & ~_current_umask()
+    return stat.S_IMODE(st.st_mode)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` then move the result to ``path`` atomically (parent folders are created)."""
+    """Call ``write(tmp_path)`` then move the result to ``path`` atomically (parent folders are created).
+
+    A symbolic link at ``path`` is replaced by the new file; its target is never written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # keep the suffixes: writers such as nibabel choose the format from the file name

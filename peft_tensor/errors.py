@@ -25,3 +25,7 @@ class AdapterLoadError(PeftTensorError):
 
 class MergeError(PeftTensorError):
     """The adapter cannot be merged into the base weights."""
+
+
+class UnsafePathError(PeftTensorError):
+    """A path would make a read or write leave its folder (a symbolic link where a regular file must be)."""

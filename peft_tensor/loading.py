@@ -9,25 +9,30 @@ been modified in place. :func:`from_pretrained` validates first:
 * for peft_tensor methods, the group tensors planned on *this* base model have the saved shapes (same network,
   same number of layers);
 
-and if PEFT still fails, the base model is restored (wrappers removed) before the error is re-raised.
-Only safetensors are read here; pickled ``.bin`` adapters are refused.
+and if the load still fails, for whatever reason (``KeyboardInterrupt`` included), the model is put back exactly as
+it was -- the same module objects in the same places, parameter values, ``requires_grad`` flags, hooks and
+attributes (:func:`restoring`) -- before the error is re-raised as an :class:`AdapterLoadError` (an interrupt or
+``SystemExit`` is re-raised unchanged). Only safetensors are read here; pickled ``.bin`` adapters are refused.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
+import math
 import os
 import struct
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from torch import nn
 
 from .errors import AdapterLoadError
 
 __all__ = ["from_pretrained", "load_adapter_checked", "read_adapter_config", "read_config_file", "check_peft_type",
-           "read_safetensors_header",
-           "check_adapter_compatible", "restore_base_model"]
+           "read_safetensors_header", "supported_peft_types",
+           "check_adapter_compatible", "restore_base_model", "restoring"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -38,15 +43,40 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 from .registry import KNOWN_PROVIDERS  # noqa: E402
 
 
+# PEFT's own method that peft_tensor loads too (the recipes' LoRA baselines, PEFT-native adapters on the Hub)
+PLAIN_PEFT_TYPES = ("LORA",)
+
+
+def supported_peft_types() -> list[str]:
+    """The ``peft_type`` values peft_tensor loads: its registered methods (and any added to ``KNOWN_PROVIDERS`` by
+    hand), then plain LoRA."""
+    return list(KNOWN_PROVIDERS) + [t for t in PLAIN_PEFT_TYPES if t not in KNOWN_PROVIDERS]
+
+
+def _supported_hint() -> str:
+    names = supported_peft_types()
+    listed = ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else "".join(names)
+    return (f"peft_tensor loads {listed} adapters; an adapter of another PEFT method loads with plain PEFT instead "
+            "(PeftModel.from_pretrained(model, path), without peft_tensor's checks), if you trust its source.")
+
+
+def _bad_peft_type(peft_type: Any, where: str = "") -> AdapterLoadError:
+    return AdapterLoadError(
+        f"{where}adapter_config.json: peft_type must be a string naming the method, found "
+        f"{type(peft_type).__name__} {peft_type!r}. {_supported_hint()}"
+    )
+
+
 def read_config_file(adapter_dir: str | os.PathLike) -> dict:
-    """Read ``adapter_config.json``: it must exist, be a JSON object and name its ``peft_type``."""
+    """Read ``adapter_config.json``: it must exist, be a JSON object, name its ``peft_type`` (a string) and hold
+    well-typed ``rank_pattern`` / ``alpha_pattern`` maps if any."""
     path = Path(adapter_dir) / CONFIG_NAME
     if not path.is_file():
         raise AdapterLoadError(
             f"No {CONFIG_NAME} in {adapter_dir}: is this an adapter directory (save_pretrained output)?")
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise AdapterLoadError(
             f"{path} is not valid JSON ({exc}); the file is corrupted, re-save the adapter.") from exc
     if not isinstance(cfg, dict):
@@ -56,19 +86,49 @@ def read_config_file(adapter_dir: str | os.PathLike) -> dict:
             f"{path} has no 'peft_type', so PEFT cannot tell which method wrote it. Add the method name, e.g. "
             '"peft_type": "TCURLORA" (peft_tensor provides TCURLORA, LORAPT, HYPS).'
         )
+    if not isinstance(cfg["peft_type"], str):
+        raise _bad_peft_type(cfg["peft_type"], f"{path.parent}: ")
+    _check_patterns(cfg, path)
     return cfg
 
 
+def _check_patterns(cfg: dict, path: Path) -> None:
+    """``rank_pattern``: module name -> positive int; ``alpha_pattern``: module name -> finite number (PEFT would
+    fail on anything else with a TypeError halfway through wrapping the model)."""
+    checks = {"rank_pattern": ("a positive integer rank", lambda v: type(v) is int and v > 0),
+              "alpha_pattern": ("a finite number", lambda v: type(v) in (int, float) and math.isfinite(v))}
+    for key, (what, ok) in checks.items():
+        value = cfg.get(key)
+        if value is None:
+            continue
+        fix = "The file is damaged or was edited by hand: fix the entry or re-save the adapter."
+        if not isinstance(value, dict):
+            raise AdapterLoadError(
+                f"{path}: {key} must be an object mapping module names to {what}, found {type(value).__name__} "
+                f"{value!r:.80}. {fix}")
+        for name, v in value.items():
+            if not ok(v):
+                raise AdapterLoadError(
+                    f"{path}: {key}[{name!r}] must be {what}, found {type(v).__name__} {v!r:.80}. {fix}")
+
+
 def check_peft_type(config: dict, provenance: Optional[dict] = None, where: str = "") -> None:
-    """Refuse a peft_type the running PEFT cannot load, naming the package (and version) that provides it."""
+    """Refuse a peft_type peft_tensor does not load, naming the ones it does and the package that provides it."""
     import peft
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
     from .version import __version__
 
-    peft_type = str(config["peft_type"])
+    peft_type = config.get("peft_type")
+    if not isinstance(peft_type, str) or not peft_type:
+        raise _bad_peft_type(peft_type, where)
     if peft_type in PEFT_TYPE_TO_CONFIG_MAPPING:
-        return
+        if peft_type in supported_peft_types():
+            return
+        raise AdapterLoadError(
+            f"{where}adapter_config.json has peft_type {peft_type!r}, a PEFT method that peft_tensor does not load "
+            f"(its checks and the MONAI networks it adapts are made for its own methods). {_supported_hint()}"
+        )
     provider = KNOWN_PROVIDERS.get(peft_type)
     if provider == "peft-tensor":
         written = (provenance or {}).get("written_by", {})
@@ -83,14 +143,15 @@ def check_peft_type(config: dict, provenance: Optional[dict] = None, where: str 
         "Install the package that provides this method (see the adapter's model card) and import it first")
     raise AdapterLoadError(
         f"{where}adapter_config.json has peft_type {peft_type!r}, which the installed peft {peft.__version__} does "
-        f"not know. {hint}."
+        f"not know. {hint}. {_supported_hint()}"
     )
 
 
 def read_adapter_config(adapter_dir: str | os.PathLike) -> dict:
-    """Read and sanity-check ``adapter_config.json`` (present, JSON, peft_type present and known to PEFT)."""
+    """Read and sanity-check ``adapter_config.json`` (present, JSON, a peft_type peft_tensor loads, well-typed
+    patterns)."""
     cfg = read_config_file(adapter_dir)
-    check_peft_type(cfg)
+    check_peft_type(cfg, where=f"{adapter_dir}: ")
     return cfg
 
 
@@ -252,28 +313,100 @@ def _validate(base_model: nn.Module, adapter_dir: str, subfolder: Optional[str])
     check_adapter_compatible(base_model, path, config)
 
 
+# ids of the tensors whose values an enclosing restoring() already copied (a nested one need not copy them again)
+_COPIED: contextvars.ContextVar[frozenset] = contextvars.ContextVar("peft_tensor_restoring", default=frozenset())
+
+
+class _ModelState:
+    """What a load may change on ``model``, to put back exactly: per module its class and attributes (the children,
+    parameter, buffer and hook dicts by content), per parameter / buffer its storage, value, ``requires_grad`` and
+    ``grad``. Values are copied to the CPU (a failed load may have written into the base weights in place)."""
+
+    def __init__(self, model: nn.Module, skip_values: frozenset = frozenset(), copy_values: bool = True):
+        import torch
+
+        self.modules = []
+        tensors: dict[int, Any] = {}
+        for module in model.modules():
+            attrs = dict(module.__dict__)
+            contents = {k: v.copy() for k, v in attrs.items() if isinstance(v, (dict, set))}
+            self.modules.append((module, type(module), attrs, contents))
+            for t in (*module._parameters.values(), *module._buffers.values()):
+                if t is not None:
+                    tensors.setdefault(id(t), t)
+        self.tensors = []
+        with torch.no_grad():
+            for key, t in tensors.items():
+                copy = copy_values and key not in skip_values and not t.is_meta
+                value = t.detach().to("cpu", copy=True) if copy else None
+                self.tensors.append((t, t.data, value, t.requires_grad, t.grad))
+        self.copied = frozenset(tensors)  # values saved here, by an enclosing guard, or not worth saving
+
+    def restore(self) -> None:
+        import torch
+
+        for module, cls, attrs, contents in self.modules:
+            if type(module) is not cls:
+                module.__class__ = cls
+            state = module.__dict__
+            for key in [k for k in state if k not in attrs]:
+                del state[key]
+            state.update(attrs)
+            for key, saved in contents.items():
+                attrs[key].clear()
+                attrs[key].update(saved)
+        with torch.no_grad():
+            for t, data, value, requires_grad, grad in self.tensors:
+                if (t.data_ptr(), t.dtype, t.shape, t.device) != (data.data_ptr(), data.dtype, data.shape,
+                                                                  data.device):
+                    t.data = data
+                if value is not None:
+                    t.data.copy_(value)
+                if t.requires_grad != requires_grad and t.is_leaf:
+                    t.requires_grad_(requires_grad)
+                if t.grad is not grad:
+                    t.grad = grad
+
+
+@contextlib.contextmanager
+def restoring(model: nn.Module, what: str, copy_values: bool = True) -> Iterator[None]:
+    """Run a load on ``model``; if it raises anything, put ``model`` back exactly as it was, then re-raise: an
+    :class:`AdapterLoadError` as it is, any other ``Exception`` as an ``AdapterLoadError`` chaining it (``what``
+    failed: ...), ``KeyboardInterrupt`` / ``SystemExit`` unchanged. Costs a CPU copy of the model's tensors, unless
+    ``copy_values=False`` (a model nobody else holds: only its structure is restored)."""
+    state = _ModelState(model, _COPIED.get(), copy_values)
+    token = _COPIED.set(_COPIED.get() | state.copied)
+    try:
+        yield
+    except BaseException as exc:
+        state.restore()
+        if isinstance(exc, AdapterLoadError) or not isinstance(exc, Exception):
+            raise
+        raise AdapterLoadError(f"{what} failed: {type(exc).__name__}: {exc}. The model was left as it was before "
+                               "the load.") from exc
+    finally:
+        _COPIED.reset(token)
+
+
 def from_pretrained(base_model: nn.Module, adapter_dir: str, adapter_name: str = "default",
                     is_trainable: bool = False, subfolder: Optional[str] = None, **kwargs):
     """``PeftModel.from_pretrained`` with validation first and the base model restored on failure."""
     from peft import PeftModel
 
-    _validate(base_model, adapter_dir, subfolder)
-    if subfolder:
-        kwargs["subfolder"] = subfolder
-    try:
+    with restoring(base_model, f"Loading the adapter from {adapter_dir}"):
+        _validate(base_model, adapter_dir, subfolder)
+        if subfolder:
+            kwargs["subfolder"] = subfolder
         return PeftModel.from_pretrained(base_model, adapter_dir, adapter_name=adapter_name,
                                          is_trainable=is_trainable, **kwargs)
-    except (RuntimeError, KeyError, ValueError) as exc:
-        restore_base_model(base_model)
-        if isinstance(exc, AdapterLoadError):
-            raise
-        raise AdapterLoadError(f"Loading the adapter from {adapter_dir} failed: {exc}") from exc
 
 
 def load_adapter_checked(peft_model, adapter_dir: str, adapter_name: str, is_trainable: bool = False,
                          subfolder: Optional[str] = None, **kwargs):
-    """``PeftModel.load_adapter`` with the same validation as :func:`from_pretrained`."""
-    _validate(peft_model.get_base_model(), adapter_dir, subfolder)
-    if subfolder:
-        kwargs["subfolder"] = subfolder
-    return peft_model.load_adapter(adapter_dir, adapter_name=adapter_name, is_trainable=is_trainable, **kwargs)
+    """``PeftModel.load_adapter`` with the same validation as :func:`from_pretrained`; ``peft_model`` is restored
+    (its other adapters untouched, no trace of this one) if the load fails."""
+    with restoring(peft_model, f"Loading the adapter from {adapter_dir}"):
+        _validate(peft_model.get_base_model(), adapter_dir, subfolder)
+        if subfolder:
+            kwargs["subfolder"] = subfolder
+        return peft_model.load_adapter(adapter_dir, adapter_name=adapter_name, is_trainable=is_trainable, **kwargs)

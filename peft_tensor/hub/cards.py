@@ -45,6 +45,34 @@ class CardError(PeftTensorError):
     """The model card cannot be built or its metadata is invalid."""
 
 
+def read_card(path: str | os.PathLike) -> ModelCard:
+    """Parse a model card (``README.md``) written by anyone: UTF-8 text, YAML front matter read with a safe loader
+    only (no ``!!python/...`` tags), metadata errors tolerated. Raises :class:`CardError` for anything else."""
+    import yaml
+    from huggingface_hub.repocard import REGEX_YAML_BLOCK
+
+    path = Path(path)
+    problem = f"{path} is not a valid model card"
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CardError(f"{problem}: it is not UTF-8 text ({exc.reason} at byte {exc.start}).") from exc
+    match = REGEX_YAML_BLOCK.search(text)
+    if match:
+        try:
+            meta = yaml.safe_load(match.group(2))
+        except (yaml.YAMLError, RecursionError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise CardError(f"{problem}: its YAML metadata cannot be read safely ({first}).") from exc
+        if meta is not None and not isinstance(meta, dict):
+            raise CardError(f"{problem}: its YAML metadata is a {type(meta).__name__}, not a mapping.")
+    try:  # parses the front matter again, with yaml.safe_load as well
+        return ModelCard(text, ignore_metadata_errors=True)
+    except Exception as exc:  # huggingface_hub's checks of the metadata values (ValueError, TypeError, ...)
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise CardError(f"{problem}: {type(exc).__name__}: {first}") from exc
+
+
 def eval_results_from(evaluation: Any) -> list[EvalResult]:
     """Evaluation results as ``EvalResult`` objects.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from .adapter_files import WEIGHTS_NAME, group_summary, numel, read_config_file, tensor_shapes
+from .cards import read_card
 from .load import resolve
 from .provenance import BaseNetwork, _human_size
 
@@ -28,12 +29,11 @@ def adapter_info(source: str | os.PathLike, *, revision: str | None = None, subf
     card = {}
     readme = resolved.root / "README.md"
     if readme.is_file():
-        from huggingface_hub import ModelCard
-
-        parsed = ModelCard(readme.read_text(encoding="utf-8"), ignore_metadata_errors=True)
-        card = {
-            "tags": parsed.data.tags or [],
-            "library_name": parsed.data.library_name,
+        parsed = read_card(readme)  # CardError unless UTF-8 with safely loadable YAML metadata
+        tags = parsed.data.tags or []
+        card = {  # plain strings only: the metadata may hold anything YAML can (numbers, dates, nested lists)
+            "tags": [str(t) for t in (tags if isinstance(tags, list) else [tags]) if isinstance(t, (str, int, float))],
+            "library_name": None if parsed.data.library_name is None else str(parsed.data.library_name),
             "eval_results": [f"{r.metric_name or r.metric_type} = {r.metric_value} on {r.dataset_name}"
                              for r in parsed.data.eval_results or []],
             "title": next((line[2:].strip() for line in parsed.text.splitlines() if line.startswith("# ")), None),

@@ -11,8 +11,11 @@ was and, since a commit is all-or-nothing on the Hub, leaves the repository as i
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +24,8 @@ from typing import Any
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
-from .._atomic import atomic_write_text
-from ..errors import PeftTensorError
+from .._atomic import _mode_for, atomic_write_text
+from ..errors import PeftTensorError, UnsafePathError
 from .adapter_files import PICKLED_WEIGHTS, WEIGHTS_NAME, adapted_module_shapes, numel, tensor_shapes
 from .cards import LIBRARY_NAME, NO_LICENSE, TASK_TYPE, build_adapter_card, eval_results_from, eval_results_to_json
 from .provenance import (
@@ -54,6 +57,10 @@ BASE_WEIGHTS_FILE = "model.safetensors"
 
 class HubPublishError(PeftTensorError, RuntimeError):
     """Publishing failed; the message says why, what state the repository and local files are in, and the fix."""
+
+
+class UnsafeUploadError(UnsafePathError, HubPublishError):
+    """The adapter folder holds a symbolic link among the files to upload (it could send a file from elsewhere)."""
 
 
 @dataclass
@@ -102,7 +109,7 @@ def save_pretrained(model, save_directory: str | os.PathLike, *, base_network: B
         for adapter_name in names:
             model.peft_config[adapter_name].base_model_name_or_path = base_name
     save_kwargs.setdefault("safe_serialization", True)
-    model.save_pretrained(str(save_directory), selected_adapters=selected_adapters, **save_kwargs)
+    save_peft_files(model, save_directory, selected_adapters=selected_adapters, **save_kwargs)
     active = model.active_adapter if isinstance(model.active_adapter, str) else None
     adapters = {}
     for adapter_name in names:
@@ -127,6 +134,56 @@ def save_pretrained(model, save_directory: str | os.PathLike, *, base_network: B
     card = build_adapter_card(save_directory, record, repo_id=repo_id)
     atomic_write_text(save_directory / "README.md", str(card))
     return save_directory
+
+
+def save_peft_files(model, save_directory: Path, **kwargs) -> None:
+    """``model.save_pretrained`` into a fresh folder beside ``save_directory`` (same filesystem), then each file moved
+    into place with ``os.replace``.
+
+    PEFT writes ``README.md`` and ``adapter_config.json`` with plain ``open(path, "w")``: in place, that writes through
+    a symbolic link planted at the destination, and a kill mid-save leaves the files truncated. Here a failure inside
+    PEFT leaves the destination as it was, and ``os.replace`` replaces a link at the destination instead of following
+    it. A subfolder (named adapters) that is a symbolic link in the destination is refused before anything moves.
+    """
+    if save_directory.is_file():
+        raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
+    save_directory.mkdir(parents=True, exist_ok=True)
+    real = save_directory.resolve()
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{real.name}.saving-", dir=real.parent))
+    except OSError:  # the parent is not writable: a hidden folder inside (still the same filesystem)
+        staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=real))
+    try:
+        model.save_pretrained(str(staging), **kwargs)
+        _move_into_place(staging, save_directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _move_into_place(staging: Path, dest: Path) -> None:
+    moves, folders = [], []
+    for dirpath, dirnames, filenames in os.walk(staging):
+        dirnames.sort()
+        rel = Path(dirpath).relative_to(staging)
+        if rel != Path("."):
+            target = dest / rel
+            if target.is_symlink() or (target.exists() and not target.is_dir()):
+                raise UnsafePathError(
+                    f"{target} is a symbolic link or a file where the adapter subfolder {rel.as_posix()} goes: "
+                    "saving would write outside the folder. Remove it (or save to a fresh directory). Nothing "
+                    f"was written to {dest}.")
+            folders.append(target)
+        # the weights first, the config and the card last: a kill between moves leaves every file whole
+        last = {"adapter_config.json": 1, "README.md": 2}
+        names = sorted(filenames, key=lambda n: last.get(n, 0))
+        moves += [(Path(dirpath) / name, dest / rel / name) for name in names]
+    for folder in folders:
+        folder.mkdir(exist_ok=True)
+    for src, dst in moves:
+        os.chmod(src, _mode_for(dst))
+        with open(src, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(src, dst)
 
 
 def _peft_type_name(peft_type) -> str:
@@ -180,7 +237,9 @@ def push_to_hub(adapter, repo_id: str, *, token: str | bool | None = None, priva
     """Publish an adapter (a ``PeftModel`` or a saved directory) to ``repo_id`` in a single commit.
 
     Uploaded: every adapter file of the directory (``adapter_model.safetensors``, ``adapter_config.json``, their
-    subfolders for extra adapters), ``peft_tensor.json`` and a freshly built ``README.md`` card.
+    subfolders for extra adapters), ``peft_tensor.json`` and a freshly built ``README.md`` card. Only regular files
+    inside the directory go up: a symbolic link among them (to a file or a folder, inside or outside) raises
+    :class:`UnsafeUploadError` naming it, before anything is uploaded.
 
     ``base_weights_repo``: also publish the base weights (``base_weights`` path, or the local file recorded in
     ``peft_tensor.json``) to that repository first, in its own commit, and record the pinned Hub reference
@@ -225,32 +284,45 @@ def push_to_hub(adapter, repo_id: str, *, token: str | bool | None = None, priva
                        weights.get("path"), repo_id)
     card = build_adapter_card(adapter_dir, record, repo_id=repo_id)
     base_name = base_reference((record or {}).get("base_network"))
-    operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=_upload_source(adapter_dir / rel, base_name))
-                  for rel in files if rel not in ("README.md", PROVENANCE_FILE)]
-    if record is not None:
-        import json
+    with contextlib.ExitStack() as opened:
+        operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=_upload_source(adapter_dir, rel, base_name,
+                                                                                          opened))
+                      for rel in files if rel not in ("README.md", PROVENANCE_FILE)]
+        if record is not None:
+            import json
 
-        source = (record.get("base_network") or {}).get("source")
-        if source and (os.path.isabs(source) or Path(source).expanduser().exists()):
-            record["base_network"]["source"] = Path(source).name  # a local path says nothing to others
-        operations.append(CommitOperationAdd(PROVENANCE_FILE, (json.dumps(record, indent=2) + "\n").encode()))
-    operations.append(CommitOperationAdd("README.md", str(card).encode()))
-    message = commit_message or f"Upload {record_method(adapter_dir)} adapter with peft-tensor"
-    info = _commit(api, repo_id, operations, message, revision=revision, private=private, create_repo=create_repo,
-                   local_dir=adapter_dir)
+            source = (record.get("base_network") or {}).get("source")
+            if source and (os.path.isabs(source) or Path(source).expanduser().exists()):
+                record["base_network"]["source"] = Path(source).name  # a local path says nothing to others
+            operations.append(CommitOperationAdd(PROVENANCE_FILE, (json.dumps(record, indent=2) + "\n").encode()))
+        operations.append(CommitOperationAdd("README.md", str(card).encode()))
+        message = commit_message or f"Upload {record_method(adapter_dir)} adapter with peft-tensor"
+        info = _commit(api, repo_id, operations, message, revision=revision, private=private,
+                       create_repo=create_repo, local_dir=adapter_dir)
     return PushResult(repo_id, info.oid, info.commit_url, [op.path_in_repo for op in operations], pushed_weights)
 
 
-def _upload_source(path: Path, base_name: str | None):
+def _upload_source(adapter_dir: Path, rel: str, base_name: str | None, opened: contextlib.ExitStack):
     """The file as uploaded: ``adapter_config.json`` gets ``base_model_name_or_path`` = the base's Hub repo / bundle
-    name (the local file is not modified); every other file is uploaded as it is."""
+    name (the local file is not modified); every other file is uploaded as it is, from a handle opened without
+    following a symbolic link (a link swapped in after the check is refused, not read) and kept open until the
+    commit is done."""
+    path = adapter_dir / rel
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise _unsafe_upload(adapter_dir, [rel]) if os.path.islink(path) else exc
+    fh = opened.enter_context(os.fdopen(fd, "rb"))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        raise _unsafe_upload(adapter_dir, [rel])
     if path.name != "adapter_config.json" or not base_name:
-        return str(path)
+        return fh
     import json
 
-    config = json.loads(path.read_text(encoding="utf-8"))
+    config = json.loads(fh.read().decode("utf-8"))
+    fh.seek(0)
     if config.get("base_model_name_or_path") == base_name:
-        return str(path)
+        return fh
     config["base_model_name_or_path"] = base_name
     return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
 
@@ -295,19 +367,47 @@ def record_method(adapter_dir: Path) -> str:
         return "PEFT"
 
 
+UPLOADED_SUFFIXES = (".json", ".safetensors", ".md", ".bin")
+
+
+def _unsafe_upload(adapter_dir: Path, links: list[str]) -> UnsafeUploadError:
+    return UnsafeUploadError(
+        f"{adapter_dir} holds {'a symbolic link' if len(links) == 1 else 'symbolic links'} among the files to upload: "
+        f"{', '.join(links)}. push uploads only the regular files inside the adapter folder: a link could send a file "
+        "from elsewhere (a key, another project's data) to the Hub. Replace each link by a copy of the file it "
+        "points to, or remove it, then push again. Nothing was uploaded.")
+
+
 def _files_to_upload(adapter_dir: Path, allow_pickle: bool) -> list[str]:
+    """The adapter folder's files to upload (relative POSIX paths): regular files only, none hidden. A symbolic link
+    to a file or folder that would be uploaded (or a file whose real path leaves the folder) is refused, before
+    anything is read or sent."""
     if not adapter_dir.is_dir():
         raise HubPublishError(f"{adapter_dir} is not a directory; pass the folder written by save_pretrained.")
-    found = []
-    for path in sorted(adapter_dir.rglob("*")):
-        rel = path.relative_to(adapter_dir).as_posix()
-        if not path.is_file() or any(part.startswith(".") for part in rel.split("/")):
-            continue
-        if path.name == PICKLED_WEIGHTS and not allow_pickle:
-            logger.warning("Not uploading %s: pickled weights are skipped unless allow_pickle=True.", rel)
-            continue
-        if path.suffix in (".json", ".safetensors", ".md", ".bin"):
+    root = os.path.realpath(adapter_dir)
+    found, links = [], []
+    for dirpath, dirnames, filenames in os.walk(adapter_dir):  # does not descend into linked folders
+        base = Path(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        links += [(base / d).relative_to(adapter_dir).as_posix() for d in dirnames if (base / d).is_symlink()]
+        for name in sorted(filenames):
+            path = base / name
+            rel = path.relative_to(adapter_dir).as_posix()
+            if name.startswith(".") or path.suffix not in UPLOADED_SUFFIXES:
+                continue
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode) or os.path.commonpath([root, os.path.realpath(path)]) != root:
+                links.append(rel)
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            if name == PICKLED_WEIGHTS and not allow_pickle:
+                logger.warning("Not uploading %s: pickled weights are skipped unless allow_pickle=True.", rel)
+                continue
             found.append(rel)
+    if links:
+        raise _unsafe_upload(adapter_dir, sorted(links))
+    found.sort()
     configs = [f for f in found if f.endswith("adapter_config.json")]
     if not configs:
         raise HubPublishError(f"{adapter_dir} holds no adapter_config.json: not an adapter directory.")

@@ -178,7 +178,9 @@ def save_trained(model: torch.nn.Module, folder, arm: str, card_text: str | None
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if canonical_arm(arm) in PEFT_ARMS and hasattr(model, "save_pretrained"):
-        model.save_pretrained(str(folder))
+        from ..hub.publish import save_peft_files
+
+        save_peft_files(model, folder)  # through a temporary folder: never writes through a planted symlink
     else:
         state = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
         atomic_write(folder / "trainable.safetensors", lambda tmp: save_file(state, tmp))

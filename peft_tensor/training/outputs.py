@@ -183,9 +183,9 @@ def _save_unrecorded(model, folder: Path, card: dict) -> Path:
     """PEFT's files and our card (base network: not recorded) when the base network cannot be described."""
     from ..hub.cards import build_adapter_card
     from ..hub.provenance import library_versions
-    from ..hub.publish import card_record
+    from ..hub.publish import card_record, save_peft_files
 
-    model.save_pretrained(str(folder), safe_serialization=True)
+    save_peft_files(model, Path(folder), safe_serialization=True)  # never through a symlink planted in the folder
     record = {"written_by": library_versions(), "card": card_record(**card)}
     atomic_write_text(folder / "README.md", str(build_adapter_card(folder, record)))
     return folder

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .._atomic import atomic_write
+
 
 def _plt():
     import matplotlib
@@ -14,6 +16,19 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(plt, fig, path) -> Path:
+    """``fig`` as a PNG at ``path`` through the atomic writer: a symbolic link planted there is replaced, not written
+    through, and a crash mid-write leaves the previous plot."""
+    path = Path(path)
+    # the format savefig(path) would choose: the temporary file's name ends in .tmp + path's suffixes
+    fmt = path.suffix[1:].lower() or plt.rcParams["savefig.format"]
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format=fmt))
+    finally:
+        plt.close(fig)
+    return path
 
 
 def plot_curves(rows: list, path, title: str = "") -> Path:
@@ -30,10 +45,7 @@ def plot_curves(rows: list, path, title: str = "") -> Path:
     ax[1].set(xlabel="step", ylabel="Dice", title="validation Dice", ylim=(0, 1))
     fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def class_colours(n: int) -> list:
@@ -81,10 +93,7 @@ def plot_overlay(image, truth, pred, path, title: str = "", classes=None) -> Pat
         fig.legend(handles=handles, loc="lower center", ncol=min(len(names), 7), fontsize=7, frameon=False)
         fig.suptitle(title + "  (solid: truth, dashed: prediction)")
     fig.tight_layout(rect=(0, 0.06 if not single else 0, 1, 1))
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 
