@@ -23,6 +23,10 @@ def register(subparsers) -> None:
     export.add_argument("--subfolder", help="adapter subfolder")
     export.add_argument("--allow-pickle", action="store_true",
                         help="accept pickled files (base checkpoint or adapter) -- only from authors you trust")
+    export.add_argument("--trust-remote-code", action="store_true",
+                        help="allow untrusted classes and constructor arguments that read files or URLs "
+                        "(pretrained_url, cache_dir, ...) in the network configs read from SOURCE / --base -- only "
+                        "for sources you trust")
     export.add_argument("--roi", type=int, nargs="+", metavar="N",
                         help="inference window for the bundle's SlidingWindowInferer and the TorchScript check "
                         "(default: the network's img_size)")
@@ -39,10 +43,11 @@ def _export(args: argparse.Namespace) -> int:
 
     base = None
     if args.base:
-        base, report = load_network(args.base, allow_pickle=args.allow_pickle)
+        base, report = load_network(args.base, allow_pickle=args.allow_pickle,
+                                    trust_remote_code=args.trust_remote_code)
         print(report)
     model = load_pretrained(args.source, revision=args.revision, subfolder=args.subfolder, base_model=base,
-                            allow_pickle=args.allow_pickle)
+                            allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
     out = export_bundle(model, args.out, roi_size=args.roi, torchscript=not args.no_torchscript,
                         overwrite=args.overwrite)
     meta = json.loads((out / "configs" / "metadata.json").read_text(encoding="utf-8"))["peft_tensor"]

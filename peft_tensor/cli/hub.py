@@ -9,6 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 
+TRUST_REMOTE_CODE_HELP = (
+    "allow untrusted classes and constructor arguments that read files or URLs (pretrained_url, cache_dir, ...) in "
+    "the base network recorded by the source -- only for sources you trust")
+
 
 def register(subparsers) -> None:
     push = subparsers.add_parser(
@@ -41,6 +45,7 @@ def register(subparsers) -> None:
     load.add_argument("--revision")
     load.add_argument("--subfolder")
     load.add_argument("--allow-pickle", action="store_true", help="accept a pickled adapter_model.bin")
+    load.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     load.set_defaults(func=_load)
 
 
@@ -73,7 +78,7 @@ def _load(args: argparse.Namespace) -> int:
     from peft_tensor.hub import load_pretrained
 
     model = load_pretrained(args.source, revision=args.revision, subfolder=args.subfolder,
-                            allow_pickle=args.allow_pickle)
+                            allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
     config = model.peft_config[model.active_adapter]
     base = type(model.get_base_model())
     total = sum(p.numel() for p in model.parameters())

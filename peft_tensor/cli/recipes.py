@@ -13,15 +13,21 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import peft_tensor.recipes
+from peft_tensor._atomic import atomic_write, atomic_write_text
 from peft_tensor.recipes import RECIPES, RENAMED
 
 RECIPE_DIR = Path(peft_tensor.recipes.__file__).resolve().parent
+TRUST_REMOTE_CODE_HELP = (
+    "allow untrusted classes and constructor arguments that read files or URLs (pretrained_url, cache_dir, ...) in "
+    "the network configs the run loads (model.pretrained: bundles, peft_tensor.json, backbone.json) -- only for "
+    "sources you trust")
 CONFIG_DIR = RECIPE_DIR / "configs"
 
 
@@ -59,22 +65,25 @@ def _copy(args) -> int:
     dest = Path(args.dest)
     if dest.is_dir():
         dest = dest / src.name
+    if dest.is_symlink() and not args.force:  # dangling or not: exists() follows the link, so test it first
+        raise FileExistsError(f"{dest} exists as a symbolic link (to {os.readlink(dest)}); use --force to replace "
+                              "the link itself with the copy (its target is left untouched), or choose another name")
     if dest.exists() and not args.force:
         raise FileExistsError(f"{dest} exists (use --force to overwrite)")
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    # atomic writes: --force replaces a symbolic link at dest, never writes through it
     if recipe or "base" not in (_read_yaml(src) or {}):
-        shutil.copyfile(src, dest)  # keeps the comments
+        atomic_write(dest, lambda tmp: shutil.copyfile(src, tmp))  # keeps the comments
     else:
         header = f"{_first_comment(src)}\nResolved from {src.name} (its base: chain merged) by `peft-tensor copy`."
-        dest.write_text(dump_config(load_config(src), header))
+        atomic_write_text(dest, dump_config(load_config(src), header))
     print(f"copied {src.name} -> {dest}")
     return 0
 
 
 def _read_yaml(path: Path):
-    import yaml
+    from peft_tensor._safe_yaml import load_yaml
 
-    return yaml.safe_load(path.read_text())
+    return load_yaml(path.read_text())
 
 
 def _cat(args) -> int:
@@ -88,6 +97,7 @@ def _run_parser():
     p = argparse.ArgumentParser(prog="peft-tensor run <recipe>")
     p.add_argument("--config", help="packaged config name or YAML path (default: the recipe's own)")
     p.add_argument("--nproc", type=int, default=1, help="processes (torchrun; gloo on CPU, NCCL on GPU)")
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=50 arm.name=lora")
     return p
 
@@ -100,20 +110,25 @@ def _run(args) -> int:
     if recipe is None and not script.is_file():
         raise FileNotFoundError(f"no recipe {given!r}; see `peft-tensor list` (or give a path to a copied recipe)")
     argv = (["--config", args.config] if args.config else []) + list(args.overrides)
+    # packaged recipes run as modules, so that no recipe folder lands on sys.path
+    target = ["-m", f"peft_tensor.recipes.{recipe}"] if recipe else [str(script)]
+    # --trust-remote-code in a subprocess: the recipe runs inside trusting_remote_code() (peft_tensor.cli.trusted_run)
+    trusted = ["-m", "peft_tensor.cli.trusted_run"] if args.trust_remote_code else []
     if args.nproc and args.nproc > 1:
-        # packaged recipes run as modules, so that no recipe folder lands on sys.path
-        target = ["-m", f"peft_tensor.recipes.{recipe}"] if recipe else [str(script)]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-               *target, *argv]
+               *trusted, *target, *argv]
         return subprocess.call(cmd)
     if recipe:
+        from peft_tensor.hub.provenance import trusting_remote_code
+
         mod = importlib.import_module(f"peft_tensor.recipes.{recipe}")
         from peft_tensor.training.config import parse_recipe_args
 
         cfg = parse_recipe_args(argv, getattr(mod, "DEFAULT_CONFIG", None) or f"{recipe}_cpu")
-        mod.main(cfg)
+        with trusting_remote_code(args.trust_remote_code):
+            mod.main(cfg)
         return 0
-    return subprocess.call([sys.executable, str(script), *argv])
+    return subprocess.call([sys.executable, *trusted, *target, *argv])
 
 
 def _demo(args) -> int:

@@ -51,6 +51,8 @@ def read_card(path: str | os.PathLike) -> ModelCard:
     import yaml
     from huggingface_hub.repocard import REGEX_YAML_BLOCK
 
+    from .._safe_yaml import YamlLimitError, load_yaml
+
     path = Path(path)
     problem = f"{path} is not a valid model card"
     try:
@@ -60,8 +62,8 @@ def read_card(path: str | os.PathLike) -> ModelCard:
     match = REGEX_YAML_BLOCK.search(text)
     if match:
         try:
-            meta = yaml.safe_load(match.group(2))
-        except (yaml.YAMLError, RecursionError) as exc:
+            meta = load_yaml(match.group(2))  # bounded: a card's aliases cannot expand to gigabytes
+        except (yaml.YAMLError, YamlLimitError, RecursionError) as exc:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise CardError(f"{problem}: its YAML metadata cannot be read safely ({first}).") from exc
         if meta is not None and not isinstance(meta, dict):

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterLoadError
-from ..loading import check_adapter_compatible, from_pretrained, load_adapter_checked
+from ..loading import check_adapter_compatible, from_pretrained, load_adapter_checked, restoring
 from .adapter_files import (
     CONFIG_NAME,
     PICKLED_WEIGHTS,
@@ -28,7 +28,14 @@ from .adapter_files import (
     read_config_file,
     tensor_shapes,
 )
-from .provenance import PROVENANCE_FILE, TRUSTED_MODULE_ROOTS, BaseNetwork, read_provenance, sha256_file
+from .provenance import (
+    PROVENANCE_FILE,
+    TRUSTED_MODULE_ROOTS,
+    BaseNetwork,
+    read_provenance,
+    remote_code_trusted,
+    sha256_file,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +152,8 @@ def load_pretrained(source: str | os.PathLike, *, revision: str | None = None, s
                     base_model: nn.Module | None = None, is_trainable: bool = False, allow_pickle: bool = False,
                     check_base_hash: bool = True, trusted_module_roots: tuple[str, ...] = TRUSTED_MODULE_ROOTS,
                     token: str | bool | None = None, cache_dir: str | None = None, local_files_only: bool = False,
-                    endpoint: str | None = None, device: str | torch.device | None = None):
+                    endpoint: str | None = None, device: str | torch.device | None = None,
+                    trust_remote_code: bool = False):
     """Rebuild base network + weights + adapter(s) from a directory or a Hub repo id; returns a ``PeftModel``.
 
     Args:
@@ -158,13 +166,18 @@ def load_pretrained(source: str | os.PathLike, *, revision: str | None = None, s
         is_trainable: load for further training.
         allow_pickle: accept a pickled ``adapter_model.bin`` when there is no safetensors file.
         check_base_hash: refuse base weights whose sha256 differs from the recorded one.
-        trusted_module_roots: packages whose ``nn.Module`` classes may be built from the record.
+        trusted_module_roots: packages whose ``nn.Module`` classes may be built from the record; within the default
+            roots only the allow-list (MONAI networks, transformers models, ``torch.nn``), resolved without importing
+            the module the record names.
+        trust_remote_code: build a recorded class outside the allow-list, and constructor arguments that read files
+            or fetch URLs (``pretrained_url``, ``cache_dir``, ...). Only for sources you trust.
         token / cache_dir / local_files_only / endpoint: as in huggingface_hub (``HF_TOKEN``, ``HF_HUB_CACHE``,
             ``HF_HUB_OFFLINE``, ``HF_ENDPOINT`` by default).
     """
     from peft import PeftModel
 
     adapters = dict(adapters) if adapters else {adapter_name: subfolder}
+    users_model = base_model is not None
     resolved = resolve(source, adapters=adapters, revision=revision, allow_pickle=allow_pickle, token=token,
                        cache_dir=cache_dir, local_files_only=local_files_only, endpoint=endpoint)
     record = resolved.record or {}
@@ -183,7 +196,8 @@ def load_pretrained(source: str | os.PathLike, *, revision: str | None = None, s
                 "it was trained on, with its weights, and pass it: load_pretrained(source, base_model=net)."
             )
         spec = BaseNetwork.from_dict(record["base_network"])
-        base_model = spec.build(trusted_module_roots=trusted_module_roots)
+        base_model = spec.build(trusted_module_roots=trusted_module_roots,
+                                trust_remote_code=trust_remote_code or remote_code_trusted())
         if spec.weights is None:
             raise AdapterLoadError(
                 f"{where}{PROVENANCE_FILE} records the base network {spec.describe()} but not its weights, so a "
@@ -199,21 +213,23 @@ def load_pretrained(source: str | os.PathLike, *, revision: str | None = None, s
         check_shapes(base_model, shapes[name], configs[name], rec, where)
         if shapes[name]:  # tensor-group methods: the saved group tensors must fit this network's groups
             check_adapter_compatible(base_model, resolved.folders[name])
-    if device is not None:
-        base_model.to(device)
-    # 4. PEFT does the rest, through peft_tensor.from_pretrained / load_adapter_checked (the base model is restored
-    # if PEFT fails); a pickled adapter (allow_pickle=True) goes to PEFT directly, as those refuse pickles
-    names = list(adapters)
-    folders = {name: str(resolved.folders[name]) for name in names}
-    safe = {name: (resolved.folders[name] / WEIGHTS_NAME).is_file() for name in names}
-    if safe[names[0]]:
-        model = from_pretrained(base_model, folders[names[0]], adapter_name=names[0], is_trainable=is_trainable)
-    else:
-        model = PeftModel.from_pretrained(base_model, folders[names[0]], adapter_name=names[0],
-                                          is_trainable=is_trainable)
-    for name in names[1:]:
-        load = load_adapter_checked if safe[name] else type(model).load_adapter
-        load(model, folders[name], adapter_name=name, is_trainable=is_trainable)
+    # the caller's own base_model is put back exactly as it was if anything below fails (a rebuilt one is dropped)
+    with restoring(base_model, f"Loading {source}", copy_values=users_model):
+        if device is not None:
+            base_model.to(device)
+        # 4. PEFT does the rest, through peft_tensor.from_pretrained / load_adapter_checked (validation first); a
+        # pickled adapter (allow_pickle=True) goes to PEFT directly, as those refuse pickles
+        names = list(adapters)
+        folders = {name: str(resolved.folders[name]) for name in names}
+        safe = {name: (resolved.folders[name] / WEIGHTS_NAME).is_file() for name in names}
+        if safe[names[0]]:
+            model = from_pretrained(base_model, folders[names[0]], adapter_name=names[0], is_trainable=is_trainable)
+        else:
+            model = PeftModel.from_pretrained(base_model, folders[names[0]], adapter_name=names[0],
+                                              is_trainable=is_trainable)
+        for name in names[1:]:
+            load = load_adapter_checked if safe[name] else type(model).load_adapter
+            load(model, folders[name], adapter_name=name, is_trainable=is_trainable)
     model.set_adapter(names[0])
     if not is_trainable:
         model.eval()

@@ -15,18 +15,30 @@ MONAI networks carry no config, so an adapter file alone cannot say what it adap
 
 Constructor arguments are captured by building the network through :func:`build_network` or by declaring them on an
 existing network with :func:`record_network`, which checks them by rebuilding the network on the ``meta`` device.
+
+What a record (or a bundle config) says is data, never code. Its values pass through one decoder,
+:func:`decode_value` (JSON values; the only tagged form is ``{"__torch_dtype__": NAME}`` for the dtypes in
+:data:`TORCH_DTYPES`). A class named by a file is looked up in an allow-list (:func:`import_network_class`: MONAI's
+``monai.networks.nets``, transformers ``PreTrainedModel`` classes, ``torch.nn``) without importing the module the
+file names, and its constructor arguments are checked against its signature, refusing arguments that read files or
+URLs (``pretrained_url``, ``cache_dir``, ...). ``trust_remote_code=True`` lifts the class and argument checks, never
+the decoder's.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import hashlib
 import importlib
+import inspect
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -38,8 +50,22 @@ from ..version import __version__
 PROVENANCE_FILE = "peft_tensor.json"
 FORMAT_VERSION = 1
 _SPEC_ATTR = "peft_tensor_base_network"
-# Module roots whose nn.Module classes may be built from a downloaded record without opting in.
+# Module roots whose nn.Module classes may be built from a downloaded record without opting in: only the classes of
+# the allow-list (see import_network_class), resolved without importing the module a file names.
 TRUSTED_MODULE_ROOTS = ("monai", "transformers", "torch", "peft_tensor")
+# The dtypes a record may name ({"__torch_dtype__": NAME}); nothing else of torch is reachable from a file.
+TORCH_DTYPES = tuple(name for name in (
+    "float16", "float32", "float64", "bfloat16", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
+    "uint64", "bool", "complex32", "complex64", "complex128",
+) if isinstance(getattr(torch, name, None), torch.dtype))
+_DTYPE_TAG = "__torch_dtype__"
+# Constructor arguments that may read files or fetch URLs (pretrained_url, cache_dir, checkpoint_path, ...).
+_IO_ARG = re.compile(r"^(pretrained|cache|download)|url|path|file|dir|checkpoint")
+# ... except boolean gradient-checkpointing switches (SwinUNETR's use_checkpoint), which read nothing.
+_NOT_IO_ARG = re.compile(r"use_\w*checkpoint\w*|\w*gradient_checkpointing")
+TRUST_HINT = "pass trust_remote_code=True (CLI: --trust-remote-code) only if you trust the source"
+_TRUST_REMOTE_CODE: contextvars.ContextVar[bool] = contextvars.ContextVar("peft_tensor_trust_remote_code",
+                                                                           default=False)
 
 
 class ProvenanceError(PeftTensorError):
@@ -114,17 +140,32 @@ class BaseNetwork:
             args = ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
         return f"{self.cls}({args})"
 
-    def build(self, trusted_module_roots: tuple[str, ...] | None = TRUSTED_MODULE_ROOTS, device=None) -> nn.Module:
-        """Construct the network (random weights) and attach this record to it."""
-        klass = import_network_class(self.cls, trusted_module_roots)
+    def build(self, trusted_module_roots: tuple[str, ...] | None = TRUSTED_MODULE_ROOTS, device=None, *,
+              trust_remote_code: bool = False, trusted_args: Iterable[str] = ()) -> nn.Module:
+        """Construct the network (random weights) and attach this record to it.
+
+        ``trusted_module_roots=None`` means the record comes from code (any class, any argument); otherwise it came
+        from a file: the class must be on the allow-list and no argument may read files or URLs (see
+        :func:`import_network_class` and :func:`check_network_args`) unless ``trust_remote_code``. ``trusted_args``:
+        argument names the caller supplied in code (exempt from the file/URL check). Values are always decoded by
+        :func:`decode_value`.
+        """
+        klass = import_network_class(self.cls, trusted_module_roots, trust_remote_code=trust_remote_code)
+        if self.config is not None:
+            config = decode_value(self.config, f"{self.cls} config")
+        else:
+            kwargs = decode_value(self.kwargs, f"{self.cls} kwargs")
+            if trusted_module_roots is not None:
+                check_network_args(klass, kwargs, self.cls, trust_remote_code=trust_remote_code,
+                                   trusted_args=trusted_args)
         with torch.device(device) if device is not None else _nullcontext():
             if self.config is not None:
                 config_cls = getattr(klass, "config_class", None)
                 if config_cls is None:
                     raise ProvenanceError(f"{self.cls} has no config_class; cannot rebuild it from a config dict.")
-                net = klass(config_cls.from_dict(self.config))
+                net = klass(config_cls.from_dict(config))
             else:
-                net = klass(**_from_json(self.kwargs))
+                net = klass(**kwargs)
         if device != "meta":
             setattr(net, _SPEC_ATTR, BaseNetwork(self.cls, copy.deepcopy(self.kwargs), copy.deepcopy(self.config)))
         return net
@@ -190,28 +231,136 @@ def describe_network(model: nn.Module) -> BaseNetwork:
     )
 
 
-def import_network_class(class_path: str, trusted_module_roots: tuple[str, ...] | None = TRUSTED_MODULE_ROOTS):
-    """Import ``class_path`` and check it is an ``nn.Module`` class (never call arbitrary callables)."""
+def import_network_class(class_path: str, trusted_module_roots: tuple[str, ...] | None = TRUSTED_MODULE_ROOTS, *,
+                         trust_remote_code: bool = False):
+    """The ``nn.Module`` class named ``class_path`` (never any other callable).
+
+    ``trusted_module_roots=None`` (or ``trust_remote_code=True``): the path comes from code, or from a source the
+    caller trusts, and is imported. Otherwise it comes from a file and must name a class of the allow-list --
+    MONAI networks (``monai.networks.nets.X`` or their defining path ``monai.networks.nets.x.X``), transformers
+    ``PreTrainedModel`` classes (``transformers.X``) and ``torch.nn`` modules -- found by importing only
+    ``monai.networks.nets`` / ``transformers`` / ``torch.nn`` and looking the name up there: the module the file
+    names is never imported. Packages outside :data:`TRUSTED_MODULE_ROOTS` that the caller lists in
+    ``trusted_module_roots`` (in code) are imported after the root check.
+    """
+    if not isinstance(class_path, str):
+        raise ProvenanceError(f"Base network class must be an import path string, got {class_path!r}.")
     module_name, _, attr = class_path.rpartition(".")
-    if not module_name:
+    if not module_name or not attr:
         raise ProvenanceError(
             f"Base network class {class_path!r} is not an import path like 'monai.networks.nets.UNETR'.")
-    if trusted_module_roots is not None and module_name.split(".")[0] not in trusted_module_roots:
+    root = module_name.split(".")[0]
+    if trusted_module_roots is None or trust_remote_code:
+        klass = _import_attr(class_path, module_name, attr)
+    elif root not in trusted_module_roots:
         raise ProvenanceError(
             f"The provenance record asks to build {class_path}, outside the trusted packages "
-            f"{', '.join(trusted_module_roots)}. If you trust this adapter's author, pass "
-            f"trusted_module_roots=(..., '{module_name.split('.')[0]}') or build the network yourself and pass "
-            "base_model=."
+            f"{', '.join(trusted_module_roots)}; it was not imported. If you trust this adapter's author, pass "
+            f"trusted_module_roots=(..., '{root}') or {TRUST_HINT}; or build the network yourself and pass "
+            "base_model= (load_network: network=)."
         )
+    elif root in TRUSTED_MODULE_ROOTS:
+        klass = _allow_listed_class(class_path, module_name, attr)
+    else:  # a package the caller named in code
+        klass = _import_attr(class_path, module_name, attr)
+    if not (isinstance(klass, type) and issubclass(klass, nn.Module)):
+        raise ProvenanceError(f"{class_path} is not a torch.nn.Module class; refusing to call it.")
+    return klass
+
+
+def _import_attr(class_path: str, module_name: str, attr: str):
     try:
-        klass = getattr(importlib.import_module(module_name), attr)
+        return getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise ProvenanceError(
             f"Cannot import the base network class {class_path} ({exc}). Install the package that provides it."
         ) from exc
-    if not (isinstance(klass, type) and issubclass(klass, nn.Module)):
-        raise ProvenanceError(f"{class_path} is not a torch.nn.Module class; refusing to call it.")
-    return klass
+
+
+def _allow_listed_class(class_path: str, module_name: str, attr: str):
+    """``class_path`` looked up in the allow-listed namespaces only; nothing the path names is imported."""
+    root = module_name.split(".")[0]
+    found, namespace, base = None, None, nn.Module
+    try:
+        if root == "monai":
+            import monai.networks.nets as nets
+
+            namespace, found = "monai.networks.nets", getattr(nets, attr, None)
+        elif root == "transformers":
+            import transformers
+
+            namespace, base = "transformers", transformers.PreTrainedModel
+            found = getattr(transformers, attr, None) if not attr.startswith("_") else None
+        elif root == "torch" and module_name == "torch":
+            namespace, found = "torch", getattr(torch, attr, None)
+        elif root == "torch":
+            namespace, found = "torch.nn", getattr(nn, attr, None)
+    except (ImportError, RuntimeError) as exc:  # transformers' lazy imports raise RuntimeError
+        raise ProvenanceError(
+            f"Cannot look up the base network class {class_path} ({exc}). Install the package that provides it."
+        ) from exc
+    if found is not None and module_name != namespace and not (
+            isinstance(found, type) and found.__module__ == module_name and found.__qualname__ == attr):
+        found = None  # e.g. monai.networks.blocks.UNETR: not where UNETR is defined
+    if found is not None and module_name == "torch":
+        return found  # the caller says: not an nn.Module class
+    if not (isinstance(found, type) and issubclass(found, base)):
+        raise ProvenanceError(
+            f"{class_path} is not among the network classes a downloaded file may name (MONAI networks in "
+            "monai.networks.nets, transformers PreTrainedModel classes, torch.nn modules); it was not imported. "
+            f"Name the class as monai.networks.nets.<Name>, build the network yourself and pass base_model= "
+            f"(load_network: network=), or {TRUST_HINT}."
+        )
+    return found
+
+
+def check_network_args(klass: type, kwargs: Mapping, class_path: str, *, trust_remote_code: bool = False,
+                       trusted_args: Iterable[str] = ()) -> None:
+    """Constructor arguments read from a file, checked against ``klass``'s signature before it is called.
+
+    An argument the class does not take (unless it takes ``**kwargs``) is refused, naming the accepted ones.
+    Arguments that may read files or fetch URLs -- names like ``pretrained*``, ``*url*``, ``*path*``, ``*file*``,
+    ``*dir*``, ``*checkpoint*``, ``cache*``, ``download*`` with a value other than None / False -- are refused
+    unless ``trust_remote_code``. ``trusted_args``: names the caller supplied in code.
+    """
+    try:
+        params = inspect.signature(klass.__init__).parameters
+    except (TypeError, ValueError):
+        params = None
+    if params is not None and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        accepted = [n for n, p in params.items() if n != "self" and p.kind not in (p.VAR_POSITIONAL,)]
+        unknown = [k for k in kwargs if k not in accepted]
+        if unknown:
+            raise ProvenanceError(
+                f"{class_path} takes no argument {', '.join(map(repr, unknown))}; it accepts "
+                f"{', '.join(accepted)}. Fix the config, or build the network yourself and pass it.")
+    if trust_remote_code:
+        return
+    trusted = set(trusted_args)
+    refused = [k for k, v in kwargs.items() if k not in trusted and v is not None and v is not False
+               and _IO_ARG.search(str(k).lower())
+               and not (isinstance(v, bool) and _NOT_IO_ARG.fullmatch(str(k).lower()))]
+    if refused:
+        shown = ", ".join(f"{k}={kwargs[k]!r}" for k in refused)
+        raise ProvenanceError(
+            f"Refusing to build {class_path}({shown}): the config read from a file sets constructor arguments that "
+            f"may read files or fetch URLs. Set them to null, build the network yourself, or {TRUST_HINT}.")
+
+
+def remote_code_trusted() -> bool:
+    """Whether a :func:`trusting_remote_code` block is active (the CLI's ``run --trust-remote-code``)."""
+    return _TRUST_REMOTE_CODE.get()
+
+
+@contextlib.contextmanager
+def trusting_remote_code(trust: bool = True) -> Iterator[None]:
+    """Within the block, the loaders (``load_network``, ``load_pretrained``) act as if given
+    ``trust_remote_code=True``: for code the caller runs on a source it trusts (e.g. a recipe)."""
+    token = _TRUST_REMOTE_CODE.set(bool(trust))
+    try:
+        yield
+    finally:
+        _TRUST_REMOTE_CODE.reset(token)
 
 
 # ---------------------------------------------------------------------------------------------------------- weights
@@ -297,14 +446,43 @@ def _to_json(value: Any, where: str) -> Any:
     )
 
 
-def _from_json(value: Any) -> Any:
-    if isinstance(value, dict):
-        if set(value) == {"__torch_dtype__"}:
-            return getattr(torch, value["__torch_dtype__"])
-        return {k: _from_json(v) for k, v in value.items()}
+def decode_value(value: Any, where: str = "value") -> Any:
+    """The one decoder of values read from files (records, bundle configs, backbone.json): JSON values (dicts with
+    string keys, lists, strings, numbers, booleans, null) and the tagged form ``{"__torch_dtype__": NAME}`` for the
+    dtypes of :data:`TORCH_DTYPES`. Anything else -- another ``__tag__``, a name that is not a dtype (``load``,
+    ``save``), a non-JSON object -- raises :class:`ProvenanceError` naming the key. Tuples decode as tuples and
+    ``torch.dtype`` values pass (code-supplied values)."""
+    if isinstance(value, Mapping):
+        tags = [k for k in value if isinstance(k, str) and re.fullmatch(r"__\w+__", k)]
+        if _DTYPE_TAG in tags:
+            name = value[_DTYPE_TAG]
+            if len(value) != 1:
+                raise ProvenanceError(f"{where}: {{'{_DTYPE_TAG}': ...}} must be the only key of its mapping, found "
+                                      f"{sorted(map(str, value))}.")
+            if not (isinstance(name, str) and name in TORCH_DTYPES):
+                raise ProvenanceError(
+                    f"{where}.{_DTYPE_TAG} = {name!r} is not a torch dtype; a config may name only the dtypes "
+                    f"{', '.join(TORCH_DTYPES)} there, never other torch attributes. Refusing to decode it.")
+            return getattr(torch, name)
+        if tags:
+            raise ProvenanceError(f"{where}.{tags[0]}: unknown tagged value; a config may use only "
+                                  f"{{'{_DTYPE_TAG}': NAME}}. Refusing to decode it.")
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ProvenanceError(f"{where}: key {k!r} is not a string; only JSON values can be decoded.")
+            out[k] = decode_value(v, f"{where}.{k}")
+        return out
     if isinstance(value, list):
-        return [_from_json(v) for v in value]
-    return value
+        return [decode_value(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, tuple):
+        return tuple(decode_value(v, f"{where}[{i}]") for i, v in enumerate(value))
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype)):
+        return value
+    raise ProvenanceError(f"{where} = {value!r} ({type(value).__name__}) is not a JSON value; refusing to decode it.")
+
+
+_from_json = decode_value  # the former private name
 
 
 def _human_size(n: int | None) -> str:

@@ -38,7 +38,13 @@ import torch
 from torch import nn
 
 from ..errors import PeftTensorError
-from ..hub.provenance import PROVENANCE_FILE, TRUSTED_MODULE_ROOTS, BaseNetwork, import_network_class
+from ..hub.provenance import (
+    PROVENANCE_FILE,
+    TRUSTED_MODULE_ROOTS,
+    BaseNetwork,
+    import_network_class,
+    remote_code_trusted,
+)
 from .specs import NetworkSpecError, build_from_spec, class_path_of, resolve_class_path, split_spec
 
 __all__ = ["LoadReport", "NetworkLoadError", "load_network", "load_state", "read_checkpoint", "extract_state_dict",
@@ -130,12 +136,17 @@ def read_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -> A
         except SafetensorError as exc:
             raise NetworkLoadError(f"{path} is not a readable safetensors file ({exc}); it is damaged or was cut "
                                    "off while being written or downloaded.") from None
+        except Exception as exc:  # noqa: BLE001 - whatever else malformed bytes raise: typed, with what was found
+            raise _not_a_checkpoint(path, exc) from None
     if allow_pickle:
-        return torch.load(str(path), map_location="cpu", weights_only=False)
+        try:
+            return torch.load(str(path), map_location="cpu", weights_only=False)
+        except Exception as exc:  # noqa: BLE001 - EOFError, UnpicklingError, ... on bytes that are no checkpoint
+            raise _not_a_checkpoint(path, exc) from None
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        found = re.search(r"unsupported global:? GLOBAL ([\w.]+)", str(exc), re.IGNORECASE)
         what = f"a pickled Python object ({found.group(1)})" if found else "pickled Python objects beyond tensors"
         raise NetworkLoadError(
             f"{path} holds {what}, e.g. a whole pickled network (torch.save(model)) or training state. Reading it "
@@ -148,6 +159,21 @@ def read_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -> A
                 f"{path} is a TorchScript archive, not a checkpoint. Load it with torch.jit.load, or give the "
                 "bundle's models/model.pt (the state dict).") from None
         raise NetworkLoadError(f"{path} is not a PyTorch checkpoint torch.load can read: {str(exc)[:300]}") from None
+    except Exception as exc:  # noqa: BLE001 - EOFError, IndexError, KeyError(101), ... from bytes that are no pickle
+        raise _not_a_checkpoint(path, exc) from None
+
+
+def _not_a_checkpoint(path: Path, exc: BaseException) -> NetworkLoadError:
+    """The typed error for a file whose bytes are no checkpoint: its first bytes and what the reader said."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+    except OSError:
+        head = b""
+    reason = f"{type(exc).__name__}: {str(exc)[:200]}" if str(exc) else type(exc).__name__
+    return NetworkLoadError(f"{path} is not a checkpoint torch.load or safetensors can read (first bytes {head!r}; "
+                            f"{reason}). It is damaged, was cut off while being written or downloaded, or is another "
+                            "kind of file.")
 
 
 def extract_state_dict(obj: Any, layout: list[str] | None = None, _depth: int = 0) -> dict[str, torch.Tensor]:
@@ -286,7 +312,7 @@ def load_state(network: nn.Module, checkpoint: Any, *, strict: bool = False, rep
 
 def load_network(source: str | os.PathLike, *, network: nn.Module | str | Mapping | None = None,
                  strict: bool = False, allow_pickle: bool = False, bundle_dir: str | os.PathLike | None = None,
-                 trusted_module_roots: tuple[str, ...] | None = TRUSTED_MODULE_ROOTS,
+                 trusted_module_roots: tuple[str, ...] | None = TRUSTED_MODULE_ROOTS, trust_remote_code: bool = False,
                  **overrides) -> tuple[nn.Module, LoadReport]:
     """A pretrained network and a :class:`LoadReport` from a MONAI bundle, a bundle name, a provenance or backbone
     folder, a Hub repo id or a checkpoint file (see the module docstring for every source and layout).
@@ -299,7 +325,13 @@ def load_network(source: str | os.PathLike, *, network: nn.Module | str | Mappin
         strict: raise on any missing, unexpected or mismatched tensor (the network is left unchanged).
         allow_pickle: accept files that need full unpickling (only from authors you trust).
         bundle_dir: the MONAI bundle cache for bundle names (default ``<torch.hub.get_dir()>/bundle``).
-        trusted_module_roots: packages whose classes a bundle or provenance record may name (``None``: any).
+        trusted_module_roots: packages whose classes a bundle or provenance record may name: within the default
+            roots only the allow-list of :func:`~peft_tensor.hub.provenance.import_network_class` (MONAI networks,
+            transformers models, ``torch.nn``), never importing the module a file names; ``None``: any class and
+            any constructor argument (the source is trusted like code).
+        trust_remote_code: build classes outside the allow-list and pass constructor arguments that read files or
+            fetch URLs (``pretrained_url``, ``cache_dir``, ...) from the source's config. Only for sources you
+            trust; tagged values other than ``{"__torch_dtype__": NAME}`` are refused regardless.
         **overrides: constructor arguments replacing the bundle's ``network_def`` / the recorded ones, e.g.
             ``out_channels=3``; for checkpoint files, the arguments of a ``network`` given as a class path.
 
@@ -309,6 +341,8 @@ def load_network(source: str | os.PathLike, *, network: nn.Module | str | Mappin
     if isinstance(source, nn.Module):
         raise NetworkLoadError("load_network(source) takes a path, bundle name or repo id; you passed a module. "
                                "To load a checkpoint into it: load_network('weights.pt', network=module).")
+    if trust_remote_code or remote_code_trusted():
+        trusted_module_roots = None  # the caller trusts the source like code: any class, any argument
     path = Path(source).expanduser()
     if path.is_dir():
         return _load_folder(path, str(source), network, strict, allow_pickle, trusted_module_roots, overrides)
@@ -364,7 +398,7 @@ def _network_arg(network, overrides: dict, default: tuple[str, dict] | None, roo
         for k in stale:
             notes.append(f"dropped {k}={kwargs.pop(k)!r} from network_def: this {class_path} no longer takes it")
     try:
-        return build_from_spec(class_path, kwargs, trusted_module_roots=roots), notes
+        return build_from_spec(class_path, kwargs, trusted_module_roots=roots, trusted_args=overrides), notes
     except NetworkSpecError as exc:
         raise NetworkLoadError(f"{where}: {exc}") from None
 
@@ -399,7 +433,8 @@ def _load_folder(folder: Path, source: str, network, strict, allow_pickle, roots
     if (folder / PROVENANCE_FILE).is_file():
         return _load_provenance(folder, source, network, strict, roots, overrides)
     if (folder / BACKBONE_META).is_file():
-        return load_backbone_folder(folder, network, strict=strict, source=source, **overrides)
+        return load_backbone_folder(folder, network, strict=strict, source=source, trusted_module_roots=roots,
+                                    **overrides)
     listing = ", ".join(sorted(p.name for p in folder.iterdir())[:12]) or "nothing"
     raise NetworkLoadError(
         f"{folder} is not a network folder: expected a MONAI bundle (configs/inference.json + models/model.pt), "
@@ -416,12 +451,16 @@ def read_backbone_meta(folder: str | os.PathLike) -> tuple[str, dict]:
 
 def load_backbone_folder(folder: str | os.PathLike, network: nn.Module | str | Mapping | None = None, /, *,
                          strict: bool = False, source: str | None = None,
-                         **overrides) -> tuple[nn.Module, LoadReport]:
+                         trusted_module_roots: tuple[str, ...] | None = TRUSTED_MODULE_ROOTS,
+                         trust_remote_code: bool = False, **overrides) -> tuple[nn.Module, LoadReport]:
     """A backbone folder (``backbone.json`` + ``model.safetensors``): its network, built from the recorded
-    arguments with ``overrides`` unless ``network`` is given, loaded as :func:`load_state` does; and the report."""
+    arguments with ``overrides`` unless ``network`` is given, loaded as :func:`load_state` does; and the report.
+    ``backbone.json`` is read like any file: ``trusted_module_roots`` / ``trust_remote_code`` as in
+    :func:`load_network`."""
     folder = Path(folder)
     weights = folder / BACKBONE_WEIGHTS
-    net, notes = _network_arg(network, overrides, read_backbone_meta(folder), None, str(folder))
+    roots = None if trust_remote_code or remote_code_trusted() else trusted_module_roots
+    net, notes = _network_arg(network, overrides, read_backbone_meta(folder), roots, str(folder))
     report = LoadReport(source=str(folder) if source is None else source, network=class_path_of(net),
                         weights=str(weights), layout=["backbone folder (backbone.json + model.safetensors)"],
                         notes=notes)
@@ -429,21 +468,10 @@ def load_backbone_folder(folder: str | os.PathLike, network: nn.Module | str | M
 
 
 def _load_bundle(folder, configs, source, network, strict, allow_pickle, roots, overrides):
-    from monai.bundle import ConfigParser
-
     config = next((c for c in configs if c.name.startswith("inference")), configs[0])
-    parser = ConfigParser()
-    try:
-        parser.read_config(str(config))
-        parser.parse()
-    except Exception as exc:  # noqa: BLE001 - a broken config file: say which
-        raise NetworkLoadError(f"{config} cannot be read as a MONAI bundle config: {exc}") from None
     default = None
-    if network is None:
-        if "network_def" not in parser.get():
-            raise NetworkLoadError(f"{config} has no 'network_def': pass network=<module or class path>.")
-        netdef = _resolve_refs(parser, parser.get("network_def"), config)
-        default = split_spec(netdef)
+    if network is None:  # only network_def is read, not the whole config (never MONAI's ConfigParser: see below)
+        default = split_spec(_resolve_refs(config, folder))
     weights = next((folder / "models" / w for w in BUNDLE_WEIGHTS if (folder / "models" / w).is_file()), None)
     if weights is None:
         ts = " (only models/model.ts, a TorchScript export, which is not read as weights)" if (
@@ -455,37 +483,14 @@ def _load_bundle(folder, configs, source, network, strict, allow_pickle, roots, 
     return net, load_state(net, read_checkpoint(weights, allow_pickle=allow_pickle), strict=strict, report=report)
 
 
-def _resolve_refs(parser, value, where: Path, _seen: tuple = ()):
-    """``network_def`` with ``@id`` references replaced by their values. Python expressions (``$...``) are refused:
-    evaluating them runs code from the config file."""
-    if isinstance(value, str):
-        if re.fullmatch(r"\$@[\w.#:]+", value):  # "$@id": an expression that is only a reference
-            value = value[1:]
-        if value.startswith("$"):
-            raise NetworkLoadError(
-                f"{where}: network_def uses the Python expression {value!r}; peft_tensor does not evaluate code from "
-                "config files. Pass the value as an override (load_network(..., name=value)), or build the network "
-                "yourself (monai.bundle.ConfigParser) and pass network=.")
-        if value.startswith("@"):
-            ref = value[1:]
-            if ref in _seen:
-                raise NetworkLoadError(f"{where}: circular reference {value}")
-            try:
-                target = parser[ref]
-            except KeyError:
-                raise NetworkLoadError(f"{where}: network_def refers to {value}, which the config does not "
-                                       "define.") from None
-            return _resolve_refs(parser, target, where, _seen + (ref,))
-        return value
-    if isinstance(value, Mapping):
-        if "_target_" in value and _seen:
-            raise NetworkLoadError(f"{where}: network_def builds a nested component ({value['_target_']}); only "
-                                   "plain constructor arguments are read. Build the network yourself and pass "
-                                   "network=.")
-        return {k: _resolve_refs(parser, v, where, _seen + ("",)) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_resolve_refs(parser, v, where, _seen + ("",)) for v in value]
-    return value
+def _resolve_refs(config: Path, folder: Path) -> dict:
+    """``network_def`` of the bundle config ``config`` with its ``@id`` references and ``%`` macros (files inside
+    the bundle ``folder`` only) expanded, with bounded work; Python expressions (``$...``) and nested components are
+    refused: evaluating them runs code from the config file. MONAI's ``ConfigParser`` is not used: it expands the
+    whole config without limits and reads macro files from anywhere (:mod:`peft_tensor.networks.bundle_config`)."""
+    from .bundle_config import read_network_def
+
+    return read_network_def(config, folder)
 
 
 def _load_provenance(folder, source, network, strict, roots, overrides):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Mapping
+from typing import Iterable, Mapping
 
 from torch import nn
 
@@ -143,24 +143,35 @@ def split_spec(spec: Mapping) -> tuple[str, dict]:
 
 
 def build_from_spec(class_path: str, kwargs: Mapping | None = None, *,
-                    trusted_module_roots: tuple[str, ...] | None = None) -> nn.Module:
+                    trusted_module_roots: tuple[str, ...] | None = None, trust_remote_code: bool = False,
+                    trusted_args: Iterable[str] = ()) -> nn.Module:
     """``class_path(**kwargs)`` for an ``nn.Module`` class (anything else is refused, never called), with the
     provenance record attached so that an adapter trained on it records its base network.
 
-    ``trusted_module_roots``: the top-level packages allowed (``None``: any; pass
-    :data:`~peft_tensor.hub.provenance.TRUSTED_MODULE_ROOTS` for specs read from downloaded files).
+    ``trusted_module_roots``: ``None`` for specs written in code (any class, any argument); pass
+    :data:`~peft_tensor.hub.provenance.TRUSTED_MODULE_ROOTS` for specs read from files: then the class must be on
+    the allow-list and no argument may read files or URLs unless ``trust_remote_code`` (see
+    :meth:`~peft_tensor.hub.provenance.BaseNetwork.build`); ``trusted_args`` names the arguments the caller added in
+    code.
     """
-    from ..hub.provenance import ProvenanceError, _to_json
+    from ..hub.provenance import ProvenanceError, _to_json, check_network_args, decode_value
 
     class_path = resolve_class_path(class_path)
-    klass = import_network_class(class_path, trusted_module_roots)
+    klass = import_network_class(class_path, trusted_module_roots, trust_remote_code=trust_remote_code)
+    trusted_args = tuple(trusted_args)
     try:
         record = BaseNetwork(class_path, _to_json(dict(kwargs or {}), class_path))
     except ProvenanceError:  # not JSON-representable: still buildable, but not recordable
         record = None
     try:
         if record is not None:
-            return record.build(trusted_module_roots=trusted_module_roots)
+            return record.build(trusted_module_roots=trusted_module_roots, trust_remote_code=trust_remote_code,
+                                trusted_args=trusted_args)
+        if trusted_module_roots is not None:  # values from a file: JSON only, arguments checked
+            from_file = {k: v for k, v in dict(kwargs or {}).items() if k not in trusted_args}
+            decode_value(from_file, f"{class_path} kwargs")
+            check_network_args(klass, dict(kwargs or {}), class_path, trust_remote_code=trust_remote_code,
+                               trusted_args=trusted_args)
         return klass(**dict(kwargs or {}))
     except TypeError as exc:
         raise NetworkSpecError(f"{class_path}(**{dict(kwargs or {})!r}) failed: {exc}. Check the constructor "
@@ -221,11 +232,12 @@ def _meta_build(class_path: str, kwargs: Mapping) -> nn.Module:
     import torch
 
     klass = import_network_class(class_path, None)
-    from ..hub.provenance import _from_json
+    from ..hub.provenance import decode_value
 
+    kwargs = decode_value(copy.deepcopy(dict(kwargs)), f"{class_path} kwargs")
     try:
         with torch.device("meta"):
-            return klass(**_from_json(copy.deepcopy(dict(kwargs))))
+            return klass(**kwargs)
     except RuntimeError:  # constructors that read tensor values (.item()) do not run on meta: build it for real
         pass
     except Exception as exc:  # noqa: BLE001 - any constructor failure: report it with the spec
@@ -233,7 +245,7 @@ def _meta_build(class_path: str, kwargs: Mapping) -> nn.Module:
             f"cannot build {class_path}(**{dict(kwargs)!r}) to find its target layers ({type(exc).__name__}: "
             f"{exc}); pass target_modules yourself.") from exc
     try:
-        return klass(**_from_json(copy.deepcopy(dict(kwargs))))
+        return klass(**copy.deepcopy(kwargs))
     except Exception as exc:  # noqa: BLE001 - any constructor failure: report it with the spec
         raise NetworkSpecError(
             f"cannot build {class_path}(**{dict(kwargs)!r}) to find its target layers ({type(exc).__name__}: "

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import peft_tensor.recipes
+from .._safe_yaml import load_yaml
 
 CONFIG_DIR = Path(peft_tensor.recipes.__file__).resolve().parent / "configs"
 
@@ -66,8 +67,6 @@ def get_dotted(cfg: dict, key: str, default=None):
 
 def apply_overrides(cfg: dict, overrides: Sequence[str] | dict | None) -> dict:
     """``["train.steps=10", "arm.name=lora"]`` (values parsed as YAML) or a dict of dotted keys; returns a copy."""
-    import yaml
-
     cfg = copy.deepcopy(cfg)
     if not overrides:
         return cfg
@@ -79,7 +78,7 @@ def apply_overrides(cfg: dict, overrides: Sequence[str] | dict | None) -> dict:
             if "=" not in item:
                 raise ValueError(f"override {item!r} is not key=value")
             k, v = item.split("=", 1)
-            items.append((k.strip(), yaml.safe_load(v)))
+            items.append((k.strip(), load_yaml(v)))
     for k, v in items:
         set_dotted(cfg, k, v)
     return cfg
@@ -88,11 +87,9 @@ def apply_overrides(cfg: dict, overrides: Sequence[str] | dict | None) -> dict:
 def load_config(name_or_path: str | os.PathLike, overrides=None,
                 search: Iterable[str | os.PathLike] | None = None) -> dict:
     """The resolved config: ``base:`` chain merged, then ``overrides`` applied."""
-    import yaml
-
     search = list(search or ())
     path = config_path(name_or_path, search)
-    cfg = yaml.safe_load(path.read_text()) or {}
+    cfg = load_yaml(path.read_text()) or {}
     if not isinstance(cfg, dict):
         raise ValueError(f"{path} must hold a YAML mapping, found {type(cfg).__name__}")
     base = cfg.pop("base", None)

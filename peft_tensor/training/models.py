@@ -174,6 +174,7 @@ def _load_backbone_folder(folder: Path, cfg: dict | None) -> tuple[torch.nn.Modu
 
     name, kwargs = read_backbone_meta(folder)
     saved_cfg = {"_target_" if "." in str(name) else "name": name, **kwargs}  # a dotted name: a _target_ backbone
+    _check_saved_backbone(folder, saved_cfg)
     if cfg is not None:
         _, want = model_kwargs(cfg)
         _, have = model_kwargs(saved_cfg)
@@ -190,3 +191,23 @@ def _load_backbone_folder(folder: Path, cfg: dict | None) -> tuple[torch.nn.Modu
             return model, saved_cfg
     model, _ = load_backbone_folder(folder, build_model(saved_cfg), strict=True)
     return model, saved_cfg
+
+
+def _check_saved_backbone(folder: Path, saved_cfg: dict) -> None:
+    """``backbone.json`` is a file like any other (a colleague's run folder, a download): its class must be on the
+    loaders' allow-list and its arguments pass their checks, before anything is imported or built from it, unless
+    the run trusts remote code (``peft-tensor run --trust-remote-code``)."""
+    from ..hub.provenance import (ProvenanceError, check_network_args, decode_value, import_network_class,
+                                  remote_code_trusted)
+
+    if remote_code_trusted():
+        return
+    class_path = _class_of(saved_cfg) if "_target_" in saved_cfg else _class_of({"name": saved_cfg.get("name")})
+    if class_path is None:  # a short recipe name (unetr, swinunetr): built by the recipes' own table
+        return
+    kwargs = {k: v for k, v in saved_cfg.items() if k not in ("_target_", "name")}
+    try:
+        klass = import_network_class(class_path)
+        check_network_args(klass, decode_value(kwargs), class_path)
+    except ProvenanceError as exc:
+        raise ValueError(f"pretrained backbone in {folder}: {exc}") from None
