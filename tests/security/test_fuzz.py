@@ -187,3 +187,53 @@ def test_a_card_made_of_aliases_is_refused_fast(tmp_path):
     with pytest.raises(CardError, match="aliases"):
         read_card(tmp_path / "README.md")
     assert time.perf_counter() - start < 2
+
+
+# -------------------------------------------------------------------------------------------------- decoder, bundles
+@FUZZ
+@given(value=json_values)
+def test_the_one_decoder_gives_data_or_a_typed_error(value, tmp_path):
+    from peft_tensor.hub.provenance import decode_value
+
+    with guard(tmp_path):
+        got = _typed_or_ok(lambda: decode_value(value))
+
+    def callables(v):
+        if isinstance(v, dict):
+            return any(callables(x) for x in v.values())
+        if isinstance(v, list):
+            return any(callables(x) for x in v)
+        return callable(v)
+
+    assert not callables(got), f"the decoder produced something callable from {value!r}"
+
+
+ref_values = st.recursive(
+    json_scalars | st.sampled_from(["@a", "@b", "@a#0", "@a::k", "@missing", "@::k", "$@a", "$print(1)",
+                                    "%configs/other.json::a", "%/etc/hostname", "%../x.json::a", "@a#99", "@n#x"]),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(["a", "b", "k", "n", "_target_"]),
+                                                                inner, max_size=4),
+    max_leaves=16)
+
+
+@FUZZ
+@given(a=ref_values, b=ref_values, netdef=ref_values, as_yaml=st.booleans())
+def test_bundle_config_reader(a, b, netdef, as_yaml):
+    from peft_tensor.networks.bundle_config import read_network_def
+
+    doc = {"a": a, "b": b, "n": 1, "network_def": netdef}
+
+    def write(folder: Path):
+        (folder / "configs").mkdir()
+        (folder / "configs" / "other.json").write_text(json.dumps({"a": [1, 2]}))
+        if as_yaml:
+            import yaml
+
+            (folder / "configs" / "inference.yaml").write_text(yaml.safe_dump(doc))
+        else:
+            (folder / "configs" / "inference.json").write_text(json.dumps(doc))
+
+    tmp, folder = _in_tmp(write)
+    name = "inference.yaml" if as_yaml else "inference.json"
+    with tmp, guard(folder):
+        _typed_or_ok(lambda: read_network_def(folder / "configs" / name, folder))
