@@ -26,10 +26,9 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from ..algebra import compute_dtype, from_fourier, t_product_fourier, to_fourier
-from ._group_state import bound_state, refuse_functorch, trainable_state
+from ._group_state import bound_state, differentiable_inputs, refuse_functorch, trainable_state
 
 __all__ = ["DenseDeltaLinear", "dense_linear", "dense_layer_forward", "group_dense", "group_dense_slices",
            "dense_from_factors", "from_fourier_adjoint"]
@@ -69,7 +68,6 @@ class _GroupDense(torch.autograd.Function):
             return dense_from_factors(group.factors())
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         group = ctx.group
         if tuple(p._version for p in ctx.params) != ctx.versions:
@@ -77,9 +75,14 @@ class _GroupDense(torch.autograd.Function):
                 f"peft_tensor: a parameter of group {group.name!r} was modified in place between the forward and the "
                 "backward pass (e.g. an optimiser step before backward). Run backward before stepping."
             )
+        # grad mode is on here only under create_graph=True (double backward): then nothing is detached and the
+        # graph of the gradients is kept, so second-order gradients are exact
+        create_graph = torch.is_grad_enabled()
+        hold = (lambda t: t) if create_graph else (lambda t: t.detach())
         g_hat = from_fourier_adjoint(grad.to(compute_dtype(grad.dtype)), group.n_slices)  # (L//2+1, n1, n2)
         outs, grads = [], []
-        with torch.enable_grad(), bound_state(group, ctx.names, ctx.params):  # what the forward saw
+        inputs = differentiable_inputs(ctx.params)  # what was trainable when the forward ran
+        with torch.enable_grad(), bound_state(group, ctx.names, inputs):  # what the forward saw
             for (a, b), (train_a, train_b) in zip(group.factors(), group.differentiable_factors):
                 if not (train_a or train_b):
                     continue
@@ -87,13 +90,13 @@ class _GroupDense(torch.autograd.Function):
                 # d_hat = a_hat @ b_hat: autograd's complex matmul backward, dA = g B^H, dB = A^H g
                 if train_a and a_hat.requires_grad:
                     outs.append(a_hat)
-                    grads.append(g_hat @ b_hat.detach().mH)
+                    grads.append(g_hat @ hold(b_hat).mH)
                 if train_b and b_hat.requires_grad:
                     outs.append(b_hat)
-                    grads.append(a_hat.detach().mH @ g_hat)
+                    grads.append(hold(a_hat).mH @ g_hat)
             if not outs:
                 return (None, None) + tuple(None for _ in ctx.params)
-            got = torch.autograd.grad(outs, list(ctx.params), grads, allow_unused=True)
+            got = torch.autograd.grad(outs, list(inputs), grads, allow_unused=True, create_graph=create_graph)
         return (None, None) + tuple(got)
 
 
@@ -145,8 +148,9 @@ class DenseDeltaLinear(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):
+        # plain differentiable operations on the saved tensors: under create_graph=True (grad mode on) autograd
+        # records them, so second-order gradients go through this node exactly
         x, weight, *slices = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need_slices = ctx.needs_input_grad[4:]

@@ -23,6 +23,14 @@ def trainable_state(group: nn.Module) -> tuple[tuple[str, ...], tuple[torch.Tens
     return tuple(n for n, _ in named), tuple(p for _, p in named)
 
 
+def differentiable_inputs(tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """What a backward pass differentiates against: the tensors its forward recorded as trainable. One whose
+    ``requires_grad`` was switched off since (frozen between forward and backward) is replaced by a detached alias that
+    requires grad (same storage and values), so its gradient is still computed and the others' are unchanged; the
+    others stay themselves, so a ``create_graph=True`` backward keeps the graph to them."""
+    return tuple(t if t.requires_grad else t.detach().requires_grad_(True) for t in tensors)
+
+
 @contextmanager
 def bound_state(group: nn.Module, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]):
     """``group``'s parameters ``names`` set to ``tensors`` (those its forward pass saw) for the duration."""

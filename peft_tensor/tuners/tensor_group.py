@@ -46,7 +46,7 @@ from torch import nn
 from ..algebra import compute_dtype
 from ..errors import AdapterLoadError, MergeError, RankError, TargetModulesError
 from ._dense_linear import dense_from_factors, dense_layer_forward
-from ._group_state import bound_state, refuse_functorch, trainable_state
+from ._group_state import bound_state, differentiable_inputs, refuse_functorch, trainable_state
 from ._mixed_batch import check_mixed_batch, mixed_batch_hooks, sub_batches
 from ._peft_fixes import MonaiFriendlyTunerMixin
 from ._targets import find_targets, is_conv
@@ -94,9 +94,12 @@ class _Factors(torch.autograd.Function):
     """The flattened factors of a group (or its dense update ``D``) as one autograd node that *saves no tensors*.
 
     Its backward recomputes the factors from the group's parameters (a few small FFTs) and back-propagates through
-    them. Saving nothing is what makes the per-forward re-use safe: the node can be traversed by several backward
-    passes (re-entrant checkpointing runs one per checkpointed block; a submodule called twice with a backward in
-    between), and a checkpointed region that uses it saves the same tensors in its first run and its recomputation.
+    them: with respect to the tensors that were trainable when the forward ran (a tensor frozen between forward and
+    backward still gets its gradient, as autograd gives any other node's inputs), keeping the recomputation's graph
+    under ``create_graph=True`` so second-order gradients (MAML) are exact. Saving nothing is what makes the
+    per-forward re-use safe: the node can be traversed by several backward passes (re-entrant checkpointing runs one
+    per checkpointed block; a submodule called twice with a backward in between), and a checkpointed region that uses
+    it saves the same tensors in its first run and its recomputation.
     """
 
     @staticmethod
@@ -123,14 +126,18 @@ class _Factors(torch.autograd.Function):
                 f"peft_tensor: a parameter of group {ctx.group.name!r} was modified in place between the forward and "
                 "the backward pass (e.g. an optimiser step before backward). Run backward before stepping."
             )
+        # grad mode is on in a backward pass only under create_graph=True (double backward, MAML): then the
+        # recomputation's own graph is kept, so the gradients are differentiable again
+        create_graph = torch.is_grad_enabled()
         with torch.enable_grad():
-            with bound_state(ctx.group, ctx.names, ctx.params):  # what the forward saw (functional_call)
+            inputs = differentiable_inputs(ctx.params)
+            with bound_state(ctx.group, ctx.names, inputs):  # what the forward saw (functional_call)
                 outs = ctx.group._compute(ctx.kind)
             pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
             if not pairs:
                 return (None, None, None) + tuple(None for _ in ctx.params)
-            got = torch.autograd.grad([o for o, _ in pairs], list(ctx.params), [g for _, g in pairs],
-                                      allow_unused=True)
+            got = torch.autograd.grad([o for o, _ in pairs], list(inputs), [g for _, g in pairs],
+                                      allow_unused=True, create_graph=create_graph)
         return (None, None, None) + tuple(got)
 
 
@@ -160,6 +167,24 @@ def _called_from_peft_loader(max_depth: int = 12) -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+def _incomplete_message(group: str, keys: list[str]) -> str:
+    return (f"The adapter file lacks tensors that group {group!r} needs to reproduce the trained adapter: "
+            f"{', '.join(keys)}. Loading it would silently give a freshly decomposed (untrained) group. The file is "
+            "incomplete (truncated, filtered, or written for another grouping/config): save the adapter again from "
+            "the trained model with save_pretrained.")
+
+
+def _refuse_incomplete_adapter_load(module: nn.Module, incompatible_keys) -> None:
+    """Load post-hook of an adapter's list of groups: a load that filled some of the adapter's groups must fill all
+    of the groups that were built empty for a file (a group the file lacks would stay an untrained decomposition)."""
+    seen = [g.__dict__.pop("_load_seen", None) for g in module]
+    if not any(s is not None and s[1] for s in seen):
+        return  # this load was not about this adapter
+    for group, s in zip(module, seen):
+        if group._pending is not None and s is not None and not s[1]:
+            raise AdapterLoadError(_incomplete_message(group.name, [s[0] + n for n in sorted(group.required_names())]))
 
 
 @dataclass
@@ -192,6 +217,7 @@ class TensorGroup(nn.Module):
 
     param_names: tuple[str, ...] = ()
     index_names: tuple[str, ...] = ()
+    optional_names: tuple[str, ...] = ()  # saved, but a file without them still loads (added in later versions)
     differentiable_factors: tuple[tuple[bool, bool], ...] = ((True, True),)
 
     def __init__(self, spec: GroupSpec, sources: list, scope: ForwardScope, config, *, deferred: bool = False,
@@ -224,7 +250,8 @@ class TensorGroup(nn.Module):
 
     # what a group derives and keeps off the module (per-forward values, frozen products, held dense terms, keyed by
     # the layers and versions of the original): a copy starts without them and rebuilds them on use
-    _TRANSIENT = frozenset({"_live", "_folded", "_p0", "_g0", "_rows_hat_cache", "_scale_cache"})
+    _TRANSIENT = frozenset({"_live", "_folded", "_p0", "_g0", "_rows_hat_cache", "_scale_cache", "_frozen_key",
+                            "_load_seen"})
 
     def __deepcopy__(self, memo):
         """``copy.deepcopy`` (an EMA or mean-teacher copy of the adapted model) after a forward pass: the per-forward
@@ -320,8 +347,23 @@ class TensorGroup(nn.Module):
     def factors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def required_names(self) -> set[str]:
+        """Saved tensors a file must hold to reproduce this group's outputs (persistent state minus
+        ``optional_names``)."""
+        persistent = {n for n, _ in self.named_parameters(recurse=False)} | {
+            n for n, _ in self.named_buffers(recurse=False) if n not in self._non_persistent_buffers_set}
+        return persistent - set(self.optional_names)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        mine = [k for k in state_dict if k.startswith(prefix) and "." not in k[len(prefix):]]
+        self.__dict__["_load_seen"] = (prefix, bool(mine))
+        if mine and self._pending is not None:
+            # a group built empty for a file: whatever the file lacks would stay a fresh decomposition (an untrained
+            # adapter, silently) -- refuse before anything is loaded into it
+            missing = sorted(self.required_names() - {k[len(prefix):] for k in mine})
+            if missing:
+                raise AdapterLoadError(_incomplete_message(self.name, [prefix + n for n in missing]))
         saved = state_dict.get(prefix + "group_shape")
         if saved is not None and saved.tolist() != self.group_shape.tolist():
             raise AdapterLoadError(
@@ -330,16 +372,21 @@ class TensorGroup(nn.Module):
                 "network. "
                 "Load it onto the base model it was trained on."
             )
-        mine = [k for k in state_dict if k.startswith(prefix) and "." not in k[len(prefix):]]
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         if mine:
-            persistent = {n for n, _ in self.named_parameters(recurse=False)} | {
-                n for n, _ in self.named_buffers(recurse=False) if n not in self._non_persistent_buffers_set}
-            if persistent <= {k[len(prefix):] for k in mine}:
+            received = {k[len(prefix):] for k in mine}
+            for name in self.optional_names:  # older files may lack them: not a missing key
+                if name not in received and prefix + name in missing_keys:
+                    missing_keys.remove(prefix + name)
+            if self.required_names() <= received:
                 self.__dict__["_pending"] = None
             self.refresh_frozen()
+            self._after_load(state_dict, prefix, received)
         self._live.clear()
+
+    def _after_load(self, state_dict, prefix: str, received: set) -> None:
+        """Hook run after a state dict with this group's tensors was loaded (after ``refresh_frozen``)."""
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         # PEFT's loader reads model.state_dict() for its keys just before loading into it: a deferred group must not
@@ -796,7 +843,9 @@ class TensorGroupTuner(MonaiFriendlyTunerMixin, BaseTuner):
                 ):
                     raise RuntimeError(f"internal: slices of {module_name} do not tile its rows: {rows}")
                 layer.assign(adapter_name, SliceAssignment(group, ids, rows, group.conv_layout))
-        self._groups()[adapter_name] = nn.ModuleList(groups)
+        group_list = nn.ModuleList(groups)
+        group_list.register_load_state_dict_post_hook(_refuse_incomplete_adapter_load)
+        self._groups()[adapter_name] = group_list
         # like LoRA's modules, the new groups follow the base weights' dtype; PEFT then calls _cast_adapter_dtype,
         # which upcasts them to float32 unless autocast_adapter_dtype=False
         self._cast_groups(adapter_name, False)
@@ -900,9 +949,11 @@ class TensorGroupTuner(MonaiFriendlyTunerMixin, BaseTuner):
                              combination_type: Optional[str] = None, **kwargs) -> None:
         """A new adapter whose update is exactly ``sum_i weights[i] * D_i`` of the given adapters.
 
-        tCURLoRA: the adapters must share C and R (same config on the same base weights); the new core is
-        ``U0 + sum_i w_i (U_i - U0)`` (``combination_type="linear"``, the default). LoRA-PT: concatenation, as LoRA's
-        ``"cat"`` (the default): tubal rank ``sum_i r_i`` with block-diagonal cores. Other combination types and
+        tCURLoRA: the adapters must share C and R (same rank on the same base weights); the new core is
+        ``U0 + sum_i w_i s_i / s (U_i - U0_i)`` (``combination_type="linear"``, the default), ``s_i`` each adapter's
+        own ``core_scale`` and ``s`` the combined adapter's (it takes the first adapter's config). LoRA-PT:
+        concatenation, as LoRA's ``"cat"`` (the default): tubal rank ``sum_i r_i`` with block-diagonal cores (each
+        adapter's ``factor_scale`` baked into its factors). Other combination types and
         LoRA-only arguments raise.
         """
         configs = check_weighted_adapter_args(self, adapters, weights, adapter_name, kwargs)

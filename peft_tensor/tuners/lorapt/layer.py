@@ -87,13 +87,14 @@ class LoraPTGroup(TensorGroup):
         return from_fourier(s_hat @ to_fourier(v).mH, self.n_slices)  # S * V^T : (L, r, n2)
 
     def effective_factor(self, name: str, suffix: str = "") -> torch.Tensor:
-        """The factor ``name`` (``"U"``, ``"S"``, ``"V"``) as the adapter applies it, detached, float32:
+        """The factor ``name`` (``"U"``, ``"S"``, ``"V"``) as the adapter applies it, detached, float64
+        (combinations are computed in float64 and rounded once when loaded into the combined group):
         ``X0 + a (X - X0)`` for the trainable one (``suffix=""``), ``X0`` itself for ``suffix="_init"``."""
-        x0 = getattr(self, f"lorapt_{name}_init").detach().float()
+        x0 = getattr(self, f"lorapt_{name}_init").detach().double()
         if suffix == "_init":
             return x0
         a, a_s = self.scales()
-        return x0 + (getattr(self, f"lorapt_{name}").detach().float() - x0) * (a_s if name == "S" else a)
+        return x0 + (getattr(self, f"lorapt_{name}").detach().double() - x0) * (a_s if name == "S" else a)
 
     def factors(self):
         a, a_s = self.scales()

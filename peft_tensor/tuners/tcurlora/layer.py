@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from torch import nn
@@ -20,7 +21,17 @@ class TCURLoraGroup(TensorGroup):
 
     param_names = ("tcurlora_core",)
     index_names = ("col_idx", "row_idx")
+    optional_names = ("base_fingerprint",)  # files written before it existed load without the base check
     differentiable_factors = ((False, True),)  # C is frozen, (U - U0) * R trains
+
+    # C and R follow the base weights (re-gathered when a base weight is replaced or edited in place: a checkpoint
+    # restored into the wrapped layers), so what runs in memory is what a save and a load give. ``base_fingerprint``
+    # (saved) records the columns/rows they were taken from: FINGERPRINT_PROBES random-sign projections of C and of R
+    # (64 bytes per group), float64 stored bit-for-bit as int64 (no dtype cast touches it). A load onto base weights whose
+    # projections differ by more than FINGERPRINT_RTOL (relative; bfloat16 rounding of the same weights is ~2e-3)
+    # warns: the adapter then computes another update than the one saved.
+    FINGERPRINT_PROBES = 4
+    FINGERPRINT_RTOL = 5e-3
 
     @staticmethod
     def expected_shapes(spec, config) -> dict[str, tuple[int, ...]]:
@@ -38,10 +49,51 @@ class TCURLoraGroup(TensorGroup):
         self.tcurlora_core = nn.Parameter(core)
         self._set_frozen(cur.C, cur.R)
 
+    def _init_empty(self, spec, config, device) -> None:
+        super()._init_empty(spec, config, device)
+        self.register_buffer("base_fingerprint", torch.zeros(2, self.FINGERPRINT_PROBES, dtype=torch.int64,
+                                                             device=device))
+
     def _set_frozen(self, c: torch.Tensor, r: torch.Tensor) -> None:
         # Real buffers only: Module.to(dtype) would cast a complex buffer to a real dtype and drop its imaginary part.
         self.register_buffer("cols", c.contiguous(), persistent=False)  # C (L, n1, r)
         self.register_buffer("rows", r.contiguous(), persistent=False)  # R (L, r, n2)
+        self.register_buffer("base_fingerprint", self._fingerprint(c, r).view(torch.int64))
+        self.__dict__["_frozen_key"] = self._base_key()
+        self.__dict__.pop("_rows_hat_cache", None)
+        self.__dict__.pop("_scale_cache", None)
+
+    def _fingerprint(self, c: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """``(2, probes)`` float64: fixed random-sign projections of C and of R (all slices)."""
+        g = torch.Generator().manual_seed(20250101)
+        k = self.FINGERPRINT_PROBES
+        signs_c = (torch.randint(0, 2, (k, *c.shape), generator=g) * 2 - 1).to(c.device, torch.float64)
+        signs_r = (torch.randint(0, 2, (k, *r.shape), generator=g) * 2 - 1).to(r.device, torch.float64)
+        with torch.no_grad():
+            fc = torch.einsum("lij,klij->k", c.detach().double(), signs_c)
+            fr = torch.einsum("lij,klij->k", r.detach().double(), signs_r)
+        return torch.stack([fc, fr], dim=0).contiguous()
+
+    def _base_key(self) -> tuple:
+        """Identity and version of every base weight C and R are taken from (an in-place edit or a replaced tensor
+        changes it; merge/unmerge write through ``.data`` and leave the unmerged weights, hence C and R, as they
+        were)."""
+        seen, key = set(), []
+        for layer, _, _ in self._sources:
+            if id(layer) not in seen:
+                seen.add(id(layer))
+                w = layer.get_base_layer().weight
+                key.append((w.data_ptr(), w._version, w.device, w.dtype))
+        return tuple(key)
+
+    def _sync_frozen(self) -> None:
+        """Re-gather C and R when a base weight changed since they were taken (see ``FINGERPRINT_PROBES``)."""
+        if "cols" not in self._buffers:
+            return
+        key = self._base_key()
+        if self.__dict__.get("_frozen_key") != key:
+            self.__dict__["_frozen_key"] = key  # first: the unmerged weights of a merged adapter use these factors
+            self.refresh_frozen()
 
     def refresh_frozen(self) -> None:
         with torch.no_grad():
@@ -49,6 +101,28 @@ class TCURLoraGroup(TensorGroup):
             c = w[:, :, self.col_idx.long()]
             r = w[:, self.row_idx.long(), :]
             self._set_frozen(c.to(self.tcurlora_core.dtype), r.to(self.tcurlora_core.dtype))
+
+    def _after_load(self, state_dict, prefix: str, received: set) -> None:
+        saved = state_dict.get(prefix + "base_fingerprint")
+        if saved is None:
+            return  # a file from before the fingerprint: nothing to compare with
+        saved = saved.to(torch.int64).view(torch.float64).to(self.base_fingerprint.device)
+        current = self.base_fingerprint.view(torch.float64)
+        if saved.shape != current.shape:
+            return
+        scale = float(saved.norm())
+        rel = float((current - saved).norm()) / scale if scale > 0 else float((current - saved).norm())
+        if rel > self.FINGERPRINT_RTOL:
+            warnings.warn(
+                f"tCURLoRA group {self.name!r}: the base weights this adapter is loaded onto are not the ones it was "
+                f"saved with (relative difference {rel:.3g} in the columns/rows C and R the adapter takes from them). "
+                "Its update C * (U - U0) * R is rebuilt from these weights, so the outputs differ from the saved "
+                "adapter's. Load it onto the base model it was trained (and saved) on.",
+                UserWarning, stacklevel=2)
+
+    def combined_extras(self) -> dict:
+        """Saved tensors a combination of this group with others (same C and R) copies as they are."""
+        return {"base_fingerprint": self.base_fingerprint.clone()}
 
     def _rows_hat(self) -> torch.Tensor:
         """R in the Fourier domain ``(L//2+1, r, n2)``, complex; cached off the module while R is unchanged."""
@@ -70,6 +144,7 @@ class TCURLoraGroup(TensorGroup):
         (frozen) and cached while they are unchanged."""
         if self.core_scale != "auto":
             return float(self.core_scale)
+        self._sync_frozen()
         cols, rows = self.cols, self.rows
         key = (cols.data_ptr(), cols._version, rows.data_ptr(), rows._version, cols.device)
         hit = self.__dict__.get("_scale_cache")
@@ -87,6 +162,7 @@ class TCURLoraGroup(TensorGroup):
         return hit[1]
 
     def factors(self):
+        self._sync_frozen()
         core, core0 = self.tcurlora_core, self.tcurlora_core_init
         dt = compute_dtype(core.dtype)
         delta_core = (core.to(dt) - core0.to(dt)) * self.scale()
@@ -109,11 +185,17 @@ def _combine_tcurlora(groups, weights, configs, combination_type):
                 raise ValueError(
                     f"Group {first.name!r}: the adapters selected different columns/rows (built on different "
                                  "base weights?), so their cores do not share C and R and cannot be combined exactly.")
-        u0 = first.tcurlora_core_init.detach().float()
-        core = u0 + sum(w * (g.tcurlora_core.detach().float() - g.tcurlora_core_init.detach().float())
+        # each adapter's update is s_i C (U_i - U0_i) R with its own scale s_i (core_scale 1.0, 'auto', ...); the
+        # combined adapter takes the first one's config, so its scale s_out is the first group's (same C and R):
+        # U = U0 + sum_i w_i s_i / s_out (U_i - U0_i) gives s_out C (U - U0) R = sum_i w_i D_i exactly.
+        # Computed in float64 (the load into the new group rounds once to its dtype).
+        s_out = first.scale()
+        u0 = first.tcurlora_core_init.detach().double()
+        core = u0 + sum((w * g.scale() / s_out) * (g.tcurlora_core.detach().double()
+                                                    - g.tcurlora_core_init.detach().double())
                         for w, g in zip(weights, parts))
         out.append({"tcurlora_core": core, "tcurlora_core_init": u0.clone(), "col_idx": first.col_idx.clone(),
-                    "row_idx": first.row_idx.clone()})
+                    "row_idx": first.row_idx.clone(), **first.combined_extras()})
     return copy.deepcopy(configs[0]), out
 
 

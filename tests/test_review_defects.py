@@ -1,0 +1,251 @@
+"""Review defects where tCURLoRA / LoRA-PT differed silently from PEFT LoRA (review items 1, 3, 4, 5, 6).
+
+Net: three ``nn.Linear(8, 8)`` with tanh in between (``l1``, ``l2``, ``l3``), float64, every Linear targeted,
+``init_weights=False`` so that the adapters are not the identity.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from peft_tensor import LoraPTConfig, TCURLoraConfig
+from peft_tensor.errors import AdapterLoadError
+
+TARGETS = ["l1", "l2", "l3"]
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2, self.l3 = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.l3(torch.tanh(self.l2(torch.tanh(self.l1(x)))))
+
+
+def _net(seed: int = 0) -> Net:
+    torch.manual_seed(seed)
+    return Net().double()
+
+
+def _x(seed: int = 1) -> torch.Tensor:
+    return torch.randn(5, 8, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+CONFIGS = {
+    "tcurlora": lambda **kw: TCURLoraConfig(r=3, target_modules=TARGETS, init_weights=False, **kw),
+    "lorapt": lambda **kw: LoraPTConfig(r=2, target_modules=TARGETS, init_weights=False, **kw),
+}
+
+
+def _peft(method: str, seed: int = 0, **kw):
+    torch.manual_seed(100 + seed)
+    return get_peft_model(_net(seed), CONFIGS[method](**kw))
+
+
+# -- A (item 5): a file that lacks a key the group needs is refused, never loaded as an untrained adapter ----------
+MISSING = {"tcurlora": ["group_shape", "tcurlora_core_init", "col_idx", "tcurlora_core"],
+           "lorapt": ["group_shape", "lorapt_U_init", "lorapt_S"]}
+
+
+@pytest.mark.parametrize("method,key", [(m, k) for m, keys in MISSING.items() for k in keys])
+def test_load_refuses_file_missing_group_key(method, key, tmp_path):
+    pm = _peft(method)
+    pm.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    sd = load_file(path)
+    dropped = [k for k in sd if k.endswith("." + key)]
+    assert dropped, sorted(sd)
+    save_file({k: v for k, v in sd.items() if k not in dropped}, path)
+    with pytest.raises(AdapterLoadError, match=key):
+        PeftModel.from_pretrained(_net(), tmp_path)
+
+
+class Net2(Net):
+    """Three groups by shape (8x8, 6x8, 8x6)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(8, 8)
+        self.l2 = nn.Linear(8, 6)
+        self.l3 = nn.Linear(6, 8)
+
+
+def test_load_refuses_file_missing_whole_group(tmp_path):
+    # the file keeps only the first group's tensors
+    torch.manual_seed(0)
+    pm = get_peft_model(Net2().double(), TCURLoraConfig(r=3, target_modules=TARGETS, init_weights=False,
+                                                        grouping="by_shape"))
+    assert len(pm.base_model.groups("default")) >= 2
+    pm.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    sd = load_file(path)
+    keep = {k: v for k, v in sd.items() if ".tcurlora_groups.0." in k}
+    save_file(keep, path)
+    torch.manual_seed(0)
+    with pytest.raises(AdapterLoadError, match=r"tcurlora_groups\.default\.1\.tcurlora_core"):
+        PeftModel.from_pretrained(Net2().double(), tmp_path)
+
+
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_complete_file_still_loads_exactly(method, tmp_path):
+    pm = _peft(method)
+    x = _x()
+    expected = pm(x)
+    pm.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(_net(), tmp_path)
+    torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+
+
+# -- B (item 4): add_weighted_adapter of adapters with different configs is the exact weighted sum ------------------
+WEIGHTED = {
+    "tcurlora": [dict(core_scale=1.0), dict(core_scale="auto")],
+    "lorapt": [dict(factor_scale=1.0), dict(factor_scale="auto", core="diagonal")],
+}
+
+
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_weighted_adapter_across_configs_is_exact(method):
+    torch.manual_seed(5)
+    pm = get_peft_model(_net(), CONFIGS[method](**WEIGHTED[method][0]), adapter_name="first")
+    torch.manual_seed(6)
+    pm.add_adapter("second", CONFIGS[method](**WEIGHTED[method][1]))
+    weights = [0.7, -1.3]
+    pm.base_model.add_weighted_adapter(["first", "second"], weights, "mix")
+    for name in TARGETS:
+        layer = pm.base_model.model.get_submodule(name)
+        expected = weights[0] * layer.get_delta_weight("first") + weights[1] * layer.get_delta_weight("second")
+        got = layer.get_delta_weight("mix")
+        assert got.dtype == torch.float64
+        assert expected.abs().max() > 1e-3
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+# -- C (item 3): tCURLoRA's C and R follow the base weights; a load onto a different base warns -------------------
+def _new_weights(net: nn.Module, seed: int = 7, rel: float = 0.5) -> dict:
+    """New base weights: each tensor moved by ``rel`` of its Frobenius norm in a random direction."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name in TARGETS:
+        sd = net.get_submodule(name).state_dict()
+        out[name] = {}
+        for k, v in sd.items():
+            noise = torch.randn(v.shape, generator=g, dtype=v.dtype)
+            out[name][k] = v + rel * v.norm() / noise.norm() * noise
+    return out
+
+
+def test_tcurlora_base_weights_replaced_then_saved_and_loaded(tmp_path):
+    pm = _peft("tcurlora")
+    new = _new_weights(_net())
+    for name in TARGETS:  # the user restores a checkpoint into the wrapped network's base layers
+        pm.base_model.model.get_submodule(name).base_layer.load_state_dict(new[name])
+    x = _x()
+    y = pm(x)
+    pm.save_pretrained(tmp_path)
+    base = _net()
+    for name in TARGETS:
+        base.get_submodule(name).load_state_dict(new[name])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # same base: no warning
+        loaded = PeftModel.from_pretrained(base, tmp_path)
+    torch.testing.assert_close(loaded(x), y, rtol=0, atol=0)
+
+
+def test_tcurlora_load_onto_different_base_warns(tmp_path):
+    pm = _peft("tcurlora")
+    pm.save_pretrained(tmp_path)
+    base = _net()
+    for name, sd in _new_weights(base, rel=0.01).items():
+        base.get_submodule(name).load_state_dict(sd)
+    with pytest.warns(UserWarning, match=r"base.*relative difference"):
+        PeftModel.from_pretrained(base, tmp_path)
+
+
+def test_tcurlora_old_file_without_fingerprint_loads(tmp_path):
+    pm = _peft("tcurlora")
+    x = _x()
+    y = pm(x)
+    pm.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    sd = load_file(path)
+    save_file({k: v for k, v in sd.items() if "fingerprint" not in k}, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = PeftModel.from_pretrained(_net(), tmp_path)
+    torch.testing.assert_close(loaded(x), y, rtol=0, atol=0)
+
+
+# -- D (item 6): a tensor frozen between forward and backward ---------------------------------------------------------
+@pytest.mark.parametrize("method", list(CONFIGS))
+@pytest.mark.parametrize("delta_mode", ["factored", "dense"])
+def test_freeze_between_forward_and_backward(method, delta_mode):
+    x = _x()
+    grads = []
+    for freeze in (False, True):
+        torch.manual_seed(0)
+        net = Net2().double()  # three groups: tCURLoRA has other cores than the frozen one
+        torch.manual_seed(100)
+        pm = get_peft_model(net, CONFIGS[method](delta_mode=delta_mode, grouping="by_shape"))
+        params = [p for p in pm.base_model.groups("default").parameters()]
+        assert len(params) >= 3
+        extra = pm.base_model.model.l1.base_layer.bias  # a second tensor whose gradient must be unaffected
+        extra.requires_grad_(True)
+        loss = (pm(x) ** 2).sum()
+        if freeze:
+            params[0].requires_grad_(False)
+        loss.backward()
+        if freeze:
+            assert params[0].grad is None  # as for any frozen leaf (PEFT LoRA)
+        grads.append([p.grad for p in params[1:]] + [extra.grad])
+    for a, b in zip(*grads):
+        assert a is not None and b is not None
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+# -- E (item 1): second-order gradients (MAML) ------------------------------------------------------------------------
+def _maml_objective(pm, names, values, x, lr):
+    params = dict(zip(names, values))
+    out = torch.func.functional_call(pm, params, (x,))
+    inner = (out ** 2).mean()
+    g = torch.autograd.grad(inner, values, create_graph=True)
+    fast = {n: v - lr * gv for n, v, gv in zip(names, values, g)}
+    out2 = torch.func.functional_call(pm, fast, (x + 0.5,))
+    return (torch.sin(out2) ** 2).mean()
+
+
+SECOND_ORDER = [("tcurlora", {}), ("lorapt", {}), ("tcurlora", {"delta_mode": "dense"}),
+                ("lorapt", {"delta_mode": "dense"}), ("lorapt", {"frozen_term": "dense"})]
+
+
+@pytest.mark.parametrize("method,kw", SECOND_ORDER, ids=[f"{m}-{'-'.join(kw.values()) or 'factored'}"
+                                                         for m, kw in SECOND_ORDER])
+def test_second_order_gradient_matches_finite_difference(method, kw):
+    """MAML: the outer gradient through ``p - lr * grad(inner loss)`` (create_graph=True) equals a float64 central
+    difference (before the fix: exactly the first-order gradient, 1e-4 off; dense mode: torch's
+    once_differentiable error)."""
+    pm = _peft(method, **kw)
+    x = _x()
+    named = [(n, p) for n, p in pm.named_parameters() if p.requires_grad]
+    names = [n for n, _ in named]
+    values = [p.detach().clone().requires_grad_(True) for _, p in named]
+    lr = 0.5
+    outer = _maml_objective(pm, names, values, x, lr)
+    grad = torch.autograd.grad(outer, values)
+    g = torch.Generator().manual_seed(3)
+    direction = [torch.randn(v.shape, generator=g, dtype=v.dtype) for v in values]
+    analytic = sum((gv * d).sum() for gv, d in zip(grad, direction))
+    eps = 1e-5
+
+    def at(sign):
+        vals = [(v.detach() + sign * eps * d).requires_grad_(True) for v, d in zip(values, direction)]
+        return float(_maml_objective(pm, names, vals, x, lr).detach())
+
+    numeric = (at(1) - at(-1)) / (2 * eps)
+    assert abs(float(analytic) - numeric) <= 1e-6 * max(1.0, abs(numeric)), (float(analytic), numeric)
