@@ -27,8 +27,8 @@ class TCURLoraGroup(TensorGroup):
     # C and R follow the base weights (re-gathered when a base weight is replaced or edited in place: a checkpoint
     # restored into the wrapped layers), so what runs in memory is what a save and a load give. ``base_fingerprint``
     # (saved) records the columns/rows they were taken from: FINGERPRINT_PROBES random-sign projections of C and of R
-    # (64 bytes per group), float64 stored bit-for-bit as int64 (no dtype cast touches it). A load onto base weights whose
-    # projections differ by more than FINGERPRINT_RTOL (relative; bfloat16 rounding of the same weights is ~2e-3)
+    # (64 bytes per group), float64 stored bit-for-bit as int64 (no dtype cast touches it). A load onto base weights
+    # whose projections differ by more than FINGERPRINT_RTOL (relative; bfloat16 rounding of the same weights is ~2e-3)
     # warns: the adapter then computes another update than the one saved.
     FINGERPRINT_PROBES = 4
     FINGERPRINT_RTOL = 5e-3
