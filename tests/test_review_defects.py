@@ -1,4 +1,4 @@
-"""Review defects where tCURLoRA / LoRA-PT differed silently from PEFT LoRA (review items 1, 3, 4, 5, 6).
+"""Review defects where tCURLoRA / LoRA-PT differed silently from PEFT LoRA (review items 1-7 of the core issue).
 
 Net: three ``nn.Linear(8, 8)`` with tanh in between (``l1``, ``l2``, ``l3``), float64, every Linear targeted,
 ``init_weights=False`` so that the adapters are not the identity.
@@ -249,3 +249,54 @@ def test_second_order_gradient_matches_finite_difference(method, kw):
 
     numeric = (at(1) - at(-1)) / (2 * eps)
     assert abs(float(analytic) - numeric) <= 1e-6 * max(1.0, abs(numeric)), (float(analytic), numeric)
+
+
+# -- item 2: an input-gradient penalty (double backward w.r.t. the input) ------------------------------------------
+@pytest.mark.parametrize("method", list(CONFIGS))
+@pytest.mark.parametrize("mode", ["factored", "dense"])
+def test_input_gradient_penalty_matches_finite_difference(method, mode):
+    """``gx = grad(loss, x, create_graph=True)``, then ``gx.square().sum()`` differentiated w.r.t. the adapter:
+    compared with a central difference of that penalty (float64)."""
+    pm = _peft(method, delta_mode=mode)
+    x = _x().requires_grad_(True)
+    param = next(p for p in pm.parameters() if p.requires_grad)
+
+    def penalty():
+        loss = torch.sin(pm(x)).sum()
+        (gx,) = torch.autograd.grad(loss, x, create_graph=True)
+        return gx.square().sum()
+
+    (got,) = torch.autograd.grad(penalty(), param)
+    direction = torch.randn(param.shape, generator=torch.Generator().manual_seed(3), dtype=param.dtype)
+    eps = 1e-6
+    with torch.no_grad():
+        param.add_(eps * direction)
+    up = penalty().item()
+    with torch.no_grad():
+        param.sub_(2 * eps * direction)
+    down = penalty().item()
+    with torch.no_grad():
+        param.add_(eps * direction)
+    fd = (up - down) / (2 * eps)
+    assert abs(float((got * direction).sum()) - fd) <= 1e-6 * max(1.0, abs(fd))
+
+
+# -- item 7: a .data rebinding between forward and backward ----------------------------------------------------------
+@pytest.mark.parametrize("method", list(CONFIGS))
+@pytest.mark.parametrize("mode", ["factored", "dense"])
+def test_data_rebinding_between_forward_and_backward_keeps_the_forward_gradient(method, mode):
+    """As for PEFT LoRA (autograd keeps the forward's tensors): ``p.data = other`` after the forward does not change
+    the gradient of that forward."""
+    x = _x()
+    grads = []
+    for edit in (False, True):
+        pm = _peft(method, delta_mode=mode)
+        params = [p for p in pm.parameters() if p.requires_grad]
+        loss = torch.sin(pm(x)).sum()
+        if edit:
+            for p in params:
+                p.data = p.data * 1.5 + 0.1
+        loss.backward()
+        grads.append([p.grad.clone() for p in params])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)

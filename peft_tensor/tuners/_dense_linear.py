@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..algebra import compute_dtype, from_fourier, t_product_fourier, to_fourier
-from ._group_state import bound_state, differentiable_inputs, refuse_functorch, trainable_state
+from ._group_state import bound_state, differentiable_inputs, forward_aliases, refuse_functorch, trainable_state
 
 __all__ = ["DenseDeltaLinear", "dense_linear", "dense_layer_forward", "group_dense", "group_dense_slices",
            "dense_from_factors", "from_fourier_adjoint"]
@@ -64,6 +64,7 @@ class _GroupDense(torch.autograd.Function):
     def forward(ctx, group, names, *params: torch.Tensor):
         ctx.group, ctx.names, ctx.params = group, names, params
         ctx.versions = tuple(p._version for p in params)
+        ctx.aliases = forward_aliases(params)  # the forward's storage, whatever .data becomes
         with torch.no_grad():
             return dense_from_factors(group.factors())
 
@@ -81,7 +82,7 @@ class _GroupDense(torch.autograd.Function):
         hold = (lambda t: t) if create_graph else (lambda t: t.detach())
         g_hat = from_fourier_adjoint(grad.to(compute_dtype(grad.dtype)), group.n_slices)  # (L//2+1, n1, n2)
         outs, grads = [], []
-        inputs = differentiable_inputs(ctx.params)  # what was trainable when the forward ran
+        inputs = differentiable_inputs(ctx.params, ctx.aliases)  # what was trainable when the forward ran
         with torch.enable_grad(), bound_state(group, ctx.names, inputs):  # what the forward saw
             for (a, b), (train_a, train_b) in zip(group.factors(), group.differentiable_factors):
                 if not (train_a or train_b):

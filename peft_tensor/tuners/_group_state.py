@@ -23,12 +23,23 @@ def trainable_state(group: nn.Module) -> tuple[tuple[str, ...], tuple[torch.Tens
     return tuple(n for n, _ in named), tuple(p for _, p in named)
 
 
-def differentiable_inputs(tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """What a backward pass differentiates against: the tensors its forward recorded as trainable. One whose
-    ``requires_grad`` was switched off since (frozen between forward and backward) is replaced by a detached alias that
-    requires grad (same storage and values), so its gradient is still computed and the others' are unchanged; the
-    others stay themselves, so a ``create_graph=True`` backward keeps the graph to them."""
-    return tuple(t if t.requires_grad else t.detach().requires_grad_(True) for t in tensors)
+def forward_aliases(tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Detached aliases of the tensors a forward pass used (same storage, no copy). ``p.data = other`` between the
+    forward and the backward rebinds ``p`` to other storage but leaves the alias on the forward's, as autograd's own
+    saved tensors are (PEFT LoRA's gradient is that of the forward's weights)."""
+    return tuple(t.detach() for t in tensors)
+
+
+def differentiable_inputs(tensors: tuple[torch.Tensor, ...],
+                          aliases: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, ...]:
+    """What a backward pass differentiates against: the tensors its forward recorded as trainable, with the values
+    the forward used. A tensor whose ``requires_grad`` was switched off since (frozen between forward and backward), or
+    whose ``.data`` was rebound since (``aliases``: :func:`forward_aliases` taken in the forward), is replaced by a
+    detached alias of the forward's storage that requires grad, so its gradient is that of the forward and the
+    others' are unchanged; the others stay themselves, so a ``create_graph=True`` backward keeps the graph to them."""
+    aliases = aliases if aliases is not None else tuple(t.detach() for t in tensors)
+    return tuple(t if t.requires_grad and t.data_ptr() == a.data_ptr() and t.shape == a.shape
+                 else a.detach().requires_grad_(True) for t, a in zip(tensors, aliases))
 
 
 @contextmanager

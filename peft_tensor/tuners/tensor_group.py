@@ -46,7 +46,7 @@ from torch import nn
 from ..algebra import compute_dtype
 from ..errors import AdapterLoadError, MergeError, RankError, TargetModulesError
 from ._dense_linear import dense_from_factors, dense_layer_forward
-from ._group_state import bound_state, differentiable_inputs, refuse_functorch, trainable_state
+from ._group_state import bound_state, differentiable_inputs, forward_aliases, refuse_functorch, trainable_state
 from ._mixed_batch import check_mixed_batch, mixed_batch_hooks, sub_batches
 from ._peft_fixes import MonaiFriendlyTunerMixin
 from ._targets import find_targets, is_conv
@@ -107,6 +107,7 @@ class _Factors(torch.autograd.Function):
         ctx.group, ctx.kind, ctx.names = group, kind, names
         ctx.params = params
         ctx.versions = tuple(p._version for p in params)
+        ctx.aliases = forward_aliases(params)  # the forward's storage, whatever .data becomes
         with torch.no_grad():
             outs = group._compute(kind)
         # outputs must be new tensors, not the group's own buffers or views of them
@@ -130,7 +131,7 @@ class _Factors(torch.autograd.Function):
         # recomputation's own graph is kept, so the gradients are differentiable again
         create_graph = torch.is_grad_enabled()
         with torch.enable_grad():
-            inputs = differentiable_inputs(ctx.params)
+            inputs = differentiable_inputs(ctx.params, ctx.aliases)
             with bound_state(ctx.group, ctx.names, inputs):  # what the forward saw (functional_call)
                 outs = ctx.group._compute(ctx.kind)
             pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
