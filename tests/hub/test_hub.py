@@ -201,6 +201,7 @@ from safetensors.torch import load_file
 from peft import PeftModel
 from peft_tensor.hub import load_pretrained
 from tests._models import tiny_unetr
+from tests._numerics import UNETR_DEPTH, assert_float32_close
 x = torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(123))
 expected = torch.load({str(tmp_path / 'expected.pt')!r})
 def base():
@@ -216,7 +217,8 @@ loaded = {{
 for name, (model, key) in loaded.items():
     with torch.no_grad():
         out = model.eval()(x)
-    assert torch.equal(out, expected[key]), (name, (out - expected[key]).abs().max())
+    # another process: MKL may split the reductions over other threads, so equal up to float32 rounding
+    assert_float32_close(out, expected[key], depth=UNETR_DEPTH, msg=name)
 card = open(hf_hub_download("lab/unetr-lora", "README.md")).read()
 snippet = re.search(r"```python\\n(.*?)```", card, re.S).group(1)
 exec(compile(snippet, "model-card-snippet", "exec"), {{}})
