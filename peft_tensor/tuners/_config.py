@@ -123,8 +123,8 @@ class GroupingConfigMixin:
         metadata={"help": "How the update D reaches a layer's output; all three compute the same function. "
                   "'factored' (default): D_k x through thin t-product factors, no weight-sized tensor (cost grows "
                   "with tokens x L x r). 'dense': D materialised once per forward through the FFT, the layer runs "
-                  "x (W_k + D_k)^T (measured on an H200, UNETR-B blocks, 512-1024 tokens: 0.67-0.92x LoRA's step "
-                  "where 'factored' is 0.92-1.52x; costs one weight-sized D per group; on CPU it is 2x slower). "
+                  "x (W_k + D_k)^T; it holds one weight-sized D per group and pays a weight-sized gradient, so use it "
+                  "on a GPU at large token counts, not on CPU (timings: docs/internals.md, docs/results.md). "
                   "'auto': dense on CUDA where a flop count says it is cheaper, factored on CPU."},
     )
 

@@ -53,10 +53,9 @@ class LoraPTConfig(GroupingConfigMixin, PeftTensorConfigMixin, PeftConfig):
                   "the identity at init is bit-exact). 'dense': each targeted Linear runs x (W - P0_k)^T plus the "
                   "trainable term, with W - P0 built once from the base weight and the saved initial factors (no "
                   "decomposition; never saved; rebuilt when the base weight or the factors change: load, device "
-                  "move, cast, merge) and held, so the frozen term costs nothing per step (UNETR-B's 12 ViT blocks "
-                  "at 512 tokens, CPU: 1.30x PEFT LoRA's step instead of 1.69x; benchmarks/results/"
-                  "vit_blocks_cpu_frozen_term_{before,after}.md). Costs one "
-                  "weight-sized copy of the targeted weights (as PEFT PiSSA's residual, but the base weights stay "
+                  "move, cast, merge) and held, so the frozen term costs nothing per step: use it for faster training "
+                  "steps where memory allows (timings: docs/internals.md). Costs one weight-sized copy of the "
+                  "targeted weights (as PEFT PiSSA's residual, but the base weights stay "
                   "untouched, so disable_adapter() is the base model); equal to 'factored' up to float rounding "
                   "(the identity at init is not bit-exact)."},
     )

@@ -20,8 +20,8 @@ class TCURLoraConfig(GroupingConfigMixin, PeftTensorConfigMixin, PeftConfig):
 
     Scale (``core_scale``): the update is ``s * C * (U - U0) * R``. The paper has no scale (``core_scale=1.0``
     reproduces it); then a step on ``U`` moves the weights by an amount set by ``|C| |R|``, i.e. by the square of the
-    weights' size, so one learning rate cannot suit both the core and the decoder (measured: the core does not move
-    at the recipes' 3e-3). ``core_scale="auto"`` (default) sets ``s = rms(C, R) * sqrt(L n1 n2) / g`` with
+    weights' size, so one learning rate cannot suit both the core and the decoder (docs/methods.md).
+    ``core_scale="auto"`` (default) sets ``s = rms(C, R) * sqrt(L n1 n2) / g`` with
     ``g^2 = sum_f |C^_f|_F^2 |R^_f|_F^2`` over the Fourier slices: a core step whose entries all have size ``lr``
     (what Adam takes) changes the adapted weights by about ``lr`` times their rms, in any layer and at any weight
     scale (``W -> cW`` leaves the relative step unchanged). ``s`` is recomputed from ``C`` and ``R`` (columns/rows
