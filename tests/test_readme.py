@@ -1,33 +1,28 @@
-"""The README's code runs as written: the usage example, and the section "Start from your pretrained network"."""
+"""The documentation's code runs as written: README.md's usage example, and the end-to-end section of
+docs/recipes.md, "From your pretrained network to a shared adapter"."""
 
-import re
 from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+from tests._docs import ROOT, blocks
+
+USAGE = ("README.md", "## Usage")
 
 
 def test_readme_usage_example_runs(tmp_path, monkeypatch):
-    text = README.read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    assert blocks, "README.md must contain a python usage example"
+    code = blocks(*USAGE)
+    assert len(code) == 1, "README.md's Usage section holds one python block"
     monkeypatch.chdir(tmp_path)
-    exec(compile(blocks[0], "README.md", "exec"), {"__name__": "__readme__"})
+    exec(compile(code[0], "README.md: Usage", "exec"), {"__name__": "__readme__"})
     assert (tmp_path / "my_adapter" / "adapter_model.safetensors").is_file()
 
 
-# ------------------------------------------------------------------ "Start from your pretrained network"
-START_SECTION = "## Start from your pretrained network"
+# ------------------------------------------------------- docs/recipes.md: "From your pretrained network ..."
+START_SECTION = ("docs/recipes.md", "## From your pretrained network to a shared adapter")
 SIZES_LINE = "PATCH, STEPS = 96, 300"
 ADAPTER_REPO, BASE_REPO = "your-name/unetr-tcurlora-hippocampus", "your-name/unetr-hippocampus-base"
 X_SEED = 11
-
-
-def _section(text: str, heading: str) -> str:
-    start = text.index(heading + "\n")
-    end = text.find("\n## ", start + len(heading))
-    return text[start:end if end != -1 else None]
 
 
 def _tiny_bundle(folder: Path, size: int) -> None:
@@ -55,7 +50,7 @@ def _env(hub, tmp: Path, cache: str = "hf-cache") -> dict:
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env.update(hub.client_env(str(tmp / cache), HF_TOKEN="hf_readme_test_token"))
-    env["PYTHONPATH"] = str(README.parent) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     return env
 
@@ -79,11 +74,9 @@ def flow(tmp_path_factory):
     from tests.hub.hub_server import HubServer
     from tests.hub.test_hub import _client_constants
 
-    section = _section(README.read_text(), START_SECTION)
-    python = re.findall(r"```python\n(.*?)```", section, flags=re.S)
-    bash = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    python, bash = blocks(*START_SECTION), blocks(*START_SECTION, lang="bash")
     assert len(python) == 1 and len(bash) == 1, "the section holds one python and one bash block"
-    assert python[0].count(SIZES_LINE) == 1, f"the test replaces the line {SIZES_LINE!r}; keep it in the README"
+    assert python[0].count(SIZES_LINE) == 1, f"the test replaces {SIZES_LINE!r}; keep it"
     code = python[0].replace(SIZES_LINE, "PATCH, STEPS = 32, 2")
     tmp = tmp_path_factory.mktemp("pretrained-flow")
     _tiny_bundle(tmp / "my_bundle", 32)
@@ -95,7 +88,7 @@ def flow(tmp_path_factory):
         with _client_constants(hub, tmp / "hf-home"), contextlib.redirect_stdout(out):
             os.chdir(tmp)
             try:
-                exec(compile(code, "README.md: Start from your pretrained", "exec"), {"__name__": "__readme__"})
+                exec(compile(code, "docs/recipes.md: From your pretrained", "exec"), {"__name__": "__readme__"})
                 for command in commands:
                     assert cli(shlex.split(command, comments=True)[1:]) == 0, command
             finally:

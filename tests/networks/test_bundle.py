@@ -1,16 +1,14 @@
 """export_bundle / ``peft-tensor export``: the adapted network merged into a MONAI bundle that monai.bundle and
 torch.jit load in a fresh Python process (without peft_tensor) with the adapted model's outputs; the README section
-"Load your pretrained network" runs as written."""
+"Start from your pretrained network" runs as written."""
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -54,10 +52,11 @@ READER = textwrap.dedent("""
 
 
 def _readme_block() -> tuple[str, str]:
-    """The python block of the README section "Load your pretrained network", split at its training comment."""
-    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    start = text.index("### Load your pretrained network\n")
-    block = re.search(r"```python\n(.*?)```", text[start:], flags=re.S).group(1)
+    """The python block of the README section "Start from your pretrained network", split at its training
+    comment."""
+    from tests._docs import blocks
+
+    (block,) = blocks("README.md", "## Start from your pretrained network")
     before, marker, after = block.partition("# ... fine-tune model ...\n")
     assert marker, "the README block marks where training goes"
     return before, after
