@@ -2,7 +2,7 @@
 provenance and our card (issue 11, section 6).
 
 The finetune recipe end to end -- a bundle in, the adapter folder checked, pushed to the local Hub server and
-rebuilt by repo id in a fresh process -- is tested with the README section that runs it
+rebuilt by repo id in a fresh process -- is tested with the docs/recipes.md section that runs it
 (``tests/test_readme.py::test_recipe_adapter_is_ready_to_share`` and
 ``::test_pushed_adapter_rebuilds_by_repo_id_in_fresh_process``); here the writer's choices on tiny untrained models.
 """
