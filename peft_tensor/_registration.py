@@ -5,16 +5,25 @@ PEFT has no plugin API: ``register_peft_method`` only accepts names that are alr
 ``name == value`` (PEFT looks its mappings up with the raw JSON string) and must be entered in the enum's member
 map, value map and member-name list. Everything here is idempotent: importing twice, ``importlib.reload`` and a
 PEFT release that already ships a member of the same name all work.
+
+PEFT has no hook either for "an adapter is being loaded from a file" (which lets a tensor-group adapter skip its
+decomposition): :func:`install_loader_hooks` wraps PEFT's two public load entry points, ``PeftModel.from_pretrained``
+and ``PeftModel.load_adapter``, so that they run inside :func:`peft_tensor.tuners._loading_context.loading_adapter`.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
 import warnings
 
 from peft.utils import PeftType
 
-__all__ = ["ensure_peft_type", "register_method", "PeftTensorRegistrationError"]
+from .tuners._loading_context import loading_adapter
+
+__all__ = ["ensure_peft_type", "install_loader_hooks", "register_method", "PeftTensorRegistrationError"]
+
+_HOOK_MARK = "__peft_tensor_loading_adapter__"
 
 
 class PeftTensorRegistrationError(RuntimeError):
@@ -94,3 +103,35 @@ def register_method(name: str, config_cls: type, model_cls: type, prefix: str) -
         PEFT_TYPE_TO_TUNER_MAPPING.pop(peft_type, None)
         PEFT_TYPE_TO_PREFIX_MAPPING.pop(peft_type, None)
     register_peft_method(name=name.lower(), config_cls=config_cls, model_cls=model_cls, prefix=prefix)
+    install_loader_hooks()
+
+
+def _within_loading_adapter(func):
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        with loading_adapter():
+            return func(*args, **kwargs)
+
+    setattr(wrapper, _HOOK_MARK, True)
+    return wrapper
+
+
+def install_loader_hooks() -> None:
+    """Run ``PeftModel.from_pretrained`` and ``PeftModel.load_adapter`` inside
+    :func:`~peft_tensor.tuners._loading_context.loading_adapter` (idempotent; a reload does not wrap twice).
+
+    The wrappers only enter that context and call PEFT's own method with the same arguments; the context is read by
+    peft_tensor's tensor-group tuners alone (their adapters are built empty and filled by the file, so a plain
+    ``PeftModel.from_pretrained(model, path)`` runs no decomposition), so PEFT's own methods load as before.
+    ``PeftModelFor*`` subclasses inherit both; ``PeftMixedModel.load_adapter`` calls ``PeftModel.load_adapter``.
+    A loader that bypasses both (``inject_adapter_in_model`` followed by ``set_peft_model_state_dict``, as
+    transformers' ``load_adapter`` does) decomposes once at injection, unless it passes ``low_cpu_mem_usage=True``.
+    """
+    from peft import PeftModel
+
+    current = PeftModel.__dict__.get("from_pretrained")
+    if isinstance(current, classmethod) and not getattr(current.__func__, _HOOK_MARK, False):
+        PeftModel.from_pretrained = classmethod(_within_loading_adapter(current.__func__))
+    current = PeftModel.__dict__.get("load_adapter")
+    if callable(current) and not getattr(current, _HOOK_MARK, False):
+        PeftModel.load_adapter = _within_loading_adapter(current)

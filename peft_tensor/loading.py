@@ -390,10 +390,14 @@ def restoring(model: nn.Module, what: str, copy_values: bool = True) -> Iterator
 
 def from_pretrained(base_model: nn.Module, adapter_dir: str, adapter_name: str = "default",
                     is_trainable: bool = False, subfolder: Optional[str] = None, **kwargs):
-    """``PeftModel.from_pretrained`` with validation first and the base model restored on failure."""
+    """``PeftModel.from_pretrained`` with validation first and the base model restored on failure; runs inside
+    :func:`~peft_tensor.tuners._loading_context.loading_adapter` (no decomposition: the groups are filled from the
+    file)."""
     from peft import PeftModel
 
-    with restoring(base_model, f"Loading the adapter from {adapter_dir}"):
+    from .tuners._loading_context import loading_adapter
+
+    with restoring(base_model, f"Loading the adapter from {adapter_dir}"), loading_adapter():
         _validate(base_model, adapter_dir, subfolder)
         if subfolder:
             kwargs["subfolder"] = subfolder
@@ -404,8 +408,11 @@ def from_pretrained(base_model: nn.Module, adapter_dir: str, adapter_name: str =
 def load_adapter_checked(peft_model, adapter_dir: str, adapter_name: str, is_trainable: bool = False,
                          subfolder: Optional[str] = None, **kwargs):
     """``PeftModel.load_adapter`` with the same validation as :func:`from_pretrained`; ``peft_model`` is restored
-    (its other adapters untouched, no trace of this one) if the load fails."""
-    with restoring(peft_model, f"Loading the adapter from {adapter_dir}"):
+    (its other adapters untouched, no trace of this one) if the load fails. Runs no decomposition, as
+    :func:`from_pretrained`."""
+    from .tuners._loading_context import loading_adapter
+
+    with restoring(peft_model, f"Loading the adapter from {adapter_dir}"), loading_adapter():
         _validate(peft_model.get_base_model(), adapter_dir, subfolder)
         if subfolder:
             kwargs["subfolder"] = subfolder

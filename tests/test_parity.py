@@ -199,7 +199,7 @@ def test_loading_runs_no_decomposition_and_low_cpu_mem_usage_works(method, low_c
 
 
 @pytest.mark.parametrize("method", ["tcurlora", "lorapt"])
-def test_get_peft_model_low_cpu_mem_usage_builds_meta_groups_filled_by_a_state_dict(method, tmp_path):
+def test_get_peft_model_low_cpu_mem_usage_builds_meta_groups_filled_by_a_state_dict(method, tmp_path, request):
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -208,11 +208,42 @@ def test_get_peft_model_low_cpu_mem_usage_builds_meta_groups_filled_by_a_state_d
     with torch.no_grad():
         expected = pm(x)
     pm.save_pretrained(tmp_path)
+    # PEFT's bare loader, outside any of the wrapped entry points: meta groups never decompose on its state_dict()
+    request.getfixturevalue("no_decomposition")
     empty = get_peft_model(tiny_unetr(), UNETR_CONFIGS[method](), low_cpu_mem_usage=True)
     assert any(p.device.type == "meta" for p in empty.parameters())
     set_peft_model_state_dict(empty, load_file(tmp_path / "adapter_model.safetensors"), low_cpu_mem_usage=True)
     with torch.no_grad():
         assert torch.equal(empty(x), expected)
+
+
+@pytest.mark.parametrize("method", ["tcurlora", "lorapt"])
+def test_deferred_initialisation_is_an_explicit_context_not_a_mark_on_the_config(method, tmp_path, request):
+    from peft_tensor.tuners._loading_context import is_loading_adapter, loading_adapter
+
+    get_peft_model(tiny_unetr(), UNETR_CONFIGS[method](init_weights=False)).save_pretrained(tmp_path)
+    # a config read from a file carries nothing hidden: outside a load it builds a fresh (decomposed) adapter
+    config = type(UNETR_CONFIGS[method]()).from_pretrained(str(tmp_path))
+    assert not [k for k in vars(config) if k.startswith("_")]
+    fresh = get_peft_model(tiny_unetr(), config)
+    assert all(g._pending is None for g in fresh.base_model.groups("default"))
+    request.getfixturevalue("no_decomposition")
+    with loading_adapter():
+        assert is_loading_adapter()
+        empty = get_peft_model(tiny_unetr(), UNETR_CONFIGS[method]())
+        keys = set(empty.state_dict())  # the key read PEFT's loader makes: no decomposition
+    assert not is_loading_adapter()
+    groups = empty.base_model.groups("default")
+    assert all(g._pending is not None for g in groups) and any("_groups.default." in k for k in keys)
+    # the loaders leave the context on success and on failure
+    PeftModel.from_pretrained(tiny_unetr(), tmp_path)
+    assert not is_loading_adapter()
+    import peft_tensor
+    from peft_tensor.errors import AdapterLoadError
+
+    with pytest.raises(AdapterLoadError):
+        peft_tensor.from_pretrained(TinyMLP(), str(tmp_path))
+    assert not is_loading_adapter()
 
 
 # ------------------------------------------------------------------------------------------------ stale caches

@@ -35,6 +35,25 @@ def test_import_twice_and_reload_are_idempotent():
     assert pm.peft_type == "TCURLORA"
 
 
+def test_peft_loaders_are_wrapped_once_to_enter_the_loading_context(monkeypatch):
+    from peft import PeftModel
+
+    from peft_tensor.tuners import _loading_context
+
+    _registration.install_loader_hooks()  # again, after the imports (and the reload above): no second layer
+    for fn in (PeftModel.__dict__["from_pretrained"].__func__, PeftModel.__dict__["load_adapter"]):
+        assert getattr(fn, "__peft_tensor_loading_adapter__", False)
+        assert not getattr(fn.__wrapped__, "__peft_tensor_loading_adapter__", False)
+    seen = []
+
+    def probe(self, *args, **kwargs):
+        seen.append(_loading_context.is_loading_adapter())
+
+    monkeypatch.setattr(PeftModel, "load_adapter", _registration._within_loading_adapter(probe))
+    PeftModel.load_adapter(None, "path", "name")
+    assert seen == [True] and not _loading_context.is_loading_adapter()
+
+
 def test_existing_member_is_tolerated():
     assert _registration.ensure_peft_type("LORA") is PeftType.LORA
     assert _registration.ensure_peft_type("TCURLORA") is PeftType.TCURLORA

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..errors import AdapterLoadError
 from ..loading import check_adapter_compatible, from_pretrained, load_adapter_checked, restoring
+from ..tuners._loading_context import loading_adapter
 from .adapter_files import (
     CONFIG_NAME,
     PICKLED_WEIGHTS,
@@ -214,7 +215,7 @@ def load_pretrained(source: str | os.PathLike, *, revision: str | None = None, s
         if shapes[name]:  # tensor-group methods: the saved group tensors must fit this network's groups
             check_adapter_compatible(base_model, resolved.folders[name])
     # the caller's own base_model is put back exactly as it was if anything below fails (a rebuilt one is dropped)
-    with restoring(base_model, f"Loading {source}", copy_values=users_model):
+    with restoring(base_model, f"Loading {source}", copy_values=users_model), loading_adapter():
         if device is not None:
             base_model.to(device)
         # 4. PEFT does the rest, through peft_tensor.from_pretrained / load_adapter_checked (validation first); a

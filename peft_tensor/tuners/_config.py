@@ -45,15 +45,6 @@ class PeftTensorConfigMixin:
         default=None, metadata={"help": "Version of peft_tensor that wrote this config; filled in automatically."}
     )
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, subfolder=None, **kwargs):
-        """``PeftConfig.from_pretrained``; the config is marked as read from a file (not a dataclass field, so never
-        saved): an adapter injected with it is built empty and filled by the state dict that follows, so loading
-        runs no decomposition (a group used before anything was loaded into it decomposes then, once)."""
-        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        config.__dict__["_loaded_from_file"] = True
-        return config
-
     def _resolve_scale(self, name: str) -> None:
         """A scale field: ``None`` (a config file written before the field existed: ``1.0``, the unscaled form it was
         trained with; a new config: ``'auto'``), ``'auto'`` or a positive number (strings from YAML parsed)."""

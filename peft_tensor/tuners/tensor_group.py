@@ -32,7 +32,6 @@ here, once:
 from __future__ import annotations
 
 import copy
-import sys
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ from ..algebra import compute_dtype
 from ..errors import AdapterLoadError, MergeError, RankError, TargetModulesError
 from ._dense_linear import dense_from_factors, dense_layer_forward
 from ._group_state import bound_state, differentiable_inputs, forward_aliases, refuse_functorch, trainable_state
+from ._loading_context import is_loading_adapter, loading_adapter
 from ._mixed_batch import check_mixed_batch, mixed_batch_hooks, sub_batches
 from ._peft_fixes import MonaiFriendlyTunerMixin
 from ._targets import find_targets, is_conv
@@ -157,17 +157,6 @@ def _inside_init_empty_weights() -> bool:
     probe = nn.Module()
     probe.register_parameter("p", nn.Parameter(torch.empty(0)))
     return probe.p.device.type == "meta"
-
-
-def _called_from_peft_loader(max_depth: int = 12) -> bool:
-    frame = sys._getframe(2)
-    for _ in range(max_depth):
-        if frame is None:
-            return False
-        if frame.f_code.co_name == "set_peft_model_state_dict" and "peft" in frame.f_code.co_filename:
-            return True
-        frame = frame.f_back
-    return False
 
 
 def _incomplete_message(group: str, keys: list[str]) -> str:
@@ -390,11 +379,16 @@ class TensorGroup(nn.Module):
         """Hook run after a state dict with this group's tensors was loaded (after ``refresh_frozen``)."""
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        # PEFT's loader reads model.state_dict() for its keys just before loading into it: a deferred group must not
-        # decompose then. Any other state_dict() (saving) of a deferred group decomposes first.
-        if self._pending is not None and not _called_from_peft_loader():
+        # A deferred group's state dict outside a load (saving) is its decomposition, run now. Inside a load
+        # (loading_adapter(): PEFT's set_peft_model_state_dict reads model.state_dict() for its keys just before
+        # loading into it) it is the empty tensors, as it is for a group on the meta device (low_cpu_mem_usage=True:
+        # like any PEFT adapter built that way, its state dict holds meta tensors until a file fills it).
+        if self._pending is not None and not is_loading_adapter() and not self._on_meta():
             self.materialize()
         super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _on_meta(self) -> bool:
+        return any(t.device.type == "meta" for t in self._state_tensors())
 
     # -- the factors, once per forward pass --------------------------------------------------------------------
     def _compute_flat(self) -> tuple[torch.Tensor, ...]:
@@ -806,10 +800,13 @@ class TensorGroupTuner(MonaiFriendlyTunerMixin, BaseTuner):
                        low_cpu_mem_usage: bool = False, state_dict=None, **kwargs) -> None:
         """Wrap the targets and build the adapter's groups.
 
-        An adapter that is about to be loaded from a file (its config came from ``from_pretrained``, or
-        ``low_cpu_mem_usage=True``) gets *empty* groups (on the meta device with ``low_cpu_mem_usage``) that the
-        state dict fills: loading never re-runs a decomposition. The decomposition of a new adapter reads the
-        *unmerged* base weights, so adding an adapter while another one is merged gives the same adapter.
+        An adapter injected inside :func:`~._loading_context.loading_adapter` (entered by the loaders:
+        ``PeftModel.from_pretrained`` / ``load_adapter``, ``peft_tensor.from_pretrained``, ``load_pretrained``) or with
+        ``low_cpu_mem_usage=True`` gets *empty* groups (on the meta device with ``low_cpu_mem_usage``) that the state
+        dict fills: loading never re-runs a decomposition. A loader that enters neither (``inject_adapter_in_model``
+        then ``set_peft_model_state_dict`` without ``low_cpu_mem_usage``) decomposes once here. The decomposition of
+        a new adapter reads the *unmerged* base weights, so adding an adapter while another one is merged gives the
+        same adapter.
         """
         config = self.peft_config[adapter_name]
         specs = self.plan(model, config)
@@ -821,8 +818,7 @@ class TensorGroupTuner(MonaiFriendlyTunerMixin, BaseTuner):
         super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
                                low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict, **kwargs)
         low_cpu_mem_usage = low_cpu_mem_usage or _inside_init_empty_weights()
-        deferred = bool(low_cpu_mem_usage or getattr(config, "_loaded_from_file", False)
-                        or getattr(config, "_deferred_init", False))
+        deferred = bool(low_cpu_mem_usage or is_loading_adapter())
         scope = self._scope()
         groups = []
         for spec in specs:
@@ -965,14 +961,14 @@ class TensorGroupTuner(MonaiFriendlyTunerMixin, BaseTuner):
                              "and exclude_modules (their groups must be the same tensors).")
         config, tensors = self.group_cls.combine(
             [list(self.groups(a)) for a in adapters], [float(w) for w in weights], configs, combination_type)
-        config.__dict__["_deferred_init"] = True
         config.inference_mode = False
         self.peft_config[adapter_name] = config
-        self.inject_adapter(self.model, adapter_name)
-        for group, values in zip(self.groups(adapter_name), tensors):
-            values = {k: v.to(group.group_shape.device) for k, v in values.items()}
-            values["group_shape"] = group.group_shape.clone()
-            group.load_state_dict(values, strict=True)
+        with loading_adapter():  # the new groups are filled from the combined tensors, not decomposed
+            self.inject_adapter(self.model, adapter_name)
+            for group, values in zip(self.groups(adapter_name), tensors):
+                values = {k: v.to(group.group_shape.device) for k, v in values.items()}
+                values["group_shape"] = group.group_shape.clone()
+                group.load_state_dict(values, strict=True)
 
     # -- state dict keys: 'base_model.<prefix>groups.<adapter>.<i>.<tensor>' <-> '... <prefix>groups.<i>.<tensor>'
     @classmethod
