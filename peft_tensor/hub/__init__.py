@@ -9,7 +9,7 @@
 """
 
 from .adapter_files import KNOWN_PROVIDERS
-from .cards import CardError, build_adapter_card, eval_results_from
+from .cards import CardError, build_adapter_card, build_base_weights_card, eval_results_from
 from .info import adapter_info, format_info
 from .load import UnsafeWeightsError, load_pretrained
 from .provenance import (
@@ -26,7 +26,8 @@ from .publish import HubPublishError, PushResult, push_base_weights, push_to_hub
 
 __all__ = [
     "BaseNetwork", "CardError", "HubPublishError", "KNOWN_PROVIDERS", "PROVENANCE_FILE", "ProvenanceError",
-    "PushResult", "UnsafeWeightsError", "WeightsRef", "adapter_info", "build_adapter_card", "build_network",
+    "PushResult", "UnsafeWeightsError", "WeightsRef", "adapter_info", "build_adapter_card", "build_base_weights_card",
+    "build_network",
     "describe_network", "eval_results_from", "format_info", "load_pretrained", "push_base_weights", "push_to_hub",
     "record_network", "save_base_weights", "save_pretrained",
 ]

@@ -1,6 +1,7 @@
-"""Model cards for published adapters, filled from ``templates/adapter_card.md`` (next to this file) through
-huggingface_hub's ``ModelCard.from_template`` / ``ModelCardData`` / ``EvalResult`` (evaluation results become
-model-index metadata).
+"""Model cards for published adapters and base weights: the logic that fills the templates of the top-level
+``model_cards/`` folder (``adapter_card.md``, ``base_weights_card.md``; shipped as the ``peft_tensor.model_cards``
+package and read with ``importlib.resources``) through huggingface_hub's ``ModelCard.from_template`` /
+``ModelCardData`` / ``EvalResult`` (evaluation results become model-index metadata).
 
 Metadata conventions (the same on adapter and base-weights cards):
 
@@ -10,6 +11,8 @@ Metadata conventions (the same on adapter and base-weights cards):
   for a MONAI network it shows "Task type is invalid." The Hub has no ``monai`` library entry either. An unlisted
   name gives no generated snippet, so the snippet readers see is the card's own (``peft_tensor.hub.load_pretrained``,
   which rebuilds the MONAI network from ``peft_tensor.json``); ``peft`` stays a tag so PEFT adapters remain findable.
+- tags: :data:`BASE_TAGS` on both; an adapter card adds its method, its framework (``monai`` / ``transformers``)
+  and the publisher's tags.
 - ``base_model`` (the base-weights repository) with ``base_model_relation: adapter`` when the base weights are on the
   Hub; ``pipeline_tag: image-segmentation``; ``license`` always (``unknown`` when the publisher states none).
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -27,8 +31,9 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from ..errors import PeftTensorError
 from .adapter_files import read_config_file
 
-TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"  # shipped as package data
-ADAPTER_TEMPLATE = TEMPLATE_DIR / "adapter_card.md"
+TEMPLATE_PACKAGE = "peft_tensor.model_cards"  # the top-level model_cards/ folder (a package-dir mapping)
+ADAPTER_TEMPLATE = "adapter_card.md"
+BASE_WEIGHTS_TEMPLATE = "base_weights_card.md"
 LIBRARY_NAME = "peft-tensor"
 BASE_TAGS = ["peft-tensor", "peft", "medical-imaging", "segmentation"]
 TASK_TYPE = "image-segmentation"
@@ -43,6 +48,22 @@ _NOT_HYPERPARAMETERS = {
 
 class CardError(PeftTensorError):
     """The model card cannot be built or its metadata is invalid."""
+
+
+def template_text(name: str) -> str:
+    """The text of the card template ``name`` of ``model_cards/``, read as package data with ``importlib.resources``.
+
+    A source checkout whose editable install predates the ``peft_tensor.model_cards`` mapping cannot import that
+    package: there the checkout's own ``model_cards/`` folder (beside ``peft_tensor/``) is read instead."""
+    try:
+        root = resources.files(TEMPLATE_PACKAGE)
+    except ModuleNotFoundError:
+        root = Path(__file__).resolve().parents[2] / "model_cards"
+    try:
+        return (root / name).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CardError(f"Model card template {name} not found in {TEMPLATE_PACKAGE} (the top-level model_cards/ "
+                        "folder, shipped as package data); reinstall peft-tensor.") from exc
 
 
 def read_card(path: str | os.PathLike) -> ModelCard:
@@ -231,12 +252,14 @@ def build_adapter_card(adapter_dir: str | os.PathLike, record: dict | None, *, r
         counts.append((name, ", ".join(parts) or "not recorded"))
     hyper = [(k, v) for k, v in sorted(config.items()) if k not in _NOT_HYPERPARAMETERS
              and v not in (None, {}, [], "") and (v is not False or k.startswith("init"))]
-    template = Path(template_path) if template_path else ADAPTER_TEMPLATE
-    if not template.is_file():
-        raise CardError(f"Model card template {template} not found (it ships as package data in "
-                        "peft_tensor/hub/templates/).")
+    if template_path is None:
+        template = template_text(ADAPTER_TEMPLATE)
+    elif Path(template_path).is_file():
+        template = Path(template_path).read_text(encoding="utf-8")
+    else:
+        raise CardError(f"Model card template {template_path} not found.")
     card = ModelCard.from_template(
-        data, template_path=str(template),
+        data, template_str=template,
         title=title, method=method, repo_id=repo_id or str(adapter_dir),
         base_class=base.cls if base else None,
         base_description=base.describe() if base else None,
@@ -250,6 +273,17 @@ def build_adapter_card(adapter_dir: str | os.PathLike, record: dict | None, *, r
         snippet=loading_snippet(repo_id or str(adapter_dir), base),
         versions=record.get("written_by") or {},
     )
+    check_card_metadata(card)
+    return card
+
+
+def build_base_weights_card(description: str, filename: str, sha256: str, *, license: str | None = None) -> ModelCard:
+    """The model card of a base-weights repository: the adapter cards' ``library_name``, ``pipeline_tag`` and
+    :data:`BASE_TAGS`; ``license`` defaults to ``unknown``."""
+    data = ModelCardData(library_name=LIBRARY_NAME, license=license or NO_LICENSE, pipeline_tag=TASK_TYPE,
+                         tags=list(BASE_TAGS))
+    card = ModelCard.from_template(data, template_str=template_text(BASE_WEIGHTS_TEMPLATE),
+                                   description=description, filename=filename, sha256=sha256)
     check_card_metadata(card)
     return card
 

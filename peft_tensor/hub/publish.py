@@ -21,13 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData
+from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
 from .._atomic import _mode_for, atomic_write_text
 from ..errors import PeftTensorError, UnsafePathError
 from .adapter_files import PICKLED_WEIGHTS, WEIGHTS_NAME, adapted_module_shapes, numel, tensor_shapes
-from .cards import LIBRARY_NAME, NO_LICENSE, TASK_TYPE, build_adapter_card, eval_results_from, eval_results_to_json
+from .cards import build_adapter_card, build_base_weights_card, eval_results_from, eval_results_to_json
 from .provenance import (
     FORMAT_VERSION,
     PROVENANCE_FILE,
@@ -333,8 +333,10 @@ def push_base_weights(weights_file: str | os.PathLike, repo_id: str, *, api: HfA
                       license: str | None = None) -> WeightsRef:
     """Publish a base-weights safetensors file to its own repository (one commit); return the pinned reference.
 
-    Its card has the same ``library_name`` (``peft-tensor``), ``pipeline_tag`` and tags as the adapter cards;
-    ``license`` defaults to ``unknown`` (``push_to_hub`` passes the adapter's)."""
+    Its card (``model_cards/base_weights_card.md``, :func:`~peft_tensor.hub.cards.build_base_weights_card`) has the
+    adapter cards' ``library_name`` (``peft-tensor``) and ``pipeline_tag``, and their common tags
+    (:data:`~peft_tensor.hub.cards.BASE_TAGS`); ``license`` defaults to ``unknown`` (``push_to_hub`` passes the
+    adapter's)."""
     weights_file = Path(weights_file)
     if weights_file.suffix != ".safetensors":
         raise HubPublishError(f"Base weights must be a .safetensors file, got {weights_file.name}.")
@@ -343,13 +345,7 @@ def push_base_weights(weights_file: str | os.PathLike, repo_id: str, *, api: HfA
     api = api or HfApi(endpoint=endpoint, token=token)
     digest = sha256_file(weights_file)
     desc = BaseNetwork.from_dict(base_network).describe() if base_network else "a base network"
-    data = ModelCardData(library_name=LIBRARY_NAME, license=license or NO_LICENSE, pipeline_tag=TASK_TYPE,
-                         tags=["peft-tensor", "medical-imaging", "segmentation", "monai"])
-    readme = str(ModelCard(
-        f"---\n{data.to_yaml()}\n---\n\n"
-        f"# Base weights\n\nWeights of `{desc}` used as the frozen base of peft-tensor adapters.\n\n"
-        f"`{BASE_WEIGHTS_FILE}`: sha256 `{digest}`. Research use only; not for clinical use.\n"
-    ))
+    readme = str(build_base_weights_card(desc, BASE_WEIGHTS_FILE, digest, license=license))
     operations = [CommitOperationAdd(BASE_WEIGHTS_FILE, str(weights_file)),
                   CommitOperationAdd("README.md", readme.encode())]
     info = _commit(api, repo_id, operations, "Upload base weights with peft-tensor", revision=None, private=private,

@@ -11,6 +11,7 @@ class the row is exactly :func:`case_metrics`'s. :func:`summarize` then gives th
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -52,8 +53,10 @@ def case_metrics(pred, truth, spacing=(1.0, 1.0, 1.0), min_component_voxels: int
         if yp[:, 1].sum() == 0 or yt[:, 1].sum() == 0:
             hd = float("nan")
         else:
-            hd = float(HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")(
-                yp, yt, spacing=list(spacing)).item())
+            with warnings.catch_warnings():  # MONAI's own call of its deprecated argument, at every case
+                warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
+                hd = float(HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")(
+                    yp, yt, spacing=list(spacing)).item())
         return float(dice.item()), hd, float(iou.item())
 
     p = np.asarray(torch.as_tensor(pred).cpu()).astype(bool).reshape(np.asarray(truth).shape[-3:])

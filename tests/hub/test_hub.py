@@ -31,11 +31,13 @@ from peft_tensor.hub import (
     build_adapter_card,
     describe_network,
     load_pretrained,
+    push_base_weights,
     push_to_hub,
     record_network,
     save_base_weights,
     save_pretrained,
 )
+from peft_tensor.hub.cards import BASE_TAGS
 from peft_tensor.hub.provenance import read_provenance
 
 from tests._models import UNETR_TARGETS, tiny_unetr
@@ -479,6 +481,22 @@ def test_card_metadata_validated(client, trained):
     broken = ModelCard(text.replace("value: 0.812", "value: [0.812]", 1))
     with pytest.raises(ValueError, match="value"):
         broken.validate()
+
+
+def test_base_weights_card_has_the_common_tags(client, trained, weights):
+    """The base-weights card (model_cards/base_weights_card.md) carries exactly cards.BASE_TAGS, the tags every
+    adapter card starts from, and the adapter cards' library_name and pipeline_tag."""
+    adapter_dir, _ = trained
+    record = read_provenance(adapter_dir)
+    ref = push_base_weights(weights.path, "lab/base-card", base_network=record["base_network"], license="mit")
+    card = ModelCard(client.files("lab/base-card")["README.md"].decode())
+    assert card.data.tags == BASE_TAGS
+    assert (card.data.library_name, card.data.pipeline_tag, card.data.license) == (
+        "peft-tensor", "image-segmentation", "mit")
+    assert "# Base weights" in card.text and f"`model.safetensors`: sha256 `{ref.sha256}`" in card.text
+    assert "monai.networks.nets.UNETR" in card.text and "not for clinical use" in card.text
+    adapter = build_adapter_card(adapter_dir, record, repo_id="lab/unetr-lora")
+    assert set(BASE_TAGS) <= set(adapter.data.tags)
 
 
 def test_info_for_directory_and_repo(client, trained, capsys):
