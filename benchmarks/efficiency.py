@@ -37,12 +37,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import multiprocessing as mp
-import os
-import platform
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,20 +45,22 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
+if __package__ in (None, ""):  # run as a file (python benchmarks/<script>.py): the checkout's root, for _common
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import torch
 from peft import PeftModel
 
+from benchmarks._common import (MB, Stopwatch, add_config_args, default_config, fmt, load_average,
+                                load_bench_config, machine_info, median, method_of, print_written, proc_status_kb,
+                                ratio, reset_peak_rss, round_robin, shape_str, unique_params, versions, write_result)
 from peft_tensor.registry import methods
 from peft_tensor.training.arms import FULL_SUFFIX, PEFT_ARMS, apply_arm, canonical_arm, name_matches, save_trained
-from peft_tensor.training.config import load_config
 from peft_tensor.training.models import build_model, defaults_for
 
 __all__ = ["ArmWorker", "build_backbone", "make_arm", "run_benchmark", "machine_info", "versions", "markdown_report",
            "profile_arm", "target_checks", "write_outputs", "main"]
 
-MB = 1024 * 1024
-HERE = Path(__file__).resolve().parent
-CONFIG_DIR = HERE / "configs"
 # The efficiency targets for our methods' arms, against the reference arm (PEFT LoRA r=8) and the base network.
 TARGETS = {"step_vs_ref": 1.10, "memory_vs_ref": 1.10, "infer_vs_base_tolerance": 0.02, "setup_s": 5.0}
 
@@ -110,39 +107,9 @@ def make_arm(model: torch.nn.Module, arm: dict, spec: dict) -> tuple[torch.nn.Mo
     return model, info
 
 
-def _method(arm: dict) -> str:
-    return "floor" if arm["name"] == "floor" else canonical_arm(arm["name"])
-
-
-def _unique_params(model: torch.nn.Module):
-    seen = set()
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            yield p
-
-
-# -- memory and time --------------------------------------------------------------------------------------------------
-def _status_kb(field: str) -> Optional[int]:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
-
-
+# -- memory -----------------------------------------------------------------------------------------------------------
 def _peak_rss_mb() -> float:
-    hwm = _status_kb("VmHWM")
+    hwm = proc_status_kb("VmHWM")
     if hwm is not None:
         return hwm / 1024
     import resource
@@ -151,7 +118,7 @@ def _peak_rss_mb() -> float:
 
 
 def _rss_mb() -> float:
-    rss = _status_kb("VmRSS")
+    rss = proc_status_kb("VmRSS")
     return rss / 1024 if rss is not None else float("nan")
 
 
@@ -189,13 +156,13 @@ class ArmWorker:
         arm, spec = self.job["arm"], self.job["backbone"]
         decoder_params = sum(p.numel() for n, p in self.model.named_parameters() if name_matches(n, decoder_of(spec)))
         self._sync()
-        w0, c0 = time.perf_counter(), time.process_time()
+        watch = Stopwatch()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.model, self.info = make_arm(self.model, arm, spec)
         self._sync()
-        setup_s, setup_cpu_s = time.perf_counter() - w0, time.process_time() - c0
-        params = [p for p in _unique_params(self.model) if p.requires_grad]
+        setup_s, setup_cpu_s = watch.elapsed()
+        params = [p for p in unique_params(self.model) if p.requires_grad]
         trainable = sum(p.numel() for p in params)
         self.opt = torch.optim.Adam(params, lr=1e-3, weight_decay=2e-5, amsgrad=True) if params else None
         return {"trainable": trainable, "decoder_params": decoder_params, "setup_s": setup_s,
@@ -204,7 +171,7 @@ class ArmWorker:
 
     def _file_size(self) -> Optional[int]:
         """Size of the weights file the recipes' :func:`save_trained` writes for this arm (0: nothing trains)."""
-        if _method(self.job["arm"]) == "floor" or not any(p.requires_grad for p in self.model.parameters()):
+        if method_of(self.job["arm"]) == "floor" or not any(p.requires_grad for p in self.model.parameters()):
             return 0
         with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -217,11 +184,11 @@ class ArmWorker:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
-        return {"rss_before_train_mb": _rss_mb(), "peak_reset": _reset_peak_rss()}
+        return {"rss_before_train_mb": _rss_mb(), "peak_reset": reset_peak_rss()}
 
     def step(self) -> dict:
         self._sync()
-        w0, c0 = time.perf_counter(), time.process_time()
+        watch = Stopwatch()
         if self.opt is not None:
             self.opt.zero_grad(set_to_none=True)
         loss = self.loss_fn(self.model(self.x), self.y)
@@ -229,7 +196,8 @@ class ArmWorker:
         if self.opt is not None:
             self.opt.step()
         self._sync()
-        return {"wall_s": time.perf_counter() - w0, "cpu_s": time.process_time() - c0, "loss": loss.item()}
+        wall, cpu = watch.elapsed()
+        return {"wall_s": wall, "cpu_s": cpu, "loss": loss.item()}
 
     def train_end(self) -> dict:
         out = {"peak_rss_mb": _peak_rss_mb()}
@@ -249,13 +217,13 @@ class ArmWorker:
         out: dict[str, Any] = {"merged": False, "merge_s": None, "note": "plain network (no adapter)"}
         if self.info.get("peft"):
             self._sync()
-            t0 = time.perf_counter()
+            watch = Stopwatch()
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     self.model = self.model.merge_and_unload()
                 self._sync()
-                out.update(merged=True, merge_s=time.perf_counter() - t0, note="merged")
+                out.update(merged=True, merge_s=watch.wall(), note="merged")
             except Exception as err:  # noqa: BLE001 - reported, then timed unmerged
                 out["note"] = f"cannot merge ({type(err).__name__}): timed unmerged"
         self.model.eval()
@@ -263,11 +231,12 @@ class ArmWorker:
 
     def infer(self) -> dict:
         self._sync()
-        w0, c0 = time.perf_counter(), time.process_time()
+        watch = Stopwatch()
         with torch.no_grad():
             self.model(self.x)
         self._sync()
-        return {"wall_s": time.perf_counter() - w0, "cpu_s": time.process_time() - c0}
+        wall, cpu = watch.elapsed()
+        return {"wall_s": wall, "cpu_s": cpu}
 
 
 def _worker_main(conn, job: dict) -> None:
@@ -339,28 +308,10 @@ class _Local:
 
 
 # -- the run ----------------------------------------------------------------------------------------------------------
-def _median(xs):
-    return statistics.median(xs) if xs else None
-
-
-def _load() -> list[float]:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return []
-
-
 def _round_robin(workers: dict, names: list[str], cmd: str, rounds: int, warmup: int, log) -> dict:
     """``rounds`` rounds; in each, every worker runs ``cmd`` once, starting one position later each round."""
-    samples = {n: [] for n in names}
-    for i in range(rounds):
-        order = names[i % len(names):] + names[:i % len(names)]
-        for n in order:
-            r = workers[n].call(cmd)
-            if i >= warmup:
-                samples[n].append(r)
-        log(f"  {cmd} round {i + 1}/{rounds} done (load {_load()})")
-    return samples
+    return round_robin(names, lambda n: workers[n].call(cmd), rounds, warmup,
+                       on_round=lambda i: log(f"  {cmd} round {i + 1}/{rounds} done (load {load_average()})"))
 
 
 def run_backbone(name: str, cfg: dict, log=print) -> dict:
@@ -371,9 +322,9 @@ def run_backbone(name: str, cfg: dict, log=print) -> dict:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     arms = dict(spec["arms"])
-    if "floor" not in [_method(a) for a in arms.values()]:
+    if "floor" not in [method_of(a) for a in arms.values()]:
         raise ValueError("every backbone needs a 'floor' arm: its network is the base for the inference ratio")
-    base_arm = next(n for n, a in arms.items() if _method(a) == "floor")
+    base_arm = next(n for n, a in arms.items() if method_of(a) == "floor")
     jobs = {n: {"backbone": spec, "arm": a, "size": run["size"], "batch": run["batch"], "threads": run["threads"],
                 "device": device, "seed": run.get("seed", 0)} for n, a in arms.items()}
     make = _Remote if run.get("isolate", True) else _Local
@@ -389,32 +340,32 @@ def run_backbone(name: str, cfg: dict, log=print) -> dict:
         for n in names:
             ready = workers[n].wait_ready()
         res["base_params"] = ready["base_params"]
-        res["load_average"]["setup"] = _load()
-        per_arm = {n: {"method": _method(arms[n]), "label": arms[n].get("label", n)} for n in names}
+        res["load_average"]["setup"] = load_average()
+        per_arm = {n: {"method": method_of(arms[n]), "label": arms[n].get("label", n)} for n in names}
         for n in names:
             per_arm[n].update(workers[n].call("setup"))
             log(f"  setup {n}: {per_arm[n]['setup_s']:.2f} s, {per_arm[n]['trainable']:,} trainable")
         res["decoder_params"] = per_arm[base_arm]["decoder_params"]
         for n in names:
             per_arm[n].update(workers[n].call("train_begin"))
-        res["load_average"]["train"] = _load()
+        res["load_average"]["train"] = load_average()
         warmup, steps = int(spec.get("warmup_steps", run["warmup_steps"])), int(spec.get("steps", run["steps"]))
         samples = _round_robin(workers, names, "step", warmup + steps, warmup, log)
         for n in names:
             per_arm[n].update(workers[n].call("train_end"))
-            per_arm[n]["step_s"] = _median([s["wall_s"] for s in samples[n]])
-            per_arm[n]["step_cpu_s"] = _median([s["cpu_s"] for s in samples[n]])
+            per_arm[n]["step_s"] = median([s["wall_s"] for s in samples[n]])
+            per_arm[n]["step_cpu_s"] = median([s["cpu_s"] for s in samples[n]])
             per_arm[n]["step_wall_samples"] = [round(s["wall_s"], 4) for s in samples[n]]
             per_arm[n]["step_cpu_samples"] = [round(s["cpu_s"], 4) for s in samples[n]]
             per_arm[n].update(workers[n].call("merge"))
-        res["load_average"]["inference"] = _load()
+        res["load_average"]["inference"] = load_average()
         iw, reps = int(spec.get("infer_warmup", run["infer_warmup"])), int(spec.get("infer_reps", run["infer_reps"]))
         samples = _round_robin(workers, names, "infer", iw + reps, iw, log)
         for n in names:
-            per_arm[n]["infer_s"] = _median([s["wall_s"] for s in samples[n]])
-            per_arm[n]["infer_cpu_s"] = _median([s["cpu_s"] for s in samples[n]])
+            per_arm[n]["infer_s"] = median([s["wall_s"] for s in samples[n]])
+            per_arm[n]["infer_cpu_s"] = median([s["cpu_s"] for s in samples[n]])
             per_arm[n]["infer_wall_samples"] = [round(s["wall_s"], 4) for s in samples[n]]
-        res["load_average"]["end"] = _load()
+        res["load_average"]["end"] = load_average()
     finally:
         for w in workers.values():
             w.close()
@@ -425,65 +376,24 @@ def run_backbone(name: str, cfg: dict, log=print) -> dict:
     return res
 
 
-def _ratio(a, b):
-    return None if a is None or b in (None, 0) else a / b
-
-
 def _ratios(per_arm: dict, base_arm: str, ref: str) -> None:
     base = per_arm[base_arm]
     r = per_arm.get(ref)
     for a in per_arm.values():
-        a["infer_vs_base"] = _ratio(a.get("infer_s"), base.get("infer_s"))
-        a["infer_cpu_vs_base"] = _ratio(a.get("infer_cpu_s"), base.get("infer_cpu_s"))
+        a["infer_vs_base"] = ratio(a.get("infer_s"), base.get("infer_s"))
+        a["infer_cpu_vs_base"] = ratio(a.get("infer_cpu_s"), base.get("infer_cpu_s"))
         if r is None:
             continue
         a["vs_ref"] = {
-            "step": _ratio(a.get("step_s"), r.get("step_s")),
-            "step_cpu": _ratio(a.get("step_cpu_s"), r.get("step_cpu_s")),
-            "peak_rss": _ratio(a.get("peak_rss_mb"), r.get("peak_rss_mb")),
-            "train_mem_above_model": _ratio(a["peak_rss_mb"] - a["rss_before_train_mb"],
+            "step": ratio(a.get("step_s"), r.get("step_s")),
+            "step_cpu": ratio(a.get("step_cpu_s"), r.get("step_cpu_s")),
+            "peak_rss": ratio(a.get("peak_rss_mb"), r.get("peak_rss_mb")),
+            "train_mem_above_model": ratio(a["peak_rss_mb"] - a["rss_before_train_mb"],
                                             r["peak_rss_mb"] - r["rss_before_train_mb"]),
-            "max_allocated": _ratio(a.get("max_allocated_mb"), r.get("max_allocated_mb")),
-            "adapter_file": _ratio(a.get("adapter_file_bytes"), r.get("adapter_file_bytes")),
-            "setup": _ratio(a.get("setup_s"), r.get("setup_s")),
+            "max_allocated": ratio(a.get("max_allocated_mb"), r.get("max_allocated_mb")),
+            "adapter_file": ratio(a.get("adapter_file_bytes"), r.get("adapter_file_bytes")),
+            "setup": ratio(a.get("setup_s"), r.get("setup_s")),
         }
-
-
-def machine_info(threads: int) -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "logical_cores": os.cpu_count(), "torch_threads": threads, "platform": platform.platform(),
-            "python": platform.python_version()}
-    try:
-        info["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024 ** 3, 1)
-    except (ValueError, OSError):
-        pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
-def versions() -> dict:
-    import monai
-    import peft
-    import transformers
-
-    import peft_tensor
-
-    out = {"torch": torch.__version__, "peft": peft.__version__, "transformers": transformers.__version__,
-           "monai": monai.__version__, "peft_tensor": peft_tensor.__version__}
-    try:
-        out["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                           cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        out["git_commit"] = None
-    return out
 
 
 def run_benchmark(cfg: dict, log=print) -> dict:
@@ -491,8 +401,9 @@ def run_benchmark(cfg: dict, log=print) -> dict:
     run = cfg["run"]
     names = run.get("backbones") or list(cfg["backbones"])
     result = {"benchmark": "efficiency", "config": copy.deepcopy(cfg), "machine": machine_info(int(run["threads"])),
-              "versions": versions(), "load_average_start": _load(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "isolated_processes": bool(run.get("isolate", True)), "backbones": {}}
+              "versions": versions(), "load_average_start": load_average(),
+              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "isolated_processes": bool(run.get("isolate", True)),
+              "backbones": {}}
     t0 = time.time()
     for name in names:
         result["backbones"][name] = run_backbone(name, cfg, log=log)
@@ -503,7 +414,7 @@ def run_benchmark(cfg: dict, log=print) -> dict:
             result["conv_delta"].append(conv_delta_costs(int(out_ch), int(in_ch), int(spatial), r=int(cd.get("r", 8)),
                                                          reps=int(cd.get("reps", 3))))
             log(f"[conv_delta] {result['conv_delta'][-1]}")
-    result["load_average_end"] = _load()
+    result["load_average_end"] = load_average()
     result["wall_time_s"] = round(time.time() - t0, 1)
     return result
 
@@ -561,7 +472,7 @@ def conv_delta_costs(out_ch: int, in_ch: int, spatial: int, r: int = 8, k: int =
             y.square().mean().backward()
             if i:
                 times.append(time.process_time() - t)
-        out[f"{name}_cpu_s"] = _median(times)
+        out[f"{name}_cpu_s"] = median(times)
     return out
 
 
@@ -575,17 +486,13 @@ def conv_delta_table(rows: list[dict]) -> list[str]:
              "| conv (out x in) | input | base s | dense s (×base) | factored s (×base) |", "|---|---|---:|---:|---:|"]
     for r in rows:
         b = r["base_cpu_s"]
-        lines.append(f"| {r['shape'][0]} x {r['shape'][1]} | {'x'.join(map(str, r['input']))} | {b:.4f} | "
+        lines.append(f"| {r['shape'][0]} x {r['shape'][1]} | {shape_str(r['input'])} | {b:.4f} | "
                      f"{r['dense_cpu_s']:.4f} ({r['dense_cpu_s'] / b:.2f}) | "
                      f"{r['factored_cpu_s']:.4f} ({r['factored_cpu_s'] / b:.2f}) |")
     return lines + [""]
 
 
 # -- report -----------------------------------------------------------------------------------------------------------
-def _fmt(v, spec="{:.2f}", none="—"):
-    return none if v is None else spec.format(v)
-
-
 def _size(b):
     if b is None:
         return "—"
@@ -609,7 +516,7 @@ def markdown_report(result: dict) -> str:
              "round-robin. Median over timed steps; CPU = process CPU time (all threads).", ""]
     for bname, b in result["backbones"].items():
         ref = b["reference_arm"]
-        shape = "x".join(map(str, b["input"]))
+        shape = shape_str(b["input"])
         lines += [f"## {bname}: {b['network']} ({b['base_params']:,} parameters), input {shape}, {b['device']}", "",
                   f"Load average: set-up {b['load_average'].get('setup')}, training {b['load_average'].get('train')}, "
                   f"inference {b['load_average'].get('inference')}. {b['warmup_steps']} warm-up + {b['steps']} "
@@ -632,13 +539,13 @@ def markdown_report(result: dict) -> str:
             above = a["peak_rss_mb"] - a["rss_before_train_mb"]
             lines.append(
                 f"| {a['label']}{' (ref)' if n == ref else ''} | {a['trainable']:,} | {plus_dec:,} | "
-                f"{_size(a['adapter_file_bytes'])} | {_fmt(a['setup_s'])} | {_fmt(a['step_s'], '{:.3f}')} | "
-                f"{_fmt(a['step_cpu_s'], '{:.3f}')} | {_fmt(r.get('step'))} / {_fmt(r.get('step_cpu'))} | "
-                f"{_fmt(peak, '{:.0f}')} | {above:.0f} | "
-                f"{_fmt(r.get('max_allocated') if cuda else r.get('peak_rss'))} / "
-                f"{_fmt(r.get('train_mem_above_model'))}"
-                f" | {_fmt(a['infer_s'], '{:.3f}')} | {_fmt(a['infer_vs_base'], '{:.3f}')} / "
-                f"{_fmt(a['infer_cpu_vs_base'], '{:.3f}')} | {a['note']} |")
+                f"{_size(a['adapter_file_bytes'])} | {fmt(a['setup_s'])} | {fmt(a['step_s'], '{:.3f}')} | "
+                f"{fmt(a['step_cpu_s'], '{:.3f}')} | {fmt(r.get('step'))} / {fmt(r.get('step_cpu'))} | "
+                f"{fmt(peak, '{:.0f}')} | {above:.0f} | "
+                f"{fmt(r.get('max_allocated') if cuda else r.get('peak_rss'))} / "
+                f"{fmt(r.get('train_mem_above_model'))}"
+                f" | {fmt(a['infer_s'], '{:.3f}')} | {fmt(a['infer_vs_base'], '{:.3f}')} / "
+                f"{fmt(a['infer_cpu_vs_base'], '{:.3f}')} | {a['note']} |")
         checks = target_checks(b)
         if checks:
             lines += ["", "Targets:", "", "| arm | target | value | met |", "|---|---|---:|---|"]
@@ -670,17 +577,17 @@ def target_checks(b: dict) -> list[dict]:
         r = a["vs_ref"]
         mem = r["max_allocated"] or r["peak_rss"]
         out += [
-            {"arm": a["label"], "target": f"step time <= {step_max:.2f}x LoRA (wall)", "value": _fmt(r["step"]),
+            {"arm": a["label"], "target": f"step time <= {step_max:.2f}x LoRA (wall)", "value": fmt(r["step"]),
              "met": r["step"] is not None and r["step"] <= step_max},
             {"arm": a["label"], "target": f"step time <= {step_max:.2f}x LoRA (CPU time)",
-             "value": _fmt(r["step_cpu"]), "met": r["step_cpu"] is not None and r["step_cpu"] <= step_max},
-            {"arm": a["label"], "target": f"peak memory <= {mem_max:.2f}x LoRA", "value": _fmt(mem),
+             "value": fmt(r["step_cpu"]), "met": r["step_cpu"] is not None and r["step_cpu"] <= step_max},
+            {"arm": a["label"], "target": f"peak memory <= {mem_max:.2f}x LoRA", "value": fmt(mem),
              "met": mem <= mem_max},
             {"arm": a["label"], "target": f"merged inference within {tol:.0%} of base (wall)",
-             "value": _fmt(a["infer_vs_base"], "{:.3f}"), "met": abs(a["infer_vs_base"] - 1) <= tol},
+             "value": fmt(a["infer_vs_base"], "{:.3f}"), "met": abs(a["infer_vs_base"] - 1) <= tol},
             {"arm": a["label"], "target": f"merged inference within {tol:.0%} of base (CPU time)",
-             "value": _fmt(a["infer_cpu_vs_base"], "{:.3f}"), "met": abs(a["infer_cpu_vs_base"] - 1) <= tol},
-            {"arm": a["label"], "target": f"set-up <= {setup_max:g} s", "value": _fmt(a["setup_s"]) + " s",
+             "value": fmt(a["infer_cpu_vs_base"], "{:.3f}"), "met": abs(a["infer_cpu_vs_base"] - 1) <= tol},
+            {"arm": a["label"], "target": f"set-up <= {setup_max:g} s", "value": fmt(a["setup_s"]) + " s",
              "met": a["setup_s"] <= setup_max},
             {"arm": a["label"], "target": "adapter file < LoRA's",
              "value": f"{_size(a['adapter_file_bytes'])} vs {_size(ref['adapter_file_bytes'])}",
@@ -690,14 +597,9 @@ def target_checks(b: dict) -> list[dict]:
 
 
 def write_outputs(result: dict, out_dir, stem: str) -> tuple[Path, Path]:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     for b in result["backbones"].values():
         b["targets_checked"] = target_checks(b)
-    js, md = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
-    js.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    md.write_text(markdown_report(result))
-    return js, md
+    return write_result(result, out_dir, stem, markdown_report)
 
 
 # -- profiling --------------------------------------------------------------------------------------------------------
@@ -722,12 +624,10 @@ def profile_arm(cfg: dict, backbone: str, arm_name: str, steps: int = 3, row_lim
 # -- command line -----------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", help="YAML path or a name in benchmarks/configs (default: CPU or GPU config)")
+    add_config_args(parser)
     parser.add_argument("--profile", metavar="BACKBONE:ARM", help="profile one arm's training steps and exit")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value (YAML value), e.g. run.steps=3")
     args = parser.parse_args(argv)
-    name = args.config or ("efficiency_gpu" if torch.cuda.is_available() else "efficiency_cpu")
-    cfg = load_config(name, args.overrides, search=[CONFIG_DIR])
+    cfg = load_bench_config(args.config or default_config("efficiency"), args.overrides)
     torch.set_num_threads(int(cfg["run"]["threads"]))
 
     if args.profile:
@@ -736,9 +636,7 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     result = run_benchmark(cfg, log=lambda msg: print(msg, flush=True))
-    js, md = write_outputs(result, cfg["output_dir"], cfg.get("stem", "efficiency"))
-    print(md.read_text())
-    print(f"wrote {js} and {md}", file=sys.stderr)
+    print_written(*write_outputs(result, cfg["output_dir"], cfg.get("stem", "efficiency")))
 
 
 if __name__ == "__main__":

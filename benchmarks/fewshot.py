@@ -18,24 +18,27 @@ so far (seeds are the outer loop: the first seed's full grid completes first).
 
 from __future__ import annotations
 
-import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file (python benchmarks/<script>.py): the checkout's root, for _common
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import torch
 
 import peft_tensor
+from benchmarks._common import CONFIG_DIR, load_average, machine_line
 from peft_tensor.recipes.demo import arm_label, ensure_backbone, finetune_arm
 from peft_tensor.training import write_json
 from peft_tensor.training.config import parse_recipe_args
 from peft_tensor.training.loop import configure_threads
 
 DEFAULT_CONFIG = "fewshot_cpu"
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 def aggregate(runs: list[dict], arms: list[str], ns: list[int]) -> dict:
@@ -137,7 +140,7 @@ def main(cfg: dict) -> dict:
     out, stem = Path(cfg.get("output_dir", "benchmarks/results")), cfg.get("stem", "fewshot_cpu")
     threads = configure_threads(cfg.get("threads"))
     cfg = {**cfg, "threads": threads}  # every run with the threads chosen once, at the start
-    load_start = [round(x, 2) for x in os.getloadavg()]
+    load_start = load_average()
 
     # the pretrained backbone: given by path, or the demo's (pretrained on the source task once, then cached)
     if cfg["model"].get("pretrained"):
@@ -155,7 +158,7 @@ def main(cfg: dict) -> dict:
         "grid": {"n_train": ns, "seeds": seeds, "arms": arms, "steps": cfg["finetune"]["train"].get("steps"),
                  "batch_size": cfg["finetune"]["train"].get("batch_size", 2),
                  "n_runs": len(ns) * len(seeds) * len(arms)},
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", "threads": threads,
+        "machine": machine_line(), "threads": threads,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "peft_tensor": getattr(peft_tensor, "__version__", "?")},
         "load_average_start": load_start, "pretrain_s": pretrain_s, "n_test_cases": None,

@@ -31,9 +31,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+if __package__ in (None, ""):  # run as a file (python benchmarks/<script>.py): the checkout's root, for _common
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import RESULTS_DIR, middle
 
 # UNETR-B's ViT: hidden n, MLP m, 12 blocks; paper grouping: attention (out_proj, q, k, v of every block: L = 48),
 # MLP up (L = 12), MLP down (L = 12)
@@ -126,7 +130,7 @@ def matmul_seconds(shapes, reps: int = 3) -> float:
                 t0 = time.process_time()
                 torch.mm(a, b)
                 times.append(time.process_time() - t0)
-            _MM_SECONDS[shape] = sorted(times)[len(times) // 2]
+            _MM_SECONDS[shape] = middle(times)
         total += _MM_SECONDS[shape]
     return total
 
@@ -167,7 +171,7 @@ def build_seconds(reps: int = 3) -> list[float]:
                 for _ in range(2 * BLOCKS):
                     _ = w + w
             times.append(time.process_time() - t0)
-        out.append(sorted(times)[len(times) // 2])
+        out.append(middle(times))
     return out
 
 
@@ -224,7 +228,7 @@ def report(results: dict, cell: int = 0, build: bool = True) -> str:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--results", default=str(HERE / "results" / "vit_blocks_cpu.json"))
+    ap.add_argument("--results", default=str(RESULTS_DIR / "vit_blocks_cpu.json"))
     ap.add_argument("--cell", type=int, default=0, help="index of the (tokens, batch) cell in the results")
     ap.add_argument("--no-build", action="store_true", help="skip timing the D build of the hybrid scheme")
     ap.add_argument("--out", default=None, help="also write the table to this .md file")

@@ -24,17 +24,18 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a file (python benchmarks/<script>.py): the checkout's root, for _common
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-BENCH_CONFIGS = Path(__file__).resolve().parent / "configs"
+from benchmarks._common import CONFIG_DIR, REPO, Stopwatch, load_average, load_bench_config, machine_line
 
 
 # ---------------------------------------------------------------- synthetic data
@@ -126,21 +127,21 @@ def measure_loader(cfg: dict, dataset: str, workers: int) -> dict:
                          "classes": {"a": [1], "b": [2]}, "fractions": {"train": 1.0}})
     settings = LoaderSettings(dataset=dataset, cache_rate=float(cfg.get("cache_rate", 1.0)), num_workers=workers,
                               cache_dir=str(Path(cfg["work_dir"]) / "persistent"))
-    t0, c0 = time.perf_counter(), time.process_time()
+    watch = Stopwatch()
     source = CaseSource.from_settings(data["train"], data.task, cfg.get("preprocess"), patch, settings)
     if dataset == "persistent":  # fill the disk cache once, as the first epoch of a real run would
         for i in range(len(source)):
             source.dataset[i]
-    prepare_s, prepare_cpu = time.perf_counter() - t0, time.process_time() - c0
+    prepare_s, prepare_cpu = watch.elapsed()
     warm, n = int(m.get("warmup_batches", 2)), int(m["batches"])
     loader = train_loader(source, 0, batch, augmentation(patch), 0, warm + n, settings=settings)
     it = iter(loader)
     for _ in range(warm):
         next(it)
-    t0, c0 = time.perf_counter(), time.process_time()
+    watch = Stopwatch()
     for _ in range(n):
         x, y = next(it)
-    wall, cpu_main = time.perf_counter() - t0, time.process_time() - c0
+    wall, cpu_main = watch.elapsed()
     del it, loader
     sampler.stop()
     import resource
@@ -185,10 +186,10 @@ def measure_steps(cfg: dict) -> list:
         for _ in range(int(spec.get("warmup", 1))):
             train_step(model, x, y, loss_fn, opt)
         steps = int(spec.get("steps", 3))
-        t0, c0 = time.perf_counter(), time.process_time()
+        watch = Stopwatch()
         for _ in range(steps):
             train_step(model, x, y, loss_fn, opt)
-        wall, cpu = (time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps
+        wall, cpu = (t / steps for t in watch.elapsed())
         out.append({"model": name, "params": sum(p.numel() for p in model.parameters()), "threads":
                     torch.get_num_threads(), "step_wall_s": wall, "step_cpu_s": cpu, "cases_per_s": batch / wall})
     return out
@@ -216,7 +217,7 @@ def markdown(result: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    from peft_tensor.training.config import config_path, load_config
+    from peft_tensor.training.config import config_path
     from peft_tensor.training.run_log import write_json
 
     args = list(sys.argv[1:] if argv is None else argv)
@@ -224,18 +225,18 @@ def main(argv=None) -> dict:
     args = [a for a in args if not a.startswith("_one=")]
     name = args[args.index("--config") + 1] if "--config" in args else "loader_cpu"
     overrides = [a for i, a in enumerate(args) if a != "--config" and (i == 0 or args[i - 1] != "--config")]
-    cfg = load_config(name, overrides, search=[BENCH_CONFIGS])
+    cfg = load_bench_config(name, overrides)
     if one is not None:  # a worker process of run_isolated
         dataset, workers = one.split(":")
         print(json.dumps(measure_loader(cfg, dataset, int(workers))))
         return {}
 
-    load_before = [round(v, 2) for v in os.getloadavg()]
+    load_before = load_average()
     s = cfg["synthetic"]
-    t0 = time.perf_counter()
+    watch = Stopwatch()
     write_synthetic(Path(cfg["data_dir"]), int(s["n_cases"]), s["size"], float(s["spacing"]), int(s["seed"]))
-    print(f"synthetic data in {cfg['data_dir']} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    path = config_path(name, [BENCH_CONFIGS])
+    print(f"synthetic data in {cfg['data_dir']} ({watch.wall():.0f} s)", flush=True)
+    path = config_path(name, [CONFIG_DIR])
     loader = []
     for dataset in cfg["datasets"]:
         for workers in cfg["workers"]:
@@ -248,9 +249,8 @@ def main(argv=None) -> dict:
     import torch
 
     result = {"config": cfg, "n_cases": int(s["n_cases"]), "loader": loader, "steps": steps,
-              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-              "torch": torch.__version__, "load_before": load_before,
-              "load_after": [round(v, 2) for v in os.getloadavg()]}
+              "machine": machine_line(), "torch": torch.__version__, "load_before": load_before,
+              "load_after": load_average()}
     out = Path(cfg["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / f"{cfg['stem']}.json", result)

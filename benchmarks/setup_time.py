@@ -28,15 +28,17 @@ import copy
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a file (python benchmarks/<script>.py): the checkout's root, for _common
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks._common import RESULTS_DIR, Stopwatch, median
+
 TARGETS = ["attn.qkv", "attn.out_proj", "mlp.linear1", "mlp.linear2"]
 
 
@@ -80,10 +82,10 @@ class _Recorder:
         original = getattr(module, name)
 
         def timed(weight, *args, **kwargs):
-            w0, c0 = time.perf_counter(), time.process_time()
+            watch = Stopwatch()
             out = original(weight, *args, **kwargs)
-            self.calls.append({"shape": list(weight.shape), "wall_s": time.perf_counter() - w0,
-                               "cpu_s": time.process_time() - c0})
+            wall, cpu = watch.elapsed()
+            self.calls.append({"shape": list(weight.shape), "wall_s": wall, "cpu_s": cpu})
             return out
 
         setattr(module, name, timed)
@@ -111,9 +113,9 @@ def set_up(base: torch.nn.Module, arm: str):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            w0, c0 = time.perf_counter(), time.process_time()
+            watch = Stopwatch()
             model = peft.get_peft_model(model, peft_config(arm))
-            wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+            wall, cpu = watch.elapsed()
     finally:
         _openblas.kernels = kernels
         rec.restore()
@@ -166,8 +168,8 @@ def main(argv=None) -> int:
                 print(f"{arm:13s} threads {threads}: wall {timing['wall_s']:.2f} s, CPU {timing['cpu_s']:.2f} s "
                       f"(load {os.getloadavg()[0]:.1f})", flush=True)
             entry = {"arm": arm, "threads": threads, "load_average_1min": [load, os.getloadavg()[0]],
-                     "wall_s": statistics.median(r["wall_s"] for r in runs),
-                     "cpu_s": statistics.median(r["cpu_s"] for r in runs),
+                     "wall_s": median([r["wall_s"] for r in runs]),
+                     "cpu_s": median([r["cpu_s"] for r in runs]),
                      "wall_s_all": [r["wall_s"] for r in runs], "cpu_s_all": [r["cpu_s"] for r in runs],
                      "groups": _group_medians(runs)}
             if arm == "lorapt" and not args.no_error and not errors_done:
@@ -175,12 +177,12 @@ def main(argv=None) -> int:
                 errors_done = True
             res["runs"].append(entry)
             del model
-    RESULTS.mkdir(exist_ok=True)
+    RESULTS_DIR.mkdir(exist_ok=True)
     from peft_tensor._atomic import atomic_write_text
 
-    atomic_write_text(RESULTS / f"{stem}.json", json.dumps(res, indent=1) + "\n")
+    atomic_write_text(RESULTS_DIR / f"{stem}.json", json.dumps(res, indent=1) + "\n")
     table = render(res)
-    atomic_write_text(RESULTS / f"{stem}.md", table)
+    atomic_write_text(RESULTS_DIR / f"{stem}.md", table)
     print(table)
     return 0
 
@@ -188,8 +190,8 @@ def main(argv=None) -> int:
 def _group_medians(runs: list[dict]) -> list[dict]:
     out = []
     for i, call in enumerate(runs[0]["groups"]):
-        out.append({"shape": call["shape"], "wall_s": statistics.median(r["groups"][i]["wall_s"] for r in runs),
-                    "cpu_s": statistics.median(r["groups"][i]["cpu_s"] for r in runs)})
+        out.append({"shape": call["shape"], "wall_s": median([r["groups"][i]["wall_s"] for r in runs]),
+                    "cpu_s": median([r["groups"][i]["cpu_s"] for r in runs])})
     return out
 
 

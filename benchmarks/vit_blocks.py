@@ -61,19 +61,20 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
+if __package__ in (None, ""):  # run as a file (python benchmarks/<script>.py): the checkout's root, for _common
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import torch
 from torch import nn
 
+from benchmarks._common import (MB, CONFIG_DIR, REPO, Stopwatch, add_config_args, default_config, fmt, load_average,
+                                load_bench_config, machine_info, median, method_of, print_written, proc_status_kb,
+                                ratio, reset_peak_rss, round_robin, shape_str, unique_params, versions, write_result)
 from peft_tensor.registry import methods
-from peft_tensor.training.arms import canonical_arm, peft_config
-from peft_tensor.training.config import load_config
+from peft_tensor.training.arms import peft_config
 
 __all__ = ["ViTBlocks", "build_blocks", "expand_arms", "build_arm", "saved_activation_bytes", "adapter_held_bytes",
-           "memory_probe", "run_benchmark", "markdown_report", "write_outputs", "main"]
-
-MB = 1024 * 1024
-HERE = Path(__file__).resolve().parent
-CONFIG_DIR = HERE / "configs"
+           "memory_probe", "run_benchmark", "markdown_report", "write_outputs", "main", "MB", "CONFIG_DIR"]
 
 
 def _worktree() -> dict:
@@ -83,28 +84,13 @@ def _worktree() -> dict:
     import subprocess
 
     try:
-        kw = {"capture_output": True, "text": True, "cwd": HERE.parent, "timeout": 20}
+        kw = {"capture_output": True, "text": True, "cwd": REPO, "timeout": 20}
         files = subprocess.run(["git", "diff", "HEAD", "--name-only", "--", "peft_tensor"], **kw).stdout.split()
         diff = subprocess.run(["git", "diff", "HEAD", "--", "peft_tensor"], **kw).stdout
     except (OSError, subprocess.SubprocessError):
         return {}
     return {"peft_tensor_changed_files": files, "peft_tensor_diff_sha1": hashlib.sha1(diff.encode()).hexdigest()
             if files else None}
-
-
-def _efficiency():
-    """``benchmarks/efficiency.py`` (machine and version info), imported as a package module or, when this file
-    runs as a script, from its folder (which is then on ``sys.path``)."""
-    try:
-        from benchmarks import efficiency
-    except ImportError:
-        import efficiency  # type: ignore[no-redef]
-    return efficiency
-
-
-# the efficiency benchmark's small helpers, shared rather than copied
-_median, _load, _fmt = _efficiency()._median, _efficiency()._load, _efficiency()._fmt
-_proc_status_kb = _efficiency()._status_kb
 
 
 # -- network and arms -------------------------------------------------------------------------------------------------
@@ -136,10 +122,6 @@ def build_blocks(model_cfg: dict, seed: int = 0) -> ViTBlocks:
     return ViTBlocks(vit.blocks)
 
 
-def _method(arm: dict) -> str:
-    return "floor" if arm["name"] == "floor" else canonical_arm(arm["name"])
-
-
 def _has_delta_mode(method: str) -> bool:
     spec = methods().get(method)
     return spec is not None and "delta_mode" in {f.name for f in dataclasses.fields(spec.config_cls)}
@@ -154,20 +136,12 @@ def expand_arms(arms: dict, delta_modes) -> dict:
         if arm is None:
             continue
         out[name] = dict(arm)
-        if "delta_mode" in arm or not _has_delta_mode(_method(arm)):
+        if "delta_mode" in arm or not _has_delta_mode(method_of(arm)):
             continue
         for mode in delta_modes or ():
             label = arm.get("label", name)
             out[f"{name}_{mode}"] = {**arm, "delta_mode": mode, "label": f"{label}, delta_mode={mode}"}
     return out
-
-
-def _unique_params(model: nn.Module):
-    seen = set()
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            yield p
 
 
 def build_arm(base: ViTBlocks, arm: dict, targets: list[str], device: torch.device) -> tuple[nn.Module, dict]:
@@ -178,11 +152,11 @@ def build_arm(base: ViTBlocks, arm: dict, targets: list[str], device: torch.devi
     model = copy.deepcopy(base).to(device)
     model.requires_grad_(False)
     fields = {k: v for k, v in arm.items() if k != "label"}
-    info: dict[str, Any] = {"method": _method(arm), "label": arm.get("label", arm["name"]),
+    info: dict[str, Any] = {"method": method_of(arm), "label": arm.get("label", arm["name"]),
                             "fields": {k: v for k, v in fields.items() if k != "name"}}
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     sync()
-    w0, c0 = time.perf_counter(), time.process_time()
+    watch = Stopwatch()
     if info["method"] != "floor":
         fields.setdefault("target_modules", list(targets))
         fields.setdefault("modules_to_save", [])
@@ -190,8 +164,8 @@ def build_arm(base: ViTBlocks, arm: dict, targets: list[str], device: torch.devi
             warnings.simplefilter("ignore")
             model = get_peft_model(model, peft_config(fields["name"], fields, {"name": "unetr"}))
     sync()
-    info["setup_s"], info["setup_cpu_s"] = time.perf_counter() - w0, time.process_time() - c0
-    info["trainable"] = sum(p.numel() for p in _unique_params(model) if p.requires_grad)
+    info["setup_s"], info["setup_cpu_s"] = watch.elapsed()
+    info["trainable"] = sum(p.numel() for p in unique_params(model) if p.requires_grad)
     model.train()
     return model, info
 
@@ -276,10 +250,11 @@ def memory_probe(cfg: dict, arm_name: str, tokens: int, batch: int) -> dict:
     x = torch.randn(batch, tokens, int(cfg["model"]["hidden_size"]), generator=gen).requires_grad_(True)
     _clear(model, x)
     gc.collect()
-    rss0 = _proc_status_kb("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM (the peak RSS mark) to the current RSS
+    rss0 = proc_status_kb("VmRSS")
+    if not reset_peak_rss():  # VmHWM (the peak RSS mark) to the current RSS
+        raise OSError("cannot reset the peak-RSS mark through /proc/self/clear_refs")
     _loss(model(x)).backward()
-    peak = _proc_status_kb("VmHWM")
+    peak = proc_status_kb("VmHWM")
     return {"peak_above_mb": (peak - rss0) / 1024, "rss_before_mb": rss0 / 1024, "peak_rss_mb": peak / 1024}
 
 
@@ -292,7 +267,7 @@ def _run_probe(cfg: dict, arm_name: str, tokens: int, batch: int, timeout: float
         spec = Path(tmp) / "probe.json"
         spec.write_text(json.dumps({"cfg": cfg, "arm": arm_name, "tokens": tokens, "batch": batch}, default=str))
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent), env.get("PYTHONPATH")]))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--memory-probe", str(spec)],
                               capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
@@ -325,12 +300,13 @@ def _step(model: nn.Module, x: torch.Tensor, device: torch.device) -> dict:
         before = torch.cuda.memory_allocated(device)
         ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         ev0.record()
-    w0, c0 = time.perf_counter(), time.process_time()
+    watch = Stopwatch()
     _loss(model(x)).backward()
     if cuda:
         ev1.record()
         torch.cuda.synchronize(device)
-    out = {"wall_ms": (time.perf_counter() - w0) * 1e3, "cpu_ms": (time.process_time() - c0) * 1e3}
+    wall, cpu = watch.elapsed()
+    out = {"wall_ms": wall * 1e3, "cpu_ms": cpu * 1e3}
     if cuda:
         out["cuda_ms"] = ev0.elapsed_time(ev1)
         out["peak_above_mb"] = (torch.cuda.max_memory_allocated(device) - before) / MB
@@ -338,10 +314,6 @@ def _step(model: nn.Module, x: torch.Tensor, device: torch.device) -> dict:
 
 
 # -- the run ----------------------------------------------------------------------------------------------------------
-def _ratio(a, b):
-    return None if a is None or b in (None, 0) else a / b
-
-
 def _cells(run: dict) -> list[tuple[int, int]]:
     if run.get("cells"):
         return [(int(t), int(b)) for t, b in run["cells"]]
@@ -357,16 +329,16 @@ def _ratios(cell_arms: dict, floor: str, ref: str) -> None:
     for a in cell_arms.values():
         if "error" in a:
             continue
-        a["vs_floor"] = {"step": _ratio(a["step_ms"], f.get("step_ms")),
-                         "step_cpu": _ratio(a["cpu_ms"], f.get("cpu_ms"))}
-        a["vs_lora"] = {"step": _ratio(a["step_ms"], r.get("step_ms")),
-                        "step_cpu": _ratio(a["cpu_ms"], r.get("cpu_ms")),
-                        "saved_act": _ratio(a["saved_act_mb"], r.get("saved_act_mb")),
-                        "memory_proxy": _ratio(a.get("memory_proxy_mb"), r.get("memory_proxy_mb"))}
-        a["vs_lora"]["step_memory"] = _ratio(a.get("step_memory_mb"), r.get("step_memory_mb"))
+        a["vs_floor"] = {"step": ratio(a["step_ms"], f.get("step_ms")),
+                         "step_cpu": ratio(a["cpu_ms"], f.get("cpu_ms"))}
+        a["vs_lora"] = {"step": ratio(a["step_ms"], r.get("step_ms")),
+                        "step_cpu": ratio(a["cpu_ms"], r.get("cpu_ms")),
+                        "saved_act": ratio(a["saved_act_mb"], r.get("saved_act_mb")),
+                        "memory_proxy": ratio(a.get("memory_proxy_mb"), r.get("memory_proxy_mb"))}
+        a["vs_lora"]["step_memory"] = ratio(a.get("step_memory_mb"), r.get("step_memory_mb"))
         if "cuda_ms" in a:
-            a["vs_floor"]["cuda"] = _ratio(a["cuda_ms"], f.get("cuda_ms"))
-            a["vs_lora"]["cuda"] = _ratio(a["cuda_ms"], r.get("cuda_ms"))
+            a["vs_floor"]["cuda"] = ratio(a["cuda_ms"], f.get("cuda_ms"))
+            a["vs_lora"]["cuda"] = ratio(a["cuda_ms"], r.get("cuda_ms"))
 
 
 def run_cell(models: dict, tokens: int, batch: int, hidden: int, run: dict, device: torch.device, log) -> dict:
@@ -383,25 +355,19 @@ def run_cell(models: dict, tokens: int, batch: int, hidden: int, run: dict, devi
         out[n].update(saved_act_mb=act / MB, saved_total_mb=total / MB, adapter_state_mb=state / MB,
                       adapter_cache_mb=cache / MB, memory_proxy_mb=(act + state + cache) / MB)
     warmup, steps = int(run["warmup_steps"]), int(run["steps"])
-    samples: dict[str, list] = {n: [] for n in names}
-    load0 = _load()
-    for i in range(warmup + steps):
-        order = names[i % len(names):] + names[:i % len(names)]
-        for n in order:
-            s = _step(models[n], x, device)
-            if i >= warmup:
-                samples[n].append(s)
-        log(f"  [{tokens} tokens x {batch}] round {i + 1}/{warmup + steps}"
-            f"{' (warm-up)' if i < warmup else ''} done, load {_load()}")
+    load0 = load_average()
+    samples = round_robin(names, lambda n: _step(models[n], x, device), warmup + steps, warmup,
+                          on_round=lambda i: log(f"  [{tokens} tokens x {batch}] round {i + 1}/{warmup + steps}"
+                                                 f"{' (warm-up)' if i < warmup else ''} done, load {load_average()}"))
     for n in names:
         _clear(models[n], x)
         a, ss = out[n], samples[n]
-        a["step_ms"] = _median([s["wall_ms"] for s in ss])
-        a["cpu_ms"] = _median([s["cpu_ms"] for s in ss])
+        a["step_ms"] = median([s["wall_ms"] for s in ss])
+        a["cpu_ms"] = median([s["cpu_ms"] for s in ss])
         a["wall_samples_ms"] = [round(s["wall_ms"], 2) for s in ss]
         a["cpu_samples_ms"] = [round(s["cpu_ms"], 2) for s in ss]
         if device.type == "cuda":
-            a["cuda_ms"] = _median([s["cuda_ms"] for s in ss])
+            a["cuda_ms"] = median([s["cuda_ms"] for s in ss])
             a["cuda_samples_ms"] = [round(s["cuda_ms"], 3) for s in ss]
             a["peak_above_mb"] = max(s["peak_above_mb"] for s in ss)
     if _probe_enabled(run, device):
@@ -413,7 +379,7 @@ def run_cell(models: dict, tokens: int, batch: int, hidden: int, run: dict, devi
                 out[n]["probe_error"] = str(err)[-300:]
                 log(f"  [{tokens} tokens x {batch}] memory probe {n} FAILED: {out[n]['probe_error']}")
     return {"tokens": tokens, "batch": batch, "input": [batch, tokens, hidden], "warmup_steps": warmup,
-            "steps": steps, "load_average": {"start": load0, "end": _load()}, "arms": out}
+            "steps": steps, "load_average": {"start": load0, "end": load_average()}, "arms": out}
 
 
 def subprocess_error():
@@ -431,7 +397,6 @@ def _probe_enabled(run: dict, device: torch.device) -> bool:
 
 def run_benchmark(cfg: dict, log=print, on_cell=None) -> dict:
     """Build every arm once, then run every cell; ``on_cell(result)`` after each cell (partial results)."""
-    eff = _efficiency()
     run = cfg["run"]
     device = run.get("device", "auto")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
@@ -440,9 +405,9 @@ def run_benchmark(cfg: dict, log=print, on_cell=None) -> dict:
     arms = expand_arms(cfg["arms"], run.get("delta_modes", ["factored", "dense"]))
     floor, ref = cfg.get("floor_arm", "floor"), cfg.get("reference", "lora")
     result: dict[str, Any] = {"benchmark": "vit_blocks", "config": copy.deepcopy(cfg),
-                              "machine": eff.machine_info(threads), "versions": {**eff.versions(), **_worktree()},
+                              "machine": machine_info(threads), "versions": {**versions(), **_worktree()},
                               "device": str(device),
-                              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average_start": _load(),
+                              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average_start": load_average(),
                               "floor_arm": floor, "reference_arm": ref, "arms": {}, "cells": [],
                               "delta_mode_available": {m: _has_delta_mode(m) for m in methods()}}
     t0 = time.time()
@@ -454,7 +419,7 @@ def run_benchmark(cfg: dict, log=print, on_cell=None) -> dict:
             models[n], result["arms"][n] = build_arm(base, arm, cfg["targets"], device)
             log(f"set-up {n}: {result['arms'][n]['setup_s']:.2f} s, {result['arms'][n]['trainable']:,} trainable")
         except Exception as err:  # noqa: BLE001 - reported in the table, the other arms still run
-            result["arms"][n] = {"method": _method(arm), "label": arm.get("label", n), "error":
+            result["arms"][n] = {"method": method_of(arm), "label": arm.get("label", n), "error":
                                  f"{type(err).__name__}: {err}"}
             log(f"set-up {n} FAILED: {result['arms'][n]['error']}")
     base_bytes = sum(t.numel() * t.element_size() for t in (*base.parameters(), *base.buffers()))
@@ -468,7 +433,7 @@ def run_benchmark(cfg: dict, log=print, on_cell=None) -> dict:
         cell["arms"] = {n: cell["arms"][n] for n in result["arms"]}  # configured order
         _ratios(cell["arms"], floor, ref)
         result["cells"].append(cell)
-        result["load_average_end"] = _load()
+        result["load_average_end"] = load_average()
         result["wall_time_s"] = round(time.time() - t0, 1)
         if on_cell is not None:
             on_cell(result)
@@ -502,7 +467,7 @@ def markdown_report(result: dict) -> str:
             lines.append(f"| {a['label']} | {a['trainable']:,} | {a['setup_s']:.2f} |")
     lines.append("")
     for c in result["cells"]:
-        lines += [f"## {c['tokens']} tokens, batch {c['batch']} (input {'x'.join(map(str, c['input']))})", "",
+        lines += [f"## {c['tokens']} tokens, batch {c['batch']} (input {shape_str(c['input'])})", "",
                   f"1 untimed step (saved activations) + {c['warmup_steps']} warm-up + {c['steps']} timed steps per "
                   f"arm, round-robin; load average "
                   f"{c['load_average']['start']} -> {c['load_average']['end']}.", ""]
@@ -523,15 +488,15 @@ def markdown_report(result: dict) -> str:
                 lines.append(f"| {label} | FAILED | | | | | | |" + (" | | | | |" if cuda else " | |" if probe else ""))
                 continue
             f, r = a["vs_floor"], a["vs_lora"]
-            row = (f"| {label} | {_fmt(a['step_ms'], '{:.1f}')} | {_fmt(a['cpu_ms'], '{:.1f}')} | "
-                   f"{_fmt(f['step'])} / {_fmt(f['step_cpu'])} | {_fmt(r['step'])} / {_fmt(r['step_cpu'])} | "
+            row = (f"| {label} | {fmt(a['step_ms'], '{:.1f}')} | {fmt(a['cpu_ms'], '{:.1f}')} | "
+                   f"{fmt(f['step'])} / {fmt(f['step_cpu'])} | {fmt(r['step'])} / {fmt(r['step_cpu'])} | "
                    f"{a['saved_act_mb']:.1f} | {a.get('adapter_state_mb', 0):.1f} + "
-                   f"{a.get('adapter_cache_mb', 0):.1f} | {_fmt(r.get('memory_proxy'))} |")
+                   f"{a.get('adapter_cache_mb', 0):.1f} | {fmt(r.get('memory_proxy'))} |")
             if cuda:
-                row += (f" {_fmt(a['cuda_ms'], '{:.2f}')} | {_fmt(f['cuda'])} | {_fmt(r['cuda'])} | "
-                        f"{a['peak_above_mb']:.1f} | {_fmt(r.get('step_memory'))} |")
+                row += (f" {fmt(a['cuda_ms'], '{:.2f}')} | {fmt(f['cuda'])} | {fmt(r['cuda'])} | "
+                        f"{a['peak_above_mb']:.1f} | {fmt(r.get('step_memory'))} |")
             elif probe:
-                row += f" {_fmt(a.get('peak_above_mb'), '{:.0f}')} | {_fmt(r.get('step_memory'))} |"
+                row += f" {fmt(a.get('peak_above_mb'), '{:.0f}')} | {fmt(r.get('step_memory'))} |"
             lines.append(row)
         lines.append("")
     lines += ["Columns: *step* = grads cleared + forward of the blocks + mean-square loss + backward (input requires "
@@ -552,19 +517,13 @@ def markdown_report(result: dict) -> str:
 
 
 def write_outputs(result: dict, out_dir, stem: str) -> tuple[Path, Path]:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    js, md = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
-    js.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    md.write_text(markdown_report(result))
-    return js, md
+    return write_result(result, out_dir, stem, markdown_report)
 
 
 # -- command line -----------------------------------------------------------------------------------------------------
 def main(argv: Optional[list[str]] = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", help="YAML path or a name in benchmarks/configs (default: CPU or GPU config)")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value (YAML value), e.g. run.steps=3")
+    add_config_args(parser)
     parser.add_argument("--memory-probe", metavar="SPEC_JSON", help=argparse.SUPPRESS)  # internal: one arm's probe
     args = parser.parse_args(argv)
     if args.memory_probe:
@@ -572,14 +531,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
         out = memory_probe(spec["cfg"], spec["arm"], int(spec["tokens"]), int(spec["batch"]))
         print(json.dumps(out))
         return out
-    name = args.config or ("vit_blocks_gpu" if torch.cuda.is_available() else "vit_blocks_cpu")
-    cfg = load_config(name, args.overrides, search=[CONFIG_DIR])
+    cfg = load_bench_config(args.config or default_config("vit_blocks"), args.overrides)
     stem = cfg.get("stem", "vit_blocks")
     result = run_benchmark(cfg, log=lambda msg: print(msg, flush=True),
                            on_cell=lambda res: write_outputs(res, cfg["output_dir"], stem))
-    js, md = write_outputs(result, cfg["output_dir"], stem)
-    print(md.read_text())
-    print(f"wrote {js} and {md}", file=sys.stderr)
+    print_written(*write_outputs(result, cfg["output_dir"], stem))
     return result
 
 
