@@ -195,4 +195,5 @@ def main(cfg: dict) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_recipe_args(description=__doc__.split("\n")[0], default_config=DEFAULT_CONFIG, search=[CONFIG_DIR]))
+    main(parse_recipe_args(description=__doc__.split("\n")[0], default_config=DEFAULT_CONFIG, search=[CONFIG_DIR],
+                           schema="fewshot"))

@@ -84,6 +84,6 @@ def main(cfg: dict) -> Path:
 
 
 if __name__ == "__main__":
-    config = parse_recipe_args(description=__doc__, default_config="demo")
+    config = parse_recipe_args(description=__doc__, default_config="demo", schema="lr_sweep")
     config.setdefault("progress", False)
     print(main(config).read_text())

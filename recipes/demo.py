@@ -21,6 +21,7 @@ from pathlib import Path
 from peft_tensor.recipes import finetune, pretrain
 from peft_tensor.training import write_json
 from peft_tensor.training.config import parse_recipe_args
+from peft_tensor.training.schema import validate_config
 
 DEFAULT_CONFIG = "demo"
 
@@ -32,13 +33,14 @@ def _backbone_dir(cfg: dict) -> Path:
     key = {k: cfg[k] for k in ("seed", "data", "model")} | {"pretrain": cfg["pretrain"]}
     key["data"] = {k: v for k, v in key["data"].items() if k not in ("cache_dir", "progress")}
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
-    root = Path(cfg["data"].get("cache_dir") or default_cache_dir())
+    root = Path(cfg["data"].get("cache_dir") or default_cache_dir())  # data: free-form, keyed by data.kind
     return root / f"demo-backbone-{digest}"
 
 
 def main(cfg: dict) -> dict:
+    cfg = validate_config(cfg, "demo")  # defaults filled in (peft_tensor.training.schema.DemoConfig)
     t_start = time.time()
-    out = Path(cfg.get("output_dir", "peft_tensor_demo"))
+    out = Path(cfg["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
     print("peft-tensor demo: template-derived synthetic subjects (MNI152 2009c template + aseg labels), "
           "not patient data.")
@@ -90,7 +92,7 @@ def ensure_backbone(cfg: dict) -> tuple[Path, bool, float]:
     Returns (pretraining folder, reused?, seconds); the backbone itself is ``<folder>/backbone``."""
     pre_dir = _backbone_dir(cfg)
     t0 = time.time()
-    if cfg.get("reuse_pretrained", True) and (pre_dir / "backbone" / "backbone.json").is_file():
+    if cfg["reuse_pretrained"] and (pre_dir / "backbone" / "backbone.json").is_file():
         print(f"[pretrain] reusing cached backbone {pre_dir / 'backbone'}")
         reused = True
     else:
@@ -113,11 +115,12 @@ def finetune_arm(cfg: dict, arm, backbone: Path, out_dir: Path, data: dict | Non
     name = arm_cfg["name"]
     data = cfg["data"] if data is None else data
     ft_cfg = {**_common(cfg), "output_dir": str(out_dir), **copy.deepcopy(cfg["finetune"])}
+    stage_arm = ft_cfg.pop("arm", None) or {}
     if seed is not None:
         ft_cfg["seed"] = int(seed)
     ft_cfg["data"] = {**data, "task": "target"}
     ft_cfg["model"] = {**cfg["model"], "pretrained": str(backbone)}
-    ft_cfg["arm"] = {**ft_cfg.get("arm", {}), **arm_cfg} if name == ft_cfg.get("arm", {}).get("name") else arm_cfg
+    ft_cfg["arm"] = {**stage_arm, **arm_cfg} if name == stage_arm.get("name") else arm_cfg
     print(f"[finetune] {name}: {ft_cfg['train']['steps']} steps on {data.get('n_train', 5)} subjects")
     return finetune.main(ft_cfg)
 
@@ -138,4 +141,4 @@ def format_table(results: dict) -> str:
 
 
 if __name__ == "__main__":
-    main(parse_recipe_args(description=__doc__, default_config=DEFAULT_CONFIG))
+    main(parse_recipe_args(description=__doc__, default_config=DEFAULT_CONFIG, schema="demo"))

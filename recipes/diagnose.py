@@ -15,26 +15,29 @@ from pathlib import Path
 
 from peft_tensor.training import write_json, write_rows_csv
 from peft_tensor.training.config import parse_recipe_args
+from peft_tensor.training.schema import ConfigError, validate_config
 from peft_tensor.analysis.diagnosis import diagnose, merge_volumes, read_csv_rows, synthetic_metadata
 
 DEFAULT_CONFIG = "diagnose_synthetic"
 
 
 def main(cfg: dict) -> dict:
-    out = Path(cfg.get("output_dir", "runs/diagnose"))
+    cfg = validate_config(cfg, "diagnose")  # defaults filled in (peft_tensor.training.schema.DiagnoseConfig)
+    out = Path(cfg["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.get("synthetic"):
-        rows = synthetic_metadata(int(cfg.get("n_per_group", 60)), int(cfg.get("seed", 0)))
+    if cfg["synthetic"]:
+        rows = synthetic_metadata(int(cfg["n_per_group"]), int(cfg["seed"]))
         write_rows_csv(out / "synthetic_metadata.csv", rows)
         print("SYNTHETIC metadata and volumes (made up to exercise the pipeline; not ADNI, not real subjects)")
     else:
+        if not cfg["metadata"]:
+            raise ConfigError("metadata: required unless synthetic: true (a CSV of subjects)")
         rows = read_csv_rows(cfg["metadata"])
-        if cfg.get("volumes"):
+        if cfg["volumes"]:
             rows = merge_volumes(rows, read_csv_rows(cfg["volumes"]))
-    tasks = [tuple(t) for t in cfg.get("tasks", [["CN", "AD"], ["EMCI", "LMCI"]])]
-    result = diagnose(rows, tasks, list(cfg.get("features", ["volume_ml", "age", "sex"])), int(cfg.get("folds", 5)),
-                      int(cfg.get("seed", 0)), float(cfg.get("l2", 1.0)))
-    result = {"synthetic": bool(cfg.get("synthetic")), "features": cfg.get("features"), "tasks": result}
+    tasks = [tuple(t) for t in cfg["tasks"]]
+    result = diagnose(rows, tasks, list(cfg["features"]), int(cfg["folds"]), int(cfg["seed"]), float(cfg["l2"]))
+    result = {"synthetic": bool(cfg["synthetic"]), "features": cfg["features"], "tasks": result}
     write_json(out / "diagnosis.json", result)
     for name, r in result["tasks"].items():
         if "error" in r:
@@ -46,4 +49,4 @@ def main(cfg: dict) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_recipe_args(description=__doc__, default_config=DEFAULT_CONFIG))
+    main(parse_recipe_args(description=__doc__, default_config=DEFAULT_CONFIG, schema="diagnose"))

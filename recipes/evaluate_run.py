@@ -27,19 +27,23 @@ from peft_tensor.training import (Extremes, check_output_channels, evaluate_case
                                   model_config_for_task, summarize, summarize_per_class, write_json, write_rows_csv)
 from peft_tensor.training.config import parse_recipe_args, patch_size
 from peft_tensor.training.plots import plot_extremes
+from peft_tensor.training.schema import EvalConfig, fill_block, validate_config
 
 DEFAULT_CONFIG = "evaluate_run"
 
 
 def main(cfg: dict) -> dict:
+    cfg = validate_config(cfg, "evaluate_run")  # defaults filled in (peft_tensor.training.schema.EvaluateRunConfig)
     run_dir = Path(cfg["run_dir"])
     run_cfg = json.loads((run_dir / "config.json").read_text())
-    data_cfg = cfg.get("data") or run_cfg["data"]
-    split = cfg.get("split", "test")
-    out = Path(cfg.get("output_dir") or run_dir / f"eval_{split}")
+    data_cfg = cfg["data"] or run_cfg["data"]
+    split = cfg["split"]
+    out = Path(cfg["output_dir"] or run_dir / f"eval_{split}")
     out.mkdir(parents=True, exist_ok=True)
     patch = patch_size(run_cfg)
-    eval_cfg = {**run_cfg.get("eval", {}), **cfg.get("eval", {})}
+    # the run's eval block (filled: a run written before the schema may lack keys), under this config's non-null keys
+    eval_cfg = fill_block(EvalConfig, run_cfg.get("eval"), "eval")
+    eval_cfg.update({k: v for k, v in cfg["eval"].items() if v is not None})
 
     # the data and its task (the classes the network must output)
     data = load_dataset(data_cfg)
@@ -66,12 +70,12 @@ def main(cfg: dict) -> dict:
         base.load_state_dict(load_file(str(run_dir / "base" / "model.safetensors")))
     check_output_channels(base, task)
     model = load_trained(base, run_dir / "adapter", run_cfg["arm"]["name"])
-    if cfg.get("merge") and hasattr(model, "merge_and_unload"):
+    if cfg["merge"] and hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
 
     extremes = Extremes()
-    rows = evaluate_cases(model, sources[split], patch, float(eval_cfg.get("overlap", 0.5)),
-                          int(eval_cfg.get("min_component_voxels", 0)), progress=cfg.get("progress", True),
+    rows = evaluate_cases(model, sources[split], patch, float(eval_cfg["overlap"]),
+                          int(eval_cfg["min_component_voxels"]), progress=cfg["progress"],
                           task=task, extremes=extremes, num_workers=loader_cfg.num_workers)
     summary = {"run_dir": str(run_dir), "split": split, "n": len(rows), "metrics": summarize(rows),
                "classes": list(task.classes), "per_class": summarize_per_class(rows, task.classes)}
@@ -89,4 +93,4 @@ def main(cfg: dict) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_recipe_args(description=__doc__, default_config=DEFAULT_CONFIG))
+    main(parse_recipe_args(description=__doc__, default_config=DEFAULT_CONFIG, schema="evaluate_run"))

@@ -22,30 +22,27 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
-from peft_tensor.data import load_dataset, train_loader
+from peft_tensor.data import load_dataset
 from peft_tensor.data.datasets import case_sources
-from peft_tensor.data.transforms import augmentation
-from peft_tensor.training import (Checkpointer, Extremes, RunLogger, apply_arm, barrier, build_model, canonical_arm,
-                                  check_output_channels, cleanup, evaluate_cases, init_distributed, load_backbone,
-                                  make_loss, make_optimizer, model_config_for_task, param_counts, poly_scheduler,
-                                  set_seed, step_seed, summarize, summarize_per_class, train_step,
-                                  wrap_ddp, write_json, write_rows_csv)
+from peft_tensor.training import (Extremes, apply_arm, barrier, build_model, canonical_arm, check_output_channels,
+                                  cleanup, evaluate_cases, init_distributed, load_backbone, model_config_for_task,
+                                  param_counts, set_seed, summarize, summarize_per_class, write_json, write_rows_csv)
 from peft_tensor.training.arms import optimizer_settings
-from peft_tensor.training.config import parse_recipe_args, patch_size, total_steps
-from peft_tensor.training.loop import configure_threads
-from peft_tensor.training.distributed import all_mean, main_process_first
+from peft_tensor.training.config import parse_recipe_args, patch_size
+from peft_tensor.training.distributed import main_process_first
+from peft_tensor.training.loop import configure_threads, train_loop
 from peft_tensor.training.plots import plot_curves, plot_extremes
+from peft_tensor.training.schema import validate_config
 
 
 def main(cfg: dict) -> dict:
-    dist = init_distributed(cfg.get("device", "auto"))
+    cfg = validate_config(cfg, "finetune")  # defaults filled in (peft_tensor.training.schema.FinetuneConfig)
+    dist = init_distributed(cfg["device"])
     out = Path(cfg["output_dir"])
-    seed, train_cfg, arm = int(cfg.get("seed", 0)), cfg["train"], canonical_arm(cfg["arm"]["name"])
+    seed, arm = int(cfg["seed"]), canonical_arm(cfg["arm"]["name"])
     patch = patch_size(cfg)
     set_seed(seed)
-    configure_threads(cfg.get("threads"))
+    configure_threads(cfg["threads"])
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", cfg)
@@ -58,7 +55,7 @@ def main(cfg: dict) -> dict:
 
     # the pretrained backbone (its output channels must fit the task), then the arm (a PeftModel for PEFT arms)
     model_cfg = model_config_for_task(cfg["model"], task)
-    pretrained = model_cfg.get("pretrained")
+    pretrained = model_cfg.get("pretrained")  # model: a free-form block (peft_tensor.training.schema.check_model)
     model = load_backbone(pretrained, model_cfg)[0] if pretrained else build_model(model_cfg)
     check_output_channels(model, task)
     set_seed(seed)  # adapter initialisation does not depend on how the backbone was obtained
@@ -67,50 +64,21 @@ def main(cfg: dict) -> dict:
     setup_s = time.time() - t_setup
     counts = param_counts(model)
 
-    steps = total_steps(train_cfg, len(train_cases))
-    optimizer = make_optimizer(model, {**cfg["optim"], **optimizer_settings(cfg["arm"])})
-    scheduler = poly_scheduler(optimizer, steps, float(cfg["optim"].get("poly_power", 0.9)))
-    loss_fn = make_loss(train_cfg.get("loss", "dice"), task)
-
-    ckpt = Checkpointer(out / "checkpoint", train_cfg.get("checkpoint_every", 0), enabled=dist.is_main)
-    start, _ = ckpt.resume(model, optimizer, scheduler)
-    log = RunLogger(out, enabled=dist.is_main)
-    log.truncate(start)
-    ddp_model = wrap_ddp(model, dist)
-    aug = augmentation(patch, float(train_cfg.get("crop_pos", 1)), float(train_cfg.get("crop_neg", 1)),
-                       train_cfg.get("crop", "random"))
-    batch, amp = int(train_cfg.get("batch_size", 2)), bool(train_cfg.get("amp", True))
-    val_every, stop_after = int(train_cfg.get("val_every", 0)), train_cfg.get("stop_after")
-
-    # batches of steps start..steps-1, cropped and augmented in DataLoader workers (the same for any worker count)
-    batches = iter(train_loader(train_cases, seed, batch, aug, start, steps, dist.rank, dist.world_size, loader_cfg,
-                                dist.device, task.softmax))
-    bar = tqdm(range(start, steps), desc=f"finetune {arm}", disable=not (dist.is_main and cfg.get("progress", True)))
-    t0 = time.time()
-    for step in bar:
-        step_seed(seed, step, dist.rank)
-        images, labels = next(batches)
-        loss = all_mean(train_step(ddp_model, images, labels, loss_fn, optimizer, scheduler, amp), dist)
-        row = {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0], "time_s": time.time() - t0}
-        if val_every and (step + 1) % val_every == 0 and val_cases and dist.is_main:
-            row["val_dice"] = summarize(evaluate_cases(model, val_cases, patch, amp=amp, task=task))["dice"]["mean"]
-        log.log(**row)
-        bar.set_postfix(loss=f"{loss:.3f}")
-        if ckpt.due(step):
-            ckpt.save(step + 1, model, optimizer, scheduler)
-            barrier(dist)
-        if stop_after is not None and step + 1 >= int(stop_after):  # simulated interruption (tests)
-            cleanup(dist)
-            return {"interrupted_at": step + 1}
-    train_s = time.time() - t0
+    # the shared loop; the arm's learning rates (method_lr for the adapter factors) over the optim block
+    run = train_loop(model, cfg, {**cfg["optim"], **optimizer_settings(cfg["arm"])}, train_cases, val_cases, task,
+                     patch, loader_cfg, dist, out, desc=f"finetune {arm}")
+    if run.interrupted_at is not None:
+        cleanup(dist)
+        return {"interrupted_at": run.interrupted_at}
+    steps, log, train_s, amp = run.steps, run.log, run.train_s, bool(cfg["train"]["amp"])
 
     result = {"arm": arm, "params": counts, "setup_s": setup_s, "train_s": train_s, "steps": steps,
               "n_train": len(train_cases), "task_type": task.kind, "classes": list(task.classes)}
     if dist.is_main:
-        eval_cfg = cfg.get("eval", {})
+        eval_cfg = cfg["eval"]
         extremes = Extremes()  # only the best and worst case are kept for the overlays, not every prediction
-        rows = evaluate_cases(model, test_cases, patch, float(eval_cfg.get("overlap", 0.5)),
-                              int(eval_cfg.get("min_component_voxels", 0)), amp, task=task, extremes=extremes,
+        rows = evaluate_cases(model, test_cases, patch, float(eval_cfg["overlap"]),
+                              int(eval_cfg["min_component_voxels"]), amp, task=task, extremes=extremes,
                               num_workers=loader_cfg.num_workers)
         result["test"] = summarize(rows)  # per case the mean over classes, then mean / std / n over cases
         result["test_per_class"] = summarize_per_class(rows, task.classes)
@@ -121,7 +89,7 @@ def main(cfg: dict) -> dict:
 
         save_outputs(model, out / "adapter", arm=arm, model_cfg=model_cfg, result=result, data_cfg=cfg["data"],
                      data_description=data.description, details=_card(cfg, arm, counts, result),
-                     card_cfg=cfg.get("card"))
+                     card_cfg=cfg["card"])
         write_json(out / "results.json", result)
     barrier(dist)
     cleanup(dist)
@@ -141,11 +109,11 @@ def _card(cfg, arm, counts, result) -> str:
         f"`{cfg['model'].get('pretrained') or 'none (random initialisation)'}`",
         f"- task: {result.get('task_type', 'binary')}" + (f", classes {', '.join(map(str, classes))}"
                                                           if classes else ""),
-        f"- {result['steps']} steps, batch {cfg['train'].get('batch_size', 2)}, {result['n_train']} training cases, "
-        f"loss {cfg['train'].get('loss', 'dice')}, {lrs}, seed {cfg.get('seed', 0)}",
+        f"- {result['steps']} steps, batch {cfg['train']['batch_size']}, {result['n_train']} training cases, "
+        f"loss {cfg['train']['loss']}, {lrs}, seed {cfg['seed']}",
         f"- training time {result.get('train_s', float('nan')):.0f} s", "",
     ])
 
 
 if __name__ == "__main__":
-    main(parse_recipe_args(description=__doc__, default_config="finetune_cpu"))
+    main(parse_recipe_args(description=__doc__, default_config="finetune_cpu", schema="finetune"))

@@ -3,7 +3,8 @@
 * ``list`` -- recipes, packaged configs and the registered PEFT methods;
 * ``copy <recipe-or-config> <dest>`` -- a copy to edit and run (``python my_finetune.py --config my.yaml``); a
   config is written fully resolved (its ``base:`` chain merged), so the copy stands on its own;
-* ``cat <config> [key=value ...]`` -- print the fully resolved config;
+* ``cat <config> [key=value ...]`` -- print the fully resolved config, checked against its recipe's schema and
+  with every default filled in (:mod:`peft_tensor.training.schema`);
 * ``run <recipe> --config <name-or-path> [key=value ...] [--nproc N]`` -- run in this process, or with N
   processes through torchrun (gloo on CPU, NCCL on GPUs);
 * ``demo`` -- the one-command demo (embedded data, pretrain, tCURLoRA vs baselines, results table).
@@ -124,7 +125,8 @@ def _run(args) -> int:
         mod = importlib.import_module(f"peft_tensor.recipes.{recipe}")
         from peft_tensor.training.config import parse_recipe_args
 
-        cfg = parse_recipe_args(argv, getattr(mod, "DEFAULT_CONFIG", None) or f"{recipe}_cpu")
+        cfg = parse_recipe_args(argv, getattr(mod, "DEFAULT_CONFIG", None) or f"{recipe}_cpu", schema=recipe,
+                                exit_on_error=False)  # a refused config: one `error:` line, exit status 1
         with trusting_remote_code(args.trust_remote_code):
             mod.main(cfg)
         return 0
@@ -141,7 +143,7 @@ def _demo(args) -> int:
     if args.fresh:
         overrides.append("reuse_pretrained=false")
 
-    demo.main(load_config(args.config, overrides))
+    demo.main(load_config(args.config, overrides, schema="demo"))
     return 0
 
 
@@ -155,7 +157,8 @@ def register(subparsers) -> None:
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
     p.set_defaults(func=_copy)
 
-    p = subparsers.add_parser("cat", help="print a config fully resolved (base: chain merged, overrides applied)")
+    p = subparsers.add_parser("cat", help="print a config fully resolved (base: chain merged, overrides applied, "
+                                          "checked, defaults filled in)")
     p.add_argument("config", help="config name (see `peft-tensor list`) or YAML path")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     p.set_defaults(func=_cat)

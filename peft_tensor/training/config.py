@@ -4,8 +4,10 @@ A config is a YAML mapping. It may start with ``base: <name>``: the named config
 this file's keys are merged into it, nested mappings key by key, everything else replaced. Names are looked up
 among the packaged recipe configs (``peft_tensor.recipes`` ``configs/``, the repository's ``recipes/configs/``)
 and in any extra folders a caller names (the benchmarks pass ``benchmarks/configs``); a path to a file works
-everywhere. ``peft-tensor cat <config>`` prints the fully resolved config, and ``peft-tensor copy <config>``
-writes that resolved form, so a copied config stands on its own (no ``base:`` left to chase).
+everywhere. A recipe config is then checked against its recipe's schema and filled with the defaults
+(:mod:`peft_tensor.training.schema`: unknown keys and wrong types are refused). ``peft-tensor cat <config>`` prints
+the fully resolved config, defaults filled in, and ``peft-tensor copy <config>`` writes that resolved form, so a
+copied config stands on its own (no ``base:`` left to chase).
 """
 
 from __future__ import annotations
@@ -85,8 +87,17 @@ def apply_overrides(cfg: dict, overrides: Sequence[str] | dict | None) -> dict:
 
 
 def load_config(name_or_path: str | os.PathLike, overrides=None,
-                search: Iterable[str | os.PathLike] | None = None) -> dict:
-    """The resolved config: ``base:`` chain merged, then ``overrides`` applied."""
+                search: Iterable[str | os.PathLike] | None = None, schema: str | type | None = "auto") -> dict:
+    """The resolved config: ``base:`` chain merged, then ``overrides`` applied, then checked against the schema of
+    its recipe and filled with its defaults (:func:`peft_tensor.training.schema.validate_config`: ``"auto"`` infers
+    the recipe from the keys, a name of ``SCHEMAS`` or a schema class names it, None skips the check). A refused
+    key or value raises :class:`~peft_tensor.training.schema.ConfigError` (a ``ValueError``)."""
+    from .schema import validate_config
+
+    return validate_config(apply_overrides(_load_raw(name_or_path, search), overrides), schema)
+
+
+def _load_raw(name_or_path: str | os.PathLike, search: Iterable[str | os.PathLike] | None = None) -> dict:
     search = list(search or ())
     path = config_path(name_or_path, search)
     cfg = load_yaml(path.read_text()) or {}
@@ -94,8 +105,8 @@ def load_config(name_or_path: str | os.PathLike, overrides=None,
         raise ValueError(f"{path} must hold a YAML mapping, found {type(cfg).__name__}")
     base = cfg.pop("base", None)
     if base:  # a config may start from another one and change a few keys
-        cfg = _merge(load_config(base, search=[path.parent, *search]), cfg)
-    return apply_overrides(cfg, overrides)
+        cfg = _merge(_load_raw(base, search=[path.parent, *search]), cfg)
+    return cfg
 
 
 def _merge(a: dict, b: dict) -> dict:
@@ -114,16 +125,26 @@ def dump_config(cfg: dict, header: str = "") -> str:
 
 
 def parse_recipe_args(argv=None, default_config: str | None = None, description: str = "",
-                      search: Iterable[str | os.PathLike] | None = None) -> dict:
-    """``--config NAME_OR_PATH`` plus ``key.sub=value`` overrides -> the config dict (recipes' command line)."""
+                      search: Iterable[str | os.PathLike] | None = None, schema: str | type | None = "auto",
+                      exit_on_error: bool = True) -> dict:
+    """``--config NAME_OR_PATH`` plus ``key.sub=value`` overrides -> the config dict (recipes' command line),
+    checked against ``schema`` (see :func:`load_config`). A refused config ends the process with a one-line
+    ``error:`` message (exit status 2, as argparse does) unless ``exit_on_error`` is false: then it raises."""
     import argparse
+
+    from .schema import ConfigError
 
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default=default_config, required=default_config is None,
                         help="config name (see `peft-tensor list`) or a YAML path")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=50 arm.name=lora")
     args = parser.parse_intermixed_args(argv)
-    return load_config(args.config, args.overrides, search=search)
+    try:
+        return load_config(args.config, args.overrides, search=search, schema=schema)
+    except (ConfigError, FileNotFoundError) as exc:
+        if not exit_on_error:
+            raise
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
 
 
 def patch_size(cfg: dict) -> tuple:
@@ -136,8 +157,11 @@ def total_steps(train_cfg: dict, n_train: int) -> int:
     """``train.steps`` if given, else ``train.epochs * ceil(n_train / batch_size)`` (the papers count epochs)."""
     import math
 
-    if train_cfg.get("steps"):
-        return int(train_cfg["steps"])
-    if not train_cfg.get("epochs"):
+    from .schema import TrainConfig, fill_block
+
+    train = fill_block(TrainConfig, train_cfg, "train")
+    if train["steps"]:
+        return int(train["steps"])
+    if not train["epochs"]:
         raise ValueError("the config needs train.steps or train.epochs")
-    return int(train_cfg["epochs"]) * math.ceil(n_train / int(train_cfg.get("batch_size", 2)))
+    return int(train["epochs"]) * math.ceil(n_train / int(train["batch_size"]))

@@ -1,9 +1,13 @@
-"""Pieces of a training loop: optimiser, schedule, loss, one step, sliding-window evaluation, seeding."""
+"""The training loop of the recipes (:func:`train_loop`, shared by ``pretrain`` and ``finetune``) and its pieces:
+optimiser, schedule, loss, one step, sliding-window evaluation, seeding."""
 
 from __future__ import annotations
 
 import contextlib
 import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,10 +30,14 @@ def step_seed(seed: int, step: int, rank: int = 0) -> None:
 
 def make_optimizer(model: torch.nn.Module, cfg: dict) -> torch.optim.Optimizer:
     """Adam (amsgrad) as in the papers: ``lr`` 1e-3, ``weight_decay`` 2e-5. ``method_lr`` (optional) is the
-    learning rate of the adapter factors, the decoder/head (``modules_to_save``) keep ``lr``."""
-    lr = float(cfg.get("lr", 1e-3))
-    wd = float(cfg.get("weight_decay", 2e-5))
-    method_lr = cfg.get("method_lr")
+    learning rate of the adapter factors, the decoder/head (``modules_to_save``) keep ``lr``. ``cfg`` is an
+    ``optim`` block (:class:`~peft_tensor.training.schema.OptimConfig`: its defaults fill the keys left out)."""
+    from .schema import OptimConfig, fill_block
+
+    cfg = fill_block(OptimConfig, cfg, "optim")
+    lr = float(cfg["lr"])
+    wd = float(cfg["weight_decay"])
+    method_lr = cfg["method_lr"]
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("the model has no trainable parameter")
@@ -39,12 +47,12 @@ def make_optimizer(model: torch.nn.Module, cfg: dict) -> torch.optim.Optimizer:
         dec = [p for n, p in named if "modules_to_save" in n]
         ada = [p for n, p in named if "modules_to_save" not in n]
         groups = [g for g in ({"params": dec, "lr": lr}, {"params": ada, "lr": float(method_lr)}) if g["params"]]
-    name = str(cfg.get("name", "adam")).lower()
+    name = str(cfg["name"]).lower()
     if name == "sgd":  # for checks that must not be amplified by Adam's normalisation (e.g. DDP equivalence)
-        return torch.optim.SGD(groups, lr=lr, weight_decay=wd, momentum=float(cfg.get("momentum", 0.0)))
+        return torch.optim.SGD(groups, lr=lr, weight_decay=wd, momentum=float(cfg["momentum"]))
     if name != "adam":
         raise ValueError(f"unknown optimiser {name!r}: use 'adam' (the papers) or 'sgd'")
-    return torch.optim.Adam(groups, lr=lr, weight_decay=wd, amsgrad=bool(cfg.get("amsgrad", True)))
+    return torch.optim.Adam(groups, lr=lr, weight_decay=wd, amsgrad=bool(cfg["amsgrad"]))
 
 
 def poly_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, power: float = 0.9):
@@ -120,6 +128,76 @@ def predict(model, image: torch.Tensor, patch, overlap: float = 0.5, sw_batch_si
     if task.softmax:
         return logits.argmax(0).to(torch.uint8).cpu()
     return (torch.sigmoid(logits) > 0.5).cpu()
+
+
+
+@dataclass
+class TrainRun:
+    """What :func:`train_loop` leaves: the step count, the run log (its rows feed the curves), the training time,
+    and ``interrupted_at`` (the step a ``train.stop_after`` interruption stopped at, else None)."""
+
+    steps: int
+    log: "RunLogger"  # noqa: F821 - peft_tensor.training.run_log.RunLogger
+    train_s: float = 0.0
+    interrupted_at: int | None = None
+
+
+def train_loop(model, cfg: dict, optim_cfg: dict, train_cases, val_cases, task, patch, loader_cfg, dist,
+               out: Path, desc: str) -> TrainRun:
+    """The recipes' training loop: ``train.steps`` (or epochs) steps of ``optim_cfg``'s optimiser with the poly
+    schedule and ``train.loss``, batches drawn per step in DataLoader workers, resumed from
+    ``out/checkpoint`` and checkpointed every ``train.checkpoint_every`` steps, one ``metrics`` row per step (loss,
+    lr, time, and the validation Dice every ``train.val_every`` steps). ``cfg`` is the recipe's filled config
+    (``seed``, ``progress``, ``train``). It stops early at ``train.stop_after`` (a simulated interruption) without
+    cleaning up the process group: the caller does."""
+    from tqdm.auto import tqdm
+
+    from ..data import train_loader
+    from ..data.transforms import augmentation
+    from .checkpoint import Checkpointer
+    from .config import total_steps
+    from .distributed import all_mean, barrier, wrap_ddp
+    from .metrics import summarize
+    from .run_log import RunLogger
+
+    from .schema import OptimConfig, fill_block
+
+    seed, train_cfg, optim_cfg = int(cfg["seed"]), cfg["train"], fill_block(OptimConfig, optim_cfg, "optim")
+    steps = total_steps(train_cfg, len(train_cases))
+    optimizer = make_optimizer(model, optim_cfg)
+    scheduler = poly_scheduler(optimizer, steps, float(optim_cfg["poly_power"]))
+    loss_fn = make_loss(train_cfg["loss"], task)
+
+    # resume where an interrupted run stopped
+    ckpt = Checkpointer(out / "checkpoint", train_cfg["checkpoint_every"], enabled=dist.is_main)
+    start, _ = ckpt.resume(model, optimizer, scheduler)
+    log = RunLogger(out, enabled=dist.is_main)
+    log.truncate(start)
+    ddp_model = wrap_ddp(model, dist)
+    aug = augmentation(patch, float(train_cfg["crop_pos"]), float(train_cfg["crop_neg"]), train_cfg["crop"])
+    batch, amp = int(train_cfg["batch_size"]), bool(train_cfg["amp"])
+    val_every, stop_after = int(train_cfg["val_every"]), train_cfg["stop_after"]
+
+    # batches of steps start..steps-1, cropped and augmented in DataLoader workers (the same for any worker count)
+    batches = iter(train_loader(train_cases, seed, batch, aug, start, steps, dist.rank, dist.world_size, loader_cfg,
+                                dist.device, task.softmax))
+    bar = tqdm(range(start, steps), desc=desc, disable=not (dist.is_main and cfg["progress"]))
+    t0 = time.time()
+    for step in bar:
+        step_seed(seed, step, dist.rank)
+        images, labels = next(batches)
+        loss = all_mean(train_step(ddp_model, images, labels, loss_fn, optimizer, scheduler, amp), dist)
+        row = {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0], "time_s": time.time() - t0}
+        if val_every and (step + 1) % val_every == 0 and val_cases and dist.is_main:
+            row["val_dice"] = summarize(evaluate_cases(model, val_cases, patch, amp=amp, task=task))["dice"]["mean"]
+        log.log(**row)
+        bar.set_postfix(loss=f"{loss:.3f}")
+        if ckpt.due(step):
+            ckpt.save(step + 1, model, optimizer, scheduler)
+            barrier(dist)
+        if stop_after is not None and step + 1 >= int(stop_after):  # simulated interruption (tests)
+            return TrainRun(steps, log, time.time() - t0, interrupted_at=step + 1)
+    return TrainRun(steps, log, time.time() - t0)
 
 
 class Extremes:
