@@ -20,37 +20,25 @@ non-PEFT arms), ``metrics.{csv,jsonl}``, ``curves.png``, ``test_cases.csv`` (per
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
-from peft_tensor.data import load_dataset
-from peft_tensor.data.datasets import case_sources
 from peft_tensor.training import (Extremes, apply_arm, barrier, build_model, canonical_arm, check_output_channels,
-                                  cleanup, evaluate_cases, init_distributed, load_backbone, model_config_for_task,
+                                  cleanup, evaluate_cases, load_backbone, model_config_for_task,
                                   param_counts, set_seed, summarize, summarize_per_class, write_json, write_rows_csv)
 from peft_tensor.training.arms import optimizer_settings
-from peft_tensor.training.config import parse_recipe_args, patch_size
-from peft_tensor.training.distributed import main_process_first
-from peft_tensor.training.loop import configure_threads, train_loop
+from peft_tensor.training.config import parse_recipe_args
+from peft_tensor.training.loop import start_run, train_loop
 from peft_tensor.training.plots import plot_curves, plot_extremes
 from peft_tensor.training.schema import validate_config
 
 
 def main(cfg: dict) -> dict:
     cfg = validate_config(cfg, "finetune")  # defaults filled in (peft_tensor.training.schema.FinetuneConfig)
-    dist = init_distributed(cfg["device"])
-    out = Path(cfg["output_dir"])
-    seed, arm = int(cfg["seed"]), canonical_arm(cfg["arm"]["name"])
-    patch = patch_size(cfg)
-    set_seed(seed)
-    configure_threads(cfg["threads"])
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", cfg)
-
-    # data: the few-shot training subjects, validation and held-out test subjects; the task (classes) they define
-    data = main_process_first(dist, load_dataset, cfg["data"])  # builds the embedded cohort once
-    task = data.task
-    sources, loader_cfg = case_sources(data, cfg["data"], patch, out)
+    arm = canonical_arm(cfg["arm"]["name"])
+    # the run: process group, seed, run folder; the few-shot training subjects, validation and held-out test
+    # subjects, and the task (classes) they define
+    run = start_run(cfg)
+    dist, out, seed, patch, data, task = run.dist, run.out, run.seed, run.patch, run.data, run.task
+    sources, loader_cfg = run.sources, run.loader_cfg
     train_cases, val_cases, test_cases = (sources.get(s, []) for s in ("train", "val", "test"))
 
     # the pretrained backbone (its output channels must fit the task), then the arm (a PeftModel for PEFT arms)

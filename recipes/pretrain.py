@@ -12,37 +12,22 @@ reads), ``metrics.{csv,jsonl}``, ``curves.png`` and ``checkpoint/checkpoint.safe
 
 from __future__ import annotations
 
-from pathlib import Path
 
-from peft_tensor.data import load_dataset
-from peft_tensor.data.datasets import case_sources
-from peft_tensor.training import (barrier, build_model, cleanup, evaluate_cases, init_distributed,
-                                  model_config_for_task, save_backbone, set_seed, summarize, summarize_per_class,
-                                  write_json)
-from peft_tensor.training.config import parse_recipe_args, patch_size
-from peft_tensor.training.distributed import main_process_first
-from peft_tensor.training.loop import configure_threads, train_loop
+from peft_tensor.training import (barrier, build_model, cleanup, evaluate_cases, model_config_for_task, save_backbone,
+                                  summarize, summarize_per_class, write_json)
+from peft_tensor.training.config import parse_recipe_args
+from peft_tensor.training.loop import start_run, train_loop
 from peft_tensor.training.plots import plot_curves
 from peft_tensor.training.schema import validate_config
 
 
 def main(cfg: dict) -> dict:
     cfg = validate_config(cfg, "pretrain")  # defaults filled in (peft_tensor.training.schema.PretrainConfig)
-    dist = init_distributed(cfg["device"])
-    out = Path(cfg["output_dir"])
-    seed = int(cfg["seed"])
-    patch = patch_size(cfg)
-    set_seed(seed)
-    configure_threads(cfg["threads"])
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", cfg)
-
-    # data: preprocessed once (data.preprocess) and served by data.loader (cached in memory, on disk, or loaded per
-    # use); batches are drawn per step in DataLoader workers (see peft_tensor.data.datasets)
-    data = main_process_first(dist, load_dataset, cfg["data"])  # builds the embedded cohort once
-    task = data.task
-    sources, loader_cfg = case_sources(data, cfg["data"], patch, out)
+    # the run: process group, seed, run folder; data preprocessed once (data.preprocess) and served by data.loader
+    # (cached in memory, on disk, or loaded per use); batches are drawn per step in DataLoader workers
+    run = start_run(cfg)
+    dist, out, patch, data, task = run.dist, run.out, run.patch, run.data, run.task
+    sources, loader_cfg = run.sources, run.loader_cfg
     train_cases, val_cases = sources.get("train", []), sources.get("val", [])
 
     # model (output channels from the task), then the shared loop: Adam amsgrad, poly schedule, soft Dice

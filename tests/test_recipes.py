@@ -91,7 +91,9 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
 def _finetune_cfg(data_root: Path, out: Path, **train) -> dict:
     cfg = load_config("finetune_cpu")
-    cfg.update({"output_dir": str(out), "progress": False, "device": "cpu"})
+    # a fixed thread count: threads=auto drops to 1 on a busy machine, and runs that split their reductions over
+    # other thread counts are not the same operations (the resume test compares them bit for bit)
+    cfg.update({"output_dir": str(out), "progress": False, "device": "cpu", "threads": torch.get_num_threads()})
     cfg["data"] = {"kind": "pairs", "root": str(data_root), "foreground": [17, 53]}
     cfg["model"] = dict(TINY_MODEL)
     cfg["arm"] = {"name": ARM, "r": 4}

@@ -314,3 +314,40 @@ def configure_threads(value) -> int:
         return torch.get_num_threads()
     torch.set_num_threads(int(value))
     return int(value)
+
+
+@dataclass
+class RunStart:
+    """What every recipe run begins with: the process group, the run folder, the seed and patch, and the data."""
+
+    dist: object
+    out: Path
+    seed: int
+    patch: tuple
+    data: object
+    task: object
+    sources: dict
+    loader_cfg: dict
+
+
+def start_run(cfg: dict) -> RunStart:
+    """Start a recipe run from its validated config: distributed set-up, seed, torch threads, the run folder with its
+    ``config.json`` (main process), then the dataset (built once, by the main process first) and its case sources per
+    split (``train``, ``val``, ``test``) with the loader settings."""
+    from ..data import load_dataset
+    from ..data.datasets import case_sources
+    from .config import patch_size
+    from .distributed import init_distributed, main_process_first
+    from .run_log import write_json
+
+    dist = init_distributed(cfg["device"])
+    out = Path(cfg["output_dir"])
+    seed, patch = int(cfg["seed"]), patch_size(cfg)
+    set_seed(seed)
+    configure_threads(cfg["threads"])
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "config.json", cfg)
+    data = main_process_first(dist, load_dataset, cfg["data"])  # builds the embedded cohort once
+    sources, loader_cfg = case_sources(data, cfg["data"], patch, out)
+    return RunStart(dist, out, seed, patch, data, data.task, sources, loader_cfg)

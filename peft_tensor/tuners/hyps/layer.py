@@ -328,7 +328,17 @@ def _add_matmul(result: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, alp
     return result + (alpha * F.linear(u, weight)).to(result.dtype)
 
 
-class Linear(nn.Module, HyPSLayer):
+class _HyPSModule(nn.Module, HyPSLayer):
+    """What the wrapped Linear and convolution share: construction (the first adapter built at wrap time)."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: HyPSConfig, layer_name: str = "", **kwargs):
+        super().__init__()
+        HyPSLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, layer_name=layer_name)
+
+
+class Linear(_HyPSModule):
     """HyPS around an ``nn.Linear``.
 
     Forward, for input x (..., in) and each active adapter in order:
@@ -336,12 +346,6 @@ class Linear(nn.Module, HyPSLayer):
     ``h = h + scale * Up(ReLU(Down(drop(h))))`` (serial). Adapter math runs in the adapter's dtype (float32 under
     PEFT's autocast for float16/bfloat16 bases) and the output is cast back to the base output dtype.
     """
-
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: HyPSConfig, layer_name: str = "", **kwargs):
-        super().__init__()
-        HyPSLayer.__init__(self, base_layer, **kwargs)
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config, layer_name=layer_name)
 
     def forward(self, x: torch.Tensor, *args: Any, adapter_names: Optional[list[str]] = None,
                 **kwargs: Any) -> torch.Tensor:
@@ -394,7 +398,7 @@ def _channel_mix(u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 _CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
-class Conv(nn.Module, HyPSLayer):
+class Conv(_HyPSModule):
     """HyPS around a convolution: ``nn.Conv1d/2d/3d`` or ``nn.ConvTranspose1d/2d/3d`` with ``groups=1`` (any stride,
     padding, padding mode, dilation, output padding, with or without bias).
 
@@ -412,12 +416,6 @@ class Conv(nn.Module, HyPSLayer):
     with ``Down``/``Up`` ``1x1x1`` convolutions (out -> d -> out; ``Down`` rows mirrored as for the Linear). Adapter
     math runs in the adapter's dtype; the output is cast back to the base output's dtype.
     """
-
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: HyPSConfig, layer_name: str = "", **kwargs):
-        super().__init__()
-        HyPSLayer.__init__(self, base_layer, **kwargs)
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config, layer_name=layer_name)
 
     def forward(self, x: torch.Tensor, *args: Any, adapter_names: Optional[list[str]] = None,
                 **kwargs: Any) -> torch.Tensor:
