@@ -31,8 +31,8 @@ print("peft", peft.__version__, "monai", monai.__version__, "transformers", tran
 PY
 status=0
 echo "== CUDA tests" | tee "$OUT/cuda_tests.txt"
-timeout 150 "$PY" -m pytest -q -p no:cacheprovider -m cuda -rs tests/test_cuda.py tests/test_lifecycle.py tests/test_hyps.py \
-  2>&1 | tee -a "$OUT/cuda_tests.txt" || status=1
+timeout 150 "$PY" -m pytest -q -p no:cacheprovider -m cuda -rs tests/test_cuda.py tests/tuners/test_lifecycle.py \
+  tests/tuners/hyps/test_hyps.py 2>&1 | tee -a "$OUT/cuda_tests.txt" || status=1
 echo "== PEFT suite on CUDA" | tee "$OUT/peft_suite_cuda.txt"
 xdist=""; "$PY" -c "import xdist" 2>/dev/null && xdist="-n 8"
 timeout 150 "$PY" -m pytest -q -p no:cacheprovider $xdist tests/test_peft_suite.py 2>&1 | tail -40 \

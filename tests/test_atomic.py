@@ -14,15 +14,6 @@ def _mode(path) -> int:
     return stat.S_IMODE(os.stat(path).st_mode)
 
 
-@pytest.fixture
-def umask():
-    old = os.umask(0o022)
-    try:
-        yield lambda mask: os.umask(mask)
-    finally:
-        os.umask(old)
-
-
 @pytest.mark.parametrize("mask, expected", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 @pytest.mark.parametrize("writer", ["text", "json", "callback"])
 def test_atomic_write_honours_the_umask(tmp_path, umask, mask, expected, writer):

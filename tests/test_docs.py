@@ -1,5 +1,6 @@
 """The user documentation (README.md, docs/*.md): every ```python block runs under a test or is marked
-``<!-- not-run: reason -->`` right before it; the small blocks run here; relative links resolve; no work notes."""
+``<!-- not-run: reason -->`` right before it; the small blocks run here; relative links resolve; test files named in
+the docs and CI exist; no work notes."""
 
 from __future__ import annotations
 
@@ -78,6 +79,20 @@ def test_relative_links_resolve():
             elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest.read_text(encoding="utf-8")):
                 broken.append(f"{_rel(path)}: {target} (no such heading)")
     assert not broken, "\n".join(broken)
+
+
+def test_test_files_named_in_docs_and_ci_exist():
+    """Every test file that the docs, CONTRIBUTING.md, SECURITY.md, .ci/run or the benchmark notes name
+    (``tests/.../test_x.py``) exists: a test moved to another folder takes its mentions with it."""
+    upstream = {"tests/test_custom_models.py"}  # PEFT's own suite file, in its sdist (docs/parity.md)
+    named = [*doc_files(), *(ROOT / f for f in ("CONTRIBUTING.md", "SECURITY.md", ".ci/run", "benchmarks/README.md",
+                                                  "benchmarks/gpu_check.sh"))]
+    missing = []
+    for path in named:
+        for name in sorted(set(re.findall(r"(?<![\w/])tests/[\w/]+\.py", path.read_text(encoding="utf-8")))):
+            if name not in upstream and not (ROOT / name).is_file():
+                missing.append(f"{_rel(path)}: {name}")
+    assert not missing, "\n".join(missing)
 
 
 def test_user_docs_hold_no_work_notes():

@@ -2,7 +2,7 @@
 
 PEFT's small test models are MLPs (``MLP``: ``lin0`` 10->20, ``lin1`` 20->2; ``DeepMLP``; ``MLP_LayerNorm``), so
 the cross-layer methods run with ``grouping="by_shape"`` here; the UNETR ``paper`` grouping needs UNETR module names
-and runs in our own lifecycle matrix (``tests/test_lifecycle.py``) instead.
+and runs in our own lifecycle matrix (``tests/tuners/test_lifecycle.py``) instead.
 """
 
 from __future__ import annotations
@@ -76,7 +76,8 @@ MIXED_ADAPTER_TEST_CASES = [
 # Every exclusion, with its reason: (test-name substring, case substring, reason). A collected test whose id contains
 # both substrings is skipped with that reason. Keep this list short and each reason specific.
 _SERIAL = ("HyPS with its serial branch (y = h + s Up(ReLU(Down(h)))) is non-linear in the layer input, so merging "
-           "raises MergeError by design (tests/test_hyps.py checks the error; HyPS parallel runs these tests)")
+           "raises MergeError by design (tests/tuners/hyps/test_hyps.py checks the error; HyPS parallel runs "
+           "these tests)")
 _HYPS_SERIAL_CASES = ("HyPS-MLP", "HyPS Same", "HyPS Different", "HyPS mixed adapter", "HyPS-Conv1d", "HyPS-Conv2d",
                       "HyPS-Conv3d")
 _MERGING_TESTS = (

@@ -31,15 +31,6 @@ def _mode(path) -> int:
 
 
 @pytest.fixture
-def umask022():
-    old = os.umask(0o022)
-    try:
-        yield
-    finally:
-        os.umask(old)
-
-
-@pytest.fixture
 def outside(tmp_path):
     """A folder outside the one written to, holding a file that must never be read out or written."""
     d = tmp_path / "outside"
@@ -324,7 +315,7 @@ def test_atomic_write_replaces_a_symlink_leaving_its_target_untouched(tmp_path, 
     assert (outside / "private_key.txt").read_text() == SECRET
 
 
-def test_atomic_write_does_not_take_the_mode_of_a_symlink_target(tmp_path, outside, umask022):
+def test_atomic_write_does_not_take_the_mode_of_a_symlink_target(tmp_path, outside, umask):
     """``_mode_for`` followed the link: the result took the permissions of whatever file it pointed to."""
     target = outside / "private_key.txt"
     os.chmod(target, 0o755)
@@ -336,7 +327,7 @@ def test_atomic_write_does_not_take_the_mode_of_a_symlink_target(tmp_path, outsi
 
 
 @pytest.mark.parametrize("kind", ["dangling", "loop"])
-def test_atomic_write_replaces_dangling_and_looping_symlinks(tmp_path, outside, umask022, kind):
+def test_atomic_write_replaces_dangling_and_looping_symlinks(tmp_path, outside, umask, kind):
     link = tmp_path / "out.txt"
     link.symlink_to(outside / "missing" if kind == "dangling" else link)
     atomic_write_text(link, "new")

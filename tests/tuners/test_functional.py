@@ -11,16 +11,13 @@ from peft import get_peft_model
 from torch.func import functional_call
 from torch.nn.utils import parametrize
 
-from tests.test_dense_linear import Blocks
-from tests.test_inference_mode import LINEAR
+from tests.tuners._helpers import trainable_params
+from tests.tuners.test_dense_linear import Blocks
+from tests.tuners.test_inference_mode import LINEAR
 
 
 def _x():
     return torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(1))
-
-
-def _trainable(model):
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
 @pytest.mark.parametrize("case", sorted(LINEAR))
@@ -29,15 +26,15 @@ def test_functional_call_with_substituted_tensors_gets_their_gradients(case):
     model, twin = get_peft_model(Blocks(), LINEAR[case]()), get_peft_model(Blocks(), LINEAR[case]())
     gen = torch.Generator().manual_seed(2)
     leaves = {n: (p.detach() + 0.01 * torch.randn(p.shape, generator=gen)).requires_grad_(True)
-              for n, p in _trainable(model).items()}
+              for n, p in trainable_params(model).items()}
     substituted = {n: leaf * 1.0 for n, leaf in leaves.items()}  # non-leaf, as a MAML inner step gives
     functional_call(model, substituted, (x,)).pow(2).mean().backward()
     with torch.no_grad():
-        for n, p in _trainable(twin).items():
+        for n, p in trainable_params(twin).items():
             p.copy_(leaves[n])
     twin(x).pow(2).mean().backward()
-    assert all(p.grad is None for p in _trainable(model).values())  # the module's own tensors are not involved
-    for n, p in _trainable(twin).items():
+    assert all(p.grad is None for p in trainable_params(model).values())  # the module's own tensors are not involved
+    for n, p in trainable_params(twin).items():
         assert leaves[n].grad is not None, n
         torch.testing.assert_close(leaves[n].grad, p.grad, rtol=1e-5, atol=1e-7, msg=n)
 
@@ -51,7 +48,7 @@ class _Double(torch.nn.Module):
 def test_parametrized_adapter_tensor_gets_its_gradient(case):
     x = _x()
     model, twin = get_peft_model(Blocks(), LINEAR[case]()), get_peft_model(Blocks(), LINEAR[case]())
-    name = next(iter(_trainable(model)))
+    name = next(iter(trainable_params(model)))
     owner_name, _, leaf = name.rpartition(".")
     owner, twin_owner = model.get_submodule(owner_name), twin.get_submodule(owner_name)
     parametrize.register_parametrization(owner, leaf, _Double())
@@ -79,7 +76,7 @@ def test_float64_model_is_differentiated_in_float64(case):
 
     loss().backward()
     eps = 1e-6
-    for name, p in _trainable(model).items():
+    for name, p in trainable_params(model).items():
         assert p.dtype == torch.float64
         for i in torch.randperm(p.numel(), generator=torch.Generator().manual_seed(0))[:3].tolist():
             ix = tuple(int(v) for v in torch.unravel_index(torch.tensor(i), p.shape))
@@ -96,7 +93,7 @@ def test_float64_model_is_differentiated_in_float64(case):
 @pytest.mark.parametrize("case", ["tcurlora", "tcurlora-dense", "lorapt"])
 def test_torch_func_transforms_are_refused_with_a_clear_error(case):
     model = get_peft_model(Blocks(), LINEAR[case]())
-    params = {n: p.detach() for n, p in _trainable(model).items()}
+    params = {n: p.detach() for n, p in trainable_params(model).items()}
 
     def loss(p):
         return functional_call(model, p, (_x(),)).pow(2).mean()
@@ -109,6 +106,6 @@ def test_torch_func_transforms_are_refused_with_a_clear_error(case):
 @pytest.mark.parametrize("case", ["lora", "hyps"])
 def test_torch_func_grad_works_where_it_does_for_lora(case):
     model = get_peft_model(Blocks(), LINEAR[case]())
-    params = {n: p.detach() for n, p in _trainable(model).items()}
+    params = {n: p.detach() for n, p in trainable_params(model).items()}
     grads = torch.func.grad(lambda p: functional_call(model, p, (_x(),)).pow(2).mean())(params)
     assert set(grads) == set(params) and all(torch.isfinite(g).all() for g in grads.values())

@@ -17,63 +17,44 @@ from safetensors.torch import load_file
 import peft_tensor
 from peft_tensor import HyPSConfig, LoraPTConfig, TCURLoraConfig
 from tests._models import UNETR_DECODER, UNETR_TARGETS, TinyMLP, tiny_bert, tiny_unetr, tiny_vit
+from tests.tuners._helpers import bert_input, mlp_input, model_output, trainable_params, unetr_input, vit_input
 
 
 # the convolutions of UNETR's decoder2-5 blocks (suffixes found in no other UNETR block)
 UNETR_DECODER_CONVS = ["transp_conv.conv", "conv_block.conv1.conv", "conv_block.conv2.conv", "conv_block.conv3.conv"]
 
 
-def _unetr_input(seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return {"x": torch.randn(1, 1, 32, 32, 32, generator=g)}
-
-
-def _mlp_input(seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return {"x": torch.randn(4, 10, generator=g)}
-
-
-def _vit_input(seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return {"pixel_values": torch.randn(2, 1, 16, 16, generator=g)}
-
-
-def _bert_input(seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return {"input_ids": torch.randint(0, 50, (2, 7), generator=g)}
-
-
 # name -> (model builder, input builder, config factory(**overrides))
 CASES = {
-    "tcurlora-unetr-paper": (tiny_unetr, _unetr_input,
+    "tcurlora-unetr-paper": (tiny_unetr, unetr_input,
                              lambda **kw: TCURLoraConfig(r=4, target_modules=UNETR_TARGETS, grouping="paper",
                                                          **kw)),
-    "tcurlora-unetr-shape": (tiny_unetr, _unetr_input,
+    "tcurlora-unetr-shape": (tiny_unetr, unetr_input,
                              lambda **kw: TCURLoraConfig(r=4, target_modules=UNETR_TARGETS, grouping="by_shape",
                                                          **kw)),
-    "lorapt-unetr-paper": (tiny_unetr, _unetr_input,
+    "lorapt-unetr-paper": (tiny_unetr, unetr_input,
                            lambda **kw: LoraPTConfig(r=2, target_modules=UNETR_TARGETS, grouping="paper", **kw)),
     # whole network (issue 12): the paper's Linear groups plus one kernel-position group per decoder convolution
     # (ConvTranspose3d 2x2x2, Conv3d 3x3x3) and the 1x1x1 convolutions grouped by shape
-    "tcurlora-unetr-full": (tiny_unetr, _unetr_input,
+    "tcurlora-unetr-full": (tiny_unetr, unetr_input,
                             lambda **kw: TCURLoraConfig(r=4, target_modules=UNETR_TARGETS + UNETR_DECODER_CONVS,
                                                         grouping="paper", **kw)),
-    "tcurlora-mlp": (TinyMLP, _mlp_input,
+    "tcurlora-mlp": (TinyMLP, mlp_input,
                      lambda **kw: TCURLoraConfig(r=3, target_modules=["lin1", "lin2", "lin3"], **kw)),
-    "lorapt-mlp": (TinyMLP, _mlp_input,
+    "lorapt-mlp": (TinyMLP, mlp_input,
                    lambda **kw: LoraPTConfig(r=3, target_modules=["lin1", "lin2", "lin3"], **kw)),
-    "lorapt-mlp-diag": (TinyMLP, _mlp_input,
+    "lorapt-mlp-diag": (TinyMLP, mlp_input,
                         lambda **kw: LoraPTConfig(r=3, target_modules=["lin0", "lin1", "lin2", "lin3"],
                                                   core="diagonal", svd_method="full", **kw)),
-    "tcurlora-vit": (tiny_vit, _vit_input,
+    "tcurlora-vit": (tiny_vit, vit_input,
                      lambda **kw: TCURLoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], **kw)),
     # HyPS with its parallel branch only runs the whole matrix (the serial branch cannot merge, by design: its
-    # specifics are in tests/test_hyps.py)
-    "hyps-unetr": (tiny_unetr, _unetr_input,
+    # specifics are in tests/tuners/hyps/test_hyps.py)
+    "hyps-unetr": (tiny_unetr, unetr_input,
                    lambda **kw: HyPSConfig(r=2, target_modules=UNETR_TARGETS, serial=False, **kw)),
-    "hyps-mlp": (TinyMLP, _mlp_input,
+    "hyps-mlp": (TinyMLP, mlp_input,
                  lambda **kw: HyPSConfig(r=3, target_modules=["lin1", "lin2", "lin3"], serial=False, **kw)),
-    "lorapt-bert": (tiny_bert, _bert_input,
+    "lorapt-bert": (tiny_bert, bert_input,
                     lambda **kw: LoraPTConfig(r=2, target_modules=["query", "value", "intermediate.dense",
                                                                    "output.dense"], **kw)),
 }
@@ -81,19 +62,8 @@ FAST = ["tcurlora-unetr-paper", "lorapt-unetr-paper", "tcurlora-mlp", "lorapt-ml
 FAST_ALL = FAST + ["hyps-unetr", "hyps-mlp"]  # FAST alone where a test inspects the tensor groups themselves
 
 
-def _out(model, inputs):
-    y = model(inputs["x"]) if "x" in inputs else model(**inputs)
-    if hasattr(y, "last_hidden_state"):
-        y = y.last_hidden_state
-    return y
-
-
 def _loss(y):
     return (y.float() ** 2).mean()
-
-
-def _trainable(model):
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
 def _group_params(pm, adapter="default"):
@@ -109,15 +79,15 @@ def test_identity_at_init_and_exact_counts(case):
     base = build()
     inputs = make_input()
     with torch.no_grad():
-        expected = _out(base, inputs)
+        expected = model_output(base, inputs)
     pm = get_peft_model(base, make_config())
     with torch.no_grad():
-        got = _out(pm, inputs)
+        got = model_output(pm, inputs)
     assert torch.equal(got, expected), "init_weights=True must leave the network's output bit for bit unchanged"
     # shared group tensors are counted once, and they are all there is to train
     trainable, _ = pm.get_nb_trainable_parameters()
     assert trainable == sum(p.numel() for p in _group_params(pm)) > 0
-    assert len(_trainable(pm)) == len(_group_params(pm)), "only the adapter's own state trains"
+    assert len(trainable_params(pm)) == len(_group_params(pm)), "only the adapter's own state trains"
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -127,17 +97,17 @@ def test_every_factor_gets_gradient_and_step_changes_output(case):
     pm.train()
     inputs = make_input()
     with torch.no_grad():
-        before = _out(pm, inputs).clone()
-    _loss(_out(pm, inputs)).backward()
+        before = model_output(pm, inputs).clone()
+    _loss(model_output(pm, inputs)).backward()
     for name, p in pm.named_parameters():
         if p.requires_grad:
             assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reached {name}"
         else:
             assert p.grad is None, f"frozen {name} received a gradient"
-    torch.optim.Adam(_trainable(pm).values(), lr=1e-2).step()
+    torch.optim.Adam(trainable_params(pm).values(), lr=1e-2).step()
     pm.eval()
     with torch.no_grad():
-        after = _out(pm, inputs)
+        after = model_output(pm, inputs)
     assert not torch.allclose(after, before, atol=1e-6), "an optimiser step did not change the output"
 
 
@@ -160,24 +130,24 @@ def test_group_update_computed_once_per_forward_and_never_stale(case):
             return orig()
 
         g.compute_factors, g.factors = counted_compute, counted_factors
-    opt = torch.optim.SGD(_trainable(pm).values(), lr=0.5)
-    _loss(_out(pm, inputs)).backward()
+    opt = torch.optim.SGD(trainable_params(pm).values(), lr=0.5)
+    _loss(model_output(pm, inputs)).backward()
     assert calls["forward"] == len(groups), "each group's factors must be computed once per forward pass"
     # the factor node saves no tensors: its backward re-evaluates the (small) factors once per group
     assert calls["factors"] == 2 * len(groups)
     # gradient accumulation: a second forward/backward before the step must work and accumulate
-    g1 = [p.grad.clone() for p in _trainable(pm).values()]
-    _loss(_out(pm, inputs)).backward()
-    for a, p in zip(g1, _trainable(pm).values()):
+    g1 = [p.grad.clone() for p in trainable_params(pm).values()]
+    _loss(model_output(pm, inputs)).backward()
+    for a, p in zip(g1, trainable_params(pm).values()):
         torch.testing.assert_close(p.grad, 2 * a, rtol=1e-4, atol=1e-7)
     opt.step()
     # right after the step, under no_grad, the output reflects the new parameters: compare with a merged copy
     with torch.no_grad():
-        live = _out(pm, inputs).clone()
+        live = model_output(pm, inputs).clone()
         pm.merge_adapter()
-        merged = _out(pm, inputs).clone()
+        merged = model_output(pm, inputs).clone()
         pm.unmerge_adapter()
-        again = _out(pm, inputs)
+        again = model_output(pm, inputs)
     torch.testing.assert_close(live, merged, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(again, live, atol=1e-5, rtol=1e-5)
 
@@ -192,7 +162,7 @@ def test_save_load_round_trip(case, tmp_path):
     build, make_input, pm = _perturbed(case)
     inputs = make_input()
     with torch.no_grad():
-        expected = _out(pm, inputs)
+        expected = model_output(pm, inputs)
     pm.save_pretrained(tmp_path)
     assert sorted(os.listdir(tmp_path)) >= ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     saved = load_file(tmp_path / "adapter_model.safetensors")
@@ -203,13 +173,13 @@ def test_save_load_round_trip(case, tmp_path):
     for trainable in (False, True):
         loaded = PeftModel.from_pretrained(build(), tmp_path, is_trainable=trainable)
         with torch.no_grad():
-            torch.testing.assert_close(_out(loaded, inputs), expected, atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(model_output(loaded, inputs), expected, atol=1e-6, rtol=1e-6)
         n_train, _ = loaded.get_nb_trainable_parameters()
         assert (n_train > 0) == trainable
     # the checked loader gives the same result
     loaded = peft_tensor.from_pretrained(build(), str(tmp_path))
     with torch.no_grad():
-        torch.testing.assert_close(_out(loaded, inputs), expected, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(model_output(loaded, inputs), expected, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("case", FAST_ALL)
@@ -218,26 +188,26 @@ def test_multiple_adapters_set_disable_delete(case, tmp_path):
     inputs = make_input()
     base = build()
     with torch.no_grad():
-        base_out = _out(base, inputs)
-        first = _out(pm, inputs).clone()
+        base_out = model_output(base, inputs)
+        first = model_output(pm, inputs).clone()
     # a second, different adapter saved from another model, then loaded next to the first; build() reseeds, so the
     # seed that makes the second adapter's random init differ is set after it
     other_base = build()
     torch.manual_seed(123)
     other = get_peft_model(other_base, CASES[case][2](init_weights=False))
     with torch.no_grad():
-        second = _out(other, inputs).clone()
+        second = model_output(other, inputs).clone()
     assert not torch.allclose(second, first, atol=1e-4), "the second adapter must differ from the first"
     other.save_pretrained(tmp_path)
     pm.load_adapter(tmp_path, adapter_name="second")
     assert set(pm.peft_config) == {"default", "second"}
     with torch.no_grad():
-        torch.testing.assert_close(_out(pm, inputs), first, atol=1e-6, rtol=1e-6)  # still the active one
+        torch.testing.assert_close(model_output(pm, inputs), first, atol=1e-6, rtol=1e-6)  # still the active one
         pm.set_adapter("second")
-        torch.testing.assert_close(_out(pm, inputs), second, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(model_output(pm, inputs), second, atol=1e-6, rtol=1e-6)
         with pm.disable_adapter():
-            torch.testing.assert_close(_out(pm, inputs), base_out, atol=1e-6, rtol=1e-6)
-        torch.testing.assert_close(_out(pm, inputs), second, atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(model_output(pm, inputs), base_out, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(model_output(pm, inputs), second, atol=1e-6, rtol=1e-6)
     # only the active adapter's groups train
     assert all(p.requires_grad for p in _group_params(pm, "second"))
     assert not any(p.requires_grad for p in _group_params(pm, "default"))
@@ -248,7 +218,7 @@ def test_multiple_adapters_set_disable_delete(case, tmp_path):
     assert not _group_params(pm, "second")
     assert not any(".second." in k for k in pm.state_dict())
     with torch.no_grad():
-        torch.testing.assert_close(_out(pm, inputs), first, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(model_output(pm, inputs), first, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("case", FAST_ALL)
@@ -257,11 +227,11 @@ def test_merge_unmerge_merge_and_unload_exact(case):
     inputs = make_input()
     base_weights = {n: p.detach().clone() for n, p in build().named_parameters()}
     with torch.no_grad():
-        expected = _out(pm, inputs).clone()
+        expected = model_output(pm, inputs).clone()
         pm.merge_adapter(safe_merge=True)
-        torch.testing.assert_close(_out(pm, inputs), expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(model_output(pm, inputs), expected, atol=1e-4, rtol=1e-4)
         pm.unmerge_adapter()
-        torch.testing.assert_close(_out(pm, inputs), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model_output(pm, inputs), expected, atol=1e-5, rtol=1e-5)
         # unmerge restores the base weights (to float32 rounding)
         for n, p in pm.get_base_model().named_parameters():
             key = n.replace(".base_layer", "")
@@ -270,16 +240,16 @@ def test_merge_unmerge_merge_and_unload_exact(case):
         plain = pm.merge_and_unload()
         assert not any("base_layer" in n or "groups" in n for n, _ in plain.named_parameters())
         assert not plain._forward_pre_hooks, "unloading must remove the adapter's forward hook"
-        torch.testing.assert_close(_out(plain, inputs), expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(model_output(plain, inputs), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_base_weights_never_modified_by_training():
     build, make_input, pm = _perturbed("tcurlora-unetr-paper")
     before = {n: p.detach().clone() for n, p in pm.get_base_model().named_parameters() if not p.requires_grad}
-    opt = torch.optim.Adam(_trainable(pm).values(), lr=1e-2)
+    opt = torch.optim.Adam(trainable_params(pm).values(), lr=1e-2)
     for _ in range(2):
         opt.zero_grad()
-        _loss(_out(pm, make_input())).backward()
+        _loss(model_output(pm, make_input())).backward()
         opt.step()
     for n, p in pm.get_base_model().named_parameters():
         if n in before:
@@ -295,14 +265,14 @@ def test_low_precision_base_models(case, dtype):
     if case.endswith("unetr-paper") and dtype == torch.float16:
         pytest.skip("MONAI's instance norm has no float16 CPU kernel")
     with torch.no_grad():
-        expected = _out(base, inputs)
+        expected = model_output(base, inputs)
     pm = get_peft_model(base, make_config())
     assert all(p.dtype == torch.float32 for p in _group_params(pm)), "adapter state stays float32"
     with torch.no_grad():
-        got = _out(pm, inputs)
+        got = model_output(pm, inputs)
     assert got.dtype == dtype
     assert torch.equal(got, expected), "init_weights=True must leave the output bit for bit unchanged in any dtype"
-    _loss(_out(pm, inputs)).backward()
+    _loss(model_output(pm, inputs)).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in _group_params(pm))
 
 
@@ -312,9 +282,9 @@ def test_autocast(case):
     pm = get_peft_model(build(), make_config(init_weights=False))
     inputs = make_input()
     with torch.no_grad():
-        ref = _out(pm, inputs)
+        ref = model_output(pm, inputs)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = _out(pm, inputs)
+        y = model_output(pm, inputs)
         _loss(y).backward()
     torch.testing.assert_close(y.float(), ref, atol=5e-2, rtol=5e-2)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in _group_params(pm))
@@ -326,23 +296,23 @@ def test_autocast(case):
 ])
 def test_modules_to_save_decoder(make_config, tmp_path):
     pm = get_peft_model(tiny_unetr(), make_config())
-    inputs = _unetr_input()
-    names = list(_trainable(pm))
+    inputs = unetr_input()
+    names = list(trainable_params(pm))
     assert any("decoder2.modules_to_save.default" in n for n in names)
     assert not any(n.startswith("base_model.model.encoder") or ".vit." in n for n in names if "groups" not in n)
-    _loss(_out(pm, inputs)).backward()
-    torch.optim.SGD(_trainable(pm).values(), lr=0.1).step()
+    _loss(model_output(pm, inputs)).backward()
+    torch.optim.SGD(trainable_params(pm).values(), lr=0.1).step()
     with torch.no_grad():
-        expected = _out(pm, inputs)
+        expected = model_output(pm, inputs)
     pm.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(tiny_unetr(), tmp_path)
     with torch.no_grad():
-        torch.testing.assert_close(_out(loaded, inputs), expected, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(model_output(loaded, inputs), expected, atol=1e-6, rtol=1e-6)
         # merge_and_unload gives a plain UNETR carrying the trained decoder and the merged encoder update
         plain = loaded.merge_and_unload()
         assert type(plain).__name__ == "UNETR"
         assert not any("modules_to_save" in n or "base_layer" in n for n, _ in plain.named_modules())
-        torch.testing.assert_close(_out(plain, inputs), expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(model_output(plain, inputs), expected, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.cuda
@@ -352,16 +322,16 @@ def test_cuda_lifecycle(case, tmp_path):
     build, make_input, pm = _perturbed(case)
     inputs = make_input()
     with torch.no_grad():
-        cpu_out = _out(pm, inputs)
+        cpu_out = model_output(pm, inputs)
     pm = pm.to("cuda")
     # true float32 on the GPU: cuDNN's default TF32 convolutions differ from the CPU by ~1e-3 on their own
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     cuda_inputs = {k: v.cuda() for k, v in inputs.items()}
     with torch.no_grad():
-        torch.testing.assert_close(_out(pm, cuda_inputs).cpu(), cpu_out, atol=1e-4, rtol=1e-4)
-    _loss(_out(pm, cuda_inputs)).backward()
+        torch.testing.assert_close(model_output(pm, cuda_inputs).cpu(), cpu_out, atol=1e-4, rtol=1e-4)
+    _loss(model_output(pm, cuda_inputs)).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in _group_params(pm))
     pm.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(build(), tmp_path)  # adapter saved on CUDA, loaded on CPU
     with torch.no_grad():
-        torch.testing.assert_close(_out(loaded, inputs), cpu_out, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(model_output(loaded, inputs), cpu_out, atol=1e-4, rtol=1e-4)

@@ -1,7 +1,7 @@
 """HyPS on convolutions (Conv1d/2d/3d, ConvTranspose1d/2d/3d): the factored forward against a dense reference, counts
 against an independent formula, the PEFT lifecycle on a small conv net, and a CNN-only MONAI network (BasicUNet).
 
-SwinUNETR with decoder convolutions is in tests/test_hyps_swinunetr.py (it reuses that module's network).
+SwinUNETR with decoder convolutions is in tests/tuners/hyps/test_hyps_swinunetr.py (it reuses that module's network).
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ from torch import nn
 import peft_tensor.tuners.hyps  # noqa: F401  (registers HYPS with PEFT)
 from peft_tensor.errors import MergeError, RankError, TargetModulesError
 from peft_tensor.tuners.hyps import Conv, HyPSConfig, HyPSLayer
-from tests._hyps import check_gradients, hyps_layers, loss, named_hyps_layers, train_two_steps
-from tests._hyps import one_thread  # noqa: F401  (autouse fixture: this module runs single-threaded)
+from tests.tuners.hyps._hyps import check_gradients, hyps_layers, loss, named_hyps_layers, train_two_steps
 
 
 # --------------------------------------------------------------------------------- one layer, dense reference

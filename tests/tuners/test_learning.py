@@ -21,7 +21,7 @@ from peft_tensor import HyPSConfig, LoraPTConfig, TCURLoraConfig
 from peft_tensor.algebra import t_product
 from peft_tensor.registry import get_method
 
-from ._models import UNETR_TARGETS, tiny_unetr
+from tests._models import UNETR_TARGETS, tiny_unetr
 
 RECIPE_LR = 3e-3  # optim.lr of the CPU recipes (finetune_cpu, demo): the decoder/head and PEFT LoRA train at it
 

@@ -1,22 +1,11 @@
-"""Helpers shared by the HyPS tests (tests/test_hyps.py, test_hyps_conv.py, test_hyps_swinunetr.py)."""
+"""Helpers shared by the HyPS tests (test_hyps.py, test_hyps_conv.py, test_hyps_swinunetr.py in this folder; their
+one-thread fixture is in conftest.py)."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from peft_tensor.tuners.hyps import HyPSLayer
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP barriers (and LAPACK's
-    threads) make them several times slower; a module that imports this fixture runs single-threaded, and the
-    setting is restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def loss(y, seed=7):

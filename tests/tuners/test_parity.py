@@ -407,7 +407,7 @@ def test_delta_modes_compute_the_same_function_and_gradients(method):
     torch.testing.assert_close(results["dense"][0], results["factored"][0], rtol=1e-4, atol=1e-5)
     # float32: dense adds D (about 1e-3 of W) to W before the product, so D keeps ~4 fewer digits than in the
     # factored path; the gradients agree to ~6e-4 of their largest entry here (exact in float64:
-    # tests/test_dense_linear.py gradchecks the dense linear)
+    # tests/tuners/test_dense_linear.py gradchecks the dense linear)
     for g_dense, g_factored in zip(results["dense"][1], results["factored"][1]):
         torch.testing.assert_close(g_dense, g_factored, rtol=1e-3, atol=2e-3 * g_factored.abs().max().item())
 

@@ -10,8 +10,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from peft_tensor import HyPSConfig, LoraPTConfig, TCURLoraConfig
-from tests.test_conv import UNET_EXCLUDE, UNET_TARGETS, basic_unet
-from tests.test_dense_linear import TARGETS, Blocks
+from tests.tuners.test_conv import UNET_EXCLUDE, UNET_TARGETS, basic_unet
+from tests.tuners.test_dense_linear import TARGETS, Blocks
 
 LINEAR = {
     "lora": lambda: LoraConfig(r=2, target_modules=TARGETS, init_lora_weights=False),

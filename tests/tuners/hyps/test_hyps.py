@@ -1,6 +1,6 @@
 """HyPS on generic models: config, the two branches, the PEFT lifecycle, merging rules, dtypes, bad input.
 
-SwinUNETR (the paper's network) and the full-size parameter counts are in tests/test_hyps_swinunetr.py.
+SwinUNETR (the paper's network) and the full-size parameter counts are in tests/tuners/hyps/test_hyps_swinunetr.py.
 """
 
 from __future__ import annotations
@@ -18,46 +18,21 @@ from torch import nn
 import peft_tensor.tuners.hyps  # noqa: F401  (registers HYPS with PEFT)
 from peft_tensor.errors import MergeError, PeftTensorError, RankError, TargetModulesError
 from peft_tensor.tuners.hyps import SWINUNETR_HYPS_TARGETS, HyPSConfig, HyPSModel, principal_factors
-from tests._hyps import check_gradients, hyps_layers, loss
-from tests._hyps import one_thread  # noqa: F401  (autouse fixture: this module runs single-threaded)
 from tests._models import UNETR_TARGETS, TinyMLP, tiny_bert, tiny_unetr, tiny_vit
+from tests.tuners.hyps._hyps import check_gradients, hyps_layers, loss
+from tests.tuners._helpers import bert_input, mlp_input, model_output, trainable_params, unetr_input, vit_input
 
 MLP_TARGETS = ["lin0", "lin1", "lin2", "lin3"]
 
 
-def _mlp_input(seed=1):
-    return {"x": torch.randn(4, 10, generator=torch.Generator().manual_seed(seed))}
-
-
-def _vit_input(seed=1):
-    return {"pixel_values": torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(seed))}
-
-
-def _bert_input(seed=1):
-    return {"input_ids": torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(seed))}
-
-
-def _unetr_input(seed=1):
-    return {"x": torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(seed))}
-
-
 # name -> (model builder, input builder, target_modules, modules_to_save)
 CASES = {
-    "mlp": (TinyMLP, _mlp_input, MLP_TARGETS, ["head"]),
-    "vit": (tiny_vit, _vit_input, ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"], None),
-    "bert": (tiny_bert, _bert_input, ["query", "key", "value", "output.dense", "intermediate.dense"], None),
-    "unetr": (tiny_unetr, _unetr_input, UNETR_TARGETS, ["out.conv.conv"]),
+    "mlp": (TinyMLP, mlp_input, MLP_TARGETS, ["head"]),
+    "vit": (tiny_vit, vit_input, ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"], None),
+    "bert": (tiny_bert, bert_input, ["query", "key", "value", "output.dense", "intermediate.dense"], None),
+    "unetr": (tiny_unetr, unetr_input, UNETR_TARGETS, ["out.conv.conv"]),
 }
 LIGHT = ["mlp", "vit", "bert"]  # cheap enough for every lifecycle test; UNETR gets the core ones
-
-
-def _out(model, inputs):
-    y = model(inputs["x"]) if "x" in inputs else model(**inputs)
-    return y.last_hidden_state if hasattr(y, "last_hidden_state") else y
-
-
-def _trainable(model):
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
 def _config(case, **kw):
@@ -134,17 +109,17 @@ def test_identity_at_init_and_counts(case):
     base = build()
     inputs = make_input()
     with torch.no_grad():
-        expected = _out(base, inputs)
+        expected = model_output(base, inputs)
     n_linear = {n for n, m in base.named_modules() if isinstance(m, nn.Linear)}
     pm = get_peft_model(base, _config(case, modules_to_save=None, r=2, d=3))
     with torch.no_grad():
-        got = _out(pm, inputs)
+        got = model_output(pm, inputs)
     assert torch.equal(got, expected), "HyPS must be an exact identity at initialisation"
     layers = hyps_layers(pm)
     assert layers and len(layers) == len(pm.base_model.targeted_module_names) <= len(n_linear)
     expected_count = sum(2 * (lin.in_features + lin.out_features) + 2 * 3 * lin.out_features for lin in layers)
     assert pm.get_nb_trainable_parameters()[0] == expected_count
-    assert set(_trainable(pm)) == set(_adapter_factor_names(pm))
+    assert set(trainable_params(pm)) == set(_adapter_factor_names(pm))
 
 
 def test_branch_switches_and_parameter_layout():
@@ -193,15 +168,15 @@ def test_every_factor_gets_gradient_after_one_step(case):
     inputs = make_input()
     pm.train()
     with torch.no_grad():
-        before = _out(pm, inputs).clone()
-    opt = torch.optim.Adam(_trainable(pm).values(), lr=1e-2)
+        before = model_output(pm, inputs).clone()
+    opt = torch.optim.Adam(trainable_params(pm).values(), lr=1e-2)
     # step 1: Up starts at zero, so Down's first gradient is exactly zero (as LoRA's A); everything else moves
-    loss(_out(pm, inputs)).backward()
+    loss(model_output(pm, inputs)).backward()
     check_gradients(pm, first_step=True)
     opt.step()
     opt.zero_grad()
     # step 2: every trainable factor (A, B, Down, Up) and the modules_to_save copies receive a non-zero gradient
-    y = _out(pm, inputs)
+    y = model_output(pm, inputs)
     loss(y).backward()
     factors = _adapter_factor_names(pm)
     assert {k for n in factors for k in ("hyps_A.", "hyps_B.", "hyps_down.", "hyps_up.") if k in n} == {
@@ -213,33 +188,33 @@ def test_every_factor_gets_gradient_after_one_step(case):
 def test_base_weights_never_modified_by_training():
     pm = get_peft_model(TinyMLP(), _config("mlp", init_weights=False))
     frozen = {n: p.detach().clone() for n, p in pm.named_parameters() if not p.requires_grad}
-    opt = torch.optim.SGD(_trainable(pm).values(), lr=0.1)
+    opt = torch.optim.SGD(trainable_params(pm).values(), lr=0.1)
     for _ in range(3):
         opt.zero_grad()
-        loss(_out(pm, _mlp_input())).backward()
+        loss(model_output(pm, mlp_input())).backward()
         opt.step()
     for n, p in pm.named_parameters():
         if n in frozen:
             assert torch.equal(p, frozen[n]), n
     with pm.disable_adapter(), torch.no_grad():
-        torch.testing.assert_close(_out(pm, _mlp_input()), _out(TinyMLP(), _mlp_input()), atol=0, rtol=0)
+        torch.testing.assert_close(model_output(pm, mlp_input()), model_output(TinyMLP(), mlp_input()), atol=0, rtol=0)
 
 
 def test_dropout_keeps_identity_at_init_and_is_off_in_eval():
     base = TinyMLP()
-    inputs = _mlp_input()
+    inputs = mlp_input()
     with torch.no_grad():
-        expected = _out(base, inputs)
+        expected = model_output(base, inputs)
     pm = get_peft_model(base, _config("mlp", dropout=0.5, modules_to_save=None))
     pm.train()
     with torch.no_grad():
-        assert torch.equal(_out(pm, inputs), expected)  # both parallel paths see the same dropped input
+        assert torch.equal(model_output(pm, inputs), expected)  # both parallel paths see the same dropped input
     pm2 = get_peft_model(TinyMLP(), _config("mlp", dropout=0.5, init_weights=False, modules_to_save=None))
     pm2.eval()
     with torch.no_grad():
-        assert torch.equal(_out(pm2, inputs), _out(pm2, inputs))
+        assert torch.equal(model_output(pm2, inputs), model_output(pm2, inputs))
         pm2.train()
-        assert not torch.equal(_out(pm2, inputs), _out(pm2, inputs))
+        assert not torch.equal(model_output(pm2, inputs), model_output(pm2, inputs))
 
 
 # -------------------------------------------------------------------------------------------------- save / load
@@ -252,7 +227,7 @@ def test_save_load_round_trip(case, tmp_path):
     pm = get_peft_model(build(), _config(case, init_weights=False))
     inputs = make_input()
     with torch.no_grad():
-        expected = _out(pm, inputs)
+        expected = model_output(pm, inputs)
     pm.save_pretrained(tmp_path)
     saved = load_file(tmp_path / "adapter_model.safetensors")
     assert saved and not any(".default" in k for k in saved)
@@ -264,7 +239,7 @@ def test_save_load_round_trip(case, tmp_path):
     for trainable in (False, True):
         loaded = PeftModel.from_pretrained(build(), tmp_path, is_trainable=trainable)
         with torch.no_grad():
-            torch.testing.assert_close(_out(loaded, inputs), expected, atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(model_output(loaded, inputs), expected, atol=1e-6, rtol=1e-6)
         n_train, _ = loaded.get_nb_trainable_parameters()
         assert (n_train == pm.get_nb_trainable_parameters()[0]) if trainable else (n_train == 0)
 
@@ -273,19 +248,19 @@ def test_load_uses_saved_initial_factors_not_a_fresh_svd(tmp_path):
     """Singular vectors have arbitrary signs: the saved A0/B0 must win over whatever SVD the loader computes."""
     pm = get_peft_model(TinyMLP(), _config("mlp", init_weights=False))
     with torch.no_grad():
-        expected = _out(pm, _mlp_input())
+        expected = model_output(pm, mlp_input())
         for layer in hyps_layers(pm):  # flip a sign pair: same A0 B0 product, different factors
             for t in (layer.hyps_A0["default"], layer.hyps_A["default"]):
                 t[:, 0].neg_()
             for t in (layer.hyps_B0["default"], layer.hyps_B["default"]):
                 t[0].neg_()
-        torch.testing.assert_close(_out(pm, _mlp_input()), expected, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(model_output(pm, mlp_input()), expected, atol=1e-6, rtol=1e-6)
     pm.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(TinyMLP(), tmp_path)
     layer = loaded.base_model.model.lin1
     assert torch.equal(layer.hyps_A0["default"], pm.base_model.model.lin1.hyps_A0["default"])
     with torch.no_grad():
-        torch.testing.assert_close(_out(loaded, _mlp_input()), expected, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(model_output(loaded, mlp_input()), expected, atol=1e-6, rtol=1e-6)
 
 
 def test_low_cpu_mem_usage_load_and_direct_injection(tmp_path):
@@ -293,17 +268,17 @@ def test_low_cpu_mem_usage_load_and_direct_injection(tmp_path):
 
     pm = get_peft_model(TinyMLP(), _config("mlp", init_weights=False))
     with torch.no_grad():
-        expected = _out(pm, _mlp_input())
+        expected = model_output(pm, mlp_input())
     pm.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(TinyMLP(), tmp_path, low_cpu_mem_usage=True)
     assert not any(t.is_meta for t in loaded.state_dict().values())
     with torch.no_grad():
-        torch.testing.assert_close(_out(loaded, _mlp_input()), expected, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(model_output(loaded, mlp_input()), expected, atol=1e-6, rtol=1e-6)
     # HyPS keeps no cross-layer state, so PEFT's bare injection works too
     model = inject_adapter_in_model(_config("mlp", modules_to_save=None), TinyMLP())
     assert len(hyps_layers(model)) == 4
     with torch.no_grad():
-        assert torch.equal(_out(model, _mlp_input()), _out(TinyMLP(), _mlp_input()))
+        assert torch.equal(model_output(model, mlp_input()), model_output(TinyMLP(), mlp_input()))
 
 
 def test_checked_loader_rejects_another_network(tmp_path):
@@ -322,24 +297,24 @@ def test_multiple_adapters_set_disable_delete(case, tmp_path):
     build, make_input, _, _ = CASES[case]
     inputs = make_input()
     with torch.no_grad():
-        base_out = _out(build(), inputs)
+        base_out = model_output(build(), inputs)
     torch.manual_seed(1)
     pm = get_peft_model(build(), _config(case, init_weights=False))
     torch.manual_seed(2)
     other = get_peft_model(build(), _config(case, init_weights=False, r=1, d=3, modules_to_save=None))
     with torch.no_grad():
-        first = _out(pm, inputs).clone()
-        second = _out(other, inputs).clone()
+        first = model_output(pm, inputs).clone()
+        second = model_output(other, inputs).clone()
     other.save_pretrained(tmp_path)
     pm.load_adapter(tmp_path, adapter_name="second")
     assert set(pm.peft_config) == {"default", "second"}
     with torch.no_grad():
-        torch.testing.assert_close(_out(pm, inputs), first, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(model_output(pm, inputs), first, atol=1e-6, rtol=1e-6)
         pm.set_adapter("second")
-        torch.testing.assert_close(_out(pm, inputs), second, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(model_output(pm, inputs), second, atol=1e-6, rtol=1e-6)
         with pm.disable_adapter():
-            torch.testing.assert_close(_out(pm, inputs), base_out, atol=0, rtol=0)
-        torch.testing.assert_close(_out(pm, inputs), second, atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(model_output(pm, inputs), base_out, atol=0, rtol=0)
+        torch.testing.assert_close(model_output(pm, inputs), second, atol=1e-6, rtol=1e-6)
     assert not any(p.requires_grad for n, p in pm.named_parameters() if ".default" in n and "hyps_" in n)
     pm.set_adapter("default")
     assert all(p.requires_grad for n, p in pm.named_parameters() if ".default" in n and "hyps_" in n)
@@ -348,7 +323,7 @@ def test_multiple_adapters_set_disable_delete(case, tmp_path):
     assert set(pm.peft_config) == {"default"}
     assert not any(".second" in k for k in pm.state_dict())
     with torch.no_grad():
-        torch.testing.assert_close(_out(pm, inputs), first, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(model_output(pm, inputs), first, atol=1e-6, rtol=1e-6)
 
 
 def test_add_adapter_in_memory_keeps_first_adapter_trainability():
@@ -358,7 +333,7 @@ def test_add_adapter_in_memory_keeps_first_adapter_trainability():
     assert {n for n, p in pm.named_parameters() if p.requires_grad} == before
     pm.set_adapter("two")
     with torch.no_grad():  # the new adapter is an identity at init
-        torch.testing.assert_close(_out(pm, _mlp_input()), _out(TinyMLP(), _mlp_input()), atol=0, rtol=0)
+        torch.testing.assert_close(model_output(pm, mlp_input()), model_output(TinyMLP(), mlp_input()), atol=0, rtol=0)
 
 
 # ----------------------------------------------------------------------------------------------------- merging
@@ -371,12 +346,12 @@ def test_merge_unmerge_merge_and_unload_exact_parallel_only(case):
     inputs = make_input()
     base_weights = {n: p.detach().clone() for n, p in build().named_parameters()}
     with torch.no_grad():
-        expected = _out(pm, inputs).clone()
+        expected = model_output(pm, inputs).clone()
         pm.merge_adapter(safe_merge=True)
         assert all(layer.merged for layer in hyps_layers(pm))
-        torch.testing.assert_close(_out(pm, inputs), expected, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(model_output(pm, inputs), expected, atol=1e-5, rtol=1e-4)
         pm.unmerge_adapter()
-        torch.testing.assert_close(_out(pm, inputs), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model_output(pm, inputs), expected, atol=1e-5, rtol=1e-5)
         for n, p in pm.get_base_model().named_parameters():
             key = n.replace(".base_layer", "")
             if key in base_weights:
@@ -385,7 +360,7 @@ def test_merge_unmerge_merge_and_unload_exact_parallel_only(case):
         assert type(plain) is type(build())
         assert not hyps_layers(plain)
         assert not any("hyps_" in n or "base_layer" in n for n, _ in plain.named_parameters())
-        torch.testing.assert_close(_out(plain, inputs), expected, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(model_output(plain, inputs), expected, atol=1e-5, rtol=1e-4)
 
 
 def test_merged_weight_is_w_plus_ab_minus_a0b0():
@@ -398,7 +373,8 @@ def test_merged_weight_is_w_plus_ab_minus_a0b0():
     torch.testing.assert_close(layer.get_base_layer().weight, w + a @ b - a0 @ b0, atol=1e-6, rtol=0)
     # disabling the adapter while merged unmerges first, so the output is the base network's
     with pm.disable_adapter(), torch.no_grad():
-        torch.testing.assert_close(_out(pm, _mlp_input()), _out(TinyMLP(), _mlp_input()), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(model_output(pm, mlp_input()), model_output(TinyMLP(), mlp_input()),
+                                   atol=1e-6, rtol=1e-6)
 
 
 def test_safe_merge_detects_nan():
@@ -418,21 +394,22 @@ def test_merge_with_serial_branch_raises_and_changes_nothing(how, branches):
     pm = get_peft_model(TinyMLP(), _config("mlp", init_weights=False, modules_to_save=None, **branches))
     weights = {n: p.detach().clone() for n, p in pm.named_parameters()}
     with torch.no_grad():
-        expected = _out(pm, _mlp_input())
+        expected = model_output(pm, mlp_input())
     with pytest.raises(MergeError, match=r"serial branch.*non-linear.*serial=False"):
         getattr(pm, how)()
     assert not any(layer.merged for layer in hyps_layers(pm))
     for n, p in pm.named_parameters():
         assert torch.equal(p, weights[n]), n
     with torch.no_grad():
-        torch.testing.assert_close(_out(pm, _mlp_input()), expected, atol=0, rtol=0)
+        torch.testing.assert_close(model_output(pm, mlp_input()), expected, atol=0, rtol=0)
     # the layer-level merge refuses too, and unload() (no merge) still returns the plain base network
     with pytest.raises(MergeError, match="serial"):
         pm.base_model.model.lin1.merge()
     plain = pm.unload()
     assert isinstance(plain, TinyMLP) and not hyps_layers(plain)
     with torch.no_grad():
-        torch.testing.assert_close(_out(plain, _mlp_input()), _out(TinyMLP(), _mlp_input()), atol=0, rtol=0)
+        torch.testing.assert_close(model_output(plain, mlp_input()), model_output(TinyMLP(), mlp_input()),
+                                   atol=0, rtol=0)
 
 
 def test_merge_with_mixed_adapters_checks_all_before_touching_weights():
@@ -458,46 +435,46 @@ def test_low_precision_base_models(case, dtype):
     base = build().to(dtype)
     inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in make_input().items()}
     with torch.no_grad():
-        expected = _out(base, inputs)
+        expected = model_output(base, inputs)
     pm = get_peft_model(base, _config(case, modules_to_save=None))
     factors = [p for n, p in pm.named_parameters() if n in set(_adapter_factor_names(pm))]
     assert factors and all(p.dtype == torch.float32 for p in factors), "adapter parameters stay float32"
     assert all(layer.hyps_A0["default"].dtype == torch.float32 for layer in hyps_layers(pm))
     with torch.no_grad():
-        got = _out(pm, inputs)
+        got = model_output(pm, inputs)
     assert got.dtype == dtype and torch.equal(got, expected)
     opt = torch.optim.SGD(factors, lr=0.1)
-    loss(_out(pm, inputs)).backward()
+    loss(model_output(pm, inputs)).backward()
     opt.step()
     opt.zero_grad()
-    loss(_out(pm, inputs)).backward()
+    loss(model_output(pm, inputs)).backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 and p.grad.abs().sum() > 0 for p in factors)
     with torch.no_grad():
-        y = _out(pm, inputs)
+        y = model_output(pm, inputs)
     assert y.dtype == dtype and torch.isfinite(y.float()).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_merge_and_no_autocast(dtype):
     base = TinyMLP().to(dtype)
-    inputs = {"x": _mlp_input()["x"].to(dtype)}
+    inputs = {"x": mlp_input()["x"].to(dtype)}
     pm = get_peft_model(base, _config("mlp", serial=False, init_weights=False, modules_to_save=None))
     with torch.no_grad():
-        expected = _out(pm, inputs).clone()
+        expected = model_output(pm, inputs).clone()
         plain = pm.merge_and_unload()
         assert plain.lin1.weight.dtype == dtype
-        torch.testing.assert_close(_out(plain, inputs), expected, atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(model_output(plain, inputs), expected, atol=2e-2, rtol=2e-2)
     kept = get_peft_model(TinyMLP().to(dtype), _config("mlp", modules_to_save=None), autocast_adapter_dtype=False)
     assert all(p.dtype == dtype for n, p in kept.named_parameters() if "hyps_" in n)
 
 
 def test_torch_autocast():
     pm = get_peft_model(TinyMLP(), _config("mlp", init_weights=False, modules_to_save=None))
-    inputs = _mlp_input()
+    inputs = mlp_input()
     with torch.no_grad():
-        ref = _out(pm, inputs)
+        ref = model_output(pm, inputs)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = _out(pm, inputs)
+        y = model_output(pm, inputs)
         loss(y).backward()
     torch.testing.assert_close(y.float(), ref, atol=5e-2, rtol=5e-2)
     assert all(p.grad is not None for n, p in pm.named_parameters() if "hyps_" in n and "hyps_down" not in n)
@@ -513,27 +490,28 @@ def test_torch_autocast():
 ])
 def test_device_lifecycle(device, tmp_path):
     pm = get_peft_model(TinyMLP(), _config("mlp", init_weights=False))
-    inputs = _mlp_input()
+    inputs = mlp_input()
     with torch.no_grad():
-        cpu_out = _out(pm, inputs)
+        cpu_out = model_output(pm, inputs)
     pm = pm.to(device)
     dev_inputs = {k: v.to(device) for k, v in inputs.items()}
     assert all(t.device.type == device for layer in hyps_layers(pm) for t in (layer.hyps_A0["default"],))
     with torch.no_grad():
-        torch.testing.assert_close(_out(pm, dev_inputs).cpu(), cpu_out, atol=1e-4, rtol=1e-4)
-    loss(_out(pm, dev_inputs)).backward()
+        torch.testing.assert_close(model_output(pm, dev_inputs).cpu(), cpu_out, atol=1e-4, rtol=1e-4)
+    loss(model_output(pm, dev_inputs)).backward()
     assert all(p.grad is not None for n, p in pm.named_parameters() if "hyps_A" in n)
     pm.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(TinyMLP().to(device), tmp_path)
     with torch.no_grad():
-        torch.testing.assert_close(_out(loaded, dev_inputs).cpu(), cpu_out, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(model_output(loaded, dev_inputs).cpu(), cpu_out, atol=1e-4, rtol=1e-4)
     # adapters are built on the device of the base layer, SVD included
     fresh = get_peft_model(TinyMLP().to(device), _config("mlp", serial=False, modules_to_save=None))
     with torch.no_grad():
-        torch.testing.assert_close(_out(fresh, dev_inputs).cpu(), _out(TinyMLP(), inputs), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model_output(fresh, dev_inputs).cpu(), model_output(TinyMLP(), inputs),
+                                   atol=1e-5, rtol=1e-5)
     if device == "cuda":
         half = get_peft_model(TinyMLP().to(device, torch.float16), _config("mlp", modules_to_save=None))
-        y = _out(half, {"x": dev_inputs["x"].half()})
+        y = model_output(half, {"x": dev_inputs["x"].half()})
         assert y.dtype == torch.float16
         loss(y).backward()
 
@@ -556,7 +534,7 @@ def test_unsupported_target_is_refused_by_name_and_type():
     class WithNorm(nn.Module):
         def __init__(self):
             super().__init__()
-            self.proj = nn.Conv3d(1, 4, 2)  # convolutions are fine (tests/test_hyps_conv.py) ...
+            self.proj = nn.Conv3d(1, 4, 2)  # convolutions are fine (tests/tuners/hyps/test_hyps_conv.py) ...
             self.norm = nn.LayerNorm(4)  # ... a LayerNorm or a grouped convolution is not
             self.dw = nn.Conv3d(4, 4, 3, groups=4)
             self.mlp = nn.Linear(4, 4)

@@ -31,13 +31,8 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tiny convolutions run several times faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# these tiny convolutions run several times faster on one thread than on two contended ones (conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def basic_unet(seed: int = 0):

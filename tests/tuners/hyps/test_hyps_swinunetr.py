@@ -15,9 +15,8 @@ from torch import nn
 import peft_tensor.tuners.hyps  # noqa: F401  (registers HYPS with PEFT)
 from peft_tensor.errors import MergeError
 from peft_tensor.tuners.hyps import SWINUNETR_HYPS_TARGETS, HyPSConfig
-from tests._hyps import check_gradients, hyps_layers, loss, named_hyps_layers, train_two_steps
-from tests._hyps import one_thread  # noqa: F401  (autouse fixture: this module runs single-threaded)
 from tests._models import SWIN_TARGETS, full_swinunetr, tiny_swinunetr
+from tests.tuners.hyps._hyps import check_gradients, hyps_layers, loss, named_hyps_layers, train_two_steps
 
 # The decoder and head that train in full in the paper (dotted "out.conv.conv": PEFT matches modules_to_save by bare
 # suffix, so a plain "out" would also catch any module whose name ends in "out").

@@ -10,9 +10,9 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from tests.test_conv import basic_unet
-from tests.test_dense_linear import Blocks
-from tests.test_inference_mode import CONV, LINEAR
+from tests.tuners.test_conv import basic_unet
+from tests.tuners.test_dense_linear import Blocks
+from tests.tuners.test_inference_mode import CONV, LINEAR
 
 
 def _check(make_model, config, x):

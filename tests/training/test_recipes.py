@@ -17,7 +17,7 @@ from peft_tensor.training import (Checkpointer, apply_arm, case_metrics, load_co
 from tests._models import tiny_unetr
 from tests._recipe_fixtures import TINY_MODEL, brats_dataset, msd_dataset, pairs_dataset
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 ARM = "tcurlora"
