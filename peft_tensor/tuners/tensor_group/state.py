@@ -42,16 +42,16 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from ..algebra import compute_dtype
-from ..errors import AdapterLoadError, MergeError, RankError, TargetModulesError
-from ._dense_linear import dense_from_factors, dense_layer_forward
-from ._group_state import bound_state, differentiable_inputs, forward_aliases, refuse_functorch, trainable_state
-from ._loading_context import is_loading_adapter, loading_adapter
-from ._mixed_batch import check_mixed_batch, mixed_batch_hooks, sub_batches
-from ._peft_fixes import MonaiFriendlyTunerMixin
-from ._targets import find_targets, is_conv
-from ._weighted import check_weighted_adapter_args
-from .grouping import GroupSpec, from_matrix_view, matrix_shape, matrix_view, plan_groups
+from ...algebra import compute_dtype
+from ...errors import AdapterLoadError, MergeError, RankError, TargetModulesError
+from .._dense_linear import dense_from_factors, dense_layer_forward
+from .._group_state import bound_state, differentiable_inputs, forward_aliases, refuse_functorch, trainable_state
+from .._loading_context import is_loading_adapter, loading_adapter
+from .._mixed_batch import check_mixed_batch, mixed_batch_hooks, sub_batches
+from .._peft_fixes import MonaiFriendlyTunerMixin
+from .._targets import find_targets, is_conv
+from .._weighted import check_weighted_adapter_args
+from ..grouping import GroupSpec, from_matrix_view, matrix_shape, matrix_view, plan_groups
 
 __all__ = ["cache_build", "ForwardScope", "TensorGroup", "TensorGroupLayer", "TensorGroupTuner", "SliceAssignment"]
 
