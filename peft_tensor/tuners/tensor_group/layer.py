@@ -16,9 +16,15 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from ..._peft_compat import (
+    BaseTunerLayer,
+    check_adapters_to_merge,
+    conv_forward,
+    is_conv_transpose,
+    transposed_output_padding,
+)
 from ...algebra import compute_dtype
 from ...errors import MergeError
 from .._dense_linear import dense_layer_forward
@@ -213,14 +219,12 @@ class TensorGroupLayer(nn.Module, BaseTunerLayer):
             return base(x, *args, **kwargs)
         for delta in deltas:
             weight = weight + delta.to(weight.dtype)
-        if isinstance(base, nn.modules.conv._ConvTransposeNd):
-            output_size = args[0] if args else kwargs.get("output_size")
+        if is_conv_transpose(base):
+            output_padding = transposed_output_padding(base, x, args[0] if args else kwargs.get("output_size"))
             n_spatial = base.weight.dim() - 2
-            output_padding = base._output_padding(x, output_size, base.stride, base.padding, base.kernel_size,
-                                                  n_spatial, base.dilation)
             fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[n_spatial - 1]
             return fn(x, weight, base.bias, base.stride, base.padding, output_padding, base.groups, base.dilation)
-        return base._conv_forward(x, weight, base.bias)
+        return conv_forward(base, x, weight, base.bias)
 
     def __repr__(self) -> str:
         rep = super().__repr__()

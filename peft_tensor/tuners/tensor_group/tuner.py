@@ -8,13 +8,12 @@ from contextlib import contextmanager
 from typing import Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
+from ..._peft_compat import BaseTuner, MonaiFriendlyTunerMixin
 from ...errors import RankError, TargetModulesError
 from .._loading_context import is_loading_adapter, loading_adapter
 from .._mixed_batch import mixed_batch_hooks
-from .._peft_fixes import MonaiFriendlyTunerMixin
 from .._targets import find_targets
 from .._weighted import check_weighted_adapter_args
 from ..grouping import GroupSpec, matrix_shape, plan_groups
@@ -35,6 +34,8 @@ class TensorGroupTuner(MonaiFriendlyTunerMixin, BaseTuner):
     """``BaseTuner`` for methods whose trainable state is one set of groups per adapter.
 
     Subclasses set ``prefix``, ``tuner_layer_cls``, ``group_cls`` and ``groups_attr`` (``f"{prefix}groups"``).
+    The private ``BaseTuner`` hooks it overrides are PEFT internals, listed in
+    :data:`peft_tensor._peft_compat.TUNER_HOOKS` (and checked by ``tests/test_peft_compat.py``).
     """
 
     uses_shared_state = True
