@@ -115,8 +115,8 @@ def _check_patterns(cfg: dict, path: Path) -> None:
 def check_peft_type(config: dict, provenance: Optional[dict] = None, where: str = "") -> None:
     """Refuse a peft_type peft_tensor does not load, naming the ones it does and the package that provides it."""
     import peft
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
+    from ._peft_compat import PEFT_TYPE_TO_CONFIG_MAPPING
     from .version import __version__
 
     peft_type = config.get("peft_type")
@@ -215,9 +215,9 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, dict[str, Any]
 
 def check_adapter_compatible(base_model: nn.Module, adapter_dir: str | os.PathLike, config=None) -> None:
     """For peft_tensor tensor-group methods: raise unless the saved group tensors fit ``base_model``."""
-    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
     from peft.config import PeftConfig
 
+    from ._peft_compat import PEFT_TYPE_TO_TUNER_MAPPING
     from .tuners.tensor_group import TensorGroupTuner
 
     if config is None:
@@ -269,8 +269,7 @@ def check_adapter_compatible(base_model: nn.Module, adapter_dir: str | os.PathLi
 
 def restore_base_model(model: nn.Module) -> nn.Module:
     """Remove PEFT wrappers injected into ``model`` in place (used after a failed load)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    from peft.utils.other import ModulesToSaveWrapper
+    from ._peft_compat import BaseTunerLayer, ModulesToSaveWrapper
 
     for name, module in list(model.named_modules()):
         if not name:

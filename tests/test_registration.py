@@ -8,7 +8,7 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import PeftType
 
 import peft_tensor
-from peft_tensor import _registration
+from peft_tensor import _peft_compat, _registration
 from tests._models import TinyMLP
 
 
@@ -63,7 +63,7 @@ def test_unexpected_peft_internals_fail_clearly(monkeypatch):
     class NotAnEnum(str):
         __members__ = {}
 
-    monkeypatch.setattr(_registration, "PeftType", NotAnEnum)
+    monkeypatch.setattr(_peft_compat, "PeftType", NotAnEnum)  # the enum touchpoint lives in _peft_compat
     with pytest.raises(_registration.PeftTensorRegistrationError, match="installed peft is incompatible"):
         _registration.ensure_peft_type("SOMETHINGNEW")
 

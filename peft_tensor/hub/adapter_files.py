@@ -39,15 +39,14 @@ def numel(shape: tuple[int, ...]) -> int:
 
 def adapted_module_shapes(peft_model, adapter_name: str) -> dict[str, dict[str, list[int]]]:
     """For every base module an adapter wraps: its original parameter shapes (recorded at save time)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    from peft.utils.other import AuxiliaryTrainingWrapper
+    from .._peft_compat import AuxiliaryTrainingWrapper, BaseTunerLayer, auxiliary_adapters
 
     base = peft_model.get_base_model()
     out: dict[str, dict[str, list[int]]] = {}
     for name, module in base.named_modules():
         if isinstance(module, BaseTunerLayer) and adapter_name in _adapter_names(module):
             original = module.get_base_layer()
-        elif isinstance(module, AuxiliaryTrainingWrapper) and adapter_name in getattr(module, "_adapters", ()):
+        elif isinstance(module, AuxiliaryTrainingWrapper) and adapter_name in auxiliary_adapters(module):
             original = module.original_module
         else:
             continue
@@ -67,7 +66,7 @@ def _adapter_names(layer) -> set[str]:
 def check_shapes(base: nn.Module, shapes: dict[str, tuple[int, ...]], config: dict, record: dict | None,
                  where: str = "") -> None:
     """Check an adapter against a plain (not yet wrapped) base network; raise before anything is modified."""
-    from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
+    from .._peft_compat import PEFT_TYPE_TO_PREFIX_MAPPING
 
     modules = dict(base.named_modules())
     prefix = PEFT_TYPE_TO_PREFIX_MAPPING.get(str(config["peft_type"]), "")
@@ -114,7 +113,7 @@ def check_shapes(base: nn.Module, shapes: dict[str, tuple[int, ...]], config: di
 
 def group_summary(shapes: dict[str, tuple[int, ...]], config: dict, adapted: list[str] | None = None) -> list[str]:
     """Human-readable grouping: adapted modules by name suffix, and shared (tuner-level) tensors."""
-    from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
+    from .._peft_compat import PEFT_TYPE_TO_PREFIX_MAPPING
 
     prefix = PEFT_TYPE_TO_PREFIX_MAPPING.get(str(config.get("peft_type")), "") or "\0"
     per_module: dict[str, list[str]] = {}

@@ -377,7 +377,7 @@ def save_base_weights(network: nn.Module, path: str | os.PathLike) -> WeightsRef
 
     Call this on the plain network, before ``get_peft_model`` wraps its layers.
     """
-    from peft.tuners.tuners_utils import BaseTunerLayer
+    from .._peft_compat import BaseTunerLayer
     from safetensors.torch import save_file
 
     if hasattr(network, "get_base_model") or any(isinstance(m, BaseTunerLayer) for m in network.modules()):

@@ -44,7 +44,7 @@ class BundleExportError(PeftTensorError):
 def merged_copy(model: nn.Module) -> tuple[nn.Module, dict]:
     """A plain network equal to ``model`` with its adapters merged (a copy; ``model`` is unchanged), and what was
     merged (``{"adapters": {name: peft_type}, ...}``)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
+    from .._peft_compat import BaseTunerLayer
 
     info: dict[str, Any] = {}
     if hasattr(model, "merge_and_unload") and hasattr(model, "peft_config"):

@@ -6,9 +6,9 @@ autograd node:
 * :func:`group_dense_slices` -- the slices ``D_k`` ``(n1, n2)`` of a group's update ``D = sum_i A_i * B_i``,
   computed **once per model forward** through the FFT along the slice axis (``D`` contiguous ``(L, n1, n2)``; the
   slices are views, so the backward is one ``stack`` of the layers' slice gradients, not one full-size zero tensor
-  per slice). The node saves no tensors, like the factors' node (:class:`~.tensor_group._Factors`): its backward
-  re-derives the Fourier factors (small) and applies the adjoint of the inverse FFT to the incoming gradient, so
-  ``D`` is never rebuilt in backward and the node can be traversed by several backward passes.
+  per slice). The node saves no tensors, like the factors' node (:class:`~.tensor_group.autograd._Factors`): its
+  backward re-derives the Fourier factors (small) and applies the adjoint of the inverse FFT to the incoming
+  gradient, so ``D`` is never rebuilt in backward and the node can be traversed by several backward passes.
 * :class:`DenseDeltaLinear` -- ``x (W + sum_a D^(a)_rows)^T + b`` that saves only ``x`` (and references to ``W`` and
   the slices, which are held anyway: a parameter and the group's per-forward ``D``). ``F.linear(x, W + D_rows)``
   would save the weight-sized sum ``W + D_rows`` per layer; here the sum is rebuilt in backward as a temporary.
@@ -194,7 +194,7 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias, counts: Sequence[i
 
 
 def dense_layer_forward(layer, x: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
-    """The dense forward of a :class:`~.tensor_group.TensorGroupLayer` (a Linear) for the adapters ``names``:
+    """The dense forward of a :class:`~.tensor_group.layer.TensorGroupLayer` (a Linear) for the adapters ``names``:
     ``x (W + sum D)^T + b`` through :class:`DenseDeltaLinear`.
 
     Per adapter the group says what is dense: by default its whole ``D`` (:func:`group_dense_slices`); a group with a

@@ -1,6 +1,6 @@
 """Which tensors a tensor group's factors are differentiated against, and binding them again in a backward pass.
 
-A group's factors are built by autograd nodes that save nothing (:class:`~.tensor_group._Factors`,
+A group's factors are built by autograd nodes that save nothing (:class:`~.tensor_group.autograd._Factors`,
 :class:`~._dense_linear._GroupDense`): their backward recomputes the factors from the group's attributes. The
 trainable tensors the forward saw are not always the ones the group holds when backward runs:
 ``torch.func.functional_call`` substitutes tensors for the forward only, and a parametrization

@@ -7,9 +7,9 @@ Every method (tCURLoRA, LoRA-PT, HyPS) adapts ``nn.Linear`` and convolutions (``
 
 from __future__ import annotations
 
-from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 from torch import nn
 
+from .._peft_compat import BaseTunerLayer, check_target_module_exists
 from ..errors import TargetModulesError
 
 __all__ = ["CONV_TYPES", "find_targets", "is_conv"]

@@ -26,7 +26,7 @@ for _name, _cls, _extra in (
 
 # Convolution targets (issue 12) on upstream's convolutional test models: Conv1d(1, 1, 2), Conv2d(5, 10, 3) (+ lin0),
 # Conv3d(5, 10, 3), Conv2d 1x1 (1 -> 10: rank 1 at most); kernel layout (K kernel positions as slices) and stacked.
-# LoRA-PT shares the convolution code with tCURLoRA (tensor_group.py): two cases suffice for it.
+# LoRA-PT shares the convolution code with tCURLoRA (tuners/tensor_group/): two cases suffice for it.
 TEST_CASES += [
     ("Conv1d tCURLoRA", "Conv1d", TCURLoraConfig, {"target_modules": ["conv1d"], "r": 1}),
     ("Conv2d 2 tCURLoRA", "Conv2d", TCURLoraConfig, {"target_modules": ["conv2d", "lin0"], "r": 2}),

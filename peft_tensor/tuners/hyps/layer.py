@@ -18,10 +18,17 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from ..._peft_compat import (
+    BaseTunerLayer,
+    BufferDict,
+    cast_input_dtype,
+    check_adapters_to_merge,
+    conv_forward,
+    move_adapter_to_base_device,
+    transposed_output_padding,
+)
 from ...errors import MergeError, RankError
 from .._mixed_batch import check_mixed_batch, sub_batches
 from .._targets import CONV_TYPES
@@ -214,7 +221,7 @@ class HyPSLayer(BaseTunerLayer):
             self.hyps_down[adapter_name] = down
             self.hyps_up[adapter_name] = up
 
-        self._move_adapter_to_device_of_base_layer(adapter_name)
+        move_adapter_to_base_device(self, adapter_name)
         self.set_adapter(self.active_adapters)
 
     def _make_bottleneck(self, d: int, device: torch.device) -> tuple[nn.Module, nn.Module]:
@@ -355,7 +362,7 @@ class Linear(_HyPSModule):
         p = self.hyps_dropout.get(adapter, 0.0)
         if self._has_parallel(adapter) and adapter not in self.merged_adapters:
             a, b = self.hyps_A[adapter], self.hyps_B[adapter]
-            xa = self._cast_input_dtype(x, a.dtype)
+            xa = cast_input_dtype(self, x, a.dtype)
             if p > 0.0:
                 xa = F.dropout(xa, p=p, training=self.training)
             # A B - A0 B0 = (A - A0) B + A0 (B - B0): one rank-2r pass over the tokens (the input is read once,
@@ -366,7 +373,7 @@ class Linear(_HyPSModule):
             result = _add_matmul(result, u, torch.cat([a - a0, a0], dim=1))
         if self._has_serial(adapter):
             down, up = self.hyps_down[adapter], self.hyps_up[adapter]
-            h = self._cast_input_dtype(result, down.weight.dtype)
+            h = cast_input_dtype(self, result, down.weight.dtype)
             if p > 0.0:
                 h = F.dropout(h, p=p, training=self.training)
             result = _add_matmul(result, F.relu(down(h)), up.weight, alpha=self.hyps_scale[adapter])
@@ -428,8 +435,7 @@ class Conv(_HyPSModule):
         base = self.get_base_layer()
         if not base.transposed:
             return None
-        return base._output_padding(x, output_size, base.stride, base.padding, base.kernel_size,
-                                    base.weight.dim() - 2, base.dilation)
+        return transposed_output_padding(base, x, output_size)
 
     def _apply_adapter(self, adapter: str, x: torch.Tensor, result: torch.Tensor,
                        output_padding: Optional[list[int]]) -> torch.Tensor:
@@ -437,7 +443,7 @@ class Conv(_HyPSModule):
         if self._has_parallel(adapter) and adapter not in self.merged_adapters:
             base = self.get_base_layer()
             a, b = self.hyps_A[adapter], self.hyps_B[adapter]
-            xa = self._cast_input_dtype(x, a.dtype)
+            xa = cast_input_dtype(self, x, a.dtype)
             if p > 0.0:
                 xa = F.dropout(xa, p=p, training=self.training)
             a0, b0 = self.hyps_A0[adapter].to(a.dtype), self.hyps_B0[adapter].to(b.dtype)
@@ -449,10 +455,10 @@ class Conv(_HyPSModule):
                                                            1, base.dilation)
                 result = result + u.to(result.dtype)
             else:
-                result = _add_channel_mix(result, base._conv_forward(xa, kernel, None), mix)
+                result = _add_channel_mix(result, conv_forward(base, xa, kernel, None), mix)
         if self._has_serial(adapter):
             down, up = self.hyps_down[adapter], self.hyps_up[adapter]
-            h = self._cast_input_dtype(result, down.weight.dtype)
+            h = cast_input_dtype(self, result, down.weight.dtype)
             if p > 0.0:
                 h = F.dropout(h, p=p, training=self.training)
             z = F.relu(_channel_mix(h, down.weight.flatten(1)))

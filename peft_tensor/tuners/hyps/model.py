@@ -6,12 +6,11 @@ from contextlib import contextmanager
 from typing import Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
+from ..._peft_compat import BaseTuner, BaseTunerLayer, MonaiFriendlyTunerMixin
 from ...errors import MergeError, RankError, TargetModulesError
 from .._mixed_batch import mixed_batch_hooks
-from .._peft_fixes import MonaiFriendlyTunerMixin
 from .._targets import find_targets
 from .._weighted import check_weighted_adapter_args
 from .config import HyPSConfig
@@ -30,6 +29,9 @@ class HyPSModel(MonaiFriendlyTunerMixin, BaseTuner):
     Merging: only the parallel branch is mergeable (exactly, ``W += A B - A0 B0``). Merging an adapter that has a
     serial branch raises [`MergeError`] before any weight changes; with ``serial=False``, ``merge_and_unload()``
     returns the plain base network.
+
+    The private ``BaseTuner`` hooks it overrides are PEFT internals, listed in
+    :data:`peft_tensor._peft_compat.TUNER_HOOKS` (and checked by ``tests/test_peft_compat.py``).
     """
 
     prefix: str = "hyps_"

@@ -5,7 +5,7 @@ from typing import Optional, Union
 
 from peft.config import PeftConfig
 
-from ..._registration import ensure_peft_type
+from ..._peft_compat import ensure_peft_type
 from .._config import GroupingConfigMixin, PeftTensorConfigMixin
 
 
