@@ -47,7 +47,7 @@ def test_top_level_folders_ship_through_package_dir_with_their_data():
 
 def test_wheel_ships_the_card_templates_readable_through_importlib_resources(tmp_path):
     """Build the wheel, unpack it as an install would, and read both templates with importlib.resources."""
-    require(("setuptools",), "pip install 'setuptools>=69' wheel")  # the build backend (--no-build-isolation)
+    require(("setuptools",), "pip install 'setuptools>=77'")  # the build backend (--no-build-isolation)
     src = tmp_path / "src"  # a copy: building in the checkout would leave build/ there, whose stale files leak
     src.mkdir()
     for name in ("pyproject.toml", "MANIFEST.in", "README.md"):
