@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from ..algebra import compute_dtype, from_fourier, t_product_fourier, to_fourier
-from ._group_state import bound_state, differentiable_inputs, forward_aliases, refuse_functorch, trainable_state
+from ._group_state import (bound_buffers, bound_state, differentiable_inputs, forward_aliases, forward_buffers,
+                           refuse_functorch, trainable_state)
 
 __all__ = ["DenseDeltaLinear", "dense_linear", "dense_layer_forward", "group_dense", "group_dense_slices",
            "dense_from_factors", "from_fourier_adjoint"]
@@ -66,7 +67,9 @@ class _GroupDense(torch.autograd.Function):
         ctx.versions = tuple(p._version for p in params)
         ctx.aliases = forward_aliases(params)  # the forward's storage, whatever .data becomes
         with torch.no_grad():
-            return dense_from_factors(group.factors())
+            dense = dense_from_factors(group.factors())
+        ctx.buffers = forward_buffers(group)  # C, R, U0, ... as this forward used them (after any refresh)
+        return dense
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -83,7 +86,7 @@ class _GroupDense(torch.autograd.Function):
         g_hat = from_fourier_adjoint(grad.to(compute_dtype(grad.dtype)), group.n_slices)  # (L//2+1, n1, n2)
         outs, grads = [], []
         inputs = differentiable_inputs(ctx.params, ctx.aliases)  # what was trainable when the forward ran
-        with torch.enable_grad(), bound_state(group, ctx.names, inputs):  # what the forward saw
+        with torch.enable_grad(), bound_state(group, ctx.names, inputs), bound_buffers(group, ctx.buffers):
             for (a, b), (train_a, train_b) in zip(group.factors(), group.differentiable_factors):
                 if not (train_a or train_b):
                     continue

@@ -12,6 +12,7 @@ silently ``None``).
 from __future__ import annotations
 
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from torch import nn
@@ -40,6 +41,35 @@ def differentiable_inputs(tensors: tuple[torch.Tensor, ...],
     aliases = aliases if aliases is not None else tuple(t.detach() for t in tensors)
     return tuple(t if t.requires_grad and t.data_ptr() == a.data_ptr() and t.shape == a.shape
                  else a.detach().requires_grad_(True) for t, a in zip(tensors, aliases))
+
+
+_REPLAYING: ContextVar[bool] = ContextVar("peft_tensor_replaying_forward", default=False)
+
+
+def replaying_forward() -> bool:
+    """True while a backward pass recomputes a group's factors from the tensors its forward used
+    (:func:`bound_buffers`): a group must then not refresh derived state from the base weights."""
+    return _REPLAYING.get()
+
+
+def forward_buffers(group: nn.Module) -> dict[str, torch.Tensor]:
+    """Detached aliases of the group's own buffers as the forward used them (no copy): with :func:`bound_buffers`,
+    the backward recomputes from the forward's C, R, U0, ... even if a buffer is rebound or refreshed in between."""
+    return {name: buf.detach() for name, buf in group._buffers.items() if buf is not None}
+
+
+@contextmanager
+def bound_buffers(group: nn.Module, saved: dict[str, torch.Tensor]):
+    """``group``'s buffers set to ``saved`` (:func:`forward_buffers`) while a backward pass recomputes."""
+    original = {name: group._buffers.get(name) for name in saved}
+    token = _REPLAYING.set(True)
+    try:
+        group._buffers.update(saved)
+        yield
+    finally:
+        _REPLAYING.reset(token)
+        for name, buf in original.items():
+            group._buffers[name] = buf
 
 
 @contextmanager

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ...algebra import compute_dtype, fourier_slice_weights, from_fourier, tensor_cur, to_fourier
+from .._group_state import replaying_forward
 from ..tensor_group import TensorGroup, TensorGroupLayer, cache_build
 
 
@@ -88,7 +89,7 @@ class TCURLoraGroup(TensorGroup):
 
     def _sync_frozen(self) -> None:
         """Re-gather C and R when a base weight changed since they were taken (see ``FINGERPRINT_PROBES``)."""
-        if "cols" not in self._buffers:
+        if "cols" not in self._buffers or replaying_forward():  # a backward recomputes from the forward's C, R
             return
         key = self._base_key()
         if self.__dict__.get("_frozen_key") != key:

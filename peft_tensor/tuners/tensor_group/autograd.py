@@ -1,4 +1,5 @@
-"""The autograd node of a group's factors: :class:`_Factors` (saves no tensors; its backward recomputes them)."""
+"""The autograd node of a group's factors: :class:`_Factors` (its backward recomputes them from aliases of exactly the
+tensors the forward used: parameters and buffers; nothing is read from the module at backward time)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .._group_state import bound_state, differentiable_inputs, forward_aliases
+from .._group_state import bound_buffers, bound_state, differentiable_inputs, forward_aliases, forward_buffers
 
 if TYPE_CHECKING:
     from .state import TensorGroup
@@ -17,7 +18,9 @@ __all__ = ["_Factors"]
 class _Factors(torch.autograd.Function):
     """The flattened factors of a group (or its dense update ``D``) as one autograd node that *saves no tensors*.
 
-    Its backward recomputes the factors from the group's parameters (a few small FFTs) and back-propagates through
+    Its backward recomputes the factors (a few small FFTs) from detached aliases of the parameters and buffers the
+    forward used (same storage, no copy: a ``.data`` rebinding or a C / R refresh in between changes nothing), and
+    back-propagates through
     them: with respect to the tensors that were trainable when the forward ran (a tensor frozen between forward and
     backward still gets its gradient, as autograd gives any other node's inputs), keeping the recomputation's graph
     under ``create_graph=True`` so second-order gradients (MAML) are exact. Saving nothing is what makes the
@@ -34,6 +37,7 @@ class _Factors(torch.autograd.Function):
         ctx.aliases = forward_aliases(params)  # the forward's storage, whatever .data becomes
         with torch.no_grad():
             outs = group._compute(kind)
+        ctx.buffers = forward_buffers(group)  # C, R, U0, ... as this forward used them (after any refresh)
         # outputs must be new tensors, not the group's own buffers or views of them
         own = {t.data_ptr() for t in group._state_tensors()}
         outs = tuple(o.clone() if (o._is_view() or o.data_ptr() in own) else o for o in outs)
@@ -56,7 +60,8 @@ class _Factors(torch.autograd.Function):
         create_graph = torch.is_grad_enabled()
         with torch.enable_grad():
             inputs = differentiable_inputs(ctx.params, ctx.aliases)
-            with bound_state(ctx.group, ctx.names, inputs):  # what the forward saw (functional_call)
+            # what the forward saw: its parameters (functional_call, .data rebinding) and its buffers
+            with bound_state(ctx.group, ctx.names, inputs), bound_buffers(ctx.group, ctx.buffers):
                 outs = ctx.group._compute(ctx.kind)
             pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
             if not pairs:
