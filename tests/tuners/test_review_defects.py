@@ -281,64 +281,58 @@ def test_input_gradient_penalty_matches_finite_difference(method, mode):
     assert abs(float((got * direction).sum()) - fd) <= 1e-6 * max(1.0, abs(fd))
 
 
-# -- item 7: a .data rebinding between forward and backward ----------------------------------------------------------
+# -- item 7 and after: whatever changes between forward and backward, the gradient is that of the forward -----------
+def _assert_edit_between_forward_and_backward_keeps_gradients(method: str, edit, **kw) -> None:
+    """Gradients of one forward/backward equal those of a twin where ``edit(pm)`` runs between the two."""
+    x = _x()
+    grads = []
+    for do_edit in (False, True):
+        pm = _peft(method, **kw)
+        params = [p for p in pm.parameters() if p.requires_grad]
+        loss = torch.sin(pm(x)).sum()
+        if do_edit:
+            edit(pm)
+        loss.backward()
+        grads.append([p.grad.clone() for p in params])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+
+
+def _rebind_trainable(pm) -> None:
+    for p in [p for p in pm.parameters() if p.requires_grad]:
+        p.data = p.data * 1.5 + 0.1
+
+
+def _rebind_group_buffers(pm) -> None:
+    for group in pm.base_model.groups("default"):
+        for buf in group.buffers(recurse=False):
+            if buf.is_floating_point():
+                buf.data = buf.data * 1.5 + 0.25
+
+
+def _rebind_base_weights(pm) -> None:
+    for name in TARGETS:  # .data: an in-place edit of a weight autograd saved raises, as for PEFT LoRA
+        weight = getattr(pm.base_model.model, name).base_layer.weight
+        weight.data = weight.data * 1.5
+
+
 @pytest.mark.parametrize("method", list(CONFIGS))
 @pytest.mark.parametrize("mode", ["factored", "dense"])
 def test_data_rebinding_between_forward_and_backward_keeps_the_forward_gradient(method, mode):
     """As for PEFT LoRA (autograd keeps the forward's tensors): ``p.data = other`` after the forward does not change
     the gradient of that forward."""
-    x = _x()
-    grads = []
-    for edit in (False, True):
-        pm = _peft(method, delta_mode=mode)
-        params = [p for p in pm.parameters() if p.requires_grad]
-        loss = torch.sin(pm(x)).sum()
-        if edit:
-            for p in params:
-                p.data = p.data * 1.5 + 0.1
-        loss.backward()
-        grads.append([p.grad.clone() for p in params])
-    for a, b in zip(*grads):
-        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    _assert_edit_between_forward_and_backward_keeps_gradients(method, _rebind_trainable, delta_mode=mode)
 
 
-# -- the backward uses the forward's buffers too (C, R, U0, ...) -----------------------------------------------------
 @pytest.mark.parametrize("method", list(CONFIGS))
 @pytest.mark.parametrize("mode", ["factored", "dense"])
 def test_buffer_rebinding_between_forward_and_backward_keeps_the_forward_gradient(method, mode):
     """Nothing the backward recomputes from is read from the module at backward time: rebinding every float buffer
     of the groups (``.data = other``) after the forward leaves that forward's gradients unchanged."""
-    x = _x()
-    grads = []
-    for edit in (False, True):
-        pm = _peft(method, delta_mode=mode)
-        params = [p for p in pm.parameters() if p.requires_grad]
-        loss = torch.sin(pm(x)).sum()
-        if edit:
-            for group in pm.base_model.groups("default"):
-                for buf in group.buffers(recurse=False):
-                    if buf.is_floating_point():
-                        buf.data = buf.data * 1.5 + 0.25
-        loss.backward()
-        grads.append([p.grad.clone() for p in params])
-    for a, b in zip(*grads):
-        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    _assert_edit_between_forward_and_backward_keeps_gradients(method, _rebind_group_buffers, delta_mode=mode)
 
 
 def test_tcurlora_base_weights_restored_between_forward_and_backward_keep_the_forward_gradient():
     """A checkpoint restored into the base layers after the forward (C and R are then re-gathered for the next
     forward) does not change the gradient of the forward that already ran."""
-    x = _x()
-    grads = []
-    for edit in (False, True):
-        pm = _peft("tcurlora")
-        params = [p for p in pm.parameters() if p.requires_grad]
-        loss = torch.sin(pm(x)).sum()
-        if edit:
-            for name in TARGETS:  # .data: an in-place edit of a weight autograd saved raises, as for PEFT LoRA
-                weight = getattr(pm.base_model.model, name).base_layer.weight
-                weight.data = weight.data * 1.5
-        loss.backward()
-        grads.append([p.grad.clone() for p in params])
-    for a, b in zip(*grads):
-        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    _assert_edit_between_forward_and_backward_keeps_gradients("tcurlora", _rebind_base_weights)
