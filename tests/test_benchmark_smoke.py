@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 
@@ -69,3 +70,22 @@ def test_benchmark_structure(tmp_path, isolate):
     assert "| arm | trainable |" in text and "Load average" in text and "torch" in text
     for label in ("decoder_only", "floor", "lora (ref)", "tcurlora", "lorapt"):
         assert f"| {label} |" in text
+
+
+def test_compare_versions_pairs_each_arm_with_its_own_trees_reference(tmp_path):
+    """Two source trees (here both this checkout) in one round robin: every worker process imports its own tree, each
+    row's ratio is against the same tree's LoRA step of the same round, and the markdown names every tree and arm."""
+    from benchmarks._common import REPO
+    from benchmarks.compare_versions import markdown, run
+
+    res = run(tiny_config(True), "tiny", ["tcurlora"], {"base": REPO, "head": REPO}, steps=2, warmup=0,
+              log=lambda *_: None)
+    rows = {(r["tree"], r["arm"]): r for r in res["rows"]}
+    assert set(rows) == {(t, a) for t in ("base", "head") for a in ("lora", "tcurlora")}  # reference added
+    for t in ("base", "head"):
+        assert rows[(t, "lora")]["ratio_wall"] == 1.0 and rows[(t, "lora")]["ratio_cpu"] == 1.0
+        tc, ref = rows[(t, "tcurlora")]["wall_samples"], rows[(t, "lora")]["wall_samples"]
+        assert len(tc) == 2 and rows[(t, "tcurlora")]["ratio_wall"] == pytest.approx(
+            statistics.median(a / b for a, b in zip(tc, ref)), rel=1e-2)  # samples are rounded to 0.1 ms
+    md = markdown(res)
+    assert md.count("| base |") == 2 and md.count("| head |") == 2
