@@ -70,7 +70,8 @@ def _common_key(names: list[str]) -> str:
         common.insert(0, tail[0])
     if common:
         return ".".join(common)
-    return "(" + "|".join(re.escape(n) for n in dict.fromkeys(names)) + ")"
+    tails = list(dict.fromkeys(".".join(p[-2:]) for p in parts))  # 'attn.qkv', 'attn.out_proj': not 12 copies each
+    return "(" + "|".join(re.escape(n) for n in (tails if len(tails) <= _LISTED else dict.fromkeys(names))) + ")"
 
 
 def _listed(names: list[str]) -> str:
