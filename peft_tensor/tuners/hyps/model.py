@@ -79,9 +79,10 @@ class HyPSModel(MonaiFriendlyTunerMixin, BaseTuner):
             units.append((name, [name], min(rows, cols), f"the {describe_matrix(base)} {name!r} ({rows} x {cols})",
                           ""))
         if not config.parallel:  # r binds the parallel branch only
+            config.rank_cap = resolve_rank_cap(config)  # recorded: the saved config loads with the same ranks
             return
         plans = resolve_ranks(config, units, unit="layer", bound="min(out, in)")
-        config.rank_cap = resolve_rank_cap(config)  # recorded: the saved config loads with the same ranks
+        config.rank_cap = resolve_rank_cap(config)
         if not is_loading_adapter():
             cap_warning(config, plans, unit="layer", bound="min(out, in)")
 
