@@ -35,6 +35,8 @@ Touchpoints:
 10. torch's private convolution helpers -- :func:`is_conv_transpose` (``nn.modules.conv._ConvTransposeNd``),
     :func:`conv_forward` (``_ConvNd._conv_forward``), :func:`transposed_output_padding`
     (``_ConvTransposeNd._output_padding``).
+11. ``get_pattern_key`` (``peft.utils.other``) -- how ``rank_pattern`` keys match module names, as PEFT's LoRA
+    resolves them (``re.match(rf"(.*\\.)?({key})$", name)``, first matching key wins).
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ try:
         check_target_module_exists,
     )
     from peft.utils import PeftType, register_peft_method
-    from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
+    from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper, get_pattern_key
 except ImportError as exc:  # pragma: no cover - depends on the installed peft
     raise PeftTensorRegistrationError(
         f"peft_tensor cannot find a PEFT internal it builds on ({exc}). Install a supported release: "
@@ -85,6 +87,8 @@ __all__ = [
     "AuxiliaryTrainingWrapper", "ModulesToSaveWrapper", "auxiliary_adapters", "BufferDict", "MonaiFriendlyTunerMixin",
     # 10 torch's convolution helpers
     "is_conv_transpose", "conv_forward", "transposed_output_padding",
+    # 11 rank_pattern matching
+    "get_pattern_key",
 ]
 
 # 5. the BaseTuner hooks the tuners override, with the parameters (after self/cls) they are called with

@@ -21,6 +21,8 @@ RUN_BY = {
     ("docs/recipes.md", "## From your pretrained network to a shared adapter"):
         "tests/test_readme.py::test_start_from_your_pretrained_network_runs",
     ("docs/methods.md", "## HyPS"): "tests/test_docs.py::test_small_doc_blocks_run",
+    ("docs/methods.md", "## Per-layer ranks: `rank_pattern` and `rank_cap`"):
+        "tests/test_docs.py::test_small_doc_blocks_run",
     ("docs/convolutions.md", "## tCURLoRA and LoRA-PT: kernel layouts"):
         "tests/test_docs.py::test_small_doc_blocks_run",
 }

@@ -47,7 +47,8 @@ def test_paper_grouping_blocks_must_match():
 @pytest.mark.parametrize("cfg", CONFIGS)
 def test_rank_too_large(cfg):
     model = TinyMLP(width=6)
-    with pytest.raises(RankError, match=r"r=7 exceeds min\(n1, n2\)=6 of group 'shape_6x6'.*Choose r <= 6"):
+    with pytest.raises(RankError, match=r"r=7 exceeds min\(n1, n2\)=6 of group 'shape_6x6'.*"
+                                        r"Pass rank_pattern=\{'\(lin1\|lin2\)': 6\} or rank_cap=True.*choose r <= 6"):
         get_peft_model(model, cfg(r=7, target_modules=["lin1", "lin2"]))
     assert type(model.lin1) is nn.Linear
 
@@ -232,7 +233,8 @@ def test_rank_above_a_thin_convolution_names_the_layer_and_the_ways_out():
     from monai.networks.nets import BasicUNet
 
     net = BasicUNet(spatial_dims=3, in_channels=1, out_channels=2, features=(4, 4, 8, 8, 16, 4))
-    with pytest.raises(RankError, match=r"Choose r <= 1, or leave 'conv_0.conv_0.conv' out of target_modules.*"
+    with pytest.raises(RankError, match=r"rank_pattern=\{'conv_0.conv_0.conv': 1\} or rank_cap=True.*"
+                                        r"choose r <= 1, or leave 'conv_0.conv_0.conv' out of target_modules.*"
                                         r"conv_layout='stacked'"):
         get_peft_model(net, TCURLoraConfig(r=2, target_modules=["conv"]))
     get_peft_model(net, TCURLoraConfig(r=2, target_modules=["conv"], conv_layout="stacked"))

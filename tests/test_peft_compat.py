@@ -219,6 +219,16 @@ def test_10_torch_conv_helpers(dim, transposed):
             assert torch.allclose(out, conv(x, output_size=size)), _touchpoint(10, "_ConvTransposeNd._output_padding")
 
 
+
+def test_11_get_pattern_key_matches_rank_pattern_keys_as_lora_does():
+    keys = ["conv1.conv", "^vit\\.blocks\\.0\\.attn\\.qkv", "blocks\\.[12]\\.mlp\\..*"]
+    resolve = compat.get_pattern_key
+    assert resolve(keys, "encoder1.layer.conv1.conv") == "conv1.conv", _touchpoint(11, "get_pattern_key suffix")
+    assert resolve(keys, "vit.blocks.0.attn.qkv") == keys[1], _touchpoint(11, "get_pattern_key anchored regex")
+    assert resolve(keys, "x.vit.blocks.0.attn.qkv") == "x.vit.blocks.0.attn.qkv", _touchpoint(11, "no match")
+    assert resolve(keys, "vit.blocks.2.mlp.linear1") == keys[2], _touchpoint(11, "get_pattern_key regex")
+    assert resolve(keys, "encoder1.layer.xconv1.conv") == "encoder1.layer.xconv1.conv", _touchpoint(11, "dot boundary")
+
 _PRIVATE_USES = re.compile(
     r"from peft\.(tuners|utils\.other|mapping)\b|import peft\.(tuners|utils|mapping)\b|\._conv_forward\(|"
     r"\._output_padding\(|_ConvTransposeNd|\._cast_input_dtype\(|\._move_adapter_to_device_of_base_layer\(|"

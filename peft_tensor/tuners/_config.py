@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -32,6 +33,24 @@ class PeftTensorConfigMixin:
         metadata={
             "help": "Modules trained in full and saved with the adapter, e.g. the UNETR decoder and head as in the "
             "papers. Use dotted names ('out.conv.conv'), a bare 'out' also matches dropout modules."
+        },
+    )
+    rank_pattern: Optional[dict] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Per-layer ranks, PEFT LoRA's rank_pattern: module name (suffix) or regex -> rank, overriding r "
+            "where a key matches (e.g. {'encoder1.layer.conv1.conv': 1} or {'^vit\\\\.blocks\\\\.0\\\\..*': 4}). "
+            "tCURLoRA and LoRA-PT stack several layers into one tensor with one rank: every layer of a group must "
+            "resolve to the same rank (docs/methods.md, per-layer ranks)."
+        },
+    )
+    rank_cap: Optional[bool] = field(
+        default=None,
+        metadata={
+            "help": "True: a rank above what a group (tCURLoRA, LoRA-PT: min(n1, n2) of its slices) or a layer "
+            "(HyPS: min(out, in) of its matrix) allows is lowered to that bound, with one warning naming every "
+            "capped group and its new rank (whole-network targets: a 1-channel input convolution allows r=1). "
+            "False or None: such a rank is refused with a RankError."
         },
     )
     init_weights: bool = field(
@@ -84,6 +103,27 @@ class PeftTensorConfigMixin:
             )
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise PeftTensorError(f"r must be a positive integer, got {self.r!r}.")
+        self._check_rank_pattern()
+
+    def _check_rank_pattern(self) -> None:
+        pattern = {} if self.rank_pattern is None else self.rank_pattern
+        example = "e.g. rank_pattern={'encoder1.layer.conv1.conv': 1}"
+        if not isinstance(pattern, dict):
+            raise PeftTensorError(f"rank_pattern must be a dict of module name or regex -> rank ({example}), got "
+                                  f"{type(pattern).__name__}.")
+        for key, rank in pattern.items():
+            if not isinstance(key, str) or not key:
+                raise PeftTensorError(f"rank_pattern keys must be module names or regexes ({example}), got {key!r}.")
+            try:
+                re.compile(key)
+            except re.error as exc:
+                raise PeftTensorError(f"rank_pattern key {key!r} is not a valid regex ({exc}): escape it, e.g. "
+                                      f"{re.escape(key)!r}.") from exc
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+                raise PeftTensorError(f"rank_pattern[{key!r}] must be a positive integer rank, got {rank!r}.")
+        self.rank_pattern = dict(pattern)
+        if self.rank_cap is not None and not isinstance(self.rank_cap, bool):
+            raise PeftTensorError(f"rank_cap must be True, False or None, got {self.rank_cap!r}.")
 
 
 @dataclass

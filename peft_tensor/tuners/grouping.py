@@ -32,6 +32,7 @@ the paper's groups. This module is model-free apart from reading module names, t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from torch import nn
@@ -61,10 +62,21 @@ class SliceSpec:
 
 @dataclass
 class GroupSpec:
+    """One group tensor ``L x n1 x n2`` and where its slices come from. ``rank`` is the group's rank once the tuner
+    resolved it (``r``, ``rank_pattern``, ``rank_cap``: :mod:`._ranks`); ``requested_rank`` what was asked for
+    before ``rank_cap`` lowered it."""
+
     name: str
     n1: int
     n2: int
     slices: list[SliceSpec] = field(default_factory=list)
+    rank: Optional[int] = None
+    requested_rank: Optional[int] = None
+
+    @property
+    def members(self) -> list[str]:
+        """The module names of the slices, each once, in slice order."""
+        return list(dict.fromkeys(s.module_name for s in self.slices))
 
     @property
     def n_slices(self) -> int:
@@ -76,7 +88,7 @@ class GroupSpec:
         return sorted(ids, key=lambda i: self.slices[i].row_start)
 
     def describe(self) -> dict:
-        return {"name": self.name, "shape": [self.n_slices, self.n1, self.n2],
+        return {"name": self.name, "shape": [self.n_slices, self.n1, self.n2], "rank": self.rank,
                 "slices": [f"{s.module_name}[{s.row_start}:{s.row_end}]" for s in self.slices]}
 
 

@@ -160,22 +160,26 @@ class HyPSLayer(BaseTunerLayer):
         # for a convolution (see the module docstring).
         self.matrix_shape = matrix_shape(base)
 
-    def update_layer(self, adapter_name: str, config: HyPSConfig, layer_name: str = "") -> None:
-        """Create (or re-create) the adapter ``adapter_name`` on this layer from ``config``."""
+    def update_layer(self, adapter_name: str, config: HyPSConfig, layer_name: str = "",
+                     r: Optional[int] = None) -> None:
+        """Create (or re-create) the adapter ``adapter_name`` on this layer from ``config``, at rank ``r`` (the tuner
+        resolves it from ``rank_pattern`` and ``rank_cap``; default ``config.r``)."""
+        r = config.r if r is None else r
         rows, cols = self.matrix_shape
         where = f" at {layer_name!r}" if layer_name else ""
-        if config.parallel and config.r > min(rows, cols):
+        if config.parallel and r > min(rows, cols):
             raise RankError(
-                f"HyPS r={config.r} exceeds min(out, in) = {min(rows, cols)} of the "
-                f"{describe_matrix(self.get_base_layer())}{where} ({rows} x {cols}). Lower r or exclude that layer "
-                "via exclude_modules."
+                f"HyPS r={r} exceeds min(out, in)={min(rows, cols)} of the "
+                f"{describe_matrix(self.get_base_layer())}{where} ({rows} x {cols}). Pass rank_pattern="
+                f"{{{layer_name or '<name>'!r}: {min(rows, cols)}}} or rank_cap=True, choose r <= {min(rows, cols)}, "
+                "or add that layer to exclude_modules."
             )
 
         for attr in self.adapter_layer_names + self.other_param_names:  # re-creation must not keep stale branches
             container = getattr(self, attr)
             if adapter_name in container:
                 del container[adapter_name]
-        self.hyps_r[adapter_name] = config.r
+        self.hyps_r[adapter_name] = r
         self.hyps_d[adapter_name] = config.d
         self.hyps_scale[adapter_name] = config.serial_scale
         self.hyps_dropout[adapter_name] = config.dropout
@@ -189,10 +193,10 @@ class HyPSLayer(BaseTunerLayer):
                     base_weight = base_weight - self.get_delta_weight(merged).float()
         if config.parallel:
             if base_weight.device.type == "meta":
-                a0 = torch.empty(rows, config.r, device="meta")
-                b0 = torch.empty(config.r, cols, device="meta")
+                a0 = torch.empty(rows, r, device="meta")
+                b0 = torch.empty(r, cols, device="meta")
             else:
-                a0, b0 = principal_factors(base_weight.reshape(rows, cols), config.r)
+                a0, b0 = principal_factors(base_weight.reshape(rows, cols), r)
             self.hyps_A0[adapter_name] = a0
             self.hyps_B0[adapter_name] = b0
             a, b = a0.clone(), b0.clone()
@@ -338,11 +342,12 @@ def _add_matmul(result: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, alp
 class _HyPSModule(nn.Module, HyPSLayer):
     """What the wrapped Linear and convolution share: construction (the first adapter built at wrap time)."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: HyPSConfig, layer_name: str = "", **kwargs):
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: HyPSConfig, layer_name: str = "",
+                 r: Optional[int] = None, **kwargs):
         super().__init__()
         HyPSLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config, layer_name=layer_name)
+        self.update_layer(adapter_name, config, layer_name=layer_name, r=r)
 
 
 class Linear(_HyPSModule):

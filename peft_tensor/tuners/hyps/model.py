@@ -9,8 +9,10 @@ import torch
 from torch import nn
 
 from ..._peft_compat import BaseTuner, BaseTunerLayer, MonaiFriendlyTunerMixin
-from ...errors import MergeError, RankError, TargetModulesError
+from ...errors import MergeError, TargetModulesError
+from .._loading_context import is_loading_adapter
 from .._mixed_batch import mixed_batch_hooks
+from .._ranks import cap_warning, rank_of, resolve_rank_cap, resolve_ranks
 from .._targets import find_targets
 from .._weighted import check_weighted_adapter_args
 from .config import HyPSConfig
@@ -69,15 +71,27 @@ class HyPSModel(MonaiFriendlyTunerMixin, BaseTuner):
         )
 
     def _check_targets(self, model: nn.Module, config: HyPSConfig) -> None:
+        """Every layer's rank (``r``, ``rank_pattern``, ``rank_cap``) fits its matrix, else a RankError; with
+        ``rank_cap=True`` one warning names the layers whose rank was lowered."""
+        units = []
         for name, base in find_targets(model, config):
-            if not config.parallel:
-                continue
             rows, cols = matrix_shape(base)  # (out, in) for a Linear
-            if config.r > min(rows, cols):
-                raise RankError(
-                    f"HyPS r={config.r} exceeds min(out, in) = {min(rows, cols)} of the {describe_matrix(base)} "
-                    f"{name!r} ({rows} x {cols}). Lower r or add {name!r} to exclude_modules."
-                )
+            units.append((name, [name], min(rows, cols), f"the {describe_matrix(base)} {name!r} ({rows} x {cols})",
+                          ""))
+        if not config.parallel:  # r binds the parallel branch only
+            config.rank_cap = resolve_rank_cap(config)  # recorded: the saved config loads with the same ranks
+            return
+        plans = resolve_ranks(config, units, unit="layer", bound="min(out, in)")
+        config.rank_cap = resolve_rank_cap(config)
+        if not is_loading_adapter():
+            cap_warning(config, plans, unit="layer", bound="min(out, in)")
+
+    @staticmethod
+    def layer_rank(config: HyPSConfig, name: str, base: nn.Module) -> int:
+        """The rank of layer ``name``: ``rank_pattern`` (PEFT LoRA's matching) or ``r``, lowered to ``min(out, in)``
+        of its matrix under ``rank_cap=True`` (the bound is refused earlier, in ``_check_targets``, otherwise)."""
+        rank = rank_of(config, name)
+        return min(rank, *matrix_shape(base)) if resolve_rank_cap(config) else rank
 
     def _create_and_replace(
         self,
@@ -89,14 +103,15 @@ class HyPSModel(MonaiFriendlyTunerMixin, BaseTuner):
         current_key: str,
         **optional_kwargs,
     ) -> None:
-        if isinstance(target, HyPSLayer):
-            target.update_layer(adapter_name, hyps_config, layer_name=current_key)
-            return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        r = self.layer_rank(hyps_config, current_key, base)
+        if isinstance(target, HyPSLayer):
+            target.update_layer(adapter_name, hyps_config, layer_name=current_key, r=r)
+            return
         if isinstance(base, nn.Linear):
-            new_module = Linear(target, adapter_name, hyps_config, layer_name=current_key)
+            new_module = Linear(target, adapter_name, hyps_config, layer_name=current_key, r=r)
         elif isinstance(base, CONV_TYPES) and base.groups == 1:
-            new_module = Conv(target, adapter_name, hyps_config, layer_name=current_key)
+            new_module = Conv(target, adapter_name, hyps_config, layer_name=current_key, r=r)
         else:
             raise TargetModulesError(
                 f"HyPS adapts nn.Linear layers and groups=1 convolutions only; {current_key!r} is a "
@@ -133,10 +148,27 @@ class HyPSModel(MonaiFriendlyTunerMixin, BaseTuner):
         if any(c.parallel is False for c in configs):
             raise ValueError("add_weighted_adapter needs adapters with a parallel branch.")
         import copy
+        import re
 
         config = copy.deepcopy(configs[0])
         config.r = sum(c.r for c in configs)
         config.inference_mode = False
+        # per-layer ranks (rank_pattern, rank_cap) add up layer by layer: the combined config names each layer whose
+        # sum is not its r (anchored keys, PEFT's matching) and caps nothing
+        config.rank_cap = False
+        config.rank_pattern = {}
+        for name, module in self.model.named_modules():
+            if isinstance(module, HyPSLayer) and all(a in module.hyps_r for a in adapters):
+                rank = sum(module.hyps_r[a] for a in adapters)
+                if rank > min(module.matrix_shape):
+                    raise ValueError(
+                        f"HyPS combines parallel branches by concatenation, so {name!r} would need rank "
+                        f"{' + '.join(str(module.hyps_r[a]) for a in adapters)} = {rank}, above what its "
+                        f"{module.matrix_shape[0]} x {module.matrix_shape[1]} matrix allows "
+                        f"({min(module.matrix_shape)}): combine fewer adapters, or adapters of lower rank there "
+                        "(rank_pattern).")
+                if rank != config.r:
+                    config.rank_pattern["^" + re.escape(name)] = rank
         self.peft_config[adapter_name] = config
         self.inject_adapter(self.model, adapter_name)
         with torch.no_grad():

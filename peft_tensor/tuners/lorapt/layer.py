@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import torch
 from torch import nn
@@ -30,7 +31,7 @@ class LoraPTGroup(TensorGroup):
 
     @staticmethod
     def expected_shapes(spec, config) -> dict[str, tuple[int, ...]]:
-        L, r = spec.n_slices, config.r
+        L, r = spec.n_slices, (spec.rank if spec.rank is not None else config.r)
         core = (L, r) if config.core == "diagonal" else (L, r, r)
         shapes = {"lorapt_U": (L, spec.n1, r), "lorapt_S": core, "lorapt_V": (L, spec.n2, r)}
         shapes.update({f"{k}_init": v for k, v in list(shapes.items())})
@@ -245,6 +246,20 @@ def _combine_lorapt(groups, weights, configs, combination_type):
     config.r = sum(c.r for c in configs)
     config.core = "diagonal" if diagonal else "full"
     config.factor_scale = 1.0  # the sources' scales are baked into the combined factors (effective_factor)
+    # per-group ranks (rank_pattern, rank_cap) add up group by group: the combined config names each group whose sum
+    # is not its r, module by module (anchored keys, PEFT's matching), and caps nothing
+    config.rank_cap = False
+    config.rank_pattern = {}
+    for parts in zip(*groups):
+        first, rank = parts[0], sum(g.rank for g in parts)
+        if rank > min(first.n1, first.n2):
+            raise ValueError(
+                f"LoRA-PT combines adapters by concatenation, so group {first.name!r} would need tubal rank "
+                f"{' + '.join(str(g.rank) for g in parts)} = {rank}, above what its {first.n1} x {first.n2} slices "
+                f"allow ({min(first.n1, first.n2)}): combine fewer adapters, or adapters of lower rank there "
+                "(rank_pattern).")
+        if rank != config.r:
+            config.rank_pattern.update({"^" + re.escape(m): rank for m in first.members})
     out = []
     for parts in zip(*groups):
         tensors = {}

@@ -36,7 +36,7 @@ class TCURLoraGroup(TensorGroup):
 
     @staticmethod
     def expected_shapes(spec, config) -> dict[str, tuple[int, ...]]:
-        L, r = spec.n_slices, config.r
+        L, r = spec.n_slices, (spec.rank if spec.rank is not None else config.r)
         return {"tcurlora_core": (L, r, r), "tcurlora_core_init": (L, r, r), "col_idx": (r,), "row_idx": (r,)}
 
     def _init_from_weight(self, weight: torch.Tensor, config) -> None:
@@ -175,12 +175,13 @@ def _combine_tcurlora(groups, weights, configs, combination_type):
     if combination_type not in (None, "linear"):
         raise ValueError(f"tCURLoRA combines adapters linearly (exact: the cores share C and R); "
                          f"combination_type={combination_type!r} is not supported, use 'linear'.")
-    if len({c.r for c in configs}) > 1:
-        raise ValueError(
-            f"tCURLoRA adapters combine only at one rank r (shared C and R); got r={[c.r for c in configs]}.")
     out = []
     for parts in zip(*groups):
         first = parts[0]
+        if len({g.rank for g in parts}) > 1:
+            raise ValueError(
+                f"tCURLoRA adapters combine only at one rank per group (shared C and R); group {first.name!r} has "
+                f"r={[g.rank for g in parts]}: combine adapters built with the same r and rank_pattern.")
         for g in parts[1:]:
             if not (torch.equal(g.col_idx, first.col_idx) and torch.equal(g.row_idx, first.row_idx)):
                 raise ValueError(

@@ -127,7 +127,8 @@ class TensorGroup(nn.Module):
         super().__init__()
         self.name = spec.name
         self.n_slices, self.n1, self.n2 = spec.n_slices, spec.n1, spec.n2
-        self.rank = config.r
+        self.rank = spec.rank if spec.rank is not None else config.r  # per group: rank_pattern, rank_cap
+        self.members = tuple(spec.members)  # module names of the slices (plain strings, for messages)
         # unregistered references: the layers are owned by the base model, the scope by the tuner
         self.__dict__["_sources"] = sources  # [(layer, row_start, row_end)] in slice order
         self.__dict__["_scope"] = scope

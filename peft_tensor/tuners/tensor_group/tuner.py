@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 from ..._peft_compat import BaseTuner, MonaiFriendlyTunerMixin
-from ...errors import RankError, TargetModulesError
+from ...errors import TargetModulesError
 from .._loading_context import is_loading_adapter, loading_adapter
 from .._mixed_batch import mixed_batch_hooks
+from .._ranks import RankPlan, cap_warning, resolve_rank_cap, resolve_ranks
 from .._targets import find_targets
 from .._weighted import check_weighted_adapter_args
 from ..grouping import GroupSpec, matrix_shape, plan_groups
@@ -95,17 +96,16 @@ class TensorGroupTuner(MonaiFriendlyTunerMixin, BaseTuner):
         targets = cls.find_targets(model, config)
         specs = plan_groups(targets, config.grouping, getattr(config, "slice_order", None) or (),
                             conv_layout=getattr(config, "conv_layout", None) or "kernel")
+        units = []
         for spec in specs:
-            limit = min(spec.n1, spec.n2)
-            if config.r > limit:
-                kernel = spec.name.startswith("kernel_")  # a convolution in conv_layout="kernel" (out x in slices)
-                raise RankError(
-                    f"r={config.r} exceeds min(n1, n2)={limit} of group {spec.name!r} "
-                    f"({spec.n_slices} x {spec.n1} x {spec.n2}, from {spec.slices[0].module_name} ...). "
-                    f"Choose r <= {limit}, or leave {spec.slices[0].module_name!r} out of target_modules"
-                    + (" (a convolution with few channels, e.g. the first one of a network: conv_layout='stacked' "
-                       "views it as out x in*k^3, which allows a larger r)" if kernel else "") + "."
-                )
+            members = spec.members
+            kernel = spec.name.startswith("kernel_")  # a convolution in conv_layout="kernel" (out x in slices)
+            hint = (" (a convolution with few channels, e.g. the first one of a network: conv_layout='stacked' views "
+                    "it as out x in*k^3, which allows a larger r)") if kernel else ""
+            what = f"group {spec.name!r} ({spec.n_slices} x {spec.n1} x {spec.n2}, from {members[0]} ...)"
+            units.append((spec.name, members, min(spec.n1, spec.n2), what, hint))
+        for spec, resolved in zip(specs, resolve_ranks(config, units)):
+            spec.rank, spec.requested_rank = resolved.rank, resolved.requested
         return specs
 
     # -- injection ----------------------------------------------------------------------------------------------
@@ -123,6 +123,9 @@ class TensorGroupTuner(MonaiFriendlyTunerMixin, BaseTuner):
         """
         config = self.peft_config[adapter_name]
         specs = self.plan(model, config)
+        config.rank_cap = resolve_rank_cap(config)  # recorded: the saved config loads with the same ranks
+        if not is_loading_adapter():
+            cap_warning(config, [RankPlan(s.name, s.rank, s.requested_rank, min(s.n1, s.n2)) for s in specs])
         self._check_devices(model, specs)
         # PEFT restores the trainable flags of the base model's parameters around an injection; the tuner-level group
         # state is not reachable from there, so it is snapshotted and restored here: adding or loading an adapter
@@ -293,10 +296,10 @@ class TensorGroupTuner(MonaiFriendlyTunerMixin, BaseTuner):
 
     # -- introspection ------------------------------------------------------------------------------------------
     def describe_groups(self, adapter_name: Optional[str] = None) -> list[dict]:
-        """One dict per group of ``adapter_name``: name, shape ``[L, n1, n2]`` and trainable parameter count."""
+        """One dict per group of ``adapter_name``: name, shape ``[L, n1, n2]``, rank and trainable parameter count."""
         adapter_name = adapter_name or self.active_adapters[0]
         out = []
         for g in self.groups(adapter_name):
-            out.append({"name": g.name, "shape": [g.n_slices, g.n1, g.n2],
+            out.append({"name": g.name, "shape": [g.n_slices, g.n1, g.n2], "rank": g.rank,
                         "trainable": sum(p.numel() for p in g.parameters())})
         return out

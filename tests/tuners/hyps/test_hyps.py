@@ -550,7 +550,7 @@ def test_unsupported_target_is_refused_by_name_and_type():
 
 def test_rank_larger_than_layer_names_the_layer():
     model = TinyMLP()
-    with pytest.raises(RankError, match=r"r=11 exceeds min\(out, in\) = 10 of the Linear 'lin0' \(16 x 10\)"):
+    with pytest.raises(RankError, match=r"r=11 exceeds min\(out, in\)=10 of the Linear 'lin0' \(16 x 10\)"):
         get_peft_model(model, HyPSConfig(target_modules=MLP_TARGETS, r=11))
     assert not hyps_layers(model)
     # r only constrains the parallel branch

@@ -138,10 +138,10 @@ def test_serial_down_rows_are_mirrored_and_up_is_zero():
 
 def test_rank_error_names_the_kernel_matricisation():
     model = nn.ModuleDict({"skip": nn.Conv3d(1, 12, 1), "up": nn.ConvTranspose3d(2, 8, 2, stride=2)})
-    match = r"r=2 exceeds min\(out, in\) = 1 of the Conv3d \(kernel matricised as out x in\*1x1x1\) 'skip' \(12 x 1\)"
+    match = r"r=2 exceeds min\(out, in\)=1 of the Conv3d \(kernel matricised as out x in\*1x1x1\) 'skip' \(12 x 1\)"
     with pytest.raises(RankError, match=match):
         get_peft_model(model, HyPSConfig(target_modules=["skip", "up"], r=2))
-    match = r"r=3 exceeds min\(out, in\) = 2 of the ConvTranspose3d \(kernel matricised as in x out\*2x2x2\)"
+    match = r"r=3 exceeds min\(out, in\)=2 of the ConvTranspose3d \(kernel matricised as in x out\*2x2x2\)"
     with pytest.raises(RankError, match=match):
         get_peft_model(model, HyPSConfig(target_modules=["up"], r=3))
     assert not hyps_layers(model), "a refused config must leave the model untouched"
