@@ -16,6 +16,7 @@ from peft_tensor.data import load_dataset
 from peft_tensor.data.embedded import AcquisitionShift, CohortSpec, make_subject
 from peft_tensor.data.io import read_nifti
 from peft_tensor.training import load_config
+from tests._optional import needs_template  # skipped locally without the template packages, a failure in CI
 
 SMALL = {"n_train": 1, "n_val": 0, "n_test": 0, "progress": False}
 
@@ -32,6 +33,7 @@ def _corr(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
     return float(np.corrcoef(a[mask], b[mask])[0, 1])
 
 
+@needs_template
 def test_selectable_from_a_recipe_config_and_reproducible(tmp_path):
     over = ["data.task=target_shift", "data.n_train=1", "data.n_val=0", "data.n_test=0", "data.progress=false"]
     cfg = load_config("finetune_cpu", [*over, f"data.cache_dir={tmp_path / 'a'}"])
@@ -69,6 +71,7 @@ def test_selectable_from_a_recipe_config_and_reproducible(tmp_path):
         == "flair"
 
 
+@needs_template
 def test_each_part_of_the_shift_changes_the_image_as_stated():
     spec = CohortSpec()
 
