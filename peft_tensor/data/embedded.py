@@ -26,8 +26,8 @@ Tasks (binary, as in the papers)
     * shifted target task (``target_shift``): the same hippocampus subjects (same deformations) seen through another
       acquisition (:class:`AcquisitionShift`): a T2-like contrast (CSF bright, grey matter above white matter: the
       tissue ordering of the pretraining T1 reversed), thick slices along one axis, a stronger bias field and Rician
-      noise. The pretraining data never shows this contrast, so the encoder's features, not only the decoder, must
-      adapt.
+      noise. The pretraining data never shows this contrast: a transfer in which the encoder's features, not only
+      the decoder, may need to adapt.
 
 On disk
     ``<cache_dir>/embedded-<key>/`` holds ``<subject>_img.nii.gz`` (float32 image) and ``<subject>_mask.nii.gz``

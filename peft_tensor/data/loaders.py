@@ -242,8 +242,8 @@ def embedded(
     ``task="target_shift"``: the target task's subjects (same anatomy, same deformations, same splits) under an
     acquisition shift from the pretraining data -- by default T2-like contrast (tissue ordering of the T1 reversed),
     4.5 mm slices along the last axis, a 1.5x stronger bias field and Rician noise; ``shift`` (``data.shift`` in a
-    config) overrides fields of :class:`peft_tensor.data.embedded.AcquisitionShift`. A task where the pretrained
-    encoder's features no longer fit, so that adapting the encoder matters, not only the decoder."""
+    config) overrides fields of :class:`peft_tensor.data.embedded.AcquisitionShift`: a contrast the pretrained
+    encoder never saw, for measuring what adapting the encoder adds to the decoder (``benchmarks/shift_gap.py``)."""
     from dataclasses import asdict
 
     from .embedded import (
