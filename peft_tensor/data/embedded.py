@@ -22,7 +22,12 @@ What a subject is
 Tasks (binary, as in the papers)
     * source task (pretraining, the stand-in for BraTS whole tumour): the other subcortical structures in the box
       (thalamus, caudate, putamen, pallidum, amygdala, accumbens);
-    * target task (few-shot transfer): the hippocampus, codes 17 and 53.
+    * target task (few-shot transfer): the hippocampus, codes 17 and 53;
+    * shifted target task (``target_shift``): the same hippocampus subjects (same deformations) seen through another
+      acquisition (:class:`AcquisitionShift`): a T2-like contrast (CSF bright, grey matter above white matter: the
+      tissue ordering of the pretraining T1 reversed), thick slices along one axis, a stronger bias field and Rician
+      noise. The pretraining data never shows this contrast: a transfer in which the encoder's features, not only
+      the decoder, may need to adapt.
 
 On disk
     ``<cache_dir>/embedded-<key>/`` holds ``<subject>_img.nii.gz`` (float32 image) and ``<subject>_mask.nii.gz``
@@ -40,7 +45,7 @@ import importlib.util
 import json
 import os
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -99,10 +104,96 @@ class CohortSpec:
     gamma: tuple = (0.7, 1.4)
     noise_std: float = 0.03  # relative to the image's 99th percentile
     format_version: int = field(default=_FORMAT_VERSION)
+    # the acquisition of the subjects (an AcquisitionShift's fields) when it differs from the pretraining T1; None:
+    # the T1-like acquisition above (and the cache key of cohorts built before shifts existed)
+    shift: dict | None = None
 
     def key(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True, default=list).encode()
+        fields_ = asdict(self)
+        if fields_["shift"] is None:
+            del fields_["shift"]
+        blob = json.dumps(fields_, sort_keys=True, default=list).encode()
         return hashlib.sha1(blob).hexdigest()[:10]
+
+
+# Contrast remappings of the (deformed, 99th-percentile-normalised) T1 template intensity x: piecewise linear,
+# y = interp(x, points_x, points_y) inside the brain. In the template box CSF lies below ~0.3, grey matter (cortex,
+# hippocampus 0.71, amygdala 0.72) around 0.55-0.75 and white matter around 0.85-0.95.
+CONTRASTS = {
+    "t1": ((0.0, 1.0), (0.0, 1.0)),  # identity: the pretraining contrast
+    # T2-like: CSF brightest, grey matter above white matter (the tissue ordering of T1 reversed)
+    "t2": ((0.0, 0.3, 0.65, 0.9, 1.1), (1.0, 0.95, 0.6, 0.35, 0.3)),
+    # FLAIR-like, not monotonic in T1: CSF dark, grey matter brightest, white matter between
+    "flair": ((0.0, 0.3, 0.7, 0.9, 1.1), (0.1, 0.15, 0.85, 0.5, 0.45)),
+}
+
+
+@dataclass
+class AcquisitionShift:
+    """An acquisition other than the pretraining data's T1: the ``target_shift`` task's subjects.
+
+    Applied to each subject after its (unchanged) spatial deformation, deterministically per subject (the subject's
+    seed), in this order:
+
+    * ``contrast``: a tissue-contrast remapping of the T1 intensity (:data:`CONTRASTS`: ``t2`` reverses the tissue
+      ordering, ``flair`` is not monotonic in T1, ``t1`` keeps it);
+    * ``slice_mm``: thick slices along ``slice_axis`` (a slice profile of that thickness -- area averaging onto the
+      coarse grid, MONAI ``Resize`` with ``mode="area"`` -- then linear interpolation back to the grid); ``None``
+      keeps the isotropic resolution;
+    * ``bias_coeff``: a multiplicative bias field (MONAI ``RandBiasField``; the T1 cohort's is 0.1), then the T1
+      cohort's gamma change;
+    * ``rician_std``: Rician noise (MONAI ``RandRicianNoise``, relative to the 99th percentile) instead of the T1
+      cohort's Gaussian noise.
+    """
+
+    contrast: str = "t2"
+    slice_mm: float | None = 4.5
+    slice_axis: int = 2
+    bias_coeff: float = 0.15
+    rician_std: float = 0.05
+
+    def __post_init__(self):
+        if self.contrast not in CONTRASTS:
+            raise ValueError(f"data.shift.contrast must be one of {', '.join(CONTRASTS)}, got {self.contrast!r}")
+        if self.slice_axis not in (0, 1, 2):
+            raise ValueError(f"data.shift.slice_axis must be 0, 1 or 2, got {self.slice_axis!r}")
+        if self.slice_mm is not None and float(self.slice_mm) <= 0:
+            raise ValueError(f"data.shift.slice_mm must be positive or null, got {self.slice_mm!r}")
+        # numbers as floats, so that 3 and 3.0 name the same cohort
+        self.slice_mm = None if self.slice_mm is None else float(self.slice_mm)
+        self.bias_coeff, self.rician_std = float(self.bias_coeff), float(self.rician_std)
+
+    @classmethod
+    def from_config(cls, shift: "dict | AcquisitionShift | None") -> "AcquisitionShift":
+        if isinstance(shift, AcquisitionShift):
+            return shift
+        shift = dict(shift or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(shift) - known)
+        if unknown:
+            raise ValueError(f"unknown data.shift keys {unknown}; valid keys: {', '.join(sorted(known))}")
+        return cls(**shift)
+
+
+def remap_contrast(x: np.ndarray, contrast: str) -> np.ndarray:
+    """The :data:`CONTRASTS` remapping of a 99th-percentile-normalised T1 intensity ``x``."""
+    xp, yp = CONTRASTS[contrast]
+    return np.interp(x, xp, yp).astype(np.float32)
+
+
+def thick_slices(image: np.ndarray, spacing: float, slice_mm: float, axis: int) -> np.ndarray:
+    """``image`` as acquired with slices ``slice_mm`` thick along ``axis`` (in-plane resolution unchanged), on the
+    same grid: area averaging onto the coarse grid, linear interpolation back (MONAI ``Resize``)."""
+    from monai.transforms import Resize
+
+    size = image.shape
+    coarse = list(size)
+    coarse[axis] = max(1, int(round(size[axis] * spacing / float(slice_mm))))
+    if coarse[axis] >= size[axis]:
+        return image
+    low = Resize(coarse, mode="area")(image[None])
+    back = Resize(size, mode="trilinear", align_corners=False)(low)
+    return np.asarray(back)[0].astype(np.float32)
 
 
 _TEMPLATE_CACHE: dict = {}
@@ -175,6 +266,7 @@ def make_subject(spec: CohortSpec, role: str, index: int, side: str = ""):
         RandAdjustContrastd,
         RandBiasFieldd,
         RandGaussianNoised,
+        RandRicianNoised,
     )
 
     seed = _subject_seed(spec, role, index) + (0 if not side else 7919 * (1 + "LR".index(side)))
@@ -188,11 +280,15 @@ def make_subject(spec: CohortSpec, role: str, index: int, side: str = ""):
         scale_range=(spec.scale,) * 3, translate_range=(spec.translate_vox,) * 3,
         mode=("bilinear", "nearest"), padding_mode="zeros",
     )
+    shift = None if spec.shift is None else AcquisitionShift.from_config(spec.shift)
+    bias = spec.bias_coeff if shift is None else shift.bias_coeff
+    noise = RandGaussianNoised(keys="image", std=spec.noise_std, prob=1.0) if shift is None else \
+        RandRicianNoised(keys="image", std=shift.rician_std, prob=1.0, relative=False, sample_std=False)
     intensity = Compose(
         [
-            RandBiasFieldd(keys="image", coeff_range=(0.0, spec.bias_coeff), prob=1.0),
+            RandBiasFieldd(keys="image", coeff_range=(0.0, bias), prob=1.0),
             RandAdjustContrastd(keys="image", gamma=spec.gamma, prob=1.0),
-            RandGaussianNoised(keys="image", std=spec.noise_std, prob=1.0),
+            noise,
         ]
     )
     spatial.set_random_state(seed=seed % (2**32))
@@ -203,6 +299,11 @@ def make_subject(spec: CohortSpec, role: str, index: int, side: str = ""):
     }
     out = spatial(data)
     brain = np.asarray(out["image"])[0] > 1e-3  # the skull-stripped template is 0 outside the brain
+    if shift is not None:  # another acquisition of the same deformed anatomy (deterministic: no random draw)
+        shifted = remap_contrast(np.asarray(out["image"])[0], shift.contrast) * brain
+        if shift.slice_mm is not None:
+            shifted = thick_slices(shifted, spec.spacing, shift.slice_mm, shift.slice_axis)
+        out["image"] = torch.from_numpy(shifted)[None]
     out = intensity(out)
     image = np.clip(np.asarray(out["image"])[0], 0, None).astype(np.float32) * brain
     labels = np.rint(np.asarray(out["label"])[0]).astype(np.int16)
@@ -289,6 +390,8 @@ def build_cohort(
         "labels": "/".join(TEMPLATE_LABELS),
         "source_labels": list(SOURCE_LABELS),
         "target_labels": list(HIPPOCAMPUS_LABELS),
+        "acquisition": "T1-like (the template's contrast)" if spec.shift is None else
+        f"shifted from the T1 pretraining data: {spec.shift}",
         "spec": asdict(spec),
         "splits": existing,
     }

@@ -220,6 +220,8 @@ def brats2021(
 
 
 BRATS_WHOLE_TUMOUR = BRATS_REGIONS["whole_tumour"]
+# the embedded cohort's tasks (data.task): pretraining, few-shot target, few-shot target under an acquisition shift
+EMBEDDED_TASKS = ("source", "target", "target_shift")
 
 
 def embedded(
@@ -230,14 +232,37 @@ def embedded(
     n_test: int = 8,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = False,
+    shift: dict | None = None,
     **spec_kwargs,
 ) -> DatasetSplits:
     """The template-derived cohort (built or completed in the cache on first use).
 
     ``task="source"``: other subcortical structures; splits ``train`` (all source subjects but two) and ``val``.
-    ``task="target"``: hippocampus; splits ``train`` (the first ``n_train`` few-shot subjects), ``val``, ``test``."""
-    from .embedded import HIPPOCAMPUS_LABELS, SOURCE_LABELS, CohortSpec, build_cohort, subject_index
+    ``task="target"``: hippocampus; splits ``train`` (the first ``n_train`` few-shot subjects), ``val``, ``test``.
+    ``task="target_shift"``: the target task's subjects (same anatomy, same deformations, same splits) under an
+    acquisition shift from the pretraining data -- by default T2-like contrast (tissue ordering of the T1 reversed),
+    4.5 mm slices along the last axis, a 1.5x stronger bias field and Rician noise; ``shift`` (``data.shift`` in a
+    config) overrides fields of :class:`peft_tensor.data.embedded.AcquisitionShift`: a contrast the pretrained
+    encoder never saw, for measuring what adapting the encoder adds to the decoder (``benchmarks/shift_gap.py``)."""
+    from dataclasses import asdict
 
+    from .embedded import (
+        HIPPOCAMPUS_LABELS,
+        SOURCE_LABELS,
+        AcquisitionShift,
+        CohortSpec,
+        build_cohort,
+        subject_index,
+    )
+
+    if task not in EMBEDDED_TASKS:
+        raise ValueError(f"data.task must be one of {', '.join(EMBEDDED_TASKS)} for data.kind=embedded, got {task!r}")
+    if shift is not None and task != "target_shift":
+        raise ValueError(f"data.shift describes the acquisition of data.task=target_shift, not of {task!r}: "
+                         "set data.task=target_shift or remove data.shift")
+    if task == "target_shift":
+        spec_kwargs["shift"] = asdict(AcquisitionShift.from_config(shift))
+        n_source = 0  # the pretraining subjects are never shifted
     spec = CohortSpec(**spec_kwargs)
     folder = build_cohort(n_source, n_train, n_val, n_test, spec=spec, cache_dir=cache_dir, progress=progress)
     meta = json.loads((folder / "cohort.json").read_text())
@@ -255,11 +280,9 @@ def embedded(
         splits = {"train": cases([i for i in src if subject_index(i) < n_source - n_hold]),
                   "val": cases([i for i in src if subject_index(i) >= n_source - n_hold])}
         fg = make_task("binary", classes={"subcortical": SOURCE_LABELS})
-    elif task == "target":
+    else:
         splits = {r: cases(first(r, n)) for r, n in (("train", n_train), ("val", n_val), ("test", n_test))}
         fg = make_task("binary", classes={"hippocampus": HIPPOCAMPUS_LABELS})
-    else:
-        raise ValueError(f"task must be 'source' or 'target', got {task!r}")
     names = {"hippocampus": HIPPOCAMPUS_LABELS, "left_hippocampus": (17,), "right_hippocampus": (53,),
              "subcortical": SOURCE_LABELS}
     return DatasetSplits(splits, fg, meta["description"], {"folder": str(folder), "spacing": spec.spacing},
