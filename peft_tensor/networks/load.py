@@ -576,7 +576,8 @@ def _resolve_refs(config: Path, folder: Path) -> dict:
 
 
 def _load_provenance(folder, source, network, strict, roots, overrides):
-    from ..hub.provenance import read_provenance, sha256_file
+    from ..errors import AdapterLoadError
+    from ..hub.provenance import local_weights, read_provenance, sha256_file
 
     record = read_provenance(folder) or {}
     if not record.get("base_network"):
@@ -598,13 +599,13 @@ def _load_provenance(folder, source, network, strict, roots, overrides):
             path = Path(hf_hub_download(ref.repo_id, ref.filename or "model.safetensors", revision=ref.revision))
         except (HfHubHTTPError, LocalEntryNotFoundError) as exc:
             raise NetworkLoadError(f"cannot fetch the base weights {ref.describe()}: {exc}") from None
-    else:
-        path = Path(ref.path) if ref.path else None
-        if path is None or not path.is_file():
-            raise NetworkLoadError(f"the base weights file {ref.path} recorded in {folder / PROVENANCE_FILE} is not "
-                                   "on this machine; load the weights file itself with network=.")
-    digest = sha256_file(path)
-    if digest != ref.sha256:
+    else:  # a path relative to the record's folder (inside the run folder), or an older record's absolute path
+        try:
+            path = local_weights(ref, folder)  # sha256-checked there
+        except AdapterLoadError as exc:
+            raise NetworkLoadError(str(exc)) from None
+    digest = sha256_file(path) if ref.repo_id else ref.sha256
+    if ref.sha256 and digest != ref.sha256:
         raise NetworkLoadError(
             f"base weights {path} have sha256 {digest[:12]}..., but {PROVENANCE_FILE} records {ref.sha256[:12]}...: "
             "not the weights the record describes. Load the file itself if you know it is right: "
