@@ -77,8 +77,8 @@ class ProvenanceError(PeftTensorError):
 class WeightsRef:
     """Where the base network's weights live: a Hub file (repo_id/revision/filename) or a local ``path``, with the
     file's ``sha256``. In a record, a local ``path`` is relative to the record's folder (POSIX separators) when the
-    file lies in the run folder -- the record folder's parent, e.g. ``../base/model.safetensors`` beside
-    ``<run>/adapter/`` -- so the run folder can move; absolute otherwise (see :meth:`for_record` and
+    file lies in the run folder -- the record's folder, or for a recipe run its parent: ``../base/model.safetensors``
+    beside ``<run>/adapter/`` -- so the run folder can move; absolute otherwise (see :meth:`for_record` and
     :func:`local_weights`). Records of older versions hold absolute paths, some without a hash."""
 
     sha256: str | None = None
@@ -99,12 +99,16 @@ class WeightsRef:
         digest = f"sha256 {self.sha256[:12]}..." if self.sha256 else "no sha256 recorded"
         return f"{where} ({digest}, {_human_size(self.size)})"
 
-    def for_record(self, record_dir: str | os.PathLike) -> "WeightsRef":
-        """This reference as written into a record in ``record_dir``: a local file inside the run folder
-        (``record_dir``'s parent) as a path relative to ``record_dir``, anything else unchanged."""
+    def for_record(self, record_dir: str | os.PathLike, run_dir: str | os.PathLike | None = None) -> "WeightsRef":
+        """This reference as written into a record in ``record_dir``: a local file inside ``run_dir`` -- the record
+        folder itself (default) or its parent (a recipe run: ``<run>/adapter/`` and ``<run>/base/``) -- as a path
+        relative to ``record_dir``, anything else unchanged."""
         if self.repo_id or not self.path or not os.path.isabs(self.path):
             return copy.copy(self)
-        run = os.path.realpath(Path(record_dir).parent)
+        here = os.path.realpath(record_dir)
+        run = os.path.realpath(run_dir) if run_dir is not None else here
+        if run not in (here, os.path.dirname(here)):
+            run = here  # a reader looks no further than the record folder's parent
         real = os.path.realpath(self.path)
         if os.path.commonpath([run, real]) != run:
             return copy.copy(self)

@@ -81,7 +81,7 @@ def save_pretrained(model, save_directory: str | os.PathLike, *, base_network: B
                     tags: list[str] | None = None, selected_adapters: list[str] | None = None,
                     repo_id: str | None = None, results: dict | None = None, dataset: str | None = None,
                     details: str | None = None, base_model_name_or_path: str | None = None,
-                    name: str | None = None, **save_kwargs) -> Path:
+                    name: str | None = None, run_dir: str | os.PathLike | None = None, **save_kwargs) -> Path:
     """``model.save_pretrained`` (safetensors) plus ``peft_tensor.json`` (provenance) and our ``README.md`` card.
 
     Args:
@@ -100,6 +100,9 @@ def save_pretrained(model, save_directory: str | os.PathLike, *, base_network: B
         name: the card's title until it is pushed (then the repo name); default: the directory's name.
         base_model_name_or_path: written to every ``adapter_config.json``; by default the base weights' Hub repo,
             else ``base_network.source`` when that is a bundle name or repo id (not a local path).
+        run_dir: the folder that travels with the adapter: ``save_directory`` (default) or its parent (a recipe
+            run's folder). Local base weights inside it are recorded by a path relative to ``save_directory``, so
+            the folder can be moved or copied; others by their absolute path. The sha256 is recorded either way.
     """
     save_directory = Path(save_directory)
     spec = base_network or describe_network(model)
@@ -125,7 +128,7 @@ def save_pretrained(model, save_directory: str | os.PathLike, *, base_network: B
         adapters[adapter_name] = entry
     record_spec = copy.copy(spec)
     if spec.weights is not None:  # a file inside the run folder: recorded relative to this folder, so it can move
-        record_spec.weights = spec.weights.for_record(save_directory)
+        record_spec.weights = spec.weights.for_record(save_directory, run_dir)
     record = {
         "format": "peft_tensor.provenance",
         "format_version": FORMAT_VERSION,
