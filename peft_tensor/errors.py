@@ -29,3 +29,7 @@ class MergeError(PeftTensorError):
 
 class UnsafePathError(PeftTensorError):
     """A path would make a read or write leave its folder (a symbolic link where a regular file must be)."""
+
+
+class PartialLoadWarning(UserWarning):
+    """A pretrained network loaded only in part: most of its tensors keep their fresh initialisation."""

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from peft_tensor.recipes import finetune, pretrain
 from peft_tensor.training import write_json
-from peft_tensor.training.config import parse_recipe_args
+from peft_tensor.training.config import run_recipe
 from peft_tensor.training.schema import validate_config
 
 DEFAULT_CONFIG = "demo"
@@ -141,4 +141,4 @@ def format_table(results: dict) -> str:
 
 
 if __name__ == "__main__":
-    main(parse_recipe_args(description=__doc__, default_config=DEFAULT_CONFIG, schema="demo"))
+    run_recipe(main, description=__doc__, default_config=DEFAULT_CONFIG, schema="demo")

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from peft_tensor.training import write_json, write_rows_csv
-from peft_tensor.training.config import parse_recipe_args
+from peft_tensor.training.config import run_recipe
 from peft_tensor.training.schema import ConfigError, validate_config
 from peft_tensor.analysis.diagnosis import diagnose, merge_volumes, read_csv_rows, synthetic_metadata
 
@@ -49,4 +49,4 @@ def main(cfg: dict) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_recipe_args(description=__doc__, default_config=DEFAULT_CONFIG, schema="diagnose"))
+    run_recipe(main, description=__doc__, default_config=DEFAULT_CONFIG, schema="diagnose")

@@ -25,7 +25,7 @@ from peft_tensor.data import load_dataset
 from peft_tensor.data.datasets import case_sources
 from peft_tensor.training import (Extremes, check_output_channels, evaluate_cases, load_backbone, load_trained,
                                   model_config_for_task, summarize, summarize_per_class, write_json, write_rows_csv)
-from peft_tensor.training.config import parse_recipe_args, patch_size
+from peft_tensor.training.config import patch_size, run_recipe
 from peft_tensor.training.plots import plot_extremes
 from peft_tensor.training.schema import EvalConfig, fill_block, validate_config
 
@@ -93,4 +93,4 @@ def main(cfg: dict) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_recipe_args(description=__doc__, default_config=DEFAULT_CONFIG, schema="evaluate_run"))
+    run_recipe(main, description=__doc__, default_config=DEFAULT_CONFIG, schema="evaluate_run")

@@ -25,10 +25,10 @@ from peft_tensor.training import (Extremes, apply_arm, barrier, build_model, can
                                   cleanup, evaluate_cases, load_backbone, model_config_for_task,
                                   param_counts, set_seed, summarize, summarize_per_class, write_json, write_rows_csv)
 from peft_tensor.training.arms import optimizer_settings
-from peft_tensor.training.config import parse_recipe_args
+from peft_tensor.training.config import run_recipe
 from peft_tensor.training.loop import start_run, train_loop
 from peft_tensor.training.plots import plot_curves, plot_extremes
-from peft_tensor.training.schema import validate_config
+from peft_tensor.training.schema import config_block, validate_config
 
 
 def main(cfg: dict) -> dict:
@@ -42,13 +42,16 @@ def main(cfg: dict) -> dict:
     train_cases, val_cases, test_cases = (sources.get(s, []) for s in ("train", "val", "test"))
 
     # the pretrained backbone (its output channels must fit the task), then the arm (a PeftModel for PEFT arms)
-    model_cfg = model_config_for_task(cfg["model"], task)
-    pretrained = model_cfg.get("pretrained")  # model: a free-form block (peft_tensor.training.schema.check_model)
-    model = load_backbone(pretrained, model_cfg)[0] if pretrained else build_model(model_cfg)
-    check_output_channels(model, task)
+    with config_block("model"):  # an error here is one line naming the block (peft-tensor run)
+        model_cfg = model_config_for_task(cfg["model"], task)
+        pretrained = model_cfg.get("pretrained")  # model: a free-form block (peft_tensor.training.schema.check_model)
+        with config_block("model.pretrained" if pretrained else "model"):
+            model = load_backbone(pretrained, model_cfg)[0] if pretrained else build_model(model_cfg)
+        check_output_channels(model, task)
     set_seed(seed)  # adapter initialisation does not depend on how the backbone was obtained
     t_setup = time.time()
-    model = apply_arm(model, cfg["arm"], model_cfg).to(dist.device)
+    with config_block("arm"):
+        model = apply_arm(model, cfg["arm"], model_cfg).to(dist.device)
     setup_s = time.time() - t_setup
     counts = param_counts(model)
 
@@ -104,4 +107,4 @@ def _card(cfg, arm, counts, result) -> str:
 
 
 if __name__ == "__main__":
-    main(parse_recipe_args(description=__doc__, default_config="finetune_cpu", schema="finetune"))
+    run_recipe(main, description=__doc__, default_config="finetune_cpu", schema="finetune")

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from peft_tensor.training import (barrier, build_model, cleanup, evaluate_cases, model_config_for_task, save_backbone,
                                   summarize, summarize_per_class, write_json)
-from peft_tensor.training.config import parse_recipe_args
+from peft_tensor.training.config import run_recipe
 from peft_tensor.training.loop import start_run, train_loop
 from peft_tensor.training.plots import plot_curves
-from peft_tensor.training.schema import validate_config
+from peft_tensor.training.schema import config_block, validate_config
 
 
 def main(cfg: dict) -> dict:
@@ -31,8 +31,9 @@ def main(cfg: dict) -> dict:
     train_cases, val_cases = sources.get("train", []), sources.get("val", [])
 
     # model (output channels from the task), then the shared loop: Adam amsgrad, poly schedule, soft Dice
-    model_cfg = model_config_for_task(cfg["model"], task)
-    model = build_model(model_cfg).to(dist.device)
+    with config_block("model"):  # an error here is one line naming the block (peft-tensor run)
+        model_cfg = model_config_for_task(cfg["model"], task)
+        model = build_model(model_cfg).to(dist.device)
     run = train_loop(model, cfg, cfg["optim"], train_cases, val_cases, task, patch, loader_cfg, dist, out,
                      desc="pretrain")
     if run.interrupted_at is not None:
@@ -55,4 +56,4 @@ def main(cfg: dict) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_recipe_args(description=__doc__, default_config="pretrain_cpu", schema="pretrain"))
+    run_recipe(main, description=__doc__, default_config="pretrain_cpu", schema="pretrain")

@@ -124,7 +124,7 @@ def test_recipe_adapter_is_ready_to_share(flow):
     assert base["class"] == "monai.networks.nets.UNETR" and base["kwargs"]["out_channels"] == 3
     assert base["source"] == "my_bundle"
     # the bundle's model.pt is a pickle format, with a 14-class head: the run's own base weights are written
-    assert base["weights"]["path"] == str((tmp / "runs" / "hippocampus" / "base" / "model.safetensors").resolve())
+    assert base["weights"]["path"] == "../base/model.safetensors"  # in the run folder: relative to the record
     info = format_info(adapter_info(adapter))
     assert "not recorded" not in info and "monai.networks.nets.UNETR(" in info
 

@@ -17,6 +17,21 @@ _COMMAND_MODULES = (
 )
 
 
+def error_line(exc: BaseException) -> str:
+    """``exc`` as one line for a command line's ``error:``: its message with line breaks folded, prefixed by the
+    config block it is attributed to (``peft_tensor.training.schema.config_block``) unless the message already
+    starts with that key, and by its type where the type says what the message does not (``TypeError``,
+    ``KeyError``, ...)."""
+    text = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+    msg = " ".join(line.strip() for line in str(text).splitlines() if line.strip()) or type(exc).__name__
+    if not isinstance(exc, (ValueError, OSError, RuntimeError)) and not msg.startswith(type(exc).__name__):
+        msg = f"{type(exc).__name__}: {msg}"
+    block = getattr(exc, "config_block", None)
+    if block and not msg.startswith((f"{block}:", f"{block}.", f"{block}=", f"{block} ")):
+        msg = f"{block}: {msg}"
+    return msg
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="peft-tensor",
@@ -48,8 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # pragma: no cover
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
-        print(f"peft-tensor {args.command}: error: {exc}", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - errors of the user's input: one line; anything else: its traceback
+        if not (isinstance(exc, (ValueError, RuntimeError, OSError)) or getattr(exc, "config_block", None)):
+            raise
+        print(f"peft-tensor {args.command}: error: {error_line(exc)}", file=sys.stderr)
         return 1
 
 

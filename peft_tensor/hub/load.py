@@ -33,6 +33,7 @@ from .provenance import (
     PROVENANCE_FILE,
     TRUSTED_MODULE_ROOTS,
     BaseNetwork,
+    local_weights,
     read_provenance,
     remote_code_trusted,
     sha256_file,
@@ -258,17 +259,11 @@ def _load_base_weights(base_model, spec, resolved, check_hash, token, cache_dir,
                                    endpoint=endpoint)
         except (HfHubHTTPError, LocalEntryNotFoundError) as exc:
             raise AdapterLoadError(f"Cannot fetch the base weights {ref.describe()}: {exc}") from exc
-    else:
-        path = ref.path if ref.path and Path(ref.path).is_file() else None
-        if path is None:
-            raise AdapterLoadError(
-                f"The base weights file {ref.path} recorded in {PROVENANCE_FILE} is not on this machine. Pass "
-                "base_model= (the network with those weights), or publish them with `peft-tensor push "
-                "--base-weights-repo`."
-            )
+    else:  # a path relative to the record's folder (inside the run folder), or an older record's absolute path
+        path = local_weights(ref, resolved.root, check_hash)  # sha256-checked there
     if not str(path).endswith(".safetensors"):
         raise UnsafeWeightsError(f"Base weights {path} are not safetensors; refusing to unpickle them.")
-    if check_hash:
+    if check_hash and ref.repo_id:
         digest = sha256_file(path)
         if digest != ref.sha256:
             raise AdapterLoadError(

@@ -75,9 +75,13 @@ class ProvenanceError(PeftTensorError):
 # ---------------------------------------------------------------------------------------------------------- records
 @dataclass
 class WeightsRef:
-    """Where the base network's weights live: a Hub file (repo_id/revision/filename) or a local ``path``."""
+    """Where the base network's weights live: a Hub file (repo_id/revision/filename) or a local ``path``, with the
+    file's ``sha256``. In a record, a local ``path`` is relative to the record's folder (POSIX separators) when the
+    file lies in the run folder -- the record's folder, or for a recipe run its parent: ``../base/model.safetensors``
+    beside ``<run>/adapter/`` -- so the run folder can move; absolute otherwise (see :meth:`for_record` and
+    :func:`local_weights`). Records of older versions hold absolute paths, some without a hash."""
 
-    sha256: str
+    sha256: str | None = None
     size: int | None = None
     repo_id: str | None = None
     revision: str | None = None
@@ -92,7 +96,24 @@ class WeightsRef:
     def describe(self) -> str:
         where = (f"{self.repo_id}@{(self.revision or 'main')[:12]}:{self.filename}" if self.repo_id
                  else str(self.path))
-        return f"{where} (sha256 {self.sha256[:12]}..., {_human_size(self.size)})"
+        digest = f"sha256 {self.sha256[:12]}..." if self.sha256 else "no sha256 recorded"
+        return f"{where} ({digest}, {_human_size(self.size)})"
+
+    def for_record(self, record_dir: str | os.PathLike, run_dir: str | os.PathLike | None = None) -> "WeightsRef":
+        """This reference as written into a record in ``record_dir``: a local file inside ``run_dir`` -- the record
+        folder itself (default) or its parent (a recipe run: ``<run>/adapter/`` and ``<run>/base/``) -- as a path
+        relative to ``record_dir``, anything else unchanged."""
+        if self.repo_id or not self.path or not os.path.isabs(self.path):
+            return copy.copy(self)
+        here = os.path.realpath(record_dir)
+        run = os.path.realpath(run_dir) if run_dir is not None else here
+        if run not in (here, os.path.dirname(here)):
+            run = here  # a reader looks no further than the record folder's parent
+        real = os.path.realpath(self.path)
+        if os.path.commonpath([run, real]) != run:
+            return copy.copy(self)
+        rel = Path(os.path.relpath(real, os.path.realpath(record_dir))).as_posix()
+        return WeightsRef(**{**asdict(self), "path": rel})
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -364,6 +385,69 @@ def trusting_remote_code(trust: bool = True) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------------------------------- weights
+class WeightsNotFoundError(AdapterLoadError):
+    """The local base weights a record names are not where it says (nor in the run folder under the same name)."""
+
+
+class WeightsHashError(AdapterLoadError):
+    """The file at the recorded base-weights path is not the file the record describes (its sha256 differs)."""
+
+
+def local_weights(ref: WeightsRef, record_dir: str | os.PathLike, check_hash: bool = True) -> Path:
+    """The local file of ``ref`` (a ``path`` reference) read from the record in ``record_dir``, sha256-checked
+    unless ``check_hash`` is false (then only the recorded path itself is looked at).
+
+    - A relative path (written by :meth:`WeightsRef.for_record`) resolves against ``record_dir`` and must stay in
+      the run folder (``record_dir``'s parent), symbolic links followed: a record cannot point a reader anywhere
+      else. So a moved or copied run folder loads as it is.
+    - An absolute path (records of older versions) is read where it is; where that file is gone, the file of the
+      same name in the same folder name inside the run folder (``<run>/base/model.safetensors``) is taken, only
+      if the record has its sha256 and it matches.
+
+    Raises :class:`WeightsNotFoundError` (no such file) or :class:`WeightsHashError` (the file there is another
+    one), both :class:`~peft_tensor.errors.AdapterLoadError`, saying what to do.
+    """
+    record_dir = Path(record_dir)
+    run = Path(os.path.realpath(record_dir.parent))
+    recorded = str(ref.path or "")
+    if not recorded:
+        raise WeightsNotFoundError(f"{record_dir / PROVENANCE_FILE} records no base weights file.")
+    where = f"the base weights {recorded!r} recorded in {record_dir / PROVENANCE_FILE}"
+    if not os.path.isabs(recorded):
+        path = Path(os.path.realpath(record_dir / recorded))
+        if os.path.commonpath([run, path]) != str(run):
+            raise WeightsNotFoundError(
+                f"{where} lie outside the run folder {run}; a record may name a relative path only inside its run "
+                "folder. Pass the network with its weights yourself (base_model= / load_network(<weights>, "
+                "network=...)).")
+        candidates = [path]
+    else:
+        old = Path(recorded)
+        candidates = [old]
+        if not old.is_file() and ref.sha256 and check_hash:  # the run folder moved: the same file name inside it
+            moved = [run / old.parent.name / old.name, Path(os.path.realpath(record_dir)) / old.name]
+            candidates += [c for c in moved if os.path.commonpath([run, os.path.realpath(c)]) == str(run)]
+    for candidate in candidates:
+        if not candidate.is_file():
+            continue
+        if ref.sha256 is None or not check_hash:  # an old record without a hash: the file is taken as it is
+            return candidate
+        digest = sha256_file(candidate)
+        if digest == ref.sha256:
+            return candidate
+        if candidate == candidates[0]:
+            raise WeightsHashError(
+                f"{where} are not the weights the adapter was trained on: {candidate} has sha256 {digest[:12]}..., "
+                f"the record says {ref.sha256[:12]}... (the file was replaced or the run folder mixed up). Put the "
+                "original file back, or pass the network with the weights you mean (base_model= / "
+                "load_network(<weights>, network=...)); load_pretrained(check_base_hash=False) only if you know "
+                "they are equivalent.")
+    raise WeightsNotFoundError(
+        f"{where} are not on this machine{' (nor in the run folder ' + str(run) + ')' if len(candidates) > 1 else ''}."
+        " Copy the run folder with its base weights, pass the network with its weights (base_model= / "
+        "load_network(<weights>, network=...)), or publish them with `peft-tensor push --base-weights-repo`.")
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:

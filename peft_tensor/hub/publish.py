@@ -12,6 +12,7 @@ was and, since a commit is all-or-nothing on the Hub, leaves the repository as i
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import shutil
@@ -35,6 +36,7 @@ from .provenance import (
     WeightsRef,
     describe_network,
     library_versions,
+    local_weights,
     read_provenance,
     sha256_file,
     write_json_atomic,
@@ -79,7 +81,7 @@ def save_pretrained(model, save_directory: str | os.PathLike, *, base_network: B
                     tags: list[str] | None = None, selected_adapters: list[str] | None = None,
                     repo_id: str | None = None, results: dict | None = None, dataset: str | None = None,
                     details: str | None = None, base_model_name_or_path: str | None = None,
-                    name: str | None = None, **save_kwargs) -> Path:
+                    name: str | None = None, run_dir: str | os.PathLike | None = None, **save_kwargs) -> Path:
     """``model.save_pretrained`` (safetensors) plus ``peft_tensor.json`` (provenance) and our ``README.md`` card.
 
     Args:
@@ -98,6 +100,9 @@ def save_pretrained(model, save_directory: str | os.PathLike, *, base_network: B
         name: the card's title until it is pushed (then the repo name); default: the directory's name.
         base_model_name_or_path: written to every ``adapter_config.json``; by default the base weights' Hub repo,
             else ``base_network.source`` when that is a bundle name or repo id (not a local path).
+        run_dir: the folder that travels with the adapter: ``save_directory`` (default) or its parent (a recipe
+            run's folder). Local base weights inside it are recorded by a path relative to ``save_directory``, so
+            the folder can be moved or copied; others by their absolute path. The sha256 is recorded either way.
     """
     save_directory = Path(save_directory)
     spec = base_network or describe_network(model)
@@ -121,11 +126,14 @@ def save_pretrained(model, save_directory: str | os.PathLike, *, base_network: B
         if adapter_name == active:
             entry["trainable_params"], entry["all_params"] = model.get_nb_trainable_parameters()
         adapters[adapter_name] = entry
+    record_spec = copy.copy(spec)
+    if spec.weights is not None:  # a file inside the run folder: recorded relative to this folder, so it can move
+        record_spec.weights = spec.weights.for_record(save_directory, run_dir)
     record = {
         "format": "peft_tensor.provenance",
         "format_version": FORMAT_VERSION,
         "written_by": library_versions(),
-        "base_network": spec.to_dict(),
+        "base_network": record_spec.to_dict(),
         "adapters": adapters,
         "card": card_record(training_data=training_data, evaluation=evaluation, license=license, datasets=datasets,
                             tags=tags, results=results, dataset=dataset, details=details, name=name),
@@ -269,7 +277,10 @@ def push_to_hub(adapter, repo_id: str, *, token: str | bool | None = None, priva
                                   "weights. Save it with peft_tensor.hub.save_pretrained.")
         if isinstance(base_weights, WeightsRef):
             base_weights = base_weights.path
-        local = base_weights or (record["base_network"].get("weights") or {}).get("path")
+        recorded = record["base_network"].get("weights") or {}
+        local = base_weights
+        if not local and recorded.get("path"):  # relative to the record's folder, hash-checked
+            local = local_weights(BaseNetwork.from_dict({**record["base_network"]}).weights, adapter_dir)
         if not local:
             raise HubPublishError("base_weights_repo given but no base weights file: pass base_weights=PATH.")
         pushed_weights = push_base_weights(local, base_weights_repo, api=api, private=private,

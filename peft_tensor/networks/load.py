@@ -30,6 +30,7 @@ import logging
 import os
 import pickle
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -37,7 +38,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ..errors import PeftTensorError
+from ..errors import PartialLoadWarning, PeftTensorError
 from ..hub.provenance import (
     PROVENANCE_FILE,
     TRUSTED_MODULE_ROOTS,
@@ -57,6 +58,7 @@ BACKBONE_META, BACKBONE_WEIGHTS = "backbone.json", "model.safetensors"  # a back
 NESTED_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.", "net.", "network.")
 SSL_HEADS = ("rotation_head", "rotation_pre", "contrastive_head", "contrastive_pre", "conv")
+PARTIAL_LOAD_FRACTION = 0.9  # fewer of the network's tensors from the checkpoint: PartialLoadWarning
 
 
 class NetworkLoadError(PeftTensorError):
@@ -79,11 +81,56 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    sizes: dict[str, int] = field(default_factory=dict, repr=False)  # element count of every network tensor
+    scope: str = field(default="", repr=False)  # the part the checkpoint is for (a self-supervised encoder)
 
     @property
     def complete(self) -> bool:
         """Every network tensor came from the checkpoint and every checkpoint tensor was used."""
         return not (self.missing or self.unexpected or self.mismatched)
+
+    @property
+    def partial(self) -> bool:
+        """Fewer than :data:`PARTIAL_LOAD_FRACTION` (90%) of the network's tensors came from the checkpoint (of the
+        encoder's, for a self-supervised encoder checkpoint: its decoder is not part of that file by design)."""
+        names = [*self.loaded, *self.missing, *(n for n, _, _ in self.mismatched)]
+        total = sum(1 for n in names if n.startswith(self.scope))
+        return sum(1 for n in self.loaded if n.startswith(self.scope)) < PARTIAL_LOAD_FRACTION * total
+
+    def largest_unloaded(self, limit: int = 5) -> list[tuple[str, int]]:
+        """The largest modules none of whose tensors came from the checkpoint, ``(module path, element count)``,
+        largest first: the highest such ancestors (``vit`` when the whole encoder is missing, not its hundreds of
+        tensors)."""
+        unloaded = {n for n in [*self.missing, *(n for n, _, _ in self.mismatched)] if n.startswith(self.scope)}
+        tensors: dict[str, int] = {}  # per module path: its tensors, those not loaded, their element count
+        missing: dict[str, int] = {}
+        values: dict[str, int] = {}
+        for name in [*self.loaded, *unloaded]:
+            parts = name.split(".")
+            for prefix in {".".join(parts[:depth]) for depth in range(1, len(parts))} or {name}:
+                tensors[prefix] = tensors.get(prefix, 0) + 1
+                if name in unloaded:
+                    missing[prefix] = missing.get(prefix, 0) + 1
+                    values[prefix] = values.get(prefix, 0) + int(self.sizes.get(name, 0))
+        whole = {p for p, n in missing.items() if n == tensors[p]}
+        top = [p for p in whole if not any(p.startswith(q + ".") for q in whole)]
+        return sorted(((p, values[p]) for p in top), key=lambda item: (-item[1], item[0]))[:limit]
+
+    def partial_message(self) -> str:
+        """What :class:`~peft_tensor.errors.PartialLoadWarning` says: how much loaded, the largest modules that did
+        not, what to do."""
+        names = [n for n in [*self.loaded, *self.missing, *(n for n, _, _ in self.mismatched)]
+                 if n.startswith(self.scope)]
+        loaded = [n for n in self.loaded if n.startswith(self.scope)]
+        everything = sum(self.sizes.get(k, 0) for k in names) or 1
+        share = sum(self.sizes.get(k, 0) for k in loaded)
+        what = f"{self.network}'s encoder {self.scope}*" if self.scope else self.network
+        modules = ", ".join(f"{p} ({_count(n)})" for p, n in self.largest_unloaded())
+        return (f"{self.source}: only {len(loaded)} of {len(names)} tensors of {what} "
+                f"({100 * share / everything:.0f}% of its values) came from the checkpoint; the rest keep their "
+                f"random initialisation. Largest modules not loaded: {modules}. Check that the network's class and "
+                "constructor arguments are the ones the checkpoint was saved from (print the LoadReport), or pass "
+                "strict=True to refuse a partial load.")
 
     def to_dict(self) -> dict:
         return {"source": self.source, "network": self.network, "weights": self.weights, "layout": self.layout,
@@ -262,12 +309,14 @@ def map_keys(state: dict[str, torch.Tensor], own: Mapping[str, torch.Tensor], la
 
 # ---------------------------------------------------------------------------------------------------------- load
 def load_state(network: nn.Module, checkpoint: Any, *, strict: bool = False, report: LoadReport | None = None,
-               source: str = "state dict") -> LoadReport:
+               source: str = "state dict", warn: bool = True) -> LoadReport:
     """Load ``checkpoint`` (a loaded checkpoint object or state dict) into ``network`` and report.
 
     Tensors whose shape differs from the network's (a 14-class head into a 2-class network) are left as initialised
     and reported as ``mismatched``. With ``strict`` any missing, unexpected or mismatched tensor raises
-    :class:`NetworkLoadError` before the network is changed.
+    :class:`NetworkLoadError` before the network is changed. Without it, a load that fills fewer than 90% of the
+    network's tensors warns (:class:`~peft_tensor.errors.PartialLoadWarning`, naming the largest modules left as
+    initialised) unless ``warn`` is false.
     """
     from monai.networks.utils import copy_model_state
 
@@ -291,7 +340,11 @@ def load_state(network: nn.Module, checkpoint: Any, *, strict: bool = False, rep
             f"{report.source}: no tensor of the checkpoint fits {report.network} (checkpoint keys such as "
             f"{', '.join(list(state)[:3])}; network keys such as {', '.join(list(own)[:3])}). It was saved from "
             "another network: build that one (network=...) or check the constructor arguments.")
-    if len(report.loaded) < len(own) / 2:
+    report.sizes = {k: int(v.numel()) for k, v in own.items()}
+    if any("self-supervised encoder" in line for line in report.layout):
+        report.scope = "swinViT."  # the file holds the encoder only: its decoder is not missing, it is not there
+    partial = report.partial
+    if partial:
         report.notes.append(f"only {len(report.loaded)} of {len(own)} network tensors came from the checkpoint: is "
                             "this the right network (class and constructor arguments)?")
     if strict and not report.complete:
@@ -307,7 +360,16 @@ def load_state(network: nn.Module, checkpoint: Any, *, strict: bool = False, rep
         copy_model_state(network, {k: state[k] for k in report.loaded}, inplace=True)
     finally:
         quiet.setLevel(level)
+    if partial and warn:
+        warnings.warn(report.partial_message(), PartialLoadWarning, stacklevel=2)
     return report
+
+
+def _count(n: int) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit} values"
+    return f"{n} values"
 
 
 def load_network(source: str | os.PathLike, *, network: nn.Module | str | Mapping | None = None,
@@ -337,7 +399,21 @@ def load_network(source: str | os.PathLike, *, network: nn.Module | str | Mappin
 
     Returns:
         ``(network, report)``; ``print(report)`` shows the table.
+
+    Warns:
+        :class:`~peft_tensor.errors.PartialLoadWarning` when fewer than 90% of the network's tensors came from the
+        checkpoint (another network's weights, or other constructor arguments), naming the largest modules left
+        as initialised; ``strict=True`` refuses any incomplete load instead.
     """
+    net, report = _load_source(source, network, strict, allow_pickle, bundle_dir, trusted_module_roots,
+                               trust_remote_code, overrides)
+    if report.partial:  # a network that would train from mostly random weights: said where the user called
+        warnings.warn(report.partial_message(), PartialLoadWarning, stacklevel=2)
+    return net, report
+
+
+def _load_source(source, network, strict, allow_pickle, bundle_dir, trusted_module_roots, trust_remote_code,
+                 overrides) -> tuple[nn.Module, LoadReport]:
     if isinstance(source, nn.Module):
         raise NetworkLoadError("load_network(source) takes a path, bundle name or repo id; you passed a module. "
                                "To load a checkpoint into it: load_network('weights.pt', network=module).")
@@ -423,7 +499,7 @@ def _load_file(path: Path, network, strict, allow_pickle, overrides) -> tuple[nn
         return obj, report
     net, notes = _network_arg(network, overrides, None, None, str(path))
     report = LoadReport(source=str(path), network=class_path_of(net), weights=str(path), notes=notes)
-    return net, load_state(net, obj, strict=strict, report=report)
+    return net, load_state(net, obj, strict=strict, report=report, warn=False)
 
 
 def _load_folder(folder: Path, source: str, network, strict, allow_pickle, roots, overrides):
@@ -433,8 +509,7 @@ def _load_folder(folder: Path, source: str, network, strict, allow_pickle, roots
     if (folder / PROVENANCE_FILE).is_file():
         return _load_provenance(folder, source, network, strict, roots, overrides)
     if (folder / BACKBONE_META).is_file():
-        return load_backbone_folder(folder, network, strict=strict, source=source, trusted_module_roots=roots,
-                                    **overrides)
+        return _load_backbone(folder, network, strict, source, roots, overrides)
     listing = ", ".join(sorted(p.name for p in folder.iterdir())[:12]) or "nothing"
     raise NetworkLoadError(
         f"{folder} is not a network folder: expected a MONAI bundle (configs/inference.json + models/model.pt), "
@@ -457,14 +532,20 @@ def load_backbone_folder(folder: str | os.PathLike, network: nn.Module | str | M
     arguments with ``overrides`` unless ``network`` is given, loaded as :func:`load_state` does; and the report.
     ``backbone.json`` is read like any file: ``trusted_module_roots`` / ``trust_remote_code`` as in
     :func:`load_network`."""
-    folder = Path(folder)
-    weights = folder / BACKBONE_WEIGHTS
     roots = None if trust_remote_code or remote_code_trusted() else trusted_module_roots
+    net, report = _load_backbone(Path(folder), network, strict, source, roots, overrides)
+    if report.partial:
+        warnings.warn(report.partial_message(), PartialLoadWarning, stacklevel=2)
+    return net, report
+
+
+def _load_backbone(folder: Path, network, strict, source, roots, overrides) -> tuple[nn.Module, LoadReport]:
+    weights = folder / BACKBONE_WEIGHTS
     net, notes = _network_arg(network, overrides, read_backbone_meta(folder), roots, str(folder))
     report = LoadReport(source=str(folder) if source is None else source, network=class_path_of(net),
                         weights=str(weights), layout=["backbone folder (backbone.json + model.safetensors)"],
                         notes=notes)
-    return net, load_state(net, read_checkpoint(weights), strict=strict, report=report)
+    return net, load_state(net, read_checkpoint(weights), strict=strict, report=report, warn=False)
 
 
 def _load_bundle(folder, configs, source, network, strict, allow_pickle, roots, overrides):
@@ -480,7 +561,8 @@ def _load_bundle(folder, configs, source, network, strict, allow_pickle, roots, 
     net, notes = _network_arg(network, overrides, default, roots, str(config), drop_unknown=True)
     report = LoadReport(source=source, network=class_path_of(net), weights=str(weights),
                         layout=[f"MONAI bundle ({config.relative_to(folder)})"], notes=notes)
-    return net, load_state(net, read_checkpoint(weights, allow_pickle=allow_pickle), strict=strict, report=report)
+    return net, load_state(net, read_checkpoint(weights, allow_pickle=allow_pickle), strict=strict, report=report,
+                           warn=False)
 
 
 def _resolve_refs(config: Path, folder: Path) -> dict:
@@ -494,7 +576,8 @@ def _resolve_refs(config: Path, folder: Path) -> dict:
 
 
 def _load_provenance(folder, source, network, strict, roots, overrides):
-    from ..hub.provenance import read_provenance, sha256_file
+    from ..errors import AdapterLoadError
+    from ..hub.provenance import local_weights, read_provenance, sha256_file
 
     record = read_provenance(folder) or {}
     if not record.get("base_network"):
@@ -516,13 +599,13 @@ def _load_provenance(folder, source, network, strict, roots, overrides):
             path = Path(hf_hub_download(ref.repo_id, ref.filename or "model.safetensors", revision=ref.revision))
         except (HfHubHTTPError, LocalEntryNotFoundError) as exc:
             raise NetworkLoadError(f"cannot fetch the base weights {ref.describe()}: {exc}") from None
-    else:
-        path = Path(ref.path) if ref.path else None
-        if path is None or not path.is_file():
-            raise NetworkLoadError(f"the base weights file {ref.path} recorded in {folder / PROVENANCE_FILE} is not "
-                                   "on this machine; load the weights file itself with network=.")
-    digest = sha256_file(path)
-    if digest != ref.sha256:
+    else:  # a path relative to the record's folder (inside the run folder), or an older record's absolute path
+        try:
+            path = local_weights(ref, folder)  # sha256-checked there
+        except AdapterLoadError as exc:
+            raise NetworkLoadError(str(exc)) from None
+    digest = sha256_file(path) if ref.repo_id else ref.sha256
+    if ref.sha256 and digest != ref.sha256:
         raise NetworkLoadError(
             f"base weights {path} have sha256 {digest[:12]}..., but {PROVENANCE_FILE} records {ref.sha256[:12]}...: "
             "not the weights the record describes. Load the file itself if you know it is right: "
@@ -530,7 +613,7 @@ def _load_provenance(folder, source, network, strict, roots, overrides):
     net, notes = _network_arg(network, overrides, (spec.cls, spec.kwargs), roots, str(folder))
     report = LoadReport(source=source, network=class_path_of(net), weights=str(path),
                         layout=[f"{PROVENANCE_FILE} base network + weights (sha256 checked)"], notes=notes)
-    return net, load_state(net, read_checkpoint(path), strict=strict, report=report)
+    return net, load_state(net, read_checkpoint(path), strict=strict, report=report, warn=False)
 
 
 def _download_hub(repo_id: str) -> Path:

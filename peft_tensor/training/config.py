@@ -23,7 +23,7 @@ from .._safe_yaml import load_yaml
 CONFIG_DIR = Path(peft_tensor.recipes.__file__).resolve().parent / "configs"
 
 __all__ = ["CONFIG_DIR", "apply_overrides", "config_names", "config_path", "dump_config", "get_dotted",
-           "load_config", "parse_recipe_args", "patch_size", "set_dotted", "total_steps"]
+           "load_config", "parse_recipe_args", "patch_size", "run_recipe", "set_dotted", "total_steps"]
 
 
 def _dirs(search: Iterable[str | os.PathLike] | None) -> list[Path]:
@@ -145,6 +145,27 @@ def parse_recipe_args(argv=None, default_config: str | None = None, description:
         if not exit_on_error:
             raise
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
+
+
+def run_recipe(main, argv=None, **parse_kwargs):
+    """A recipe script's entry point: ``main(parse_recipe_args(argv, **parse_kwargs))``, where an error of the config
+    -- refused by the schema, or raised while a config block is read (attributed with
+    :func:`~peft_tensor.training.schema.config_block`: the data, the model, the arm) -- ends the process with one
+    ``<prog>: error: <block>: ...`` line and exit status 1, as ``peft-tensor run`` prints it, instead of a traceback.
+    Other errors keep their traceback."""
+    import sys
+
+    from ..cli import error_line
+    from .schema import ConfigError
+
+    cfg = parse_recipe_args(argv, **parse_kwargs)
+    try:
+        return main(cfg)
+    except Exception as exc:  # noqa: BLE001 - only the config's errors are folded into one line
+        if not (isinstance(exc, ConfigError) or getattr(exc, "config_block", None)):
+            raise
+        print(f"{Path(sys.argv[0]).name}: error: {error_line(exc)}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def patch_size(cfg: dict) -> tuple:

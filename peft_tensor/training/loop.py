@@ -160,13 +160,16 @@ def train_loop(model, cfg: dict, optim_cfg: dict, train_cases, val_cases, task, 
     from .metrics import summarize
     from .run_log import RunLogger
 
-    from .schema import OptimConfig, fill_block
+    from .schema import OptimConfig, config_block, fill_block
 
     seed, train_cfg, optim_cfg = int(cfg["seed"]), cfg["train"], fill_block(OptimConfig, optim_cfg, "optim")
-    steps = total_steps(train_cfg, len(train_cases))
-    optimizer = make_optimizer(model, optim_cfg)
-    scheduler = poly_scheduler(optimizer, steps, float(optim_cfg["poly_power"]))
-    loss_fn = make_loss(train_cfg["loss"], task)
+    with config_block("train"):
+        steps = total_steps(train_cfg, len(train_cases))
+    with config_block("optim"):
+        optimizer = make_optimizer(model, optim_cfg)
+        scheduler = poly_scheduler(optimizer, steps, float(optim_cfg["poly_power"]))
+    with config_block("train"):
+        loss_fn = make_loss(train_cfg["loss"], task)
 
     # resume where an interrupted run stopped
     ckpt = Checkpointer(out / "checkpoint", train_cfg["checkpoint_every"], enabled=dist.is_main)
@@ -339,15 +342,20 @@ def start_run(cfg: dict) -> RunStart:
     from .config import patch_size
     from .distributed import init_distributed, main_process_first
     from .run_log import write_json
+    from .schema import config_block
 
-    dist = init_distributed(cfg["device"])
+    with config_block("device"):  # a failure below is reported as one line naming its config block
+        dist = init_distributed(cfg["device"])
     out = Path(cfg["output_dir"])
     seed, patch = int(cfg["seed"]), patch_size(cfg)
     set_seed(seed)
-    configure_threads(cfg["threads"])
+    with config_block("threads"):
+        configure_threads(cfg["threads"])
     if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", cfg)
-    data = main_process_first(dist, load_dataset, cfg["data"])  # builds the embedded cohort once
-    sources, loader_cfg = case_sources(data, cfg["data"], patch, out)
+        with config_block("output_dir"):
+            out.mkdir(parents=True, exist_ok=True)
+            write_json(out / "config.json", cfg)
+    with config_block("data"):
+        data = main_process_first(dist, load_dataset, cfg["data"])  # builds the embedded cohort once
+        sources, loader_cfg = case_sources(data, cfg["data"], patch, out)
     return RunStart(dist, out, seed, patch, data, data.task, sources, loader_cfg)

@@ -87,7 +87,8 @@ def save_outputs(model: torch.nn.Module, folder: str | os.PathLike, *, arm: str,
                           "network (peft_tensor.hub.record_network) and save it again with "
                           "peft_tensor.hub.save_pretrained before sharing it.", stacklevel=2)
             return _save_unrecorded(model, folder, card)
-        return save_pretrained(model, folder, base_network=spec, base_weights=weights, **card)
+        return save_pretrained(model, folder, base_network=spec, base_weights=weights, run_dir=folder.parent,
+                               **card)  # <run>/base/model.safetensors: recorded relative to the adapter folder
     return _save_plain(model, folder, arm, model_cfg, results, dataset, data_description, details, license, tags)
 
 

@@ -20,6 +20,7 @@ match none, e.g. the efficiency / vit_blocks / loader benchmark configs, are lef
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -29,12 +30,27 @@ from typing import Any, Optional, Union
 
 __all__ = ["ConfigError", "SCHEMAS", "CardConfig", "DemoConfig", "DiagnoseConfig", "EvalConfig", "EvalOverride",
            "EvaluateRunConfig", "FewshotConfig", "FinetuneConfig", "LrSweepConfig", "OptimConfig", "PretrainConfig",
-           "TrainConfig", "check_arm", "check_data", "check_model", "fill_block", "infer_schema", "schema_keys",
-           "validate_config"]
+           "TrainConfig", "check_arm", "check_data", "check_model", "config_block", "fill_block", "infer_schema",
+           "schema_keys", "validate_config"]
 
 
 class ConfigError(ValueError):
     """A config key or value the schema refuses; the message is one line and starts with the dotted key."""
+
+
+@contextlib.contextmanager
+def config_block(path: str):
+    """Attribute an error raised inside the block to the config block ``path`` (``data``, ``model.pretrained``,
+    ``arm``, ...): the exception is re-raised unchanged, with ``exc.config_block = path`` unless an inner block set
+    it. The recipes' command line then prints it as one line naming that block (``peft_tensor.cli.error_line``),
+    whatever its type, where an unattributed error keeps its traceback."""
+    try:
+        yield
+    except Exception as exc:
+        if getattr(exc, "config_block", None) is None:
+            with contextlib.suppress(AttributeError, TypeError):
+                exc.config_block = path
+        raise
 
 
 class _Required:
@@ -45,10 +61,11 @@ class _Required:
 REQUIRED: Any = _Required()
 
 
-def _f(default, help: str, rule: str | None = None, aliases: tuple = ()):
+def _f(default, help: str, rule: str | None = None, aliases: tuple = (), choices: tuple = ()):
     """A schema field: its default (``REQUIRED`` for none), a one-line help, an optional rule for free-form blocks
-    (a function of this module, called with the value and its dotted path) and other names users write for it."""
-    meta = {"help": help, "rule": rule, "aliases": tuple(aliases)}
+    (a function of this module, called with the value and its dotted path), other names users write for it and the
+    values it may take (``choices``, compared case-insensitively; none: any value of its type)."""
+    meta = {"help": help, "rule": rule, "aliases": tuple(aliases), "choices": tuple(choices)}
     if dataclasses.is_dataclass(default) and isinstance(default, type):
         return field(default_factory=default, metadata=meta)
     if isinstance(default, (list, dict)):
@@ -61,7 +78,8 @@ def _f(default, help: str, rule: str | None = None, aliases: tuple = ()):
 class OptimConfig:
     """``optim``: the optimiser and the learning-rate schedule."""
 
-    name: str = _f("adam", "optimiser: adam (amsgrad as in the papers) or sgd", aliases=("optimizer", "optimiser"))
+    name: str = _f("adam", "optimiser: adam (amsgrad as in the papers) or sgd", aliases=("optimizer", "optimiser"),
+                   choices=("adam", "sgd"))
     lr: float = _f(1e-3, "learning rate (of the decoder and head when an adapter's method_lr is set)",
                    aliases=("learning_rate", "learningrate", "base_lr", "rate"))
     weight_decay: float = _f(2e-5, "L2 weight decay", aliases=("wd", "decay"))
@@ -82,8 +100,10 @@ class TrainConfig:
     batch_size: int = _f(2, "training batch size (all processes together)", aliases=("batch", "bs"))
     patch: Optional[Union[int, list]] = _f(None, "training crop / inference window; null: model.img_size, else 96",
                                            aliases=("patch_size", "crop_size", "roi_size"))
-    loss: str = _f("dice", "loss: dice (soft Dice) or dicece (Dice + cross-entropy)")
-    crop: str = _f("random", "crop sampling: random (uniform, the papers) or posneg (foreground-centred)")
+    loss: str = _f("dice", "loss: dice (soft Dice) or dicece (Dice + cross-entropy)",
+                   choices=("dice", "dicece", "dice_ce"))
+    crop: str = _f("random", "crop sampling: random (uniform, the papers) or posneg (foreground-centred)",
+                   choices=("random", "posneg"))
     crop_pos: float = _f(1.0, "posneg crops: weight of foreground-centred crops")
     crop_neg: float = _f(1.0, "posneg crops: weight of background-centred crops")
     checkpoint_every: int = _f(0, "save a resumable checkpoint every N steps; 0: never", aliases=("save_every",))
@@ -128,8 +148,9 @@ _ARM_HELP = "the fine-tuning arm: name + its options and PEFT config fields (fre
 class _RunConfig:
     output_dir: str = _f(REQUIRED, "output folder of the run", aliases=("out_dir", "output", "outdir"))
     seed: int = _f(0, "seed of initialisation, sampling, augmentation and dropout")
-    device: str = _f("auto", "auto, cpu, cuda or cuda:N")
-    threads: Optional[Union[int, str]] = _f(None, "CPU threads: auto (1 when the machine is busy), null (torch's), N")
+    device: str = _f("auto", "auto, cpu, cuda or cuda:N", rule="check_device")
+    threads: Optional[Union[int, str]] = _f(None, "CPU threads: auto (1 when the machine is busy), null (torch's), N",
+                                            rule="check_threads")
     progress: bool = _f(True, "show progress bars")
 
 
@@ -175,8 +196,9 @@ class DemoConfig:
 
     output_dir: str = _f("peft_tensor_demo", "output folder", aliases=("out_dir", "output"))
     seed: int = _f(0, "seed of pretraining and fine-tuning")
-    device: str = _f("auto", "auto, cpu, cuda or cuda:N")
-    threads: Optional[Union[int, str]] = _f(None, "CPU threads: auto (1 when the machine is busy), null (torch's), N")
+    device: str = _f("auto", "auto, cpu, cuda or cuda:N", rule="check_device")
+    threads: Optional[Union[int, str]] = _f(None, "CPU threads: auto (1 when the machine is busy), null (torch's), N",
+                                            rule="check_threads")
     progress: bool = _f(True, "show progress bars")
     reuse_pretrained: bool = _f(True, "reuse a cached pretrained backbone of the same settings")
     data: dict = _f(REQUIRED, _DATA_HELP, rule="check_data")
@@ -372,6 +394,11 @@ def _fill(cls, data, path: str) -> dict:
             if default is REQUIRED:
                 raise ConfigError(f"{p}: required key missing ({f.metadata['help']})")
             value = _fill(type(default), {}, p) if dataclasses.is_dataclass(default) else copy.deepcopy(default)
+        choices = f.metadata.get("choices")
+        if choices and value is not None and str(value).lower() not in choices:
+            raise ConfigError(f"{p}: {_show(value)} is not one of {', '.join(choices)}; set {p}=<one of them>")
+        if choices and isinstance(value, str):
+            value = value.lower()
         if f.metadata.get("rule") and value is not None:
             value = _RULES[f.metadata["rule"]](value, p)
         out[key] = value
@@ -426,30 +453,102 @@ def _unknown(keys, valid, path: str, what: str) -> None:
             raise ConfigError(f"{_join(path, str(key))}: unknown key for {what}; {hint}")
 
 
+def check_device(device: str, path: str) -> str:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
+    import re
+
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(device).lower()):
+        raise ConfigError(f"{path}: {_show(device)} is not a device; set {path}=auto, cpu, cuda or cuda:N")
+    return str(device).lower()
+
+
+def check_threads(threads, path: str):
+    """An int >= 1, ``auto`` (or null, checked by the type)."""
+    if isinstance(threads, str) and threads.lower() != "auto" or isinstance(threads, int) and threads < 0:
+        raise ConfigError(f"{path}: {_show(threads)} is not a thread count; set {path}=auto, null or a number")
+    return threads
+
+
+def _layout_keys(kind: str) -> tuple[set, dict] | None:
+    """(keys, {key: annotation}) a built-in ``data.kind`` takes -- its loader function's arguments plus the task and
+    settings keys every kind shares; None when it takes any key (``**kwargs``)."""
+    import inspect
+
+    from ..data.loaders import SETTINGS_KEYS, TASK_KEYS, resolve_loader
+
+    loader = resolve_loader(kind)
+    params = inspect.signature(loader).parameters
+    keys = {"kind", *TASK_KEYS, *SETTINGS_KEYS, *(n for n, p in params.items() if p.kind is not p.VAR_KEYWORD)}
+    if kind == "embedded":  # its **spec_kwargs are the cohort's CohortSpec fields
+        from ..data.embedded import CohortSpec
+
+        keys |= {f.name for f in dataclasses.fields(CohortSpec)}
+    elif any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return None
+    try:
+        hints = typing.get_type_hints(loader)
+    except Exception:  # noqa: BLE001 - an annotation that does not resolve: the types are not checked
+        hints = {}
+    simple = (int, float, bool, str, list, dict, type(None))
+    checked = {}
+    for name, hint in hints.items():
+        args = typing.get_args(hint) if typing.get_origin(hint) is Union else (hint,)
+        if name in keys and name != "return" and all(a in simple for a in args):
+            checked[name] = hint
+    return keys, checked
+
+
+def _required_args(kind: str) -> list[str]:
+    import inspect
+
+    from ..data.loaders import resolve_loader
+
+    return [n for n, p in inspect.signature(resolve_loader(kind)).parameters.items()
+            if p.default is p.empty and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+
+
+def _owners(kind: str, unknown: list) -> list[str]:
+    """The other built-in layouts that take every key of ``unknown``."""
+    from ..data.loaders import LOADERS
+
+    return [k for k in LOADERS if k != kind and (_layout_keys(k) or (set(),))[0] >= set(unknown)]
+
+
+def _wrong_kind(data: dict, kind: str, unknown: list, owners: list, valid: set, path: str) -> ConfigError:
+    """Keys another layout takes, left in a block whose ``kind`` was changed (``data.kind=msd`` on a config written
+    for the embedded cohort): the block must be replaced, not patched key by key."""
+    given = {k: data[k] for k in _required_args(kind) if data.get(k) is not None}
+    example = ", ".join([f"kind: {kind}"] + [f"{k}: {given.get(k, '...')}" for k in _required_args(kind)])
+    return ConfigError(
+        f"{path}: data.kind={kind} does not take {', '.join(unknown)} (keys of data.kind={owners[0]}): replace the "
+        f"whole {path} block, not {path}.kind alone -- {path}='{{{example}}}' on the command line, or edit a copy "
+        f"(peft-tensor copy <config> my.yaml); data.kind={kind} takes {', '.join(sorted(valid - {'kind'}))}")
+
+
 def check_data(data: dict, path: str) -> dict:
     """A built-in layout takes its loader function's arguments plus the task and settings keys every kind shares
-    (a key left null is ignored, as :func:`peft_tensor.data.load_dataset` does); ``data.preprocess`` and
-    ``data.loader`` take their dataclasses' fields. A dotted-path loader's keys are its own."""
+    (a key left null is ignored, as :func:`peft_tensor.data.load_dataset` does), with the types its function
+    declares; ``data.preprocess`` and ``data.loader`` take their dataclasses' fields. A dotted-path loader's keys
+    are its own. Keys of another layout (``data.kind`` changed alone) are refused with how to replace the block."""
     try:
-        import inspect
-
         from ..data.datasets import LoaderSettings
-        from ..data.loaders import LOADERS, SETTINGS_KEYS, TASK_KEYS, resolve_loader
+        from ..data.loaders import LOADERS
         from ..data.transforms import Preprocess
     except ModuleNotFoundError:  # pragma: no cover - the recipes extra is not installed: nothing to check with
         return data
     kind = str(data.get("kind", "embedded"))
-    if kind in LOADERS:
-        params = inspect.signature(resolve_loader(kind)).parameters
-        valid = {"kind", *TASK_KEYS, *SETTINGS_KEYS, *(n for n, p in params.items() if p.kind is not p.VAR_KEYWORD)}
-        if kind == "embedded":  # its **spec_kwargs are the cohort's CohortSpec fields
-            from ..data.embedded import CohortSpec
-
-            valid |= {f.name for f in dataclasses.fields(CohortSpec)}
-        elif any(p.kind is p.VAR_KEYWORD for p in params.values()):
-            valid = None
-        if valid is not None:
-            _unknown([k for k, v in data.items() if v is not None], valid, path, f"data.kind={kind}")
+    layout = _layout_keys(kind) if kind in LOADERS else None
+    if layout is not None:
+        valid, hints = layout
+        unknown = [str(k) for k, v in data.items() if v is not None and k not in valid]
+        owners = _owners(kind, unknown) if unknown else []
+        if owners and (len(unknown) > 1 or "kind" not in data or not difflib.get_close_matches(
+                unknown[0], sorted(valid), n=1, cutoff=0.6)):
+            raise _wrong_kind(data, kind, unknown, owners, valid, path)
+        _unknown(unknown, valid, path, f"data.kind={kind}")
+        for key, hint in hints.items():
+            if data.get(key) is not None:
+                data[key] = _check(data[key], hint, _join(path, key))
     for reader in (Preprocess.from_config, LoaderSettings.from_config):
         try:
             reader(data)
@@ -510,4 +609,4 @@ def check_arms(arms: list, path: str) -> list:
 
 
 _RULES = {"check_data": check_data, "check_model": check_model, "check_arm": check_arm, "check_arms": check_arms,
-          "check_train": check_train}
+          "check_train": check_train, "check_device": check_device, "check_threads": check_threads}

@@ -4,6 +4,7 @@ shape mismatches and the refusal of pickles."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -238,3 +239,69 @@ def test_errors_say_what_to_do(tmp_path, unetr_src):
     torch.save([1, 2, 3], tmp_path / "list.pt")
     with pytest.raises(NetworkLoadError, match="not a state dict"):
         load_network(tmp_path / "list.pt", network=UNETR, **unetr_kwargs())
+
+
+# ------------------------------------------------------------------------------------- partial loads (issue 21)
+def test_checkpoint_of_another_unetr_size_warns_naming_the_largest_missing_modules(tmp_path, unetr_src):
+    """A checkpoint of another UNETR size fills few of the network's tensors: load_network warns (a
+    PartialLoadWarning, pointing at the caller's line) with the largest modules left as initialised, where a full
+    checkpoint loads silently; strict=True still refuses, as before."""
+    import warnings
+
+    from peft_tensor.errors import PartialLoadWarning
+
+    other = build(UNETR, {**unetr_kwargs(), "hidden_size": 48, "mlp_dim": 96}, seed=3)
+    path = _save(other.state_dict(), tmp_path / "unetr_h48.safetensors")
+    with pytest.warns(PartialLoadWarning) as caught:
+        net, report = load_network(path, network=UNETR, **unetr_kwargs())
+    assert len(caught) == 1 and caught[0].filename == __file__  # the user's call, not the library's internals
+    message = str(caught[0].message)
+    total = len(net.state_dict())
+    assert f"only {len(report.loaded)} of {total} tensors of monai.networks.nets.UNETR" in message
+    assert len(report.loaded) < 0.9 * total and report.partial
+    # the whole ViT encoder is one entry (not its hundreds of tensors), first: it is the largest module left out
+    vit = sum(v.numel() for k, v in net.state_dict().items() if k.startswith("vit."))
+    assert report.largest_unloaded()[0] == ("vit", vit)
+    assert "Largest modules not loaded: vit (" in message and "strict=True" in message
+    with pytest.raises(NetworkLoadError, match="strict load failed"):
+        load_network(path, network=UNETR, strict=True, **unetr_kwargs())
+
+    full = _save(unetr_src.state_dict(), tmp_path / "unetr.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the load
+        _, report = load_network(full, network=UNETR, **unetr_kwargs())
+    assert report.complete and not report.partial
+
+
+def test_recipes_load_backbone_passes_the_warning_on(tmp_path):
+    """The recipes' ``model.pretrained`` (load_backbone) reaches the user with the same warning and prints the
+    report, whose note says the same."""
+    from peft_tensor.errors import PartialLoadWarning
+    from peft_tensor.training.models import load_backbone
+
+    from tests._recipe_fixtures import TINY_MODEL
+
+    other = build(UNETR, {**unetr_kwargs(img=32), "hidden_size": 48, "mlp_dim": 96}, seed=3)
+    path = _save(other.state_dict(), tmp_path / "other.pt")
+    with pytest.warns(PartialLoadWarning, match=r"Largest modules not loaded: vit \("):
+        load_backbone(str(path), TINY_MODEL)
+
+
+def test_self_supervised_encoder_checkpoint_warns_only_for_the_encoder(tmp_path):
+    """model_swinvit.pt holds the encoder only, by design: all of it loaded is no partial load (the decoder is not
+    missing from that file); into a SwinUNETR v2, whose extra encoder blocks (layers1c..4c, over 10% of its encoder
+    here) the file lacks, it warns naming those blocks."""
+    import warnings
+
+    src = build(SWIN, swin_kwargs(), seed=1)
+    path = _save(_ssl_swinvit(src), tmp_path / "model_swinvit.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, report = load_network(path, network=SWIN, **swin_kwargs(out_channels=3))
+    assert report.missing and not report.partial
+    from peft_tensor.errors import PartialLoadWarning
+
+    with pytest.warns(PartialLoadWarning, match=r"tensors of monai.networks.nets.SwinUNETR's encoder swinViT\.\*"):
+        _, report = load_network(path, network=SWIN, **swin_kwargs(out_channels=3, use_v2=True))
+    named = [name for name, _ in report.largest_unloaded()]
+    assert named and all(re.fullmatch(r"swinViT\.layers[1-4]c", name) for name in named), named
