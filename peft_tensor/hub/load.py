@@ -259,6 +259,13 @@ def _load_base_weights(base_model, spec, resolved, check_hash, token, cache_dir,
                                    endpoint=endpoint)
         except (HfHubHTTPError, LocalEntryNotFoundError) as exc:
             raise AdapterLoadError(f"Cannot fetch the base weights {ref.describe()}: {exc}") from exc
+    elif resolved.repo_id is not None and not (ref.sha256 and str(ref.path or "").endswith(".safetensors")):
+        # A downloaded record naming a local file (the publisher's own machine, e.g. push then load there) is
+        # looked at only as safetensors checked against its recorded sha256: nothing else a file names is read.
+        raise AdapterLoadError(
+            f"The adapter {resolved.repo_id} records its base weights as a local file ({ref.describe()}) without a "
+            "sha256 or not as safetensors, so it is not read. Pass base_model= (the network with its pretrained "
+            "weights), or ask the publisher to push them with `peft-tensor push --base-weights-repo`.")
     else:  # a path relative to the record's folder (inside the run folder), or an older record's absolute path
         path = local_weights(ref, resolved.root, check_hash)  # sha256-checked there
     if not str(path).endswith(".safetensors"):

@@ -289,3 +289,28 @@ def test_errors_are_peft_tensor_errors(tcur_dir, tmp_path):
     path = _copy(tcur_dir, tmp_path / "a", peft_type="SHADOW")
     with pytest.raises(PeftTensorError):
         peft_tensor.from_pretrained(TinyMLP(), str(path))
+
+
+def test_downloaded_record_naming_a_local_file_without_hash_is_not_read(tmp_path, monkeypatch):
+    """A record that came from the Hub may name a local file of the publisher's machine; without a recorded sha256
+    (or not as safetensors) it is refused before any file it names is opened."""
+    import builtins
+
+    from peft_tensor.hub import load as hub_load
+    from peft_tensor.hub.provenance import WeightsRef
+
+    secret = tmp_path / "secret.safetensors"
+    secret.write_bytes(b"not for you")
+    opened = []
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: (opened.append(str(f)), real_open(f, *a, **k))[1])
+
+    class Spec:
+        weights = WeightsRef(path=str(secret), sha256=None)
+
+    resolved = hub_load.ResolvedAdapter(tmp_path, {}, repo_id="someone/adapter")
+    for ref in (WeightsRef(path=str(secret), sha256=None), WeightsRef(path="/etc/passwd", sha256="0" * 64)):
+        Spec.weights = ref
+        with pytest.raises(AdapterLoadError, match="not read"):
+            hub_load._load_base_weights(None, Spec, resolved, True, None, None, True, None)
+    assert str(secret) not in opened and "/etc/passwd" not in opened
