@@ -129,7 +129,8 @@ class _RunConfig:
     output_dir: str = _f(REQUIRED, "output folder of the run", aliases=("out_dir", "output", "outdir"))
     seed: int = _f(0, "seed of initialisation, sampling, augmentation and dropout")
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
-    threads: Optional[Union[int, str]] = _f(None, "CPU threads: auto (1 when the machine is busy), null (torch's), N")
+    threads: Optional[Union[int, str]] = _f(None, "CPU threads: auto (1 when the machine is busy), null (torch's), "
+                                                  "N; a run saves the count it used in its config.json")
     progress: bool = _f(True, "show progress bars")
 
 
@@ -176,7 +177,8 @@ class DemoConfig:
     output_dir: str = _f("peft_tensor_demo", "output folder", aliases=("out_dir", "output"))
     seed: int = _f(0, "seed of pretraining and fine-tuning")
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
-    threads: Optional[Union[int, str]] = _f(None, "CPU threads: auto (1 when the machine is busy), null (torch's), N")
+    threads: Optional[Union[int, str]] = _f(None, "CPU threads: auto (1 when the machine is busy), null (torch's), "
+                                                  "N; a run saves the count it used in its config.json")
     progress: bool = _f(True, "show progress bars")
     reuse_pretrained: bool = _f(True, "reuse a cached pretrained backbone of the same settings")
     data: dict = _f(REQUIRED, _DATA_HELP, rule="check_data")
