@@ -12,7 +12,7 @@ the same way, so that every arm of a comparison runs at its own swept rate: the 
     python benchmarks/lr_sweep.py finetune.train.steps=60 progress=false      # the grid below (~35 runs)
     python benchmarks/lr_sweep.py grid='{"tcurlora": [0.3], "lora": [3e-3]}'   # the demo's 120 steps
     python benchmarks/lr_sweep.py progress=false threads=1 stem=lr_sweep_baselines_cpu \
-        'grid={"lora": [0.003, 0.01, 0.03, 0.1], "pissa": [0.001, 0.003, 0.01, 0.03, 0.1], "frozen": [null],
+        'grid={"lora": [0.003, 0.01, 0.03, 0.1], "pissa": [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0], "frozen": [null],
                "tcurlora": [0.3], "lorapt": [0.3], "hyps": [0.1]}'             # the baselines' rates
 """
 
@@ -38,7 +38,7 @@ from peft_tensor.training.config import parse_recipe_args
 DEFAULT_GRID = {
     "frozen": [None],
     "lora": [3e-3, 1e-2, 3e-2, 1e-1],
-    "pissa": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
+    "pissa": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0],
     "tcurlora": [3e-3, 3e-2, 1e-1, 3e-1, 1.0],
     "lorapt": [3e-4, 3e-3, 3e-2, 1e-1, 3e-1, 1.0],
     "hyps": [3e-3, 1e-2, 3e-2, 1e-1],

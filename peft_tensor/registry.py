@@ -34,11 +34,14 @@ SWINUNETR_TARGETS = ("attn.qkv", "attn.proj", "mlp.linear1", "mlp.linear2", "dow
 DEFAULT_TARGETS = MappingProxyType({"unetr": UNETR_TARGETS, "swinunetr": SWINUNETR_TARGETS})
 
 # The learning rate of PEFT's own baselines' adapter matrices (lora_A / lora_B) in the recipes' arms ``lora`` (r=8)
-# and ``pissa`` (r=2), from the same adapter-only sweep as our methods' ``lr`` (the decoder and head keep optim.lr):
+# and ``pissa`` (r=2), from the same adapter-only sweep as our methods' ``lr`` (the decoder and head keep optim.lr),
+# the best test Dice of each on a fresh demo backbone (LoRA 0.278 at 0.03; PiSSA 0.303 at 0.3, 0.283 at 0.1, 0.182
+# at 1.0; one seed):
 #   python benchmarks/lr_sweep.py progress=false threads=1 stem=lr_sweep_baselines_cpu \
-#       'grid={"lora": [0.003, 0.01, 0.03, 0.1], "pissa": [0.001, 0.003, 0.01, 0.03, 0.1], ...}'
-# -> benchmarks/results/lr_sweep_baselines_cpu.md (docs/methods.md, "Learning rates").
-BASELINE_LR: Mapping[str, float] = MappingProxyType({"lora": 0.03, "pissa": 0.01})
+#       'grid={"lora": [0.003, 0.01, 0.03, 0.1], "pissa": [0.001, 0.003, 0.01, 0.03, 0.1], "frozen": [null],
+#              "tcurlora": [0.3], "lorapt": [0.3], "hyps": [0.1]}'      (then 'grid={"pissa": [0.3, 1.0]}')
+# -> benchmarks/results/lr_sweep_baselines_cpu.{jsonl,md} (docs/methods.md, "Learning rates").
+BASELINE_LR: Mapping[str, float] = MappingProxyType({"lora": 0.03, "pissa": 0.3})
 
 # peft_type -> distribution that provides it; filled by register(). A foreign method may be added by hand.
 KNOWN_PROVIDERS: dict[str, str] = {}
