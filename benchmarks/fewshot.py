@@ -35,6 +35,7 @@ import peft_tensor
 from benchmarks._common import CONFIG_DIR, load_average, machine_line
 from peft_tensor.recipes.demo import arm_label, ensure_backbone, finetune_arm
 from peft_tensor.training import write_json
+from peft_tensor.training.arms import format_rates
 from peft_tensor.training.config import parse_recipe_args
 from peft_tensor.training.loop import configure_threads
 
@@ -58,6 +59,7 @@ def aggregate(runs: list[dict], arms: list[str], ns: list[int]) -> dict:
                                 "std": float(vals.std(ddof=1)) if vals.size > 1 else 0.0 if vals.size else None,
                                 "n_seeds": int(vals.size)}
             cell["trainable"] = sel[0]["trainable"]
+            cell["rates"] = sel[0].get("rates")
             cell["train_s"] = float(np.mean([r["train_s"] for r in sel]))
             agg[arm][str(n)] = cell
     return agg
@@ -77,17 +79,21 @@ def markdown(summary: dict) -> str:
     lines = [f"# Few-shot accuracy: {summary['data']}", "",
              f"Fine-tuning {g['steps']} steps (batch {g['batch_size']}) per run; seeds {g['seeds']}; "
              f"test: {summary['n_test_cases']} held-out cases, the same for every N and seed. "
-             f"Cells: mean ± std over seeds (number of seeds) of the per-run mean over test cases.", "",
+             f"Cells: mean ± std over seeds (number of seeds) of the per-run mean over test cases. "
+             f"lr: the rate of the adapter's parameters / of the rest (decoder and head), or the one rate of every "
+             f"trained parameter; each adapter at its swept registry rate unless the arm sets one.", "",
              f"Runs completed: {len(summary['runs'])} of {g['n_runs']}; wall time {summary['wall_s'] / 60:.1f} min "
              f"({summary['machine']}, {summary['threads']} torch thread(s), load average at start "
              f"{summary['load_average_start']}); backbone: {summary['backbone']}.", ""]
     for metric, label, digits in (("dice", "Dice", 3), ("hd95", "HD95 (mm)", 2)):
-        lines += [f"| {label} | trainable | " + " | ".join(f"N = {n}" for n in ns) + " |",
-                  "|---|---:|" + "---:|" * len(ns)]
+        lines += [f"| {label} | trainable | lr (adapter / rest) | " + " | ".join(f"N = {n}" for n in ns) + " |",
+                  "|---|---:|---:|" + "---:|" * len(ns)]
         for arm in arms:
             first = next(iter(agg.get(arm, {}).values()), None)
             params = f"{first['trainable']:,}" if first else "—"
-            lines.append(f"| {arm} | {params} | " + " | ".join(cell(arm, n, metric, digits) for n in ns) + " |")
+            lr = format_rates(first.get("rates")) if first else "—"
+            lines.append(f"| {arm} | {params} | {lr} | " + " | ".join(cell(arm, n, metric, digits) for n in ns)
+                         + " |")
         lines.append("")
     if summary.get("note"):
         lines.append(summary["note"])
@@ -179,7 +185,7 @@ def main(cfg: dict) -> dict:
                         "arm": name, "n_train": n, "seed": seed, "train_cases": r["n_train"], "steps": r["steps"],
                         "dice": t.get("dice", {}).get("mean"), "hd95": t.get("hd95", {}).get("mean"),
                         "dice_case_std": t.get("dice", {}).get("std"), "trainable": r["params"]["trainable"],
-                        "train_s": r["train_s"], "setup_s": r["setup_s"]})
+                        "train_s": r["train_s"], "setup_s": r["setup_s"], "rates": r.get("rates")})
                     summary["aggregate"] = aggregate(summary["runs"], arms, ns)
                     summary["wall_s"] = time.time() - t_start
                     write_outputs(summary, out, stem)

@@ -7,7 +7,8 @@ Everything that needs to know which methods exist reads this registry instead of
 * loading: :data:`KNOWN_PROVIDERS` (``peft_type`` -> distribution) names the package to install for an adapter
   whose method is not registered;
 * the recipes' arms (``arm.name=<method>``): config class, default fields, target modules per backbone, the
-  learning rate of the method's trainable factors;
+  learning rate of the method's trainable factors (and :data:`BASELINE_LR`, that of PEFT LoRA's and PiSSA's
+  adapters, swept the same way);
 * the benchmarks (which arms are ours and checked against the efficiency targets) and ``peft-tensor list``.
 
 Adding a method is one new folder ``peft_tensor/tuners/<method>/`` whose ``__init__.py`` ends with a
@@ -24,13 +25,23 @@ from typing import Any, Mapping, Optional
 
 from ._registration import register_method
 
-__all__ = ["KNOWN_PROVIDERS", "MethodSpec", "SWINUNETR_TARGETS", "UNETR_TARGETS", "get_method", "methods",
-           "register"]
+__all__ = ["BASELINE_LR", "KNOWN_PROVIDERS", "MethodSpec", "SWINUNETR_TARGETS", "UNETR_TARGETS", "baseline_lr",
+           "get_method", "methods", "register"]
 
 # The Linear layers of MONAI's networks that the papers adapt (module-name suffixes, PEFT's ``target_modules``).
 UNETR_TARGETS = ("attn.qkv", "attn.out_proj", "mlp.linear1", "mlp.linear2")
 SWINUNETR_TARGETS = ("attn.qkv", "attn.proj", "mlp.linear1", "mlp.linear2", "downsample.reduction")
 DEFAULT_TARGETS = MappingProxyType({"unetr": UNETR_TARGETS, "swinunetr": SWINUNETR_TARGETS})
+
+# The learning rate of PEFT's own baselines' adapter matrices (lora_A / lora_B) in the recipes' arms ``lora`` (r=8)
+# and ``pissa`` (r=2), from the same adapter-only sweep as our methods' ``lr`` (the decoder and head keep optim.lr),
+# the best test Dice of each on a fresh demo backbone (LoRA 0.278 at 0.03; PiSSA 0.303 at 0.3, 0.283 at 0.1, 0.182
+# at 1.0; one seed):
+#   python benchmarks/lr_sweep.py progress=false threads=1 stem=lr_sweep_baselines_cpu \
+#       'grid={"lora": [0.003, 0.01, 0.03, 0.1], "pissa": [0.001, 0.003, 0.01, 0.03, 0.1], "frozen": [null],
+#              "tcurlora": [0.3], "lorapt": [0.3], "hyps": [0.1]}'      (then 'grid={"pissa": [0.3, 1.0]}')
+# -> benchmarks/results/lr_sweep_baselines_cpu.{jsonl,md} (docs/methods.md, "Learning rates").
+BASELINE_LR: Mapping[str, float] = MappingProxyType({"lora": 0.03, "pissa": 0.3})
 
 # peft_type -> distribution that provides it; filled by register(). A foreign method may be added by hand.
 KNOWN_PROVIDERS: dict[str, str] = {}
@@ -119,3 +130,8 @@ def get_method(name: str) -> MethodSpec:
         if spec.peft_type == key.upper():
             return spec
     raise KeyError(f"no registered method {name!r}; registered: {', '.join(_METHODS) or 'none'}")
+
+
+def baseline_lr(arm: str) -> Optional[float]:
+    """The swept learning rate of a PEFT baseline arm's adapter (``"lora"``, ``"pissa"``), else None."""
+    return BASELINE_LR.get(str(arm))

@@ -126,8 +126,12 @@ def finetune_arm(cfg: dict, arm, backbone: Path, out_dir: Path, data: dict | Non
 
 
 def format_table(results: dict) -> str:
-    lines = ["| arm | trainable params | file | test Dice | test HD95 (mm) | Jaccard | train time (s) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    """The arms' results (``finetune.main``'s, by arm label) as a markdown table, with the learning rates each arm
+    trained at: ``adapter / rest`` where the adapter has its own rate, else the one rate of every parameter."""
+    from peft_tensor.training.arms import format_rates
+
+    lines = ["| arm | trainable params | lr (adapter / rest) | file | test Dice | test HD95 (mm) | Jaccard | "
+             "train time (s) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
         t = r.get("test", {})
 
@@ -135,7 +139,8 @@ def format_table(results: dict) -> str:
             return f"{t[k]['mean']:.{digits}f} ± {t[k]['std']:.{digits}f}" if k in t and t[k]["n"] else "n/a"
 
         size = _size(r["file_bytes"]) if "file_bytes" in r else "n/a"
-        lines.append(f"| {name} | {r['params']['trainable']:,} | {size} | {f('dice')} | {f('hd95', 2)} | "
+        lines.append(f"| {name} | {r['params']['trainable']:,} | {format_rates(r.get('rates'))} | {size} | "
+                     f"{f('dice')} | {f('hd95', 2)} | "
                      f"{f('jaccard')} | {r.get('train_s', float('nan')):.0f} |")
     return "\n".join(lines)
 

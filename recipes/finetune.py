@@ -24,7 +24,7 @@ import time
 from peft_tensor.training import (Extremes, apply_arm, barrier, build_model, canonical_arm, check_output_channels,
                                   cleanup, evaluate_cases, load_backbone, model_config_for_task,
                                   param_counts, set_seed, summarize, summarize_per_class, write_json, write_rows_csv)
-from peft_tensor.training.arms import optimizer_settings
+from peft_tensor.training.arms import arm_rates, format_rates, optimizer_settings
 from peft_tensor.training.config import run_recipe
 from peft_tensor.training.loop import start_run, train_loop
 from peft_tensor.training.plots import plot_curves, plot_extremes
@@ -64,7 +64,8 @@ def main(cfg: dict) -> dict:
     steps, log, train_s, amp = run.steps, run.log, run.train_s, bool(cfg["train"]["amp"])
 
     result = {"arm": arm, "params": counts, "setup_s": setup_s, "train_s": train_s, "steps": steps,
-              "n_train": len(train_cases), "task_type": task.kind, "classes": list(task.classes)}
+              "n_train": len(train_cases), "task_type": task.kind, "classes": list(task.classes),
+              "rates": arm_rates(cfg["arm"], cfg["optim"])}  # the adapter's and the decoder's, as trained
     if dist.is_main:
         eval_cfg = cfg["eval"]
         extremes = Extremes()  # only the best and worst case are kept for the overlays, not every prediction
@@ -89,8 +90,9 @@ def main(cfg: dict) -> dict:
 
 def _card(cfg, arm, counts, result) -> str:
     """The run summary in the adapter's model card (results and data have their own sections there)."""
-    optim = {**cfg["optim"], **optimizer_settings(cfg["arm"])}
-    lrs = f"lr {optim.get('lr')}" + (f", adapter factors {optim['method_lr']}" if optim.get("method_lr") else "")
+    rates = result.get("rates") or arm_rates(cfg["arm"], cfg["optim"])
+    lrs = (f"lr {format_rates(rates)} (adapter / decoder and head)" if rates["method_lr"] is not None
+           else f"lr {format_rates(rates)}")
     options = {k: v for k, v in cfg["arm"].items() if k != "name"}
     classes = result.get("classes") or []
     return "\n".join([

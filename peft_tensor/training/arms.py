@@ -142,15 +142,40 @@ def apply_arm(model: torch.nn.Module, arm_cfg: dict | str, model_cfg: dict) -> t
 def optimizer_settings(arm_cfg: dict) -> dict:
     """The arm's learning rates, laid over the recipe's ``optim`` section: ``lr`` / ``method_lr`` from the arm's
     config, else ``method_lr`` = the ``lr`` of the method's registry entry (the learning rate of its trainable
-    factors; the decoder and head keep ``optim.lr``; ``full_lr`` for a ``<method>_full`` arm), else nothing."""
+    factors; the decoder and head keep ``optim.lr``; ``full_lr`` for a ``<method>_full`` arm) or, for PEFT's
+    ``lora`` and ``pissa``, their swept rate (:data:`peft_tensor.registry.BASELINE_LR`), else nothing."""
+    from ..registry import baseline_lr
+
     out = {k: arm_cfg[k] for k in ("lr", "method_lr") if k in arm_cfg}
     arm = canonical_arm(arm_cfg.get("name", "full"))
     full = arm.endswith(FULL_SUFFIX)
     spec = methods().get(arm[: -len(FULL_SUFFIX)] if full else arm)
-    lr = None if spec is None else spec.full_lr if full and spec.full_lr is not None else spec.lr
+    lr = baseline_lr(arm) if spec is None else spec.full_lr if full and spec.full_lr is not None else spec.lr
     if "method_lr" not in out and lr is not None:
         out["method_lr"] = lr
     return out
+
+
+def arm_rates(arm_cfg: dict | str, optim_cfg: dict | None = None) -> dict:
+    """The learning rates an arm trains at: ``{"lr": ..., "method_lr": ...}`` -- ``method_lr`` that of the adapter's
+    parameters (None: one rate for every trainable parameter), ``lr`` that of the rest (decoder and head), from the
+    recipe's ``optim`` block with :func:`optimizer_settings` laid over it, as the recipes' optimiser gets them."""
+    from .schema import OptimConfig, fill_block
+
+    if isinstance(arm_cfg, str):
+        arm_cfg = {"name": arm_cfg}
+    optim = fill_block(OptimConfig, {**dict(optim_cfg or {}), **optimizer_settings(arm_cfg)}, "optim")
+    return {"lr": float(optim["lr"]), "method_lr": None if optim["method_lr"] is None else float(optim["method_lr"])}
+
+
+def format_rates(rates: dict | None) -> str:
+    """An arm's rates for a table: ``"0.03 / 0.003"`` (adapter / decoder and head) or ``"0.003"`` (one rate for
+    every trainable parameter); ``"?"`` when not recorded."""
+    if not rates or rates.get("lr") is None:
+        return "?"
+    if rates.get("method_lr") is None:
+        return f"{rates['lr']:g}"
+    return f"{rates['method_lr']:g} / {rates['lr']:g}"
 
 
 def param_counts(model: torch.nn.Module) -> dict:

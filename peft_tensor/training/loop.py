@@ -4,12 +4,10 @@ optimiser, schedule, loss, one step, sliding-window evaluation, seeding."""
 from __future__ import annotations
 
 import contextlib
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..data.labels import as_task
@@ -18,9 +16,15 @@ from .metrics import task_case_metrics
 
 
 def set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
+    """Seed Python's, NumPy's and torch's global RNGs through MONAI's ``set_determinism`` (which also asks cuDNN for
+    deterministic convolution algorithms and turns its autotuner off). It leaves
+    ``torch.use_deterministic_algorithms`` as it is: on CPU every arm's forward and backward passes under it but
+    gains nothing (the CPU kernels already give the same result for a fixed thread count), and on CUDA it would make
+    cuBLAS refuse to run without ``CUBLAS_WORKSPACE_CONFIG``. MONAI's random transforms keep their own states: the
+    recipes seed them per sample (:func:`peft_tensor.data.transforms.draw_sample`)."""
+    from monai.utils import set_determinism
+
+    set_determinism(seed=int(seed))
 
 
 def step_seed(seed: int, step: int, rank: int = 0) -> None:
@@ -299,10 +303,18 @@ def _channels_message(task, what: str) -> str:
             "data.classes")
 
 
+_STARTUP_THREADS = torch.get_num_threads()  # torch's default for this process (cores or OMP_NUM_THREADS)
+
+
 def configure_threads(value) -> int:
-    """Set torch's CPU threads: an int, ``None`` (torch's default) or ``"auto"``: the default unless the machine is
-    already busy (1-minute load average >= cores - 0.5), then 1 -- OpenMP threads competing with other processes
-    for the same cores can make each step many times slower than one thread does. Returns the thread count."""
+    """Set torch's CPU threads and return the count now in use: an int; ``None`` (leave torch's current setting);
+    or ``"auto"``: torch's default for the process unless the machine is already busy (1-minute load average >=
+    cores - 0.5), then 1 -- OpenMP threads competing with other processes for the same cores can make each step many
+    times slower than one thread does.
+
+    The count decides how the CPU kernels split their reductions, so runs with other counts give other weights: a
+    recipe writes the count this returns into its run's ``config.json`` (:func:`start_run`), so that rerunning that
+    config repeats it."""
     import os
 
     if value in (None, "", 0):
@@ -312,11 +324,25 @@ def configure_threads(value) -> int:
             busy = os.getloadavg()[0] >= (os.cpu_count() or 1) - 0.5
         except OSError:
             busy = False
-        if busy:
-            torch.set_num_threads(1)
+        torch.set_num_threads(1 if busy else _STARTUP_THREADS)
         return torch.get_num_threads()
+    if isinstance(value, str) and not value.strip().isdigit():
+        raise ValueError(f"threads must be auto, null or a thread count, got {value!r}")
     torch.set_num_threads(int(value))
-    return int(value)
+    return torch.get_num_threads()
+
+
+def run_threads(value, dist) -> int:
+    """:func:`configure_threads` for every process of a run: the main process resolves ``value`` (``auto`` looks at
+    the machine's load) and the others take its count, so that no process splits its reductions differently."""
+    count = configure_threads(value)
+    if getattr(dist, "enabled", False):
+        import torch.distributed as tdist
+
+        box = [count]
+        tdist.broadcast_object_list(box, src=0)
+        count = configure_threads(int(box[0]))
+    return count
 
 
 @dataclass
@@ -334,9 +360,10 @@ class RunStart:
 
 
 def start_run(cfg: dict) -> RunStart:
-    """Start a recipe run from its validated config: distributed set-up, seed, torch threads, the run folder with its
-    ``config.json`` (main process), then the dataset (built once, by the main process first) and its case sources per
-    split (``train``, ``val``, ``test``) with the loader settings."""
+    """Start a recipe run from its validated config: distributed set-up, seed, torch threads (``cfg["threads"]`` is
+    replaced by the count in use), the run folder with its ``config.json`` (main process; the config as run, so
+    ``--config <run>/config.json`` reruns it), then the dataset (built once, by the main process first) and its
+    case sources per split (``train``, ``val``, ``test``) with the loader settings."""
     from ..data import load_dataset
     from ..data.datasets import case_sources
     from .config import patch_size
@@ -349,8 +376,10 @@ def start_run(cfg: dict) -> RunStart:
     out = Path(cfg["output_dir"])
     seed, patch = int(cfg["seed"]), patch_size(cfg)
     set_seed(seed)
+    # the thread count in use goes into the run's config: `threads: auto` is resolved here, once, and a rerun of
+    # the saved config.json repeats it (other counts split the CPU reductions differently: other weights)
     with config_block("threads"):
-        configure_threads(cfg["threads"])
+        cfg["threads"] = run_threads(cfg["threads"], dist)
     if dist.is_main:
         with config_block("output_dir"):
             out.mkdir(parents=True, exist_ok=True)

@@ -149,7 +149,8 @@ class _RunConfig:
     output_dir: str = _f(REQUIRED, "output folder of the run", aliases=("out_dir", "output", "outdir"))
     seed: int = _f(0, "seed of initialisation, sampling, augmentation and dropout")
     device: str = _f("auto", "auto, cpu, cuda or cuda:N", rule="check_device")
-    threads: Optional[Union[int, str]] = _f(None, "CPU threads: auto (1 when the machine is busy), null (torch's), N",
+    threads: Optional[Union[int, str]] = _f(None, "CPU threads: auto (1 when the machine is busy), null (torch's), "
+                                                  "N; a run saves the count it used in its config.json",
                                             rule="check_threads")
     progress: bool = _f(True, "show progress bars")
 
@@ -197,7 +198,8 @@ class DemoConfig:
     output_dir: str = _f("peft_tensor_demo", "output folder", aliases=("out_dir", "output"))
     seed: int = _f(0, "seed of pretraining and fine-tuning")
     device: str = _f("auto", "auto, cpu, cuda or cuda:N", rule="check_device")
-    threads: Optional[Union[int, str]] = _f(None, "CPU threads: auto (1 when the machine is busy), null (torch's), N",
+    threads: Optional[Union[int, str]] = _f(None, "CPU threads: auto (1 when the machine is busy), null (torch's), "
+                                                  "N; a run saves the count it used in its config.json",
                                             rule="check_threads")
     progress: bool = _f(True, "show progress bars")
     reuse_pretrained: bool = _f(True, "reuse a cached pretrained backbone of the same settings")

@@ -36,7 +36,10 @@ def test_benchmark_fewshot_smoke(tmp_path):
 
     text = (tmp_path / "out" / "smoke.md").read_text()
     assert text == bench.markdown(data)
-    assert "| Dice | trainable | N = 1 | N = 2 |" in text and "| HD95 (mm) |" in text
-    assert "| decoder_only |" in text and "Runs completed: 2 of 2" in text
+    assert "| Dice | trainable | lr (adapter / rest) | N = 1 | N = 2 |" in text and "| HD95 (mm) |" in text
+    assert "Runs completed: 2 of 2" in text
+    row = next(line for line in text.splitlines() if line.startswith("| decoder_only |"))
+    assert row.split("|")[3].strip() == "0.003"  # the rate it trained at (one rate: no adapter)
+    assert data["runs"][0]["rates"] == {"lr": 3e-3, "method_lr": None}
     assert (tmp_path / "out" / "smoke.png").stat().st_size > 1000
     assert (tmp_path / "runs" / "seed0" / "n2" / "decoder_only" / "results.json").is_file()
