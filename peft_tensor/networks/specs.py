@@ -28,8 +28,9 @@ from ..hub.provenance import BaseNetwork, import_network_class
 from ..registry import SWINUNETR_TARGETS, UNETR_TARGETS
 
 __all__ = ["NETWORK_ALIASES", "NetworkSpecError", "Preset", "DECODER_SETS", "PRESET_NETWORKS", "build_from_spec",
-           "class_path_of", "distinct_suffixes", "preset_for", "resolve_class_path", "split_spec", "spec_of", "SWIN_DECODER", "SWIN_DECODER_WIDE",
-           "UNETR_DECODER", "UNETR_DECODER_WIDE", "HEAD", "VIT_TARGETS", "SWIN_TARGETS"]
+           "class_path_of", "distinct_suffixes", "preset_for", "resolve_class_path", "split_spec", "spec_of",
+           "SWIN_DECODER", "SWIN_DECODER_WIDE", "SWIN_V2_CONVS", "UNETR_DECODER", "UNETR_DECODER_WIDE", "HEAD",
+           "VIT_TARGETS", "SWIN_TARGETS"]
 
 
 class NetworkSpecError(PeftTensorError):

@@ -41,48 +41,53 @@ def method_name(config) -> str:
 
 
 # -- default targets ------------------------------------------------------------------------------------------------
-def prepare_targets(model: nn.Module, config, rank_limit: Optional[Callable[[nn.Module], int]] = None):
+def prepare_targets(model: nn.Module, config, rank_limit: Optional[Callable[[nn.Module], int]] = None, *,
+                    check_partial: bool = True):
     """PEFT's ``_prepare_adapter_config`` for every peft_tensor tuner: ``target_modules=None`` becomes the network's
     preset (:func:`peft_tensor.preset_for`), as PEFT fills LoRA's targets for known transformers architectures; a
     target list that covers only part of the preset warns (:class:`PartialPresetWarning`, naming the preset entries
-    it leaves out). Idempotent per model: the tuners call it before validating targets, PEFT again inside
-    ``inject_adapter``. :func:`targets_from_preset` tells afterwards which case it was. ``rank_limit``: as for
-    :func:`find_targets` (the layers an error suggests fit ``config.r``).
+    it leaves out), once, when ``check_partial`` (the tuners fill the targets first, validate them, and let PEFT's
+    own call warn: a list that is refused does not warn too). Idempotent per model. :func:`targets_from_preset` tells
+    afterwards which case it was. ``rank_limit``: as for :func:`find_targets` (the layers an error suggests fit
+    ``config.r``).
 
     Raises:
         TargetModulesError: ``target_modules=None`` on a network without a preset (the message names layers of it
             that ``target_modules`` can take).
     """
-    mark = getattr(config, _PRESET_MARK, None)
-    if mark is not None and mark[0] == id(model):
-        return config
     from ..networks.specs import NetworkSpecError, preset_for
 
-    if config.target_modules is None:
-        try:
-            preset = preset_for(model)
-        except NetworkSpecError:
-            from ..networks.specs import PRESET_NETWORKS
-
-            layers = list(_layers(model))
-            example = _suggest(layers, [n for n, m in layers if _adaptable(m, True)], rank_limit,
-                               getattr(config, "r", None))
-            raise TargetModulesError(
-                f"{method_name(config)} has no default targets for {type(model).__name__} (presets exist for "
-                f"{', '.join(PRESET_NETWORKS)}): pass target_modules naming the layers to adapt"
-                + (f", e.g. target_modules={example}." if example else
-                   f"; none of its layers allows r={getattr(config, 'r', None)}, so lower r too.")) from None
-        config.target_modules = list(preset.target_modules)
-        setattr(config, _PRESET_MARK, (id(model), preset.backbone))
-        return config
-    setattr(config, _PRESET_MARK, (id(model), ""))
-    if not is_loading_adapter():  # a saved adapter's targets were chosen when it was trained
+    mark = getattr(config, _PRESET_MARK, None)
+    if mark is None or mark[0] != id(model):
+        if config.target_modules is None:
+            try:
+                preset = preset_for(model)
+            except NetworkSpecError:
+                raise TargetModulesError(_no_preset_message(model, config, rank_limit)) from None
+            config.target_modules = list(preset.target_modules)
+            mark = (id(model), preset.backbone, True)
+        else:
+            mark = (id(model), "", is_loading_adapter())  # a saved adapter's targets were chosen when it was trained
+        setattr(config, _PRESET_MARK, mark)
+    if check_partial and not mark[2]:
+        setattr(config, _PRESET_MARK, (*mark[:2], True))
         try:
             preset = preset_for(model)
         except NetworkSpecError:
             return config  # no preset: nothing to compare with
         _warn_partial(model, config, preset)
     return config
+
+
+def _no_preset_message(model: nn.Module, config, rank_limit) -> str:
+    from ..networks.specs import PRESET_NETWORKS
+
+    layers = list(_layers(model))
+    r = getattr(config, "r", None)
+    example = _suggest(layers, [n for n, m in layers if _adaptable(m, True)], rank_limit, r)
+    return (f"{method_name(config)} has no default targets for {type(model).__name__} (presets exist for "
+            f"{', '.join(PRESET_NETWORKS)}): pass target_modules naming the layers to adapt"
+            + (f", e.g. target_modules={example}." if example else f"; none of its layers allows r={r}, so lower r."))
 
 
 def targets_from_preset(config) -> bool:
@@ -178,15 +183,15 @@ def find_targets(model: nn.Module, config, *, convolutions: bool = True,
         if _adaptable(base, convolutions):
             matches.append((name, base))
         elif is_conv(base) and convolutions:
-            grouped.append(f"{name} ({type(base).__name__}, groups={base.groups})")
+            grouped.append(f"{name!r} ({type(base).__name__}, groups={base.groups})")
         else:
             unsupported.append((name, base))
     targets = f"{method} target_modules={config.target_modules!r}"
     if grouped:
         raise TargetModulesError(
             f"{targets} matched grouped/depthwise convolutions, {', '.join(grouped[:5])}{' ...' * (len(grouped) > 5)}"
-            f", which {method} cannot adapt (a grouped kernel is not one out x in matrix per kernel position): add "
-            "them to exclude_modules or narrow target_modules."
+            f", which {method} cannot adapt (it adapts groups=1 convolutions only: a grouped kernel is not one out x "
+            "in matrix per kernel position): add them to exclude_modules."
         )
     if unsupported:
         found = ", ".join(f"{n!r} ({type(m).__name__})" for n, m in unsupported[:5]) + " ..." * (len(unsupported) > 5)

@@ -63,7 +63,7 @@ class HyPSModel(MonaiFriendlyTunerMixin, BaseTuner):
     ) -> None:
         # Validate every match before PEFT starts replacing modules, so bad input never leaves a half-wrapped model.
         config = self.peft_config[adapter_name]
-        prepare_targets(model, config, self._rank_limit(config))  # PEFT calls it again: a no-op then
+        prepare_targets(model, config, self._rank_limit(config), check_partial=False)  # PEFT's call warns
         if state_dict is None:
             self._check_targets(model, self.peft_config[adapter_name])
         super().inject_adapter(

@@ -133,7 +133,7 @@ class TensorGroupTuner(MonaiFriendlyTunerMixin, BaseTuner):
         same adapter.
         """
         config = self.peft_config[adapter_name]
-        prepare_targets(model, config, self._rank_limit(config))  # PEFT calls it again: a no-op then
+        prepare_targets(model, config, self._rank_limit(config), check_partial=False)  # PEFT's call warns
         specs = self.plan(model, config)
         config.rank_cap = resolve_rank_cap(config)  # recorded: the saved config loads with the same ranks
         if not is_loading_adapter():
