@@ -106,7 +106,9 @@ def peft_config(arm: str, arm_cfg: dict, model_cfg: dict):
     decoder = dict(arm_cfg).get("decoder", "paper")
     kw = {k: v for k, v in dict(arm_cfg).items() if k not in _RESERVED}
     spec = methods().get(method)
-    preset = _Preset(model_cfg, arm, explicit_targets="target_modules" in kw)
+    # our methods' tuners take the preset themselves when target_modules is missing, and refuse a network without
+    # one naming layers that fit the rank: only PEFT's LoRA needs the preset's list here
+    preset = _Preset(model_cfg, arm, need_targets=spec is None and "target_modules" not in kw)
     if "modules_to_save" not in kw:
         kw["modules_to_save"] = preset.get("head" if full else decoder)["decoder"]
     if "target_modules" not in kw:
@@ -134,21 +136,22 @@ def peft_config(arm: str, arm_cfg: dict, model_cfg: dict):
 
 
 class _Preset:
-    """The network's preset per decoder set, read on first use only (a network without a preset fine-tunes with the
-    arm's own ``target_modules``, and then trains only the adapter unless ``modules_to_save`` says more)."""
+    """The network's preset per decoder set, read on first use only. A network without a preset fine-tunes with the
+    arm's own ``target_modules`` (then only the adapter trains unless ``modules_to_save`` says more); only an arm that
+    needs the preset's targets here (PEFT's LoRA without ``target_modules``) is refused."""
 
-    def __init__(self, model_cfg: dict, arm: str, explicit_targets: bool):
-        self.model_cfg, self.arm, self.explicit_targets, self._sets = model_cfg, arm, explicit_targets, {}
+    def __init__(self, model_cfg: dict, arm: str, need_targets: bool):
+        self.model_cfg, self.arm, self.need_targets, self._sets = model_cfg, arm, need_targets, {}
 
     def get(self, decoder: str) -> dict:
         if decoder not in self._sets:
             try:
                 self._sets[decoder] = defaults_for(self.model_cfg, decoder)
             except ValueError as exc:
-                if not self.explicit_targets or decoder not in DECODER_SETS:
+                if self.need_targets or decoder not in DECODER_SETS:
                     raise ValueError(f"arm {self.arm}: {exc} In a recipe config that is arm.target_modules.") from None
-                logger.warning("%s: only the adapter on arm.target_modules trains; set arm.modules_to_save to train "
-                               "more", exc)
+                logger.warning("%s has no preset: only the adapter trains; set arm.modules_to_save to train more",
+                               dict(self.model_cfg).get("_target_", dict(self.model_cfg).get("name")))
                 self._sets[decoder] = {"target_modules": [], "decoder": [], "backbone": ""}
         return self._sets[decoder]
 
