@@ -10,13 +10,12 @@ from packaging.version import InvalidVersion, Version
 
 from ..errors import AdapterLoadError, PeftTensorError
 from ..version import __version__
+from ._ranks import method_name
 
 
 @dataclass
 class PeftTensorConfigMixin:
     """Mixed into every peft_tensor ``PeftConfig`` subclass (before ``PeftConfig`` in the bases)."""
-
-    method_name = "peft_tensor"  # not a field: the method's name as the README writes it, set by each config class
 
     target_modules: Optional[Union[list[str], str]] = field(
         default=None,
@@ -102,7 +101,7 @@ class PeftTensorConfigMixin:
             self.target_modules = list(self.target_modules)
         if self.target_modules is not None and not self.target_modules:
             raise PeftTensorError(
-                f"{self.method_name} target_modules={self.target_modules!r} names no module: pass None for the "
+                f"{method_name(self)} target_modules={self.target_modules!r} names no module: pass None for the "
                 "network's preset (peft_tensor.preset_for) or the names of the layers to adapt."
             )
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:

@@ -17,9 +17,9 @@ from torch import nn
 from .._peft_compat import BaseTunerLayer, check_target_module_exists
 from ..errors import TargetModulesError
 from ._loading_context import is_loading_adapter
+from ._ranks import method_name, rank_of, resolve_rank_cap
 
-__all__ = ["CONV_TYPES", "PartialPresetWarning", "find_targets", "is_conv", "method_name", "prepare_targets",
-           "targets_from_preset"]
+__all__ = ["CONV_TYPES", "PartialPresetWarning", "find_targets", "is_conv", "prepare_targets", "targets_from_preset"]
 
 _SKIP_PARTS = {"base_layer", "modules_to_save", "original_module"}
 _LISTED = 8
@@ -33,11 +33,6 @@ class PartialPresetWarning(UserWarning):
 
 def is_conv(module: nn.Module) -> bool:
     return isinstance(module, CONV_TYPES)
-
-
-def method_name(config) -> str:
-    """The method's name as the README writes it (``tCURLoRA``, ``LoRA-PT``, ``HyPS``), for messages."""
-    return getattr(type(config), "method_name", None) or type(config).__name__.replace("Config", "")
 
 
 # -- default targets ------------------------------------------------------------------------------------------------
@@ -84,7 +79,7 @@ def _no_preset_message(model: nn.Module, config, rank_limit) -> str:
 
     layers = list(_layers(model))
     r = getattr(config, "r", None)
-    example = _suggest(layers, [n for n, m in layers if _adaptable(m, True)], rank_limit, r)
+    example = _suggest(layers, [n for n, m in layers if _adaptable(m, True)], config, rank_limit)
     return (f"{method_name(config)} has no default targets for {type(model).__name__} (presets exist for "
             f"{', '.join(PRESET_NETWORKS)}): pass target_modules naming the layers to adapt"
             + (f", e.g. target_modules={example}." if example else f"; none of its layers allows r={r}, so lower r."))
@@ -152,12 +147,18 @@ def _adaptable(module: nn.Module, convolutions: bool) -> bool:
     return isinstance(module, nn.Linear) or (convolutions and is_conv(module) and module.groups == 1)
 
 
-def _suggest(layers, candidates, rank_limit, r) -> list[str]:
-    """Suffixes naming exactly the ``candidates`` (names) that fit rank ``r``: each one works as a target."""
+def _fits(config, rank_limit, name: str, layer: nn.Module) -> bool:
+    """Whether ``layer`` takes the rank ``config`` gives it (``rank_pattern`` or ``r``), or ``rank_cap`` lowers it."""
+    return rank_limit is None or resolve_rank_cap(config) or rank_limit(layer) >= rank_of(config, name)
+
+
+def _suggest(layers, candidates, config, rank_limit) -> list[str]:
+    """Suffixes naming exactly the ``candidates`` (names) whose layers take the config's rank: each one works as a
+    target."""
     from ..networks.specs import distinct_suffixes
 
     kinds = dict(layers)
-    fitting = [n for n in candidates if rank_limit is None or r is None or rank_limit(kinds[n]) >= r]
+    fitting = [n for n in candidates if _fits(config, rank_limit, n, kinds[n])]
     return distinct_suffixes(fitting, [n for n, _ in layers])[:_LISTED]
 
 
@@ -196,7 +197,7 @@ def find_targets(model: nn.Module, config, *, convolutions: bool = True,
     if unsupported:
         found = ", ".join(f"{n!r} ({type(m).__name__})" for n, m in unsupported[:5]) + " ..." * (len(unsupported) > 5)
         inside = [n for n in adaptable if any(n.startswith(u + ".") for u, _ in unsupported)]
-        example = _suggest(layers, inside or adaptable, rank_limit, r)
+        example = _suggest(layers, inside or adaptable, config, rank_limit)
         raise TargetModulesError(
             f"{targets} matched {found}, which {method} cannot adapt (it adapts {what} layers only): "
             + (f"name the layers {'inside' if inside else 'to adapt'} instead, e.g. target_modules={example}, or add "
@@ -211,8 +212,8 @@ def find_targets(model: nn.Module, config, *, convolutions: bool = True,
                 f"{targets}: {type(model).__name__} has no {what} layer, so {method} has nothing to adapt; use it on "
                 "a network that has such layers.")
         filtered = " outside exclude_modules" if config.exclude_modules else ""
-        example = _suggest(layers, adaptable, rank_limit, r)
-        preset = _preset_fits(model, layers, rank_limit, r)
+        example = _suggest(layers, adaptable, config, rank_limit)
+        preset = _preset_fits(model, layers, config, rank_limit)
         raise TargetModulesError(
             f"{targets} matched no module of {type(model).__name__}{filtered}: "
             + (f"pass target_modules=None for {type(model).__name__}'s preset, or " if preset else "")
@@ -222,13 +223,18 @@ def find_targets(model: nn.Module, config, *, convolutions: bool = True,
     return matches
 
 
-def _preset_fits(model: nn.Module, layers, rank_limit, r) -> bool:
-    """Whether the network has a preset whose every layer allows rank ``r``."""
+def _preset_fits(model: nn.Module, layers, config, rank_limit) -> bool:
+    """Whether the network has a preset that the config would build with ``target_modules=None``: every layer takes
+    its rank, or ``rank_cap`` (as decided for a config whose targets came from the preset) lowers it."""
+    import copy
+
     from ..networks.specs import NetworkSpecError, preset_for
 
     try:
         preset = preset_for(model)
     except NetworkSpecError:
         return False
-    chosen = [m for n, m in layers if any(_suffix_match(n, e) for e in preset.target_modules)]
-    return rank_limit is None or r is None or all(rank_limit(m) >= r for m in chosen)
+    as_preset = copy.copy(config)
+    setattr(as_preset, _PRESET_MARK, (id(model), preset.backbone, True))
+    chosen = [(n, m) for n, m in layers if any(_suffix_match(n, e) for e in preset.target_modules)]
+    return all(_fits(as_preset, rank_limit, n, m) for n, m in chosen)

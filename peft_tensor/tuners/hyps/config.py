@@ -46,8 +46,6 @@ class HyPSConfig(PeftTensorConfigMixin, PeftConfig):
     "decoder2", "decoder3", "decoder4", "decoder5", "out.conv.conv"]``).
     """
 
-    method_name = "HyPS"  # not a field (no annotation): the name in messages
-
     r: int = field(
         default=2,
         metadata={

@@ -21,8 +21,6 @@ class LoraPTConfig(GroupingConfigMixin, PeftTensorConfigMixin, PeftConfig):
     ``core="diagonal"``); UNETR-B, paper grouping: 165,960 (r=1) ... 1,331,712 (r=8).
     """
 
-    method_name = "LoRA-PT"  # not a field (no annotation): the name in messages
-
     r: int = field(default=8, metadata={"help": "Tubal rank of the trainable principal part."})
     core: str = field(
         default="full",

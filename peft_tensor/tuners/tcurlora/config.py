@@ -33,8 +33,6 @@ class TCURLoraConfig(GroupingConfigMixin, PeftTensorConfigMixin, PeftConfig):
                                 grouping="paper", modules_to_save=["decoder2", "out.conv.conv"])
     """
 
-    method_name = "tCURLoRA"  # not a field (no annotation): the name in messages
-
     r: int = field(default=8, metadata={"help": "CUR rank: columns and rows kept per group (paper default 8)."})
     core_scale: Optional[Union[str, float]] = field(
         default=None,
