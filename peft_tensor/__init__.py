@@ -27,10 +27,12 @@ __all__ = [
     "load_network",
     "LoadReport",
     "export_bundle",
+    "preset_for",
 ]
 
-# networks in and out (peft_tensor.networks), imported on first use: `import peft_tensor` stays light
-_NETWORK_EXPORTS = ("load_network", "LoadReport", "export_bundle")
+# networks in and out, and their default targets (peft_tensor.networks), imported on first use: `import peft_tensor`
+# stays light
+_NETWORK_EXPORTS = ("load_network", "LoadReport", "export_bundle", "preset_for")
 
 
 def __getattr__(name: str):

@@ -30,10 +30,14 @@ default fields and target modules per backbone from the method's registry entry
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ..registry import methods
-from .models import HEAD, build_model, defaults_for
+from .models import DECODER_SETS, build_model, defaults_for
+
+logger = logging.getLogger(__name__)
 
 PEFT_BASELINES = ("lora", "pissa")  # PEFT's own LoRA, plain and with PiSSA initialisation
 FULL_SUFFIX = "_full"
@@ -68,14 +72,18 @@ def set_trainable(model: torch.nn.Module, patterns) -> None:
 
 def decoder_conv_targets(model_cfg: dict, decoder: str = "paper", transposed: bool = True) -> list[str]:
     """Full names of the convolutions inside the backbone's decoder set (``paper`` or ``wide``, see
-    :func:`~peft_tensor.training.models.defaults_for`), the 1x1x1 head excluded, in module order. Read from the
-    backbone built on the meta device (no memory, no weights). ``transposed=False`` leaves out ConvTranspose layers
-    (PEFT LoRA cannot adapt them)."""
+    :func:`~peft_tensor.training.models.defaults_for`), the output head (the ``head`` set) excluded, in module order.
+    Read from the backbone built on the meta device (no memory, no weights). ``transposed=False`` leaves out
+    ConvTranspose layers (PEFT LoRA cannot adapt them). A CNN's preset already targets its convolutions and its
+    decoder set is its head: none."""
     if decoder == "head":
         raise ValueError("a _full arm adapts the decoder's convolutions; decoder: head would leave none. Use "
                          "decoder: paper (default) or wide.")
     d = defaults_for(model_cfg, decoder)
-    blocks = [m for m in d["decoder"] if m not in HEAD]
+    head = defaults_for(model_cfg, "head")["decoder"]
+    blocks = [m for m in d["decoder"] if m not in head]
+    if not blocks:
+        return []
     kinds = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
     if transposed:
         kinds += (torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
@@ -87,21 +95,30 @@ def decoder_conv_targets(model_cfg: dict, decoder: str = "paper", transposed: bo
 
 
 def peft_config(arm: str, arm_cfg: dict, model_cfg: dict):
-    """The PEFT config object of a PEFT arm (fields from ``arm_cfg``; targets / decoder default per backbone)."""
+    """The PEFT config object of a PEFT arm. The arm's own fields come first (``target_modules``,
+    ``modules_to_save``, the method's options); the network's preset (:func:`~.models.defaults_for`) fills only what
+    is missing. An arm of one of our methods without ``target_modules`` leaves them to the tuner, which takes the
+    preset (``target_modules=None``): that works for any network with a preset, CNNs included; a ``_full`` arm names
+    the preset's targets plus the decoder's convolutions."""
     arm = canonical_arm(arm)
     full = arm.endswith(FULL_SUFFIX)
     method = arm[: -len(FULL_SUFFIX)] if full else arm
     decoder = dict(arm_cfg).get("decoder", "paper")
-    d = defaults_for(model_cfg, "paper" if full else decoder)
     kw = {k: v for k, v in dict(arm_cfg).items() if k not in _RESERVED}
-    kw.setdefault("modules_to_save", list(HEAD if full else d["decoder"]))
     spec = methods().get(method)
-    convs = decoder_conv_targets(model_cfg, decoder, transposed=spec is not None) if full else []
+    # our methods' tuners take the preset themselves when target_modules is missing, and refuse a network without
+    # one naming layers that fit the rank: only PEFT's LoRA needs the preset's list here
+    preset = _Preset(model_cfg, arm, need_targets=spec is None and "target_modules" not in kw)
+    if "modules_to_save" not in kw:
+        kw["modules_to_save"] = preset.get("head" if full else decoder)["decoder"]
+    if "target_modules" not in kw:
+        own = spec.targets.get(preset.get("paper")["backbone"]) if spec is not None and spec.targets else None
+        if full or own or spec is None:  # a list to name; PEFT's LoRA has no MONAI presets
+            convs = decoder_conv_targets(model_cfg, decoder, transposed=spec is not None) if full else []
+            kw["target_modules"] = list(own or preset.get("paper")["target_modules"]) + convs
     if spec is not None:
-        kw.setdefault("target_modules", list(spec.targets.get(d["backbone"]) or d["target_modules"]) + convs)
         defaults = spec.arm_defaults if not full or spec.full_arm_defaults is None else spec.full_arm_defaults
         return spec.config_cls(**{**defaults, **kw})
-    kw.setdefault("target_modules", list(d["target_modules"]) + convs)
     from peft import LoraConfig
 
     if full:
@@ -118,21 +135,42 @@ def peft_config(arm: str, arm_cfg: dict, model_cfg: dict):
     return LoraConfig(**kw)
 
 
+class _Preset:
+    """The network's preset per decoder set, read on first use only. A network without a preset fine-tunes with the
+    arm's own ``target_modules`` (then only the adapter trains unless ``modules_to_save`` says more); only an arm that
+    needs the preset's targets here (PEFT's LoRA without ``target_modules``) is refused."""
+
+    def __init__(self, model_cfg: dict, arm: str, need_targets: bool):
+        self.model_cfg, self.arm, self.need_targets, self._sets = model_cfg, arm, need_targets, {}
+
+    def get(self, decoder: str) -> dict:
+        if decoder not in self._sets:
+            try:
+                self._sets[decoder] = defaults_for(self.model_cfg, decoder)
+            except ValueError as exc:
+                if self.need_targets or decoder not in DECODER_SETS:
+                    raise ValueError(f"arm {self.arm}: {exc} In a recipe config that is arm.target_modules.") from None
+                logger.warning("%s has no preset: only the adapter trains; set arm.modules_to_save to train more",
+                               dict(self.model_cfg).get("_target_", dict(self.model_cfg).get("name")))
+                self._sets[decoder] = {"target_modules": [], "decoder": [], "backbone": ""}
+        return self._sets[decoder]
+
+
 def apply_arm(model: torch.nn.Module, arm_cfg: dict | str, model_cfg: dict) -> torch.nn.Module:
     """Return the model prepared for ``arm_cfg["name"]``: a ``PeftModel`` for PEFT arms, ``model`` itself with the
     right ``requires_grad`` flags otherwise."""
     if isinstance(arm_cfg, str):
         arm_cfg = {"name": arm_cfg}
     arm = canonical_arm(arm_cfg.get("name", "full"))
-    d = defaults_for(model_cfg, arm_cfg.get("decoder", "paper"))
     if arm == "full":
         model.requires_grad_(True)
         return model
-    if arm == "decoder_only":
-        set_trainable(model, arm_cfg.get("modules_to_save", d["decoder"]))
-        return model
-    if arm == "frozen":
-        set_trainable(model, arm_cfg.get("modules_to_save", HEAD))
+    if arm in ("decoder_only", "frozen"):
+        if "modules_to_save" in arm_cfg:
+            set_trainable(model, arm_cfg["modules_to_save"])
+        else:
+            decoder = arm_cfg.get("decoder", "paper") if arm == "decoder_only" else "head"
+            set_trainable(model, defaults_for(model_cfg, decoder)["decoder"])
         return model
     from peft import get_peft_model
 

@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 from ..networks import specs as _specs
-from ..registry import SWINUNETR_TARGETS, UNETR_TARGETS
 
 logger = logging.getLogger(__name__)
 
@@ -78,31 +77,31 @@ def build_model(cfg: dict) -> torch.nn.Module:
 
 
 def defaults_for(cfg: dict, decoder: str = "paper") -> dict:
-    """Targets and the modules trained beside the adapter for the backbone of ``cfg``. ``decoder``: ``"paper"``
-    (the papers' decoder + head, the default), ``"wide"`` (also the convolutional skip encoders) or ``"head"`` (the
-    1x1x1 output head only: the adapter alone). ``_target_`` configs use the presets of
-    :func:`peft_tensor.networks.specs.preset_for` (UNETR, SwinUNETR v1/v2, ViT, ViTAutoEnc; other classes: targets
-    found by name, no decoder set -- set ``arm.modules_to_save``). Also returns ``backbone``, the preset's short
-    name."""
+    """Targets and the modules trained beside the adapter for the backbone of ``cfg``: the network's preset
+    (:func:`peft_tensor.preset_for`: UNETR, SwinUNETR v1/v2, ViT, ViTAutoEnc, and the CNNs SegResNet, UNet, DynUNet,
+    BasicUNet, AttentionUnet; other classes: Linear targets found by name, no decoder set -- set
+    ``arm.modules_to_save``). ``decoder``: ``"paper"`` (the papers' decoder + head, the default), ``"wide"`` (also the
+    convolutional skip encoders) or ``"head"`` (the output head only: the adapter alone). Also returns ``backbone``,
+    the preset's short name.
+
+    Raises:
+        ValueError: a class without a preset whose targets cannot be found by name (the message names layers that
+            ``target_modules`` can take).
+    """
     if decoder not in DECODER_SETS:
         raise ValueError(f"unknown decoder set {decoder!r}: use one of {', '.join(DECODER_SETS)}")
-    if "_target_" in dict(cfg):
-        class_path, kwargs = model_kwargs(cfg)
-        try:
-            preset = _specs.preset_for(class_path, kwargs)
-        except _specs.NetworkSpecError as exc:
-            raise ValueError(str(exc)) from None
-        if not preset.decoder:
-            logger.warning("no decoder preset for %s: only the adapter trains unless arm.modules_to_save is set",
-                           class_path)
-        return {"target_modules": list(preset.target_modules), "decoder": preset.decoder_set(decoder),
-                "backbone": preset.backbone}
-    name = str(dict(cfg).get("name", "unetr")).lower()
-    swin = name == "swinunetr"
-    sets = {"paper": SWIN_DECODER if swin else UNETR_DECODER,
-            "wide": SWIN_DECODER_WIDE if swin else UNETR_DECODER_WIDE, "head": HEAD}
-    return {"target_modules": list(SWINUNETR_TARGETS if swin else UNETR_TARGETS), "decoder": list(sets[decoder]),
-            "backbone": "swinunetr" if swin else "unetr"}
+    class_path, kwargs = model_kwargs(cfg)
+    if "_target_" not in dict(cfg):
+        class_path = _specs.NETWORK_ALIASES[class_path]
+    try:
+        preset = _specs.preset_for(class_path, kwargs)
+    except _specs.NetworkSpecError as exc:
+        raise ValueError(str(exc)) from None
+    if not preset.decoder_set(decoder) and decoder != "head":
+        logger.warning("no decoder preset for %s: only the adapter trains unless arm.modules_to_save is set",
+                       class_path)
+    return {"target_modules": list(preset.target_modules), "decoder": preset.decoder_set(decoder),
+            "backbone": preset.backbone}
 
 
 def save_backbone(model: torch.nn.Module, cfg: dict, folder: str | os.PathLike, extra: dict | None = None) -> Path:

@@ -10,6 +10,7 @@ from packaging.version import InvalidVersion, Version
 
 from ..errors import AdapterLoadError, PeftTensorError
 from ..version import __version__
+from ._ranks import method_name
 
 
 @dataclass
@@ -21,8 +22,10 @@ class PeftTensorConfigMixin:
         metadata={
             "help": "Names (suffix match) or a regex (full match) of the modules to adapt: nn.Linear and, for "
             "every method (tCURLoRA, LoRA-PT, HyPS), convolutions (Conv1d/2d/3d, ConvTranspose1d/2d/3d, groups=1). "
-            "MONAI networks have no default: name them, e.g. ['attn.qkv', 'attn.out_proj', 'mlp.linear1', "
-            "'mlp.linear2'] for UNETR."
+            "None (default): the network's preset, filled in by get_peft_model (peft_tensor.preset_for: UNETR, "
+            "SwinUNETR v1/v2, ViT, ViTAutoEnc, SegResNet, UNet, DynUNet, BasicUNet, AttentionUnet), e.g. "
+            "['attn.qkv', 'attn.out_proj', 'mlp.linear1', 'mlp.linear2'] for UNETR. A list that covers only part of "
+            "a known network's preset warns."
         },
     )
     exclude_modules: Optional[Union[list[str], str]] = field(
@@ -94,12 +97,12 @@ class PeftTensorConfigMixin:
                     f"This adapter was written by peft_tensor {written}, newer than the installed {installed}. "
                     f"Upgrade with `pip install -U 'peft-tensor>={written}'`."
                 )
-        if isinstance(self.target_modules, list):
+        if isinstance(self.target_modules, (list, tuple, set)):
             self.target_modules = list(self.target_modules)
-        if not self.target_modules:
+        if self.target_modules is not None and not self.target_modules:
             raise PeftTensorError(
-                f"{type(self).__name__} needs target_modules: MONAI networks have no default target set. "
-                "For UNETR use ['attn.qkv', 'attn.out_proj', 'mlp.linear1', 'mlp.linear2']."
+                f"{method_name(self)} target_modules={self.target_modules!r} names no module: pass None for the "
+                "network's preset (peft_tensor.preset_for) or the names of the layers to adapt."
             )
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise PeftTensorError(f"r must be a positive integer, got {self.r!r}.")

@@ -11,19 +11,10 @@ from peft_tensor.networks import NetworkSpecError, preset_for, spec_of
 from peft_tensor.networks.specs import DECODER_SETS, resolve_class_path
 from peft_tensor.training.models import build_model, defaults_for, load_backbone, model_kwargs
 
-from ._nets import SWIN, UNETR, build, same_tensors, swin_kwargs, unetr_kwargs
+from ._nets import NETS, SWIN, UNETR, VIT_KW, build, expected_targets, same_tensors, swin_kwargs, unetr_kwargs
 
 VIT = "monai.networks.nets.ViT"
-VIT_KW = dict(in_channels=1, img_size=[16, 16, 16], patch_size=[8, 8, 8], hidden_size=96, mlp_dim=192, num_layers=2,
-              num_heads=4)
-CASES = {
-    "unetr": (UNETR, unetr_kwargs()),
-    "swinunetr": (SWIN, swin_kwargs()),
-    "swinunetr_v2": (SWIN, swin_kwargs(use_v2=True)),
-    "vit": (VIT, VIT_KW),
-    "vit_classifier": (VIT, {**VIT_KW, "classification": True, "num_classes": 3}),
-    "vitautoenc": ("monai.networks.nets.ViTAutoEnc", {**VIT_KW, "patch_size": [4, 4, 4]}),
-}
+CASES = {**NETS, "vit": (VIT, VIT_KW)}  # NETS' ViT is the classifier
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -36,10 +27,11 @@ def test_presets_name_real_layers(case):
     net = build(class_path, kwargs)
     preset = preset_for(class_path, kwargs)
     modules = dict(net.named_modules())
-    linear = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
-    for target in preset.target_modules:  # every target is a Linear layer of this network
-        hits = [n for n in modules if _matches(n, target)]
-        assert hits and all(n in linear for n in hits), (target, hits)
+    expected = expected_targets(case if case in NETS else "vit", net)  # transformer Linears / k>1 convolutions
+    hits = {n for n in modules for target in preset.target_modules if _matches(n, target)}
+    assert hits == expected
+    for target in preset.target_modules:  # each entry names layers, only adaptable ones
+        assert any(_matches(n, target) for n in modules), target
     for name in DECODER_SETS:
         for module in preset.decoder_set(name):
             assert module in modules, (name, module)
@@ -77,9 +69,10 @@ def test_unknown_classes_get_targets_by_name_or_a_pointer_to_conv_targets():
         assert preset.target_modules == ("attn.qkv", "mlp.linear1") and preset.decoder_set("paper") == []
     finally:
         del sys.modules["tests_networks_custom"]
-    with pytest.raises(NetworkSpecError, match="adapt its convolutions too.*<method>_full"):
-        preset_for("monai.networks.nets.BasicUNet", {"spatial_dims": 3, "in_channels": 1, "out_channels": 2,
-                                                     "features": [4, 4, 8, 8, 16, 4]})
+    with pytest.raises(NetworkSpecError, match=r"SegResNetDS has no target preset \(presets: UNETR, .*\): pass "
+                       r"target_modules naming the layers to adapt, e.g. \['encoder.conv_init', 'blocks.0.conv1'"):
+        preset_for("monai.networks.nets.SegResNetDS", {"spatial_dims": 3, "in_channels": 1, "out_channels": 2,
+                                                       "init_filters": 8, "blocks_down": [1, 1]})
 
 
 def test_build_model_by_target(tmp_path):

@@ -176,13 +176,16 @@ def test_kernel_layout_is_the_kernel_positions_and_the_layer_is_conv_of_w_plus_d
 
 def test_grouped_convolutions_and_other_layer_types_are_refused_clearly():
     model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.BatchNorm2d(4))
-    with pytest.raises(TargetModulesError, match=r"groups=2.*Only groups=1 is supported.*exclude_modules"):
+    match = r"'0' \(Conv2d, groups=2\).*groups=1 convolutions only.*add them to exclude_modules"
+    with pytest.raises(TargetModulesError, match=match):
         get_peft_model(model, TCURLoraConfig(r=1, target_modules=["0"]))
-    with pytest.raises(TargetModulesError, match=r"nn.Linear and convolution .* layers only.*1 \(BatchNorm2d\)"):
+    match = r"matched '1' \(BatchNorm2d\), which LoRA-PT cannot adapt .* e.g. target_modules=\['0'\]"
+    with pytest.raises(TargetModulesError, match=match):
         get_peft_model(nn.Sequential(nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)),
                        LoraPTConfig(r=1, target_modules=["0", "1"]))
-    # nothing matched in a CNN: the convolutions are listed
-    with pytest.raises(TargetModulesError, match=r"matched no module.*Its convolutions end in: .*'conv_0.conv'"):
+    # nothing matched in a CNN: the preset and convolutions that fit r=1 are named
+    with pytest.raises(TargetModulesError, match=r"matched no module of BasicUNet: pass target_modules=None for "
+                       r"BasicUNet's preset, or name its layers .* e.g. target_modules=\['conv_0.conv'"):
         get_peft_model(basic_unet(), TCURLoraConfig(r=1, target_modules=["attn.qkv"]))
 
 

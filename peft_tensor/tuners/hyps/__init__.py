@@ -15,5 +15,4 @@ __all__ = ["CONV_TYPES", "Conv", "HyPSConfig", "HyPSLayer", "HyPSModel", "Linear
 
 register("hyps", peft_type="HYPS", config_cls=HyPSConfig, model_cls=HyPSModel, prefix="hyps_",
          summary="HyPS: parallel principal-SVD + serial bottleneck adapters (SwinUNETR)", paper="arXiv 2409.00884",
-         targets={"swinunetr": SWINUNETR_HYPS_TARGETS},
          lr=0.1)  # the factors' rate from the learning-rate sweep (docs/methods.md, "Learning rates")

@@ -13,7 +13,7 @@ from ...errors import MergeError, TargetModulesError
 from .._loading_context import is_loading_adapter
 from .._mixed_batch import mixed_batch_hooks
 from .._ranks import cap_warning, rank_of, resolve_rank_cap, resolve_ranks
-from .._targets import find_targets
+from .._targets import find_targets, prepare_targets
 from .._weighted import check_weighted_adapter_args
 from .config import HyPSConfig
 from .layer import CONV_TYPES, Conv, HyPSLayer, Linear, describe_matrix, matrix_shape, serial_merge_message
@@ -24,9 +24,10 @@ class HyPSModel(MonaiFriendlyTunerMixin, BaseTuner):
     """Hybrid parallel + serial adaptation (HyPS, arXiv 2409.00884) of every targeted ``nn.Linear`` and ``groups=1``
     convolution (``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d``; see [`Conv`] for the kernel's matricisation).
 
-    See [`HyPSConfig`] for the maths. There are no default targets (MONAI networks have no PEFT model-type mapping):
-    pass ``target_modules``, e.g. [`SWINUNETR_HYPS_TARGETS`] for SwinUNETR or
-    ``["attn.qkv", "attn.out_proj", "mlp.linear1", "mlp.linear2"]`` for UNETR.
+    See [`HyPSConfig`] for the maths. ``target_modules=None`` takes the network's preset
+    (:func:`peft_tensor.preset_for`): [`SWINUNETR_HYPS_TARGETS`] on SwinUNETR (the paper's set), the transformer
+    blocks' Linear layers on UNETR / ViT, every convolution with a kernel larger than 1 on the CNNs (SegResNet, UNet,
+    DynUNet, BasicUNet, AttentionUnet; docs/convolutions.md).
 
     Merging: only the parallel branch is mergeable (exactly, ``W += A B - A0 B0``). Merging an adapter that has a
     serial branch raises [`MergeError`] before any weight changes; with ``serial=False``, ``merge_and_unload()``
@@ -43,13 +44,14 @@ class HyPSModel(MonaiFriendlyTunerMixin, BaseTuner):
     # ------------------------------------------------------------------------------------------------- injection
 
     def _prepare_adapter_config(self, peft_config: HyPSConfig, model_config: dict) -> HyPSConfig:
-        if not peft_config.target_modules:
-            raise TargetModulesError(
-                "HyPS needs target_modules (there is no default target set for this model). For SwinUNETR use "
-                "SWINUNETR_HYPS_TARGETS = ['attn.qkv', 'attn.proj', 'mlp.linear1', 'mlp.linear2', "
-                "'downsample.reduction']."
-            )
-        return peft_config
+        """``target_modules=None``: the network's preset (:func:`~.._targets.prepare_targets`), where PEFT fills
+        LoRA's defaults for transformers models."""
+        return prepare_targets(self.model, peft_config, self._rank_limit(peft_config))
+
+    @staticmethod
+    def _rank_limit(config: HyPSConfig):
+        """The largest r of a layer's parallel branch (``None``: no parallel branch, any r)."""
+        return (lambda layer: min(matrix_shape(layer))) if config.parallel else None
 
     def inject_adapter(
         self,
@@ -60,6 +62,8 @@ class HyPSModel(MonaiFriendlyTunerMixin, BaseTuner):
         state_dict: Optional[dict[str, torch.Tensor]] = None,
     ) -> None:
         # Validate every match before PEFT starts replacing modules, so bad input never leaves a half-wrapped model.
+        config = self.peft_config[adapter_name]
+        prepare_targets(model, config, self._rank_limit(config), check_partial=False)  # PEFT's call warns
         if state_dict is None:
             self._check_targets(model, self.peft_config[adapter_name])
         super().inject_adapter(
@@ -74,7 +78,7 @@ class HyPSModel(MonaiFriendlyTunerMixin, BaseTuner):
         """Every layer's rank (``r``, ``rank_pattern``, ``rank_cap``) fits its matrix, else a RankError; with
         ``rank_cap=True`` one warning names the layers whose rank was lowered."""
         units = []
-        for name, base in find_targets(model, config):
+        for name, base in find_targets(model, config, rank_limit=self._rank_limit(config)):
             rows, cols = matrix_shape(base)  # (out, in) for a Linear
             units.append((name, [name], min(rows, cols), f"the {describe_matrix(base)} {name!r} ({rows} x {cols})",
                           ""))

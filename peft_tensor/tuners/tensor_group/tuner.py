@@ -15,7 +15,7 @@ from ...errors import TargetModulesError
 from .._loading_context import is_loading_adapter, loading_adapter
 from .._mixed_batch import mixed_batch_hooks
 from .._ranks import RankPlan, cap_warning, resolve_rank_cap, resolve_ranks
-from .._targets import find_targets
+from .._targets import find_targets, prepare_targets
 from .._weighted import check_weighted_adapter_args
 from ..grouping import GroupSpec, matrix_shape, plan_groups
 from .state import ForwardScope, SliceAssignment, TensorGroup, _refuse_incomplete_adapter_load
@@ -84,11 +84,22 @@ class TensorGroupTuner(MonaiFriendlyTunerMixin, BaseTuner):
         return self._groups()[adapter_name]
 
     # -- target discovery and validation (before the model is touched) ----------------------------------------
+    def _prepare_adapter_config(self, peft_config, model_config: dict):
+        """``target_modules=None``: the network's preset (:func:`~.._targets.prepare_targets`), where PEFT fills
+        LoRA's defaults for transformers models."""
+        return prepare_targets(self.model, peft_config, self._rank_limit(peft_config))
+
     @staticmethod
-    def find_targets(model: nn.Module, config) -> list[tuple[str, nn.Module]]:
+    def _rank_limit(config):
+        """The largest r a layer allows as its own group (the one-layer case of ``min(n1, n2)``)."""
+        layout = getattr(config, "conv_layout", None) or "kernel"
+        return lambda layer: min(matrix_shape(layer, layout)[1:])
+
+    @classmethod
+    def find_targets(cls, model: nn.Module, config) -> list[tuple[str, nn.Module]]:
         """Matched ``(name, base layer)`` (``nn.Linear`` or a ``groups=1`` convolution) in module order; raises a
         clear error on nothing/unsupported."""
-        return find_targets(model, config, convolutions=True)
+        return find_targets(model, config, convolutions=True, rank_limit=cls._rank_limit(config))
 
     @classmethod
     def plan(cls, model: nn.Module, config) -> list[GroupSpec]:
@@ -122,6 +133,7 @@ class TensorGroupTuner(MonaiFriendlyTunerMixin, BaseTuner):
         same adapter.
         """
         config = self.peft_config[adapter_name]
+        prepare_targets(model, config, self._rank_limit(config), check_partial=False)  # PEFT's call warns
         specs = self.plan(model, config)
         config.rank_cap = resolve_rank_cap(config)  # recorded: the saved config loads with the same ranks
         if not is_loading_adapter():

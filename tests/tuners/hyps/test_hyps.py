@@ -77,7 +77,7 @@ def test_config_defaults_registration_and_round_trip(tmp_path):
         (dict(r=0), "r must be a positive integer"),
         (dict(dropout=1.0), r"dropout must be a probability in \[0, 1\)"),
         (dict(scale=float("nan")), "scale must be a finite number"),
-        (dict(target_modules=None), "needs target_modules"),
+        (dict(target_modules=[]), "names no module"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, match):
@@ -524,7 +524,7 @@ def test_targets_matching_nothing_list_available_linear_layers():
     with pytest.raises(TargetModulesError, match=r"matched no module of TinyMLP.*'lin0', 'lin1'.*'head'"):
         get_peft_model(model, HyPSConfig(target_modules=["attn.qkv"]))
     assert not hyps_layers(model)
-    expected = "matched no module of UNETR.*Linear layers end in: .*'attn.qkv'"
+    expected = "matched no module of UNETR: pass target_modules=None for UNETR's preset, or name its layers.*'attn.qkv"
     with pytest.raises(TargetModulesError, match=expected) as err:
         get_peft_model(tiny_unetr(), HyPSConfig(target_modules=["q_proj"]))
     assert "'mlp.linear1'" in str(err.value) and "'attn.out_proj'" in str(err.value)
@@ -540,10 +540,10 @@ def test_unsupported_target_is_refused_by_name_and_type():
             self.mlp = nn.Linear(4, 4)
 
     model = WithNorm()
-    match = r"adapts nn.Linear and convolution .* only.*matched norm \(LayerNorm\).*Narrow target_modules"
+    match = r"matched 'norm' \(LayerNorm\), which HyPS cannot adapt .*: name the layers to adapt instead, e.g."
     with pytest.raises(TargetModulesError, match=match):
         get_peft_model(model, HyPSConfig(target_modules=["proj", "norm", "mlp"]))
-    with pytest.raises(TargetModulesError, match=r"dw \(Conv3d, groups=4\).*groups=1.*exclude_modules"):
+    with pytest.raises(TargetModulesError, match=r"'dw' \(Conv3d, groups=4\).*groups=1.*exclude_modules"):
         get_peft_model(model, HyPSConfig(target_modules=["proj", "dw"]))
     assert not hyps_layers(model), "a refused config must leave the model untouched"
 

@@ -150,7 +150,7 @@ def test_rank_error_names_the_kernel_matricisation():
 
 def test_grouped_convolution_is_refused_by_name():
     model = nn.ModuleDict({"dw": nn.Conv3d(4, 4, 3, groups=4), "pw": nn.Conv3d(4, 4, 1)})
-    with pytest.raises(TargetModulesError, match=r"dw \(Conv3d, groups=4\).*exclude_modules"):
+    with pytest.raises(TargetModulesError, match=r"'dw' \(Conv3d, groups=4\).*exclude_modules"):
         get_peft_model(model, HyPSConfig(target_modules=["dw", "pw"]))
     assert not hyps_layers(model)
     with pytest.raises(TypeError, match="groups=1 only"):
