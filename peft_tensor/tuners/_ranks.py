@@ -36,7 +36,12 @@ def method_name(config) -> str:
 def resolve_rank_cap(config) -> bool:
     """Whether ranks above a group's (layer's) bound are capped (True) or refused (False): the one place where
     ``rank_cap=None`` is decided. The tuners store the result in the config (so a saved adapter records it and loads
-    with the same ranks)."""
+    with the same ranks). ``None`` caps exactly when the targets came from a whole-network preset
+    (``target_modules=None``): a preset names thin layers (a 1-channel input convolution) that no single r fits."""
+    if config.rank_cap is None:
+        from ._targets import targets_from_preset
+
+        return targets_from_preset(config)
     return bool(config.rank_cap)
 
 

@@ -25,7 +25,7 @@ UNETR_LIST = ["attn.qkv", "attn.out_proj", "mlp.linear1", "mlp.linear2"]
 # r=1 for the tensor methods: a CNN's preset includes its 1-channel input convolution (r <= 1 as one out x in slice
 # per kernel position) until per-group rank caps exist; HyPS at its default r=2 (the input convolution is 8 x 27).
 # tCURLoRA and LoRA-PT share their tuner: each takes every other network, HyPS takes all.
-TENSOR = (lambda: TCURLoraConfig(r=1), lambda: LoraPTConfig(r=1))
+TENSOR = (TCURLoraConfig, LoraPTConfig)  # at their default r: rank_cap=None caps a preset's thin layers
 
 
 @functools.cache
@@ -95,17 +95,20 @@ def test_a_partial_target_list_warns_with_the_preset_entries_it_leaves_out(tmp_p
 
 
 def test_no_match_in_a_cnn_says_what_to_pass_and_every_suggestion_works():
-    for make, preset in ((lambda t: TCURLoraConfig(r=8, target_modules=t), False),  # convInit: r <= 1
-                         (lambda t: TCURLoraConfig(r=8, rank_cap=True, target_modules=t), True),  # ... capped
-                         (lambda t: TCURLoraConfig(r=1, target_modules=t), True),
-                         (lambda t: HyPSConfig(r=2, target_modules=t), True)):
+    # (config, the preset builds, convInit.conv fits): the preset caps its thin layers at rank_cap=None, an explicit
+    # list does not, so at r=8 the suggested list leaves out the 1-channel input convolution
+    for make, preset, thin in ((lambda t: TCURLoraConfig(r=8, target_modules=t), True, False),
+                               (lambda t: TCURLoraConfig(r=8, rank_cap=False, target_modules=t), False, False),
+                               (lambda t: TCURLoraConfig(r=8, rank_cap=True, target_modules=t), True, True),
+                               (lambda t: TCURLoraConfig(r=1, target_modules=t), True, True),
+                               (lambda t: HyPSConfig(r=2, target_modules=t), True, True)):
         with pytest.raises(TargetModulesError) as err:
             get_peft_model(fresh("segresnet"), make(["attn.qkv"]))
         message = str(err.value)
         assert "matched no module of SegResNet: " in message
         assert ("pass target_modules=None for SegResNet's preset" in message) is preset
         suggested = eval(message.split("e.g. target_modules=")[1].rstrip("."))  # a Python list literal
-        assert suggested and ("convInit.conv" in suggested) is preset
+        assert suggested and ("convInit.conv" in suggested) is thin
         get_peft_model(fresh("segresnet"), make(suggested))  # ... and that list works
         if preset:
             get_peft_model(fresh("segresnet"), make(None))
@@ -172,3 +175,23 @@ def test_cnn_defaults_train_and_merge_exactly_at_the_rank_they_allow():
         after = model(x)
         assert not torch.equal(after, before)
         torch.testing.assert_close(model.merge_and_unload()(x), after, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("config_cls", [TCURLoraConfig, LoraPTConfig])
+def test_cnn_preset_at_default_rank_caps_thin_layers_and_records_it(config_cls, tmp_path):
+    """A CNN's preset names its 1-channel input convolution, which no r=8 group fits: with target_modules=None the
+    default rank_cap=None caps it (one warning naming it), the saved config records rank_cap=True, and the same
+    explicit list without rank_cap is refused with the way out."""
+    import json
+
+    from peft_tensor.errors import RankError
+
+    with pytest.warns(UserWarning, match="convInit.conv") as record:
+        model = get_peft_model(fresh("segresnet"), config_cls())
+    assert sum("capped" in str(w.message) or "cap" in str(w.message) for w in record) >= 1
+    assert model.peft_config["default"].rank_cap is True
+    model.save_pretrained(tmp_path / "a")
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["rank_cap"] is True
+    explicit = list(model.peft_config["default"].target_modules)
+    with pytest.raises(RankError, match="rank_cap=True"):
+        get_peft_model(fresh("segresnet"), config_cls(target_modules=explicit))
