@@ -43,7 +43,7 @@ SECTIONS = [
     ("ViT blocks (`vit_blocks.py`)", "vit_blocks_", "vit_blocks.py"),
     ("Matmul bound of the exact schemes (`flop_bound.py`)", "flop_bound_", "flop_bound.py"),
     ("Adapter set-up time (`setup_time.py`)", "setup_time_", "setup_time.py"),
-    ("Whole-network adapter sizes (`adapter_sizes.py`)", "adapter_sizes_", "adapter_sizes.py"),
+    ("Adapter sizes, default presets and whole networks (`adapter_sizes.py`)", "adapter_sizes_", "adapter_sizes.py"),
     ("Few-shot accuracy (`fewshot.py`)", "fewshot_", "fewshot.py"),
     ("Adapter-only learning-rate sweep (`lr_sweep.py`)", "lr_sweep_", "lr_sweep.py"),
     ("Loader throughput (`loader_throughput.py`)", "loader_", "loader_throughput.py"),
