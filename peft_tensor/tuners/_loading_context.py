@@ -1,13 +1,19 @@
 """Deferred initialisation as an explicit context: the adapter being built is about to be filled from a file.
 
 A tensor-group adapter (tCURLoRA, LoRA-PT) is normally initialised by a decomposition of the base weights (tensor
-CUR, t-SVD). When the adapter is loaded, that decomposition would be wasted work (the file holds the result), so the
-loaders enter :func:`loading_adapter` around the whole load. While it is active:
+CUR, t-SVD), a HyPS adapter by the top-r SVD of each targeted weight. When the adapter is loaded, that decomposition
+would be wasted work (the file holds the result), so the loaders enter :func:`loading_adapter` around the whole load.
+While it is active:
 
 * ``TensorGroupTuner.inject_adapter`` builds the new adapter's groups *empty* (``deferred``), to be filled by the
   state dict that follows (a deferred group used before anything was loaded into it decomposes then, once);
 * a deferred group's ``state_dict()`` returns its empty tensors without decomposing (PEFT's
-  ``set_peft_model_state_dict`` reads ``model.state_dict()`` for its keys just before loading into it).
+  ``set_peft_model_state_dict`` reads ``model.state_dict()`` for its keys just before loading into it);
+* HyPS layers build the new adapter's factors empty in the same way (no SVD of the base weights), to be filled by the
+  state dict (see :class:`peft_tensor.tuners.hyps.HyPSLayer`).
+
+The same deferral applies inside PEFT's ``init_empty_weights`` (``low_cpu_mem_usage=True``; see
+:func:`inside_init_empty_weights`), where the adapter's parameters land on the meta device for a file to fill.
 
 Who enters it: ``peft_tensor.from_pretrained`` / ``load_adapter_checked``, ``peft_tensor.hub.load_pretrained``,
 ``PeftModel.from_pretrained`` / ``PeftModel.load_adapter`` (wrapped once at import by
@@ -24,7 +30,10 @@ import contextlib
 import contextvars
 from typing import Iterator
 
-__all__ = ["is_loading_adapter", "loading_adapter"]
+import torch
+from torch import nn
+
+__all__ = ["inside_init_empty_weights", "is_loading_adapter", "loading_adapter"]
 
 _LOADING: contextvars.ContextVar[bool] = contextvars.ContextVar("peft_tensor_loading_adapter", default=False)
 
@@ -43,3 +52,11 @@ def loading_adapter() -> Iterator[None]:
 def is_loading_adapter() -> bool:
     """True inside :func:`loading_adapter`."""
     return _LOADING.get()
+
+
+def inside_init_empty_weights() -> bool:
+    """True under PEFT's/accelerate's ``init_empty_weights`` (``get_peft_model(..., low_cpu_mem_usage=True)`` builds
+    the tuner inside it without passing the flag on): parameters registered there land on the meta device."""
+    probe = nn.Module()
+    probe.register_parameter("p", nn.Parameter(torch.empty(0)))
+    return probe.p.device.type == "meta"

@@ -29,12 +29,14 @@ from ..._peft_compat import (
     move_adapter_to_base_device,
     transposed_output_padding,
 )
-from ...errors import MergeError, RankError
+from ...errors import AdapterLoadError, MergeError, RankError
+from .._loading_context import inside_init_empty_weights, is_loading_adapter
 from .._mixed_batch import check_mixed_batch, sub_batches
 from .._targets import CONV_TYPES
 from .config import HyPSConfig
 
-__all__ = ["CONV_TYPES", "Conv", "HyPSLayer", "Linear", "SUPPORTED_TYPES", "principal_factors"]
+__all__ = ["CONV_TYPES", "Conv", "HyPSLayer", "Linear", "SUPPORTED_TYPES", "principal_factors",
+           "refuse_partial_load"]
 
 SUPPORTED_TYPES = (nn.Linear,) + CONV_TYPES  # convolutions with groups=1 only (the tuner refuses others by name)
 
@@ -117,13 +119,20 @@ class HyPSLayer(BaseTunerLayer):
 
     Trainable (``adapter_layer_names``): ``hyps_A`` (out x r), ``hyps_B`` (r x in), ``hyps_down`` (Linear out -> d,
     no bias), ``hyps_up`` (Linear d -> out, no bias). Frozen and saved (``other_param_names``): ``hyps_A0``,
-    ``hyps_B0``
-    (persistent buffers with the initial factors), plus plain per-adapter settings. An adapter with a branch switched
-    off simply has no entry in that branch's containers.
+    ``hyps_B0`` (persistent buffers with the initial factors), plus plain per-adapter settings from the config. An
+    adapter with a branch switched off simply has no entry in that branch's containers.
+
+    Saved and loaded: exactly those six tensors per layer (``A``, ``B``, ``A0``, ``B0``, ``Down``, ``Up``; the file
+    names them ``<layer>.hyps_A`` ... ``<layer>.hyps_down.weight``). The frozen residual ``W - A0 B0`` is never stored
+    nor materialised: every forward computes ``W x + (A - A0) B x + A0 (B - B0) x`` from the unmodified base weight
+    ``W`` and the saved factors, so nothing needs the SVD once a file is loaded. An adapter added while loading
+    (inside :func:`~peft_tensor.tuners._loading_context.loading_adapter`, which every loader enters) or under
+    ``low_cpu_mem_usage=True`` is built empty, without the SVD, and filled by the state dict; a file that holds some
+    but not all of its tensors is refused (:class:`~peft_tensor.errors.AdapterLoadError` naming the missing keys).
     """
 
     adapter_layer_names = ("hyps_A", "hyps_B", "hyps_down", "hyps_up")
-    other_param_names = ("hyps_A0", "hyps_B0", "hyps_r", "hyps_d", "hyps_scale", "hyps_dropout")
+    other_param_names = ("hyps_A0", "hyps_B0", "hyps_r", "hyps_d", "hyps_scale", "hyps_dropout", "hyps_pending")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -141,6 +150,11 @@ class HyPSLayer(BaseTunerLayer):
         # A plain probability, not an nn.Dropout module: a module name ending in "dropout" would be matched by
         # modules_to_save=["out"] (PEFT matches modules_to_save by bare suffix).
         self.hyps_dropout: dict[str, float] = {}
+        # Adapters built empty for a file (loading, low_cpu_mem_usage) that nothing was loaded into yet: their config,
+        # to initialise them (SVD) if they are used first. Not saved.
+        self.hyps_pending: dict[str, HyPSConfig] = {}
+        # PEFT's switch (peft.helpers.disable_input_dtype_casting): off, the branches get the input in its own dtype
+        self.cast_input_dtype_enabled: bool = True
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs
@@ -184,49 +198,111 @@ class HyPSLayer(BaseTunerLayer):
         self.hyps_scale[adapter_name] = config.serial_scale
         self.hyps_dropout[adapter_name] = config.dropout
 
-        base_weight = self.get_base_layer().weight
-        if self.merged_adapters and base_weight.device.type != "meta":
-            # decompose the *unmerged* weight: adding an adapter while another is merged gives the same adapter
-            base_weight = base_weight.detach().float()
-            for merged in self.merged_adapters:
-                if self._has_parallel(merged):
-                    base_weight = base_weight - self.get_delta_weight(merged).float()
+        # Loading (inside loading_adapter(), entered by every loader, or under low_cpu_mem_usage=True): the factors
+        # are built empty, no SVD, and the state dict fills them; whatever this adapter is used for before anything
+        # was loaded into it initialises it first (_materialize).
+        device = self.get_base_layer().weight.device
+        deferred = is_loading_adapter() or inside_init_empty_weights() or device.type == "meta"
         if config.parallel:
-            if base_weight.device.type == "meta":
-                a0 = torch.empty(rows, r, device="meta")
-                b0 = torch.empty(r, cols, device="meta")
-            else:
-                a0, b0 = principal_factors(base_weight.reshape(rows, cols), r)
-            self.hyps_A0[adapter_name] = a0
-            self.hyps_B0[adapter_name] = b0
-            a, b = a0.clone(), b0.clone()
-            if not config.init_weights and a.device.type != "meta":
-                # A visibly non-trivial adapter for tests: perturb the trainable copies, keep A0/B0 the true factors.
-                a = a + 0.1 * a.abs().mean().clamp_min(1e-3) * torch.randn_like(a)
-                b = b + 0.1 * b.abs().mean().clamp_min(1e-3) * torch.randn_like(b)
-            self.hyps_A[adapter_name] = nn.Parameter(a)
-            self.hyps_B[adapter_name] = nn.Parameter(b)
-
+            self.hyps_A0[adapter_name] = torch.empty(rows, r, device=device)
+            self.hyps_B0[adapter_name] = torch.empty(r, cols, device=device)
+            self.hyps_A[adapter_name] = nn.Parameter(torch.empty(rows, r, device=device))
+            self.hyps_B[adapter_name] = nn.Parameter(torch.empty(r, cols, device=device))
+            if not deferred:
+                self._init_parallel(adapter_name, config)
         if config.serial:
-            down, up = self._make_bottleneck(config.d, base_weight.device)
-            if down.weight.device.type != "meta":
-                nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
-                with torch.no_grad():
-                    # Mirrored rows (w, -w): every token with Down(h) != 0 activates one unit of each pair, so the
-                    # ReLU bottleneck is never dead on arrival. With independent rows, activations h that share a
-                    # dominant direction (UNETR's attn.out_proj at init) can put every unit in the ReLU's zero region
-                    # for every token: Down and Up then never get a gradient (issue 13).
-                    pairs = config.d // 2
-                    down.weight[1 : 2 * pairs : 2] = -down.weight[0 : 2 * pairs : 2]
-                if config.init_weights:
-                    nn.init.zeros_(up.weight)
-                else:
-                    nn.init.normal_(up.weight, std=1.0 / config.d)
+            down, up = self._make_bottleneck(config.d, device)
             self.hyps_down[adapter_name] = down
             self.hyps_up[adapter_name] = up
+            if not deferred:
+                self._init_serial(adapter_name, config)
+        if deferred:
+            self.hyps_pending[adapter_name] = config
 
         move_adapter_to_base_device(self, adapter_name)
         self.set_adapter(self.active_adapters)
+
+    # ------------------------------------------------------------------------------------------- initialisation
+
+    def _unmerged_weight(self) -> torch.Tensor:
+        """The base weight with every merged parallel branch subtracted (float32 when an adapter is merged): adding an
+        adapter while another one is merged gives the same adapter."""
+        weight = self.get_base_layer().weight.detach()
+        if not self.merged_adapters:
+            return weight
+        weight = weight.float()
+        for merged in self.merged_adapters:
+            if self._has_parallel(merged):
+                weight = weight - self.get_delta_weight(merged).float()
+        return weight
+
+    def _set_initial(self, tensor: torch.Tensor, value: torch.Tensor) -> None:
+        """Write an initial value into an adapter tensor in place (an optimiser may already hold it), rounded through
+        the base weight's dtype as a freshly built adapter is (PEFT moves it to the base dtype, then upcasts)."""
+        base_dtype = self.get_base_layer().weight.dtype
+        if base_dtype.is_floating_point:
+            value = value.to(base_dtype)
+        tensor.data.copy_(value)
+
+    def _init_parallel(self, adapter: str, config: HyPSConfig) -> None:
+        """``A0 = A = U_r S_r^(1/2)``, ``B0 = B = S_r^(1/2) V_r^T`` of the (unmerged) base weight: the SVD."""
+        rows, cols = self.matrix_shape
+        with torch.no_grad():
+            a0, b0 = principal_factors(self._unmerged_weight().reshape(rows, cols), self.hyps_r[adapter])
+            a, b = a0, b0
+            if not config.init_weights:
+                # A visibly non-trivial adapter for tests: perturb the trainable copies, keep A0/B0 the true factors.
+                a = a + 0.1 * a.abs().mean().clamp_min(1e-3) * torch.randn_like(a)
+                b = b + 0.1 * b.abs().mean().clamp_min(1e-3) * torch.randn_like(b)
+            for tensor, value in ((self.hyps_A0[adapter], a0), (self.hyps_B0[adapter], b0),
+                                  (self.hyps_A[adapter], a), (self.hyps_B[adapter], b)):
+                self._set_initial(tensor, value)
+
+    def _init_serial(self, adapter: str, config: HyPSConfig) -> None:
+        """``Down``: Kaiming-uniform with mirrored rows; ``Up``: zeros (``init_weights=False``: small normal)."""
+        down, up = self.hyps_down[adapter].weight, self.hyps_up[adapter].weight
+        with torch.no_grad():
+            d = torch.empty(down.shape, device=down.device)
+            nn.init.kaiming_uniform_(d, a=math.sqrt(5))
+            # Mirrored rows (w, -w): every token with Down(h) != 0 activates one unit of each pair, so the ReLU
+            # bottleneck is never dead on arrival. With independent rows, activations h that share a dominant
+            # direction (UNETR's attn.out_proj at init) can put every unit in the ReLU's zero region for every token:
+            # Down and Up then never get a gradient (issue 13).
+            pairs = config.d // 2
+            d[1 : 2 * pairs : 2] = -d[0 : 2 * pairs : 2]
+            u = torch.zeros(up.shape, device=up.device)
+            if not config.init_weights:
+                nn.init.normal_(u, std=1.0 / config.d)
+            self._set_initial(down, d)
+            self._set_initial(up, u)
+
+    def _on_meta(self, adapter: str) -> bool:
+        return any(t.device.type == "meta" for t in self._adapter_tensors(adapter).values())
+
+    def _materialize(self, adapter: str) -> None:
+        """Initialise an adapter that was built empty for a file but used before anything was loaded into it (no-op
+        for any other adapter). The SVD runs then, once."""
+        config = self.hyps_pending.get(adapter)
+        if config is None or self._on_meta(adapter) or self.get_base_layer().weight.device.type == "meta":
+            return
+        del self.hyps_pending[adapter]
+        if self._has_parallel(adapter):
+            self._init_parallel(adapter, config)
+        if self._has_serial(adapter):
+            self._init_serial(adapter, config)
+
+    def _adapter_tensors(self, adapter: str, prefix: str = "") -> dict[str, torch.Tensor]:
+        """The saved tensors of ``adapter`` on this layer, by state-dict key (``prefix`` + e.g. ``hyps_A.default``,
+        ``hyps_down.default.weight``)."""
+        out = {}
+        for attr in ("hyps_A", "hyps_B", "hyps_A0", "hyps_B0"):
+            if adapter in getattr(self, attr):
+                out[f"{prefix}{attr}.{adapter}"] = getattr(self, attr)[adapter]
+        for attr in ("hyps_down", "hyps_up"):
+            if adapter in getattr(self, attr):
+                for name, t in getattr(self, attr)[adapter].state_dict(keep_vars=True).items():
+                    out[f"{prefix}{attr}.{adapter}.{name}"] = t
+        return out
 
     def _make_bottleneck(self, d: int, device: torch.device) -> tuple[nn.Module, nn.Module]:
         """The serial branch's ``Down`` (out -> d) and ``Up`` (d -> out), bias-free, on the layer's output features:
@@ -247,6 +323,8 @@ class HyPSLayer(BaseTunerLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        for adapter in list(self.hyps_pending):
+            self._materialize(adapter)
         result = self.base_layer(x, *args, **kwargs)
         result_dtype = result.dtype
         if adapter_names is not None:
@@ -270,6 +348,7 @@ class HyPSLayer(BaseTunerLayer):
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """``A @ B - A0 @ B0`` for ``adapter`` in the base weight's shape (out x in, or a kernel folded back from its
         matricisation) and dtype, computed in float32 or wider."""
+        self._materialize(adapter)
         weight = self.get_base_layer().weight
         compute = torch.promote_types(self.hyps_A[adapter].dtype, torch.float32)
         a, b = self.hyps_A[adapter].to(compute), self.hyps_B[adapter].to(compute)
@@ -318,6 +397,34 @@ class HyPSLayer(BaseTunerLayer):
                 self.get_base_layer().weight.data -= self.get_delta_weight(adapter)
 
 
+def incomplete_load_message(prefix: str, adapter: str, keys: list[str]) -> str:
+    """A file that holds some, not all, of the tensors of a HyPS adapter (keys named as the file names them)."""
+    file_keys = []  # a file names them without the adapter: "<layer>.hyps_A0", "<layer>.hyps_down.weight"
+    for key in keys:
+        attr, _, rest = key[len(prefix):].partition(f".{adapter}")
+        file_keys.append(prefix + attr + rest)
+    return (f"The adapter file lacks tensors that the HyPS layer {prefix.rstrip('.')!r} needs to reproduce the "
+            f"trained adapter {adapter!r}: {', '.join(file_keys)}. Loading it would leave them uninitialised. The "
+            "file is incomplete (truncated, filtered, or written for another config): save the adapter again from "
+            "the trained model with save_pretrained.")
+
+
+def refuse_partial_load(module: nn.Module, incompatible_keys) -> None:
+    """Load post-hook of the HyPS tuner: a load that filled an adapter on some layers must fill every layer on which
+    that adapter was built empty for a file (a layer the file lacks would keep uninitialised factors)."""
+    layers = [m for m in module.modules() if isinstance(m, HyPSLayer)]
+    seen = [m.__dict__.pop("_hyps_load_seen", None) for m in layers]
+    loaded = {a for s in seen if s is not None for a, got in s[1].items() if got}
+    for layer, s in zip(layers, seen):
+        if s is None:
+            continue
+        prefix, got = s
+        for adapter in sorted(loaded & set(layer.hyps_pending)):
+            if not got.get(adapter, True):
+                raise AdapterLoadError(incomplete_load_message(prefix, adapter,
+                                                               list(layer._adapter_tensors(adapter, prefix))))
+
+
 def serial_merge_message(adapter: str) -> str:
     return (
         f"HyPS adapter {adapter!r} has a serial branch, y = h + scale * Up(ReLU(Down(h))). It is non-linear in the "
@@ -348,6 +455,36 @@ class _HyPSModule(nn.Module, HyPSLayer):
         HyPSLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, layer_name=layer_name, r=r)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # Saving an adapter that was built empty and never loaded saves its initialisation (run now); inside a load
+        # (PEFT's set_peft_model_state_dict reads model.state_dict() for its keys first) and on the meta device
+        # (low_cpu_mem_usage=True) the empty tensors are returned as they are, as the tensor methods do.
+        if self.hyps_pending and not is_loading_adapter():
+            for adapter in list(self.hyps_pending):
+                self._materialize(adapter)
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # An adapter built empty for a file: the file must hold every tensor of it, or the missing ones would stay
+        # uninitialised memory (or, initialised, an untrained adapter) -- refuse before anything is loaded. A load
+        # that holds none of them is not about this adapter (the model-level check refuses a file that lacks a whole
+        # layer of an adapter it loads: HyPSModel).
+        seen = {}
+        for adapter in list(self.hyps_pending):
+            keys = self._adapter_tensors(adapter, prefix)
+            present = [k for k in keys if k in state_dict]
+            seen[adapter] = bool(present)
+            if not present:
+                continue
+            missing = [k for k in keys if k not in state_dict]
+            if missing:
+                raise AdapterLoadError(incomplete_load_message(prefix, adapter, missing))
+            del self.hyps_pending[adapter]
+        self.__dict__["_hyps_load_seen"] = (prefix, seen)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
 
 class Linear(_HyPSModule):

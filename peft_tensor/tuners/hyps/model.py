@@ -10,13 +10,22 @@ from torch import nn
 
 from ..._peft_compat import BaseTuner, BaseTunerLayer, MonaiFriendlyTunerMixin
 from ...errors import MergeError, TargetModulesError
-from .._loading_context import is_loading_adapter
+from .._loading_context import is_loading_adapter, loading_adapter
 from .._mixed_batch import mixed_batch_hooks
 from .._ranks import cap_warning, rank_of, resolve_rank_cap, resolve_ranks
 from .._targets import find_targets, prepare_targets
 from .._weighted import check_weighted_adapter_args
 from .config import HyPSConfig
-from .layer import CONV_TYPES, Conv, HyPSLayer, Linear, describe_matrix, matrix_shape, serial_merge_message
+from .layer import (
+    CONV_TYPES,
+    Conv,
+    HyPSLayer,
+    Linear,
+    describe_matrix,
+    matrix_shape,
+    refuse_partial_load,
+    serial_merge_message,
+)
 
 __all__ = ["HyPSModel"]
 
@@ -66,6 +75,9 @@ class HyPSModel(MonaiFriendlyTunerMixin, BaseTuner):
         prepare_targets(model, config, self._rank_limit(config), check_partial=False)  # PEFT's call warns
         if state_dict is None:
             self._check_targets(model, self.peft_config[adapter_name])
+        if refuse_partial_load not in self._load_state_dict_post_hooks.values():
+            # a file that fills an adapter on some layers must fill all of them (a layer's own check sees one layer)
+            self.register_load_state_dict_post_hook(refuse_partial_load)
         super().inject_adapter(
             model,
             adapter_name,
@@ -174,7 +186,8 @@ class HyPSModel(MonaiFriendlyTunerMixin, BaseTuner):
                 if rank != config.r:
                     config.rank_pattern["^" + re.escape(name)] = rank
         self.peft_config[adapter_name] = config
-        self.inject_adapter(self.model, adapter_name)
+        with loading_adapter():  # built empty (no SVD): its factors are the combined ones below
+            self.inject_adapter(self.model, adapter_name)
         with torch.no_grad():
             for module in self.model.modules():
                 if not isinstance(module, HyPSLayer) or adapter_name not in module.hyps_A:
@@ -182,6 +195,9 @@ class HyPSModel(MonaiFriendlyTunerMixin, BaseTuner):
                 present = [(a, float(w)) for a, w in zip(adapters, weights) if a in module.hyps_A]
                 if [a for a, _ in present] != list(adapters):
                     raise ValueError("add_weighted_adapter needs adapters that target the same layers.")
+                for a, _ in present:
+                    module._materialize(a)
+                module.hyps_pending.pop(adapter_name, None)
                 module.hyps_A[adapter_name].data = torch.cat([w * module.hyps_A[a] for a, w in present], dim=1)
                 module.hyps_B[adapter_name].data = torch.cat([module.hyps_B[a] for a, _ in present], dim=0)
                 module.hyps_A0[adapter_name] = torch.cat([w * module.hyps_A0[a] for a, w in present], dim=1)

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..._peft_compat import BaseTuner, MonaiFriendlyTunerMixin
 from ...errors import TargetModulesError
+from .._loading_context import inside_init_empty_weights as _inside_init_empty_weights
 from .._loading_context import is_loading_adapter, loading_adapter
 from .._mixed_batch import mixed_batch_hooks
 from .._ranks import RankPlan, cap_warning, resolve_rank_cap, resolve_ranks
@@ -21,14 +22,6 @@ from ..grouping import GroupSpec, matrix_shape, plan_groups
 from .state import ForwardScope, SliceAssignment, TensorGroup, _refuse_incomplete_adapter_load
 
 __all__ = ["TensorGroupTuner"]
-
-
-def _inside_init_empty_weights() -> bool:
-    """True under PEFT's/accelerate's ``init_empty_weights`` (``get_peft_model(..., low_cpu_mem_usage=True)`` builds
-    the tuner inside it without passing the flag on): parameters registered there land on the meta device."""
-    probe = nn.Module()
-    probe.register_parameter("p", nn.Parameter(torch.empty(0)))
-    return probe.p.device.type == "meta"
 
 
 class TensorGroupTuner(MonaiFriendlyTunerMixin, BaseTuner):
