@@ -204,7 +204,8 @@ def dense_layer_forward(layer, x: torch.Tensor, names: Sequence[str]) -> torch.T
     ``dense_parts(layer, weight, device, n_tokens)`` method returns ``(weight, slice sets, remainder)`` instead: the
     weight to use from here on (the one it was given, or one with a frozen term folded in and held, e.g. LoRA-PT's
     ``W - P0``), several full lists of ``L`` slices added to it, and optionally a callable
-    ``remainder(x, slice_ids)`` whose output is added (a term still applied factored)."""
+    ``remainder(x, slice_ids, cast_input=...)`` whose output is added (a term still applied factored; ``cast_input``
+    is the layer's ``cast_input_dtype_enabled``)."""
     base = layer.get_base_layer()
     weight = base.weight
     device = weight.device
@@ -224,5 +225,5 @@ def dense_layer_forward(layer, x: torch.Tensor, names: Sequence[str]) -> torch.T
             remainders.append((remainder, asg.slice_ids))
     y = dense_linear(x, weight, base.bias, counts, slices)
     for remainder, slice_ids in remainders:
-        y = y + remainder(x, slice_ids).to(y.dtype)
+        y = y + remainder(x, slice_ids, cast_input=getattr(layer, "cast_input_dtype_enabled", True)).to(y.dtype)
     return y

@@ -214,16 +214,17 @@ class LoraPTGroup(TensorGroup):
             sets.append(self._frozen_slices(device))
         if TensorGroup.prefers_dense(self, n_tokens):
             return weight, [group_dense_slices(self, device)] + sets, None
-        return weight, sets, lambda x, slice_ids: TensorGroup.delta_output(self, x, slice_ids)
+        return weight, sets, lambda x, slice_ids, **kw: TensorGroup.delta_output(self, x, slice_ids, **kw)
 
-    def delta_output(self, x: torch.Tensor, slice_ids: tuple[int, ...]) -> torch.Tensor:
+    def delta_output(self, x: torch.Tensor, slice_ids: tuple[int, ...], cast_input: bool = True) -> torch.Tensor:
         """``[D_k x]`` (see :meth:`TensorGroup.delta_output`); with ``frozen_term='dense'`` the held ``-P0`` rows are
         applied as one matmul (the paths that do not change the weight: mixed batches)."""
-        y = super().delta_output(x, slice_ids)
+        y = super().delta_output(x, slice_ids, cast_input)
         if self.frozen_term == "dense":
             frozen = self._frozen_slices(x.device)
             rows = torch.cat([frozen[k] for k in slice_ids])  # (m n1, n2)
-            y = y + (x.reshape(-1, self.n2).to(rows.dtype) @ rows.t()).reshape(y.shape)
+            x2 = x.reshape(-1, self.n2)
+            y = y + ((x2.to(rows.dtype) if cast_input else x2) @ rows.t()).reshape(y.shape)
         return y
 
     def dense_delta(self) -> torch.Tensor:

@@ -55,6 +55,10 @@ class TensorGroupLayer(nn.Module, BaseTunerLayer):
         self._active_adapter = adapter_name
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
+        # PEFT's switch (peft.helpers.disable_input_dtype_casting): off, the factored path multiplies the input in its
+        # own dtype with the float32 factors, as LoRA's lora_A does (the convolution and dense paths cast no input:
+        # they run the base layer's op with W + D in the weight's dtype)
+        self.cast_input_dtype_enabled: bool = True
         self.is_conv = is_conv(base_layer)
         self.in_features = base_layer.in_channels if self.is_conv else base_layer.in_features
         self.out_features = base_layer.out_channels if self.is_conv else base_layer.out_features
@@ -123,7 +127,7 @@ class TensorGroupLayer(nn.Module, BaseTunerLayer):
         asg = self.group_slices.get(name)
         if asg is None:
             return None
-        return asg.group.delta_output(x, asg.slice_ids)
+        return asg.group.delta_output(x, asg.slice_ids, cast_input=getattr(self, "cast_input_dtype_enabled", True))
 
     def _route(self, x: torch.Tensor, args: tuple, kwargs: dict,
                adapter_names: Optional[list[str]]) -> tuple[str, list[str]]:

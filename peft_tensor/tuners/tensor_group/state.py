@@ -430,8 +430,11 @@ class TensorGroup(nn.Module):
             self._roll[(slice_ids, device)] = idx
         return idx
 
-    def delta_output(self, x: torch.Tensor, slice_ids: tuple[int, ...]) -> torch.Tensor:
+    def delta_output(self, x: torch.Tensor, slice_ids: tuple[int, ...], cast_input: bool = True) -> torch.Tensor:
         """``[D_k x for k in slice_ids]`` concatenated on the last axis: ``(..., n2) -> (..., m * n1)``, float32.
+        ``cast_input=False`` (the layer's ``cast_input_dtype_enabled``, PEFT's switch) multiplies ``x`` in its own
+        dtype with the float32 factors, as LoRA does: under ``torch.autocast`` in the autocast dtype, outside it an
+        error.
 
         Per term: ``h = x B_flat^T`` holds ``B_m x`` for every slice ``m`` (one matmul shared by the layer's
         slices), then ``D_k x = sum_a A_a h_{(k-a) mod L}`` is one matmul of the rolled ``h`` with ``A_flat``.
@@ -444,7 +447,7 @@ class TensorGroup(nn.Module):
         y = None
         for a_flat, b_flat in terms:
             q = a_flat.shape[0] // self.n_slices
-            h = (x2.to(b_flat.dtype) @ b_flat.t()).view(-1, self.n_slices, q)  # h[:, m] = B_m x
+            h = ((x2.to(b_flat.dtype) if cast_input else x2) @ b_flat.t()).view(-1, self.n_slices, q)  # B_m x
             if idx is None:
                 idx = self._roll_index(slice_ids, h.device)
             hk = h[:, idx].reshape(x2.shape[0], len(slice_ids), self.n_slices * q)  # B_{k-a} x over a
