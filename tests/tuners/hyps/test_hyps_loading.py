@@ -26,6 +26,9 @@ MLP_TARGETS = ["lin0", "lin1", "lin2", "lin3"]
 CASES = {
     "linear": (TinyMLP, lambda: mlp_input()["x"], dict(target_modules=MLP_TARGETS, modules_to_save=["head"])),
     "linear_parallel_only": (TinyMLP, lambda: mlp_input()["x"], dict(target_modules=MLP_TARGETS, serial=False)),
+    # per-layer ranks: the empty factors take each layer's own rank
+    "linear_rank_pattern": (TinyMLP, lambda: mlp_input()["x"], dict(target_modules=MLP_TARGETS, r=3,
+                                                                    rank_pattern={"lin1": 1, "lin3": 5})),
     # Conv3d, ConvTranspose3d (k2 s2) and a bias-free Conv3d
     "conv": (TinyConvNet, lambda: torch.randn(3, 2, 3, 4, 3, generator=torch.Generator().manual_seed(1)),
              dict(target_modules=NET_TARGETS)),
