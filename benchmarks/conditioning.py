@@ -10,12 +10,12 @@ group tensor:
 * ``gain`` (tCURLoRA): how far a unit step on one core entry moves the weights (``|dW|_F``), min / max over the core's
   entries -- the spread of the effective per-parameter step an optimiser that moves every entry by ``lr`` (Adam) sees;
   ``dir``: the same for the best / worst *direction* of the core (``sigma(C) sigma(R)``, its condition number);
-* ``|g|``: the gradient norm of each trainable factor at init (mean over ``steps`` batches), ``|wd*p|``: the weight
-  decay term ``weight_decay * p`` Adam adds to that gradient (coupled L2), and their ratio: above 1 the optimiser
-  follows the weight decay, not the data;
+* ``|g|``: the gradient norm of each trainable factor at init (first batch) and ``wd/g``: the ratio of the weight
+  decay term ``weight_decay * |p|`` Adam adds to that gradient (coupled L2) to it: above 1 the optimiser follows the
+  weight decay, not the data;
 * after ``steps`` Adam steps at the method's learning rate: ``|dW|/|W|``, the relative change of the adapted weights
-  and the cosine between that change and ``-P`` (the tensor's part the adapter spans at init): near 1 the adapter is
-  removing the weights' principal part rather than learning.
+  and (tCURLoRA, ``basis='paper'``) the cosine between that change and ``-P = -s C U0 R``, the direction weight decay
+  pulls the paper's core in: near 1 the adapter is removing the weights' CUR part rather than learning.
 
     python benchmarks/conditioning.py model.pretrained=runs/pre/backbone arm.name=tcurlora steps=20
     python benchmarks/conditioning.py model.pretrained=runs/pre/backbone arm.name=lorapt arm.factor_scale=1.0
@@ -53,6 +53,12 @@ def _cond(m_hat: torch.Tensor) -> float:
 def tcur_rows(group) -> dict:
     c, r = group.cols.double(), group.rows.double()
     c_hat, r_hat = to_fourier(c), to_fourier(r)
+    row = {"kC": _cond(c_hat), "kR": _cond(r_hat)}
+    if group.basis == "orthonormal":  # the factors the core multiplies: C * Wc and Wr * R
+        c_hat = c_hat @ to_fourier(group.col_whiten.double())
+        r_hat = to_fourier(group.row_whiten.double()) @ r_hat
+    else:
+        row["kU0"] = _cond(to_fourier(group.tcurlora_core_init.double()))
     w = fourier_slice_weights(group.n_slices, dtype=torch.float64)
     s = group.scale()
     # unit step on U[l, i, j]: |s C * E_lij * R|_F^2 = s^2 / L sum_f w_f |C_f[:, i]|^2 |R_f[j, :]|^2 (independent of l)
@@ -61,9 +67,7 @@ def tcur_rows(group) -> dict:
     gain = (s * ((w[:, None, None] * cn[:, :, None] * rn[:, None, :]).sum(0) / group.n_slices).sqrt())
     sc, sr = torch.linalg.svdvals(c_hat), torch.linalg.svdvals(r_hat)
     dirs = s * sc[:, :, None] * sr[:, None, :] / group.n_slices ** 0.5
-    return {"kC": _cond(c_hat), "kR": _cond(r_hat),
-            "kU0": _cond(to_fourier(group.tcurlora_core_init.double())),
-            "gain_min": float(gain.min()), "gain_max": float(gain.max()),
+    return {**row, "gain_min": float(gain.min()), "gain_max": float(gain.max()),
             "dir_min": float(dirs.min()), "dir_max": float(dirs.max())}
 
 
@@ -162,7 +166,6 @@ def run(cfg: dict, steps: int) -> None:
     loss_fn = make_loss(cfg["train"]["loss"], rs.task)
     optimizer = make_optimizer(model, optim_cfg)
     params = {g.name: [(n, p) for n, p in g.named_parameters(recurse=False) if p.requires_grad] for g in groups}
-    gsum = {(k, n): 0.0 for k, ps in params.items() for n, _ in ps}
     first = {}
     losses = []
     for step in range(steps):
@@ -172,11 +175,10 @@ def run(cfg: dict, steps: int) -> None:
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(model(images).float(), labels)
         loss.backward()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         for k, ps in params.items():
             for n, p in ps:
                 gn = float(p.grad.norm()) if p.grad is not None else 0.0
-                gsum[(k, n)] += gn / steps
                 if step == 0:
                     first[(k, n)] = (gn, wd * float(p.detach().norm()))
         optimizer.step()
@@ -188,7 +190,7 @@ def run(cfg: dict, steps: int) -> None:
             d = g.dense_delta().double()
             w = w0[g.name]
             row["dW/W"] = float(d.norm() / w.norm())
-            if method == "tcurlora":  # the part C * U0 * R of W the adapter spans at init
+            if method == "tcurlora" and g.basis == "paper":  # the part C * U0 * R of W the core spans at init
                 p = from_fourier(to_fourier(g.cols.double()) @ to_fourier(g.tcurlora_core_init.double())
                                  @ to_fourier(g.rows.double()), g.n_slices)
                 row["cos(dW,-P)"] = float((d * -p).sum() / (d.norm() * p.norm()).clamp_min(1e-30))

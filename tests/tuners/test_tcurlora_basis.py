@@ -1,4 +1,4 @@
-"""tCURLoRA's core coordinates (``TCURLoraConfig.basis``): 'orthonormal' (default) and the paper's form.
+"""tCURLoRA's core coordinates (``TCURLoraConfig.basis``): the paper's form (default) and 'orthonormal'.
 
 The orthonormal form trains U' in ``D = s (C Wc) * U' * (Wr R)`` (``C Wc`` and ``Wr R`` t-orthonormal, ``U'`` zero at
 init); the paper's trains ``U`` in ``D = s C * (U - U0) * R`` with ``U0`` the intersection's pseudo-inverse. Same
@@ -48,14 +48,14 @@ def test_identity_at_init_and_every_core_gets_a_gradient(base, basis):
         assert g.tcurlora_core.grad is not None and float(g.tcurlora_core.grad.abs().max()) > 0, g.name
 
 
-def test_default_is_orthonormal_and_the_paper_form_stays_selectable(base):
-    assert _config().basis == "orthonormal"
+def test_default_is_the_paper_form_and_orthonormal_is_selectable(base):
+    assert _config().basis == "paper"
     # a config file written before the field existed was trained in the paper's coordinates
     assert TCURLoraConfig(r=4, target_modules=UNETR_TARGETS, peft_tensor_version="0.1.0").basis == "paper"
     with pytest.raises(Exception, match="basis"):
         _config(basis="qr")
     paper = _groups(get_peft_model(copy.deepcopy(base), _config(basis="paper")))
-    ortho = _groups(get_peft_model(copy.deepcopy(base), _config()))
+    ortho = _groups(get_peft_model(copy.deepcopy(base), _config(basis="orthonormal")))
     for p, o in zip(paper, ortho):
         assert not hasattr(p, "col_whiten")
         assert float(p.tcurlora_core_init.abs().max()) > 0  # U0, the pseudo-inverse of the intersection
@@ -64,7 +64,8 @@ def test_default_is_orthonormal_and_the_paper_form_stays_selectable(base):
 
 
 def test_orthonormal_factors_are_t_orthonormal_and_span_the_paper_updates(base):
-    (g,) = _groups(get_peft_model(copy.deepcopy(base), TCURLoraConfig(r=4, target_modules=["attn.out_proj"])))
+    (g,) = _groups(get_peft_model(copy.deepcopy(base), TCURLoraConfig(r=4, target_modules=["attn.out_proj"],
+                                                                      basis="orthonormal")))
     eye = t_identity(4, g.n_slices, dtype=torch.float64)
     q_c = t_product(g.cols.double(), g.col_whiten.double())
     q_r = t_product(g.row_whiten.double(), g.rows.double())
@@ -86,7 +87,7 @@ def test_orthonormal_factors_are_t_orthonormal_and_span_the_paper_updates(base):
 
 
 def test_merge_equals_unmerged_and_save_load_is_exact_without_decomposition(base, tmp_path, monkeypatch):
-    model = get_peft_model(copy.deepcopy(base), _config(init_weights=False))
+    model = get_peft_model(copy.deepcopy(base), _config(init_weights=False, basis="orthonormal"))
     x = _x()
     with torch.no_grad():
         expected = model(x)

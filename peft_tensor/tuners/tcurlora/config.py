@@ -9,7 +9,7 @@ from ..._peft_compat import ensure_peft_type
 from ...errors import PeftTensorError
 from .._config import GroupingConfigMixin, PeftTensorConfigMixin
 
-DEFAULT_BASIS = "orthonormal"  # of a new config (basis=None); a config file without the field is 'paper'
+DEFAULT_BASIS = "paper"  # of a new config (basis=None); a config file without the field is 'paper' too
 
 
 @dataclass
@@ -47,13 +47,13 @@ class TCURLoraConfig(GroupingConfigMixin, PeftTensorConfigMixin, PeftConfig):
 
     basis: Optional[str] = field(
         default=None,
-        metadata={"help": "Coordinates of the trainable core. 'orthonormal' (default for new adapters): the update is "
+        metadata={"help": "Coordinates of the trainable core. 'paper' (default): the paper's core U, initialised at "
+                  "the pseudo-inverse U0 of the intersection. 'orthonormal': the update is "
                   "s * Q_C * U' * Q_R^T with Q_C, Q_R the orthonormalised C and R (per Fourier slice, QR) and U' "
                   "zero at init; the same update as the paper's with U - U0 = T_C^-1 U' T_R^-1 (T the triangular "
                   "QR factors, saved with the adapter, so loading runs no decomposition), but a step on U' moves "
                   "the weights equally in every direction, and weight decay pulls U' towards the identity "
-                  "(docs/methods.md#tcurlora-core-coordinates). 'paper': the paper's core U, initialised at the "
-                  "pseudo-inverse U0 of the intersection. Configs written before this field existed load as "
+                  "(docs/methods.md#tcurlora-core-coordinates). Configs written before this field existed load as "
                   "'paper', which is how they were trained."},
     )
 
