@@ -70,6 +70,9 @@ class MethodSpec:
         lr: learning rate of the method's trainable factors in the recipes (``method_lr``; the decoder and head
             keep ``optim.lr``); ``None``: the recipe's ``optim.lr`` for everything.
         full_lr: the same for the whole-network arm ``<name>_full``; ``None``: ``lr``.
+        weight_decay: weight decay of the method's trainable factors in the recipes (``method_weight_decay``);
+            ``None``: the recipe's ``optim.weight_decay``. Adam's weight decay is an L2 pull towards zero, which means
+            something for weights but not for factors whose zero is not the identity (docs/methods.md#weight-decay).
         provider: the distribution that ships the method (named in load errors).
     """
 
@@ -85,6 +88,7 @@ class MethodSpec:
     targets: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     lr: Optional[float] = None
     full_lr: Optional[float] = None
+    weight_decay: Optional[float] = None
     provider: str = "peft-tensor"
 
     def targets_for(self, backbone: str) -> list[str]:
@@ -100,7 +104,8 @@ def register(name: str, *, peft_type: str, config_cls: type, model_cls: type, pr
              paper: str = "", arm_defaults: Mapping[str, Any] | None = None,
              full_arm_defaults: Mapping[str, Any] | None = None,
              targets: Mapping[str, tuple[str, ...] | list[str]] | None = None, lr: float | None = None,
-             full_lr: float | None = None, provider: str = "peft-tensor") -> MethodSpec:
+             full_lr: float | None = None, weight_decay: float | None = None,
+             provider: str = "peft-tensor") -> MethodSpec:
     """Register a method with PEFT and with this registry (idempotent: a reload replaces the entry)."""
     if getattr(model_cls, "prefix", prefix) != prefix:
         raise ValueError(f"{model_cls.__name__}.prefix is {model_cls.prefix!r}, registered as {prefix!r}")
@@ -109,7 +114,7 @@ def register(name: str, *, peft_type: str, config_cls: type, model_cls: type, pr
                       full_arm_defaults=(None if full_arm_defaults is None
                                          else MappingProxyType(dict(full_arm_defaults))),
                       targets=MappingProxyType({k: tuple(v) for k, v in (targets or {}).items()}), lr=lr,
-                      full_lr=full_lr, provider=provider)
+                      full_lr=full_lr, weight_decay=weight_decay, provider=provider)
     register_method(peft_type, config_cls, model_cls, prefix=prefix)
     _METHODS[name] = spec
     KNOWN_PROVIDERS[peft_type] = provider

@@ -99,9 +99,11 @@ def test_registry_lr_is_the_arms_method_lr(monkeypatch):
 
     assert optimizer_settings({"name": "lora"}) == {}
     spec = registry.get_method("tcurlora")
-    monkeypatch.setitem(registry._METHODS, "tcurlora", dataclasses.replace(spec, lr=0.03))
+    monkeypatch.setitem(registry._METHODS, "tcurlora", dataclasses.replace(spec, lr=0.03, weight_decay=None))
     assert optimizer_settings({"name": "tcurlora"}) == {"method_lr": 0.03}
     assert optimizer_settings({"name": "tcurlora", "method_lr": 1e-3, "lr": 2e-3}) == {"method_lr": 1e-3, "lr": 2e-3}
+    monkeypatch.setitem(registry._METHODS, "tcurlora", dataclasses.replace(spec, lr=0.03, weight_decay=0.0))
+    assert optimizer_settings({"name": "tcurlora"}) == {"method_lr": 0.03, "method_weight_decay": 0.0}
 
 
 def test_readme_methods_table_lists_every_registered_method():

@@ -1,6 +1,6 @@
 """Model-free tensor algebra: t-product, t-transpose, t-SVD, tensor CUR. Tensors are ``(..., L, n1, n2)``."""
 
-from .decompositions import TSVD, TensorCUR, t_pinv, t_svd, tensor_cur, truncated_t_svd
+from .decompositions import TSVD, TensorCUR, t_pinv, t_qr_whiteners, t_svd, tensor_cur, truncated_t_svd
 from .tproduct import (
     compute_dtype,
     fourier_slice_weights,
@@ -21,6 +21,7 @@ __all__ = [
     "t_identity",
     "t_pinv",
     "t_product",
+    "t_qr_whiteners",
     "t_product_fourier",
     "t_svd",
     "t_transpose",

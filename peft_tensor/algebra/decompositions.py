@@ -275,6 +275,29 @@ def t_pinv(a: torch.Tensor) -> torch.Tensor:
     return from_fourier(p, n_slices)
 
 
+def t_qr_whiteners(c: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Wc, Wr)`` ``(..., L, k, k)`` real, with ``C * Wc`` and ``Wr * R`` t-orthonormal (``Q_C``, ``Q_R^T``).
+
+    Per Fourier slice ``C_f = Q_f T_f`` (thin QR) and ``R_f^H = Q'_f T'_f``; ``Wc_f = T_f^+`` and ``Wr_f =
+    (T'_f^H)^+`` (pseudo-inverses: a rank-deficient ``C`` or ``R`` gives zero rows/columns, not infinities). Computed
+    in float64 (real QR on the DC and Nyquist slices, so the spatial factors are exactly real); returned in float64.
+    ``c``: ``(..., L, n1, k)``, ``r``: ``(..., L, k, n2)``.
+    """
+    n_slices = c.shape[SLICE_AXIS]
+    c_hat, r_hat = to_fourier(c.double()), to_fourier(r.double())
+    real = _real_slice_ids(n_slices)
+
+    def inverse_r(m_hat: torch.Tensor) -> torch.Tensor:
+        t = torch.linalg.qr(m_hat).R
+        for i in real:
+            t[..., i, :, :] = torch.linalg.qr(m_hat[..., i, :, :].real).R.to(t.dtype)
+        return torch.linalg.pinv(t, rtol=1e-12)
+
+    wc = inverse_r(c_hat)
+    wr = inverse_r(r_hat.mH).mH
+    return from_fourier(wc, n_slices), from_fourier(wr, n_slices)
+
+
 def _abs_norm(z: torch.Tensor, dim: int) -> torch.Tensor:
     """2-norm of complex vectors along ``dim`` (about twice as fast on CPU as ``vector_norm`` on complex input)."""
     return (z.real.square() + z.imag.square()).sum(dim=dim).sqrt()

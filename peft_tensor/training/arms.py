@@ -47,7 +47,7 @@ PEFT_ARMS = (*methods(), *PEFT_BASELINES, *FULL_ARMS)
 ARMS = (*PEFT_ARMS, "full", "decoder_only", "frozen")
 _ALIASES = {"decoder-only": "decoder_only", "decoder": "decoder_only", "linear": "decoder_only", "head": "frozen",
             "tcur": "tcurlora", "lora-pt": "lorapt", "lora_pt": "lorapt", "peft_lora": "lora", "peft_pissa": "pissa"}
-_RESERVED = {"name", "lr", "method_lr", "label", "decoder"}
+_RESERVED = {"name", "lr", "method_lr", "method_weight_decay", "label", "decoder"}
 
 
 def canonical_arm(name: str) -> str:
@@ -181,16 +181,19 @@ def optimizer_settings(arm_cfg: dict) -> dict:
     """The arm's learning rates, laid over the recipe's ``optim`` section: ``lr`` / ``method_lr`` from the arm's
     config, else ``method_lr`` = the ``lr`` of the method's registry entry (the learning rate of its trainable
     factors; the decoder and head keep ``optim.lr``; ``full_lr`` for a ``<method>_full`` arm) or, for PEFT's
-    ``lora`` and ``pissa``, their swept rate (:data:`peft_tensor.registry.BASELINE_LR`), else nothing."""
+    ``lora`` and ``pissa``, their swept rate (:data:`peft_tensor.registry.BASELINE_LR`), else nothing; and
+    ``method_weight_decay`` from the arm's config, else the registry entry's ``weight_decay`` (if it has one)."""
     from ..registry import baseline_lr
 
-    out = {k: arm_cfg[k] for k in ("lr", "method_lr") if k in arm_cfg}
+    out = {k: arm_cfg[k] for k in ("lr", "method_lr", "method_weight_decay") if k in arm_cfg}
     arm = canonical_arm(arm_cfg.get("name", "full"))
     full = arm.endswith(FULL_SUFFIX)
     spec = methods().get(arm[: -len(FULL_SUFFIX)] if full else arm)
     lr = baseline_lr(arm) if spec is None else spec.full_lr if full and spec.full_lr is not None else spec.lr
     if "method_lr" not in out and lr is not None:
         out["method_lr"] = lr
+    if "method_weight_decay" not in out and spec is not None and spec.weight_decay is not None:
+        out["method_weight_decay"] = spec.weight_decay
     return out
 
 

@@ -34,7 +34,8 @@ def step_seed(seed: int, step: int, rank: int = 0) -> None:
 
 def make_optimizer(model: torch.nn.Module, cfg: dict) -> torch.optim.Optimizer:
     """Adam (amsgrad) as in the papers: ``lr`` 1e-3, ``weight_decay`` 2e-5. ``method_lr`` (optional) is the
-    learning rate of the adapter factors, the decoder/head (``modules_to_save``) keep ``lr``. ``cfg`` is an
+    learning rate of the adapter factors, the decoder/head (``modules_to_save``) keep ``lr``; ``method_weight_decay``
+    (optional, with ``method_lr``) their weight decay. ``cfg`` is an
     ``optim`` block (:class:`~peft_tensor.training.schema.OptimConfig`: its defaults fill the keys left out)."""
     from .schema import OptimConfig, fill_block
 
@@ -50,7 +51,9 @@ def make_optimizer(model: torch.nn.Module, cfg: dict) -> torch.optim.Optimizer:
     else:
         dec = [p for n, p in named if "modules_to_save" in n]
         ada = [p for n, p in named if "modules_to_save" not in n]
-        groups = [g for g in ({"params": dec, "lr": lr}, {"params": ada, "lr": float(method_lr)}) if g["params"]]
+        ada_wd = wd if cfg["method_weight_decay"] is None else float(cfg["method_weight_decay"])
+        groups = [g for g in ({"params": dec, "lr": lr, "weight_decay": wd},
+                              {"params": ada, "lr": float(method_lr), "weight_decay": ada_wd}) if g["params"]]
     name = str(cfg["name"]).lower()
     if name == "sgd":  # for checks that must not be amplified by Adam's normalisation (e.g. DDP equivalence)
         return torch.optim.SGD(groups, lr=lr, weight_decay=wd, momentum=float(cfg["momentum"]))

@@ -84,6 +84,8 @@ class OptimConfig:
                    aliases=("learning_rate", "learningrate", "base_lr", "rate"))
     weight_decay: float = _f(2e-5, "L2 weight decay", aliases=("wd", "decay"))
     method_lr: Optional[float] = _f(None, "learning rate of the adapter factors; null: lr (an arm's registry lr wins)")
+    method_weight_decay: Optional[float] = _f(
+        None, "weight decay of the adapter factors (with method_lr); null: weight_decay (an arm's registry one wins)")
     momentum: float = _f(0.0, "SGD momentum (name: sgd only)")
     amsgrad: bool = _f(True, "Adam's amsgrad variant (name: adam only)")
     poly_power: float = _f(0.9, "power of the polynomial decay (1 - step / steps) ** poly_power, per step",
@@ -573,7 +575,7 @@ def check_model(model: dict, path: str) -> dict:
     return model
 
 
-_ARM_KEYS = {"name", "label", "decoder", "lr", "method_lr", "modules_to_save"}
+_ARM_KEYS = {"name", "label", "decoder", "lr", "method_lr", "method_weight_decay", "modules_to_save"}
 
 
 def check_arm(arm, path: str):

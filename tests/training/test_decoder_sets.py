@@ -44,6 +44,26 @@ def test_every_method_has_a_registry_learning_rate(method):
     assert settings["method_lr"] > 3e-3
 
 
+@pytest.mark.parametrize("method", ["tcurlora", "lorapt"])
+def test_factor_weight_decay_is_the_registrys_or_the_arms(method):
+    """Adam's coupled weight decay pulls each factor towards zero; LoRA-PT's zero removes the principal part, and on a
+    backbone with small gradients that pull outweighs the data (docs/methods.md#weight-decay): the recipes train its
+    factors without it (registry), the decoder and head with optim.weight_decay; an arm may set its own."""
+    from peft_tensor.training.loop import make_optimizer
+
+    settings = optimizer_settings({"name": method, "method_weight_decay": 0.0})
+    assert optimizer_settings({"name": "lorapt"})["method_weight_decay"] == 0.0
+    assert "method_weight_decay" not in optimizer_settings({"name": "tcurlora"})  # optim.weight_decay
+    assert optimizer_settings({"name": method, "method_weight_decay": 1e-4})["method_weight_decay"] == 1e-4
+    cfg = {"name": "unetr", "img_size": 16, "feature_size": 8, "hidden_size": 32, "mlp_dim": 64, "num_heads": 4}
+    model = apply_arm(build_model(cfg), {"name": method, "r": 2}, cfg)
+    opt = make_optimizer(model, {"lr": 3e-3, "weight_decay": 2e-5, **settings})
+    decoder, factors = opt.param_groups
+    assert (decoder["lr"], decoder["weight_decay"]) == (3e-3, 2e-5)
+    assert (factors["lr"], factors["weight_decay"]) == (settings["method_lr"], 0.0)
+    assert all(p.dim() > 0 for p in factors["params"]) and len(factors["params"]) >= 4
+
+
 def test_full_arms_adapt_the_decoder_convolutions_and_train_only_the_head():
     """<method>_full: the method on the encoder Linears and every decoder2-5 convolution; the head trains in full."""
     from peft_tensor.training.arms import FULL_ARMS, decoder_conv_targets, peft_config
@@ -81,10 +101,10 @@ def test_full_arms_on_swinunetr_and_target_configs():
     unetr = {"name": "unetr", "img_size": 32, "feature_size": 8, "hidden_size": 96, "mlp_dim": 192, "num_heads": 4}
     assert peft_config("lorapt_full", {"name": "lorapt_full"}, unetr).r == 2
     # the whole-network tCURLoRA arm has its own core learning rate (0.3 is unstable there); others fall back to lr
-    assert optimizer_settings({"name": "tcurlora_full"}) == {"method_lr": 0.03}
-    assert optimizer_settings({"name": "tcurlora"}) == {"method_lr": 0.3}
+    assert optimizer_settings({"name": "tcurlora_full"})["method_lr"] == 0.03
+    assert optimizer_settings({"name": "tcurlora"})["method_lr"] == 0.3
     assert optimizer_settings({"name": "hyps_full"}) == optimizer_settings({"name": "hyps"})
-    assert optimizer_settings({"name": "tcurlora_full", "method_lr": 0.1}) == {"method_lr": 0.1}
+    assert optimizer_settings({"name": "tcurlora_full", "method_lr": 0.1})["method_lr"] == 0.1
     by_target = {"_target_": "monai.networks.nets.UNETR", "in_channels": 1, "out_channels": 2, "img_size": [32] * 3,
                  "feature_size": 8, "hidden_size": 96, "mlp_dim": 192, "num_heads": 4}
     def targets(config):  # None: the tuner takes the network's preset, the same for both

@@ -80,8 +80,8 @@ def test_every_field_has_a_help_line():
 
     for cls in SCHEMAS.values():
         walk(cls)
-    assert schema_keys("finetune")["optim"] == ["name", "lr", "weight_decay", "method_lr", "momentum", "amsgrad",
-                                                "poly_power"]
+    assert schema_keys("finetune")["optim"] == ["name", "lr", "weight_decay", "method_lr", "method_weight_decay",
+                                                "momentum", "amsgrad", "poly_power"]
 
 
 def test_recipe_configs_infer_their_schema():

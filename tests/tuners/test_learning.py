@@ -96,7 +96,7 @@ def test_tcurlora_scale_paper_form_and_relative_step():
     deltas, papers = {}, {}
     for scale in (1.0, 2.5):
         model = get_peft_model(tiny_unetr(0), TCURLoraConfig(r=4, target_modules=["attn.out_proj"],
-                                                             core_scale=scale))
+                                                             core_scale=scale, basis="paper"))
         (group,) = _groups(model, "TCURLoraGroup")
         with torch.no_grad():
             group.tcurlora_core.add_(0.01 * torch.randn(group.tcurlora_core.shape, generator=torch.Generator()
@@ -116,7 +116,8 @@ def test_tcurlora_scale_paper_form_and_relative_step():
             for m in base.modules():
                 if isinstance(m, nn.Linear):
                     m.weight.mul_(c)
-        model = get_peft_model(base, TCURLoraConfig(r=8, target_modules=UNETR_TARGETS, grouping="by_shape"))
+        model = get_peft_model(base, TCURLoraConfig(r=8, target_modules=UNETR_TARGETS, grouping="by_shape",
+                                                    basis="paper"))
         groups = _groups(model, "TCURLoraGroup")
         scales.append([g.scale() for g in groups])
         for g in groups:

@@ -176,6 +176,7 @@ def no_decomposition(monkeypatch):
         raise AssertionError("loading ran a decomposition")
 
     monkeypatch.setattr(tcurlora_layer, "tensor_cur", refuse)
+    monkeypatch.setattr(tcurlora_layer, "t_qr_whiteners", refuse)
     monkeypatch.setattr(lorapt_layer, "truncated_t_svd", refuse)
 
 

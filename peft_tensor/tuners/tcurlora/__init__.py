@@ -17,4 +17,6 @@ register("tcurlora", peft_type="TCURLORA", config_cls=TCURLoraConfig, model_cls=
          lr=0.3,  # with core_scale="auto"; the core does not move at the recipes' 3e-3 (docs/methods.md)
          # tcurlora_full (cores on the decoder convolutions too) is unstable at 0.3 and trains at 0.03
          # (docs/convolutions.md)
+         # factors keep optim.weight_decay: without it the core learns on the pretrain_cpu backbone but loses on the
+         # demo's (docs/methods.md#weight-decay); arm.method_weight_decay=0 selects it
          full_lr=0.03)

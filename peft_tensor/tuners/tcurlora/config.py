@@ -6,7 +6,10 @@ from typing import Optional, Union
 from peft.config import PeftConfig
 
 from ..._peft_compat import ensure_peft_type
+from ...errors import PeftTensorError
 from .._config import GroupingConfigMixin, PeftTensorConfigMixin
+
+DEFAULT_BASIS = "paper"  # of a new config (basis=None); a config file without the field is 'paper' too
 
 
 @dataclass
@@ -42,9 +45,25 @@ class TCURLoraConfig(GroupingConfigMixin, PeftTensorConfigMixin, PeftConfig):
                   "load as 1.0, which is how they were trained."},
     )
 
+    basis: Optional[str] = field(
+        default=None,
+        metadata={"help": "Coordinates of the trainable core. 'paper' (default): the paper's core U, initialised at "
+                  "the pseudo-inverse U0 of the intersection. 'orthonormal': the update is "
+                  "s * Q_C * U' * Q_R^T with Q_C, Q_R the orthonormalised C and R (per Fourier slice, QR) and U' "
+                  "zero at init; the same update as the paper's with U - U0 = T_C^-1 U' T_R^-1 (T the triangular "
+                  "QR factors, saved with the adapter, so loading runs no decomposition), but a step on U' moves "
+                  "the weights equally in every direction, and weight decay pulls U' towards the identity "
+                  "(docs/methods.md#tcurlora-core-coordinates). Configs written before this field existed load as "
+                  "'paper', which is how they were trained."},
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = ensure_peft_type("TCURLORA")
+        if self.basis is None:  # before _check_common fills in peft_tensor_version
+            self.basis = "paper" if self.peft_tensor_version is not None else DEFAULT_BASIS
+        if self.basis not in ("orthonormal", "paper"):
+            raise PeftTensorError(f"basis must be 'orthonormal' or 'paper', got {self.basis!r}.")
         self._resolve_scale("core_scale")  # before _check_common fills in peft_tensor_version
         self._check_common()
         self._check_grouping()

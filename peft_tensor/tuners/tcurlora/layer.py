@@ -6,7 +6,7 @@ import warnings
 import torch
 from torch import nn
 
-from ...algebra import compute_dtype, fourier_slice_weights, from_fourier, tensor_cur, to_fourier
+from ...algebra import compute_dtype, fourier_slice_weights, from_fourier, t_qr_whiteners, tensor_cur, to_fourier
 from .._group_state import replaying_forward
 from ..tensor_group import TensorGroup, TensorGroupLayer, cache_build
 
@@ -18,6 +18,10 @@ class TCURLoraGroup(TensorGroup):
     ``col_idx``/``row_idx`` ``(r,)``, the selected columns/rows. ``C`` and ``R`` are exact copies of base-weight
     columns/rows, so they are re-gathered from the base weights by index rather than stored (the adapter file stays
     tiny and no decomposition is re-run at load). ``R`` is kept in the Fourier domain, where it is used.
+
+    ``basis="orthonormal"`` (``TCURLoraConfig.basis``) also saves ``col_whiten`` / ``row_whiten`` ``(L, r, r)``, the
+    inverse triangular QR factors of C and R (``C * col_whiten`` and ``row_whiten * R`` are t-orthonormal), and the
+    core starts at zero: ``D = s C * col_whiten * (U - U_init) * row_whiten * R``, ``U_init = 0``.
     """
 
     param_names = ("tcurlora_core",)
@@ -37,16 +41,29 @@ class TCURLoraGroup(TensorGroup):
     @staticmethod
     def expected_shapes(spec, config) -> dict[str, tuple[int, ...]]:
         L, r = spec.n_slices, (spec.rank if spec.rank is not None else config.r)
-        return {"tcurlora_core": (L, r, r), "tcurlora_core_init": (L, r, r), "col_idx": (r,), "row_idx": (r,)}
+        shapes = {"tcurlora_core": (L, r, r), "tcurlora_core_init": (L, r, r), "col_idx": (r,), "row_idx": (r,)}
+        if getattr(config, "basis", "paper") == "orthonormal":
+            shapes.update(col_whiten=(L, r, r), row_whiten=(L, r, r))
+        return shapes
 
     def _init_from_weight(self, weight: torch.Tensor, config) -> None:
         cur = tensor_cur(weight, self.rank)
         self.register_buffer("col_idx", cur.col_idx.clone())
         self.register_buffer("row_idx", cur.row_idx.clone())
-        self.register_buffer("tcurlora_core_init", cur.U.clone())
-        core = cur.U.clone()
-        if not config.init_weights:
-            core = core + 0.1 * core.abs().mean() * torch.randn_like(core)
+        if self.basis == "orthonormal":
+            # U - U0 = Wc * U' * Wr with U' trainable from zero: the same updates, isometric coordinates
+            wc, wr = t_qr_whiteners(cur.C, cur.R)
+            self.register_buffer("col_whiten", wc.to(cur.U.dtype))
+            self.register_buffer("row_whiten", wr.to(cur.U.dtype))
+            self.register_buffer("tcurlora_core_init", torch.zeros_like(cur.U))
+            core = torch.zeros_like(cur.U)
+            if not config.init_weights:  # a unit core entry moves the weights by about their rms (core_scale auto)
+                core = 0.1 * torch.randn_like(core)
+        else:
+            self.register_buffer("tcurlora_core_init", cur.U.clone())
+            core = cur.U.clone()
+            if not config.init_weights:
+                core = core + 0.1 * core.abs().mean() * torch.randn_like(core)
         self.tcurlora_core = nn.Parameter(core)
         self._set_frozen(cur.C, cur.R)
 
@@ -123,22 +140,32 @@ class TCURLoraGroup(TensorGroup):
 
     def combined_extras(self) -> dict:
         """Saved tensors a combination of this group with others (same C and R) copies as they are."""
-        return {"base_fingerprint": self.base_fingerprint.clone()}
+        extras = {"base_fingerprint": self.base_fingerprint.clone()}
+        if self.basis == "orthonormal":
+            extras.update(col_whiten=self.col_whiten.clone(), row_whiten=self.row_whiten.clone())
+        return extras
 
     def _rows_hat(self) -> torch.Tensor:
-        """R in the Fourier domain ``(L//2+1, r, n2)``, complex; cached off the module while R is unchanged."""
+        """R (``basis='orthonormal'``: ``row_whiten * R``) in the Fourier domain ``(L//2+1, r, n2)``, complex; cached
+        off the module while R (and the whitener) is unchanged."""
         rows = self.rows
-        key = (rows.data_ptr(), rows._version, rows.dtype, rows.device)
+        white = self.row_whiten if self.basis == "orthonormal" else None
+        key = (rows.data_ptr(), rows._version, rows.dtype, rows.device) + (
+            () if white is None else (white.data_ptr(), white._version, white.dtype))
         hit = self.__dict__.get("_rows_hat_cache")
         if hit is None or hit[0] != key:
             with cache_build():
-                hit = (key, to_fourier(rows))  # float32, or float64 for a float64 model
+                r_hat = to_fourier(rows)  # float32, or float64 for a float64 model
+                if white is not None:
+                    r_hat = to_fourier(white.to(rows.dtype)) @ r_hat
+                hit = (key, r_hat)
             self.__dict__["_rows_hat_cache"] = hit
         return hit[1]
 
     def _configure(self, config) -> None:
         super()._configure(config)
         self.core_scale = getattr(config, "core_scale", 1.0)
+        self.basis = getattr(config, "basis", None) or "paper"
 
     def scale(self) -> float:
         """``s`` of ``s * C * (U - U0) * R`` (see ``TCURLoraConfig.core_scale``); 'auto' is computed from C and R
@@ -148,12 +175,17 @@ class TCURLoraGroup(TensorGroup):
         self._sync_frozen()
         cols, rows = self.cols, self.rows
         key = (cols.data_ptr(), cols._version, rows.data_ptr(), rows._version, cols.device)
+        if self.basis == "orthonormal":
+            key += tuple((t.data_ptr(), t._version) for t in (self.col_whiten, self.row_whiten))
         hit = self.__dict__.get("_scale_cache")
         if hit is None or hit[0] != key:
             with torch.no_grad():
                 c, r = cols.double(), rows.double()
                 w = fourier_slice_weights(self.n_slices, device=c.device, dtype=c.dtype)
                 c_hat, r_hat = to_fourier(c), to_fourier(r)
+                if self.basis == "orthonormal":  # the factors the core multiplies: Q_C and Q_R^T
+                    c_hat = c_hat @ to_fourier(self.col_whiten.double())
+                    r_hat = to_fourier(self.row_whiten.double()) @ r_hat
                 gain2 = (w * c_hat.abs().square().sum((-2, -1)) * r_hat.abs().square().sum((-2, -1))).sum()
                 rms = ((c.square().sum() + r.square().sum()) / (c.numel() + r.numel())).sqrt()
                 n_weights = self.n_slices * c.shape[-2] * r.shape[-1]
@@ -167,7 +199,10 @@ class TCURLoraGroup(TensorGroup):
         core, core0 = self.tcurlora_core, self.tcurlora_core_init
         dt = compute_dtype(core.dtype)
         delta_core = (core.to(dt) - core0.to(dt)) * self.scale()
-        b = from_fourier(to_fourier(delta_core) @ self._rows_hat(), self.n_slices)  # s (U - U0) * R : (L, r, n2)
+        core_hat = to_fourier(delta_core)
+        if self.basis == "orthonormal":  # s Wc * (U - U0) * (Wr * R)
+            core_hat = to_fourier(self.col_whiten.to(dt)) @ core_hat
+        b = from_fourier(core_hat @ self._rows_hat(), self.n_slices)  # s (U - U0) * R : (L, r, n2)
         return [(self.cols.to(dt), b)]
 
 
@@ -175,6 +210,9 @@ def _combine_tcurlora(groups, weights, configs, combination_type):
     if combination_type not in (None, "linear"):
         raise ValueError(f"tCURLoRA combines adapters linearly (exact: the cores share C and R); "
                          f"combination_type={combination_type!r} is not supported, use 'linear'.")
+    if len({getattr(c, "basis", "paper") for c in configs}) > 1:
+        raise ValueError("tCURLoRA adapters combine only in one core basis; got "
+                         f"basis={[getattr(c, 'basis', 'paper') for c in configs]}: retrain one of them in the other.")
     out = []
     for parts in zip(*groups):
         first = parts[0]
@@ -183,7 +221,9 @@ def _combine_tcurlora(groups, weights, configs, combination_type):
                 f"tCURLoRA adapters combine only at one rank per group (shared C and R); group {first.name!r} has "
                 f"r={[g.rank for g in parts]}: combine adapters built with the same r and rank_pattern.")
         for g in parts[1:]:
-            if not (torch.equal(g.col_idx, first.col_idx) and torch.equal(g.row_idx, first.row_idx)):
+            same_white = first.basis != "orthonormal" or (torch.equal(g.col_whiten, first.col_whiten)
+                                                          and torch.equal(g.row_whiten, first.row_whiten))
+            if not (torch.equal(g.col_idx, first.col_idx) and torch.equal(g.row_idx, first.row_idx) and same_white):
                 raise ValueError(
                     f"Group {first.name!r}: the adapters selected different columns/rows (built on different "
                                  "base weights?), so their cores do not share C and R and cannot be combined exactly.")
