@@ -224,10 +224,11 @@ def test_targets_matching_nothing_in_a_cnn_name_its_convolutions():
     from monai.networks.nets import BasicUNet
 
     net = BasicUNet(spatial_dims=3, in_channels=1, out_channels=2, features=(4, 4, 8, 8, 16, 4))
-    # tCURLoRA r=2: the 1-channel input convolution (conv_0.conv_0.conv) allows r <= 1, so neither the preset nor a
-    # suffix matching it is suggested; HyPS factorises it as 4 x 27 and can take both
+    # tCURLoRA r=2: the 1-channel input convolution (conv_0.conv_0.conv) allows r <= 1, so no explicit suffix matching
+    # it is suggested (the preset caps it: rank_cap=None); HyPS factorises it as 4 x 27 and can take both
     for config, names in ((TCURLoraConfig(r=2, target_modules=["norm"]),
-                           r"name its layers .* e.g. target_modules=\['conv_1.conv', 'convs.conv_0.conv'"),
+                           r"pass target_modules=None for BasicUNet's preset, or name its layers .* e.g. "
+                           r"target_modules=\['conv_1.conv', 'convs.conv_0.conv'"),
                           (HyPSConfig(r=2, target_modules=["attn.qkv"]),
                            r"pass target_modules=None for BasicUNet's preset, or name its layers .* e.g. "
                            r"target_modules=\['conv_0.conv', 'conv_1.conv'")):

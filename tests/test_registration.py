@@ -97,7 +97,8 @@ def test_registry_lr_is_the_arms_method_lr(monkeypatch):
     from peft_tensor import registry
     from peft_tensor.training.arms import optimizer_settings
 
-    assert optimizer_settings({"name": "lora"}) == {}
+    assert optimizer_settings({"name": "lora"}) == {"method_lr": registry.BASELINE_LR["lora"]}  # PEFT's: swept
+    assert optimizer_settings({"name": "full"}) == {}
     spec = registry.get_method("tcurlora")
     monkeypatch.setitem(registry._METHODS, "tcurlora", dataclasses.replace(spec, lr=0.03, weight_decay=None))
     assert optimizer_settings({"name": "tcurlora"}) == {"method_lr": 0.03}
