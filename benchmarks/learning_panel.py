@@ -13,9 +13,9 @@ its margin over the floor arm (frozen), the number of steps it needs to reach ``
 validation Dice, and whether it meets the issue's criterion (>= ``min_ratio`` x LoRA and >= frozen +
 ``min_margin``); each arm's learning rates; the backbones (config hash, sha256 of the weights).
 
-    python benchmarks/learning_panel.py                        # configs/learning_panel_cpu.yaml: 3 x 2 cells, 150 steps
-    python benchmarks/learning_panel.py --budget reduced       # every cell, 40 steps
-    python benchmarks/learning_panel.py --budget ci            # the CI guard's panel (one small backbone, one task)
+    python benchmarks/learning_panel.py                   # configs/learning_panel_cpu.yaml: 3 x 2 cells, 150 steps
+    python benchmarks/learning_panel.py --budget reduced  # every cell, 40 steps
+    python benchmarks/learning_panel.py --budget ci       # the CI guard's panel (one small backbone, one task)
     python benchmarks/learning_panel.py tasks=[target_shift] 'arms={lora: {name: lora, r: 8, decoder: head}}'
 
 Writes ``<output_dir>/<stem>.json`` (config, backbones, machine, every run with its curve) and ``<stem>.md``,
@@ -175,8 +175,9 @@ def run_cell(cfg: dict, backbone: dict, task: str, label: str, arm: dict, work: 
     curve = val_curve(run_dir)
     test = res["test"]["dice"]
     return {"backbone": backbone["name"], "task": task, "arm": label, "method": arm["name"],
-            "key": run_key(cfg, backbone, task, arm), "rates": res.get("rates"), "trainable": res["params"]["trainable"],
-            "steps": res["steps"], "dice": test["mean"], "dice_case_std": test["std"], "n_test_cases": test["n"],
+            "key": run_key(cfg, backbone, task, arm), "rates": res.get("rates"),
+            "trainable": res["params"]["trainable"], "steps": res["steps"], "dice": test["mean"],
+            "dice_case_std": test["std"], "n_test_cases": test["n"],
             "curve": curve, "steps_to_reach": steps_to_reach(curve, float(cfg["criterion"].get("reach", 0.9))),
             "setup_s": res.get("setup_s"), "train_s": res["train_s"], "wall_s": wall, "cpu_s": cpu,
             "threads": run_cfg["threads"]}
@@ -221,7 +222,7 @@ def markdown(summary: dict) -> str:
     arms, tasks, backbones = list(cfg["arms"]), cfg["tasks"], list(cfg["backbones"])
     judged = [a for a in arms if a not in (crit["reference"], crit["floor"])]
     n_cells = len(backbones) * len(tasks)
-    lines = [f"# Learning panel: the adapter alone on {len(backbones)} backbones x {len(tasks)} tasks"
+    lines = [f"# Learning panel: the adapter alone on {len(backbones)} backbone(s) x {len(tasks)} task(s)"
              + (f" (budget `{cfg['budget']}`)" if cfg.get("budget") else ""), "",
              f"Each cell: few-shot fine-tuning ({summary['n_train']} training subjects x 2 hemispheres) for "
              f"{cfg['steps']} steps from the cell's backbone on its task, test Dice over {summary['n_test_cases']} "
@@ -267,8 +268,8 @@ def markdown(summary: dict) -> str:
         bb = summary["backbones"].get(name)
         if bb:
             over = " ".join(bb["overrides"])
-            lines.append(f"| {name} | `{bb['config']}{' ' + over if over else ''}` | {bb['steps']} | {bb['threads']} | "
-                         f"`{bb['hash']}` | `{bb['sha256'][:16]}` | {bb['pretrain_s']:.0f} s"
+            lines.append(f"| {name} | `{bb['config']}{' ' + over if over else ''}` | {bb['steps']} | "
+                         f"{bb['threads']} | `{bb['hash']}` | `{bb['sha256'][:16]}` | {bb['pretrain_s']:.0f} s"
                          f"{' (cached)' if bb.get('reused') else ''} |")
     n_runs = len(backbones) * len(tasks) * len(arms)
     cpu = sum(r["cpu_s"] for r in runs)
@@ -328,14 +329,21 @@ def parse_args(argv=None) -> tuple[dict, str]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="YAML path or a name in benchmarks/configs")
     parser.add_argument("--budget", default=None, help="a key of the config's budgets (reduced, ci)")
+    parser.add_argument("--render", action="store_true",
+                        help="run nothing: rewrite <output_dir>/<stem>.md from the panel's <stem>.json")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value (YAML value), e.g. steps=60 tasks=[target]")
     args = parser.parse_args(argv)
     cmd = "python benchmarks/learning_panel.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    return load_panel_config(args.config, args.overrides, args.budget), cmd.strip()
+    return load_panel_config(args.config, args.overrides, args.budget), cmd.strip(), args.render
 
 
 if __name__ == "__main__":
-    config, command_line = parse_args()
-    result = main(config, command_line)
+    config, command_line, render_only = parse_args()
+    if render_only:
+        stem_path = Path(config["output_dir"]) / config["stem"]
+        result = json.loads(stem_path.with_suffix(".json").read_text())
+        stem_path.with_suffix(".md").write_text(markdown(result))
+    else:
+        result = main(config, command_line)
     print()
     print(markdown(result))
