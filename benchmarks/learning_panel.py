@@ -229,7 +229,7 @@ def markdown(summary: dict) -> str:
              f"held-out cases, seed {cfg['seed']}, {cfg['threads']} torch thread(s) per run; recipe config "
              f"`{cfg['finetune']['config']}`" + (f" + `{' '.join(cfg['finetune']['overrides'])}`"
                                                   if cfg['finetune'].get('overrides') else "") + ". "
-             f"Criterion (issue 22): each method's adapter alone >= {crit['min_ratio']:g}x the Dice of "
+             f"Criterion: each method's adapter alone >= {crit['min_ratio']:g}x the Dice of "
              f"{crit['reference']} and >= {crit['floor']} + {crit['min_margin']:g}. Steps to "
              f"{100 * float(crit.get('reach', 0.9)):.0f}%: the first validation (every {cfg.get('eval_every')} steps)"
              f" at {100 * float(crit.get('reach', 0.9)):.0f}% of the run's final validation Dice.", "",
