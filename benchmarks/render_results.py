@@ -46,6 +46,7 @@ SECTIONS = [
     ("Adapter sizes, default presets and whole networks (`adapter_sizes.py`)", "adapter_sizes_", "adapter_sizes.py"),
     ("Few-shot accuracy (`fewshot.py`)", "fewshot_", "fewshot.py"),
     ("Adapter-only learning-rate sweep (`lr_sweep.py`)", "lr_sweep_", "lr_sweep.py"),
+    ("Learning panel: backbones x tasks (`learning_panel.py`)", "learning_panel_", "learning_panel.py"),
     ("Loader throughput (`loader_throughput.py`)", "loader_", "loader_throughput.py"),
 ]
 DATA_SUFFIXES = (".json", ".jsonl", ".md", ".png")

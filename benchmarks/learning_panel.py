@@ -1,0 +1,349 @@
+"""Learning panel (issue 22): does each method's adapter alone learn on every backbone and target task?
+
+For every pretrained backbone in ``backbones`` (a pretraining recipe config + overrides, pretrained once with the
+panel's pinned ``threads`` and cached under ``<cache_dir>/panel-backbone-<config hash>``), every target task in
+``tasks`` (``data.task`` of the embedded cohort: ``target``, the hemisphere hippocampus; ``target_shift``, the same
+subjects under an acquisition shift) and every arm in ``arms`` (by default the adapter alone, ``decoder: head``, of
+tCURLoRA, LoRA-PT, HyPS and PEFT LoRA r=8, each at its registry rate, and ``frozen``, the head alone): few-shot
+fine-tuning with the ``finetune`` recipe config for ``steps`` steps, the validation Dice every ``eval_every`` steps
+(the recipes' ``train.val_every``: the learning curve), the test Dice over the held-out subjects at the end.
+
+Prints and writes, per cell (backbone x task): each arm's test Dice, its ratio to the reference arm (PEFT LoRA),
+its margin over the floor arm (frozen), the number of steps it needs to reach ``criterion.reach`` (90%) of its final
+validation Dice, and whether it meets the issue's criterion (>= ``min_ratio`` x LoRA and >= frozen +
+``min_margin``); each arm's learning rates; the backbones (config hash, sha256 of the weights).
+
+    python benchmarks/learning_panel.py                   # configs/learning_panel_cpu.yaml: 3 x 2 cells, 150 steps
+    python benchmarks/learning_panel.py --budget reduced  # every cell, 40 steps
+    python benchmarks/learning_panel.py --budget ci       # the CI guard's panel (one small backbone, one task)
+    python benchmarks/learning_panel.py tasks=[target_shift] 'arms={lora: {name: lora, r: 8, decoder: head}}'
+
+Writes ``<output_dir>/<stem>.json`` (config, backbones, machine, every run with its curve) and ``<stem>.md``,
+rewritten after every run; with ``resume: true`` a rerun keeps the runs of an earlier ``<stem>.json`` whose resolved
+fine-tuning config (and backbone) is the same, so an interrupted panel continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file (python benchmarks/<script>.py): the checkout's root, for _common
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import CONFIG_DIR, load_average, machine_line
+
+DEFAULT_CONFIG = "learning_panel_cpu"
+# keys of a recipe config that do not change the weights a run produces
+_VOLATILE = ("output_dir", "progress")
+_VOLATILE_DATA = ("cache_dir", "progress")
+
+
+# -- config -----------------------------------------------------------------------------------------------------------
+def load_panel_config(name: str = DEFAULT_CONFIG, overrides=None, budget: str | None = None) -> dict:
+    """The panel config ``name`` (benchmarks/configs first) with ``budgets[budget]``'s keys replacing its own, then
+    ``overrides`` (``key.sub=value``) applied."""
+    from peft_tensor.training.config import apply_overrides, load_config
+
+    cfg = load_config(name, [], search=[CONFIG_DIR], schema=None)
+    budgets = cfg.pop("budgets", None) or {}
+    if budget is not None:
+        if budget not in budgets:
+            raise ValueError(f"budget {budget!r} is not in the config's budgets: choose one of {sorted(budgets)}")
+        cfg.update(copy.deepcopy(budgets[budget]))
+        cfg["budget"] = budget
+    cfg = apply_overrides(cfg, list(overrides or []))
+    for key in ("backbones", "tasks", "arms", "finetune", "steps", "criterion"):
+        if not cfg.get(key):
+            raise ValueError(f"the panel config needs {key!r}")
+    crit = cfg["criterion"]
+    for role in ("reference", "floor"):
+        if crit[role] not in cfg["arms"]:
+            raise ValueError(f"criterion.{role} {crit[role]!r} is not one of the arms {sorted(cfg['arms'])}")
+    return cfg
+
+
+def config_hash(cfg: dict) -> str:
+    """sha1 (12 hex) of a resolved recipe config without the keys that do not change its weights (output folder,
+    progress bars, cohort cache folder)."""
+    key = {k: v for k, v in cfg.items() if k not in _VOLATILE}
+    if isinstance(key.get("data"), dict):
+        key["data"] = {k: v for k, v in key["data"].items() if k not in _VOLATILE_DATA}
+    return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _common_overrides(cfg: dict) -> list[str]:
+    over = [f"threads={cfg['threads']}", "progress=false", "data.progress=false"]
+    if cfg.get("cache_dir"):
+        over.append(f"data.cache_dir={cfg['cache_dir']}")
+    return over
+
+
+def cache_root(cfg: dict) -> Path:
+    from peft_tensor.data.embedded import default_cache_dir
+
+    return Path(cfg.get("cache_dir") or default_cache_dir())
+
+
+def pretrain_config(cfg: dict, spec: dict) -> dict:
+    """The resolved pretraining config of a backbone ``spec`` (``{config, overrides}``), threads pinned."""
+    from peft_tensor.training.config import load_config
+
+    over = [*(spec.get("overrides") or []), *_common_overrides(cfg), "output_dir=."]
+    return load_config(spec["config"], over, schema="pretrain")
+
+
+def finetune_config(cfg: dict, backbone: Path, task: str, arm: dict, out_dir: Path) -> dict:
+    """The resolved fine-tuning config of one run: the panel's ``finetune`` config and overrides, the task, the arm,
+    the step budget and validation interval, the backbone, threads pinned, no resumable checkpoint."""
+    from peft_tensor.training.config import load_config
+
+    ft = cfg["finetune"]
+    run_cfg = load_config(ft["config"], [
+        *(ft.get("overrides") or []), *_common_overrides(cfg), f"data.task={task}", f"seed={cfg['seed']}",
+        f"train.steps={cfg['steps']}", f"train.val_every={cfg.get('eval_every') or 0}", "train.checkpoint_every=0",
+        f"model.pretrained={backbone}", f"output_dir={out_dir}"], schema=None)
+    run_cfg["arm"] = dict(arm)
+    from peft_tensor.training.schema import validate_config
+
+    return validate_config(run_cfg, "finetune")
+
+
+# -- backbones --------------------------------------------------------------------------------------------------------
+def ensure_backbone(cfg: dict, name: str, spec: dict) -> dict:
+    """Pretrain the backbone ``spec`` once into ``<cache>/panel-backbone-<hash>`` (a finished one is reused: it has
+    ``panel_backbone.json``); its record: name, config, hash, folder, sha256 of the weights, pretraining seconds."""
+    from peft_tensor.recipes import pretrain
+    from peft_tensor.training import write_json
+
+    pre_cfg = pretrain_config(cfg, spec)
+    digest = config_hash(pre_cfg)
+    folder = cache_root(cfg) / f"panel-backbone-{digest}"
+    marker = folder / "panel_backbone.json"
+    if marker.is_file():
+        record = json.loads(marker.read_text())
+        print(f"[panel] backbone {name}: reusing {folder}", flush=True)
+        return {**record, "name": name, "reused": True}
+    print(f"[panel] backbone {name}: pretraining {pre_cfg['train']['steps']} steps -> {folder}", flush=True)
+    t0 = time.time()
+    pretrain.main({**pre_cfg, "output_dir": str(folder)})  # resumes its own checkpoint after an interruption
+    weights = folder / "backbone" / "model.safetensors"
+    record = {"config": spec["config"], "overrides": list(spec.get("overrides") or []), "hash": digest,
+              "path": str(folder / "backbone"), "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+              "threads": pre_cfg["threads"], "steps": pre_cfg["train"]["steps"], "pretrain_s": time.time() - t0}
+    write_json(marker, record)
+    return {**record, "name": name, "reused": False}
+
+
+# -- one run and its curve --------------------------------------------------------------------------------------------
+def val_curve(run_dir: Path) -> list[list]:
+    """``[[step, val Dice], ...]`` from a run's ``metrics.jsonl`` (steps counted from 1)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [[int(r["step"]) + 1, float(r["val_dice"])] for r in rows if r.get("val_dice") is not None]
+
+
+def steps_to_reach(curve: list, fraction: float = 0.9) -> int | None:
+    """The first evaluated step whose validation Dice is at least ``fraction`` x the last evaluation's (the run's
+    final Dice); None without a curve or when the final Dice is not positive."""
+    if not curve or curve[-1][1] <= 0:
+        return None
+    goal = fraction * curve[-1][1]
+    return next(step for step, dice in curve if dice >= goal)
+
+
+def run_cell(cfg: dict, backbone: dict, task: str, label: str, arm: dict, work: Path) -> dict:
+    """Fine-tune and evaluate one arm on one task from one backbone; the run's row."""
+    from peft_tensor.recipes import finetune
+
+    run_dir = work / backbone["name"] / task / label
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, never a resumed one
+    run_cfg = finetune_config(cfg, Path(backbone["path"]), task, arm, run_dir)
+    t0, c0 = time.time(), time.process_time()
+    res = finetune.main(copy.deepcopy(run_cfg))
+    wall, cpu = time.time() - t0, time.process_time() - c0
+    curve = val_curve(run_dir)
+    test = res["test"]["dice"]
+    return {"backbone": backbone["name"], "task": task, "arm": label, "method": arm["name"],
+            "key": run_key(cfg, backbone, task, arm), "rates": res.get("rates"),
+            "trainable": res["params"]["trainable"], "steps": res["steps"], "dice": test["mean"],
+            "dice_case_std": test["std"], "n_test_cases": test["n"],
+            "curve": curve, "steps_to_reach": steps_to_reach(curve, float(cfg["criterion"].get("reach", 0.9))),
+            "setup_s": res.get("setup_s"), "train_s": res["train_s"], "wall_s": wall, "cpu_s": cpu,
+            "threads": run_cfg["threads"]}
+
+
+def run_key(cfg: dict, backbone: dict, task: str, arm: dict) -> str:
+    """What makes two runs the same: the backbone's weights and the resolved fine-tuning config."""
+    return hashlib.sha1(json.dumps([backbone["sha256"], config_hash(finetune_config(
+        cfg, Path(backbone["path"]), task, arm, Path(".")))]).encode()).hexdigest()[:12]
+
+
+# -- the criterion and the tables -------------------------------------------------------------------------------------
+def assess(runs: list[dict], criterion: dict) -> dict:
+    """{(backbone, task, arm): {ratio, margin, passed}}: each run's Dice over the reference arm's of its cell, its
+    margin over the floor arm's, and ``passed`` (both thresholds met; None for the reference and floor arms, or
+    when either is missing from the cell)."""
+    ref, floor = criterion["reference"], criterion["floor"]
+    by = {(r["backbone"], r["task"], r["arm"]): r for r in runs}
+    out = {}
+    for (b, t, a), r in by.items():
+        rd, fd = by.get((b, t, ref), {}).get("dice"), by.get((b, t, floor), {}).get("dice")
+        ratio = r["dice"] / rd if rd else None
+        margin = r["dice"] - fd if fd is not None else None
+        passed = None
+        if a not in (ref, floor) and ratio is not None and margin is not None:
+            passed = ratio >= float(criterion["min_ratio"]) and margin >= float(criterion["min_margin"]) - 1e-12
+        out[(b, t, a)] = {"ratio": ratio, "margin": margin, "passed": passed}
+    return out
+
+
+def _f(v, spec="{:.3f}"):
+    return "—" if v is None else spec.format(v)
+
+
+def markdown(summary: dict) -> str:
+    from peft_tensor.training.arms import format_rates
+
+    cfg, runs = summary["config"], summary["runs"]
+    crit = cfg["criterion"]
+    verdicts = assess(runs, crit)
+    by = {(r["backbone"], r["task"], r["arm"]): r for r in runs}
+    arms, tasks, backbones = list(cfg["arms"]), cfg["tasks"], list(cfg["backbones"])
+    judged = [a for a in arms if a not in (crit["reference"], crit["floor"])]
+    n_cells = len(backbones) * len(tasks)
+    lines = [f"# Learning panel: the adapter alone on {len(backbones)} backbone(s) x {len(tasks)} task(s)"
+             + (f" (budget `{cfg['budget']}`)" if cfg.get("budget") else ""), "",
+             f"Each cell: few-shot fine-tuning ({summary['n_train']} training subjects x 2 hemispheres) for "
+             f"{cfg['steps']} steps from the cell's backbone on its task, test Dice over {summary['n_test_cases']} "
+             f"held-out cases, seed {cfg['seed']}, {cfg['threads']} torch thread(s) per run; recipe config "
+             f"`{cfg['finetune']['config']}`" + (f" + `{' '.join(cfg['finetune']['overrides'])}`"
+                                                  if cfg['finetune'].get('overrides') else "") + ". "
+             f"Criterion: each method's adapter alone >= {crit['min_ratio']:g}x the Dice of "
+             f"{crit['reference']} and >= {crit['floor']} + {crit['min_margin']:g}. Steps to "
+             f"{100 * float(crit.get('reach', 0.9)):.0f}%: the first validation (every {cfg.get('eval_every')} steps)"
+             f" at {100 * float(crit.get('reach', 0.9)):.0f}% of the run's final validation Dice.", "",
+             "Test Dice (✓ / ✗: the criterion):", "",
+             "| backbone | task | " + " | ".join(arms) + " |", "|---|---|" + "---:|" * len(arms)]
+    for b in backbones:
+        for t in tasks:
+            cells = []
+            for a in arms:
+                r, v = by.get((b, t, a)), verdicts.get((b, t, a), {})
+                mark = {True: " ✓", False: " ✗"}.get(v.get("passed"), "")
+                cells.append(f"{r['dice']:.3f}{mark}" if r else "—")
+            lines.append(f"| {b} | {t} | " + " | ".join(cells) + " |")
+    passes = {a: sum(1 for b in backbones for t in tasks if verdicts.get((b, t, a), {}).get("passed")) for a in judged}
+    lines += ["", "Cells passing: " + ", ".join(f"{a} {passes[a]} / {n_cells}" for a in judged) + ".", "",
+              f"| backbone | task | arm | lr (adapter / rest) | trainable | test Dice | ÷ {crit['reference']} | "
+              f"− {crit['floor']} | steps to {100 * float(crit.get('reach', 0.9)):.0f}% | val Dice curve | pass |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---|:---:|"]
+    for b in backbones:
+        for t in tasks:
+            for a in arms:
+                r = by.get((b, t, a))
+                if not r:
+                    continue
+                v = verdicts[(b, t, a)]
+                curve = " ".join(f"{d:.2f}" for _, d in r["curve"])
+                passed = {True: "pass", False: "FAIL"}.get(v["passed"], "ref" if a == crit["reference"] else "floor"
+                                                             if a == crit["floor"] else "—")
+                lines.append(f"| {b} | {t} | {a} | {format_rates(r.get('rates'))} | {r['trainable']:,} | "
+                             f"{r['dice']:.3f} ± {r['dice_case_std']:.3f} | {_f(v['ratio'], '{:.2f}')} | "
+                             f"{_f(v['margin'], '{:+.3f}')} | {_f(r['steps_to_reach'], '{}')} | {curve} | {passed} |")
+    lines += ["", "Backbones (pretrained once each, cached by the hash of their resolved config):", "",
+              "| backbone | pretraining config | steps | threads | config hash | weights sha256 | pretraining |",
+              "|---|---|---:|---:|---|---|---:|"]
+    for name in backbones:
+        bb = summary["backbones"].get(name)
+        if bb:
+            over = " ".join(bb["overrides"])
+            lines.append(f"| {name} | `{bb['config']}{' ' + over if over else ''}` | {bb['steps']} | "
+                         f"{bb['threads']} | `{bb['hash']}` | `{bb['sha256'][:16]}` | {bb['pretrain_s']:.0f} s"
+                         f"{' (cached)' if bb.get('reused') else ''} |")
+    n_runs = len(backbones) * len(tasks) * len(arms)
+    cpu = sum(r["cpu_s"] for r in runs)
+    lines += ["", f"Runs: {len(runs)} of {n_runs}; fine-tuning wall {sum(r['wall_s'] for r in runs) / 60:.1f} min, "
+              f"process CPU {cpu / 60:.1f} min; panel wall {summary['wall_s'] / 60:.1f} min ({summary['machine']}, "
+              f"load average at start {summary['load_average_start']})."]
+    if summary.get("command"):
+        lines += ["", f"Command: `{summary['command']}`"]
+    return "\n".join(lines) + "\n"
+
+
+# -- the panel --------------------------------------------------------------------------------------------------------
+def main(cfg: dict, command: str | None = None) -> dict:
+    """Run the panel of ``cfg`` (:func:`load_panel_config`); the summary (also written to ``<output_dir>/<stem>``)."""
+    import torch
+
+    from peft_tensor.training import write_json
+
+    threads_before = torch.get_num_threads()
+    out, stem = Path(cfg["output_dir"]), cfg["stem"]
+    js = out / f"{stem}.json"
+    work = Path(cfg["work_dir"]) if cfg.get("work_dir") else Path(tempfile.mkdtemp(prefix="learning_panel_"))
+    t_start = time.time()
+    earlier = {}
+    if cfg.get("resume") and js.is_file():
+        earlier = {r["key"]: r for r in json.loads(js.read_text()).get("runs", []) if r.get("key")}
+    summary = {"config": cfg, "command": command, "machine": machine_line(), "load_average_start": load_average(),
+               "backbones": {}, "runs": [], "n_train": None, "n_test_cases": None, "wall_s": 0.0}
+    try:
+        for name, spec in cfg["backbones"].items():
+            summary["backbones"][name] = backbone = ensure_backbone(cfg, name, spec)
+            for task in cfg["tasks"]:
+                for label, arm in cfg["arms"].items():
+                    key = run_key(cfg, backbone, task, arm)
+                    if key in earlier:
+                        row = {**earlier[key], "backbone": name, "arm": label}
+                        print(f"[panel] {name} / {task} / {label}: kept from {js}", flush=True)
+                    else:
+                        print(f"[panel] {name} / {task} / {label}: {cfg['steps']} steps", flush=True)
+                        row = run_cell(cfg, backbone, task, label, arm, work)
+                        print(f"[panel]   test Dice {row['dice']:.3f}, {row['wall_s']:.0f} s", flush=True)
+                    summary["runs"].append(row)
+                    summary["n_test_cases"] = row["n_test_cases"]
+                    summary["n_train"] = finetune_config(cfg, Path("."), task, arm, Path("."))["data"].get("n_train")
+                    summary["wall_s"] = time.time() - t_start
+                    out.mkdir(parents=True, exist_ok=True)
+                    write_json(js, summary)
+                    (out / f"{stem}.md").write_text(markdown(summary))
+    finally:
+        torch.set_num_threads(threads_before)
+        if not cfg.get("work_dir"):
+            shutil.rmtree(work, ignore_errors=True)
+    return summary
+
+
+def parse_args(argv=None) -> tuple[dict, str]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="YAML path or a name in benchmarks/configs")
+    parser.add_argument("--budget", default=None, help="a key of the config's budgets (reduced, ci)")
+    parser.add_argument("--render", action="store_true",
+                        help="run nothing: rewrite <output_dir>/<stem>.md from the panel's <stem>.json")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value (YAML value), e.g. steps=60 tasks=[target]")
+    args = parser.parse_args(argv)
+    cmd = "python benchmarks/learning_panel.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    return load_panel_config(args.config, args.overrides, args.budget), cmd.strip(), args.render
+
+
+if __name__ == "__main__":
+    config, command_line, render_only = parse_args()
+    if render_only:
+        stem_path = Path(config["output_dir"]) / config["stem"]
+        result = json.loads(stem_path.with_suffix(".json").read_text())
+        stem_path.with_suffix(".md").write_text(markdown(result))
+    else:
+        result = main(config, command_line)
+    print()
+    print(markdown(result))
