@@ -443,7 +443,8 @@ def _add_matmul(result: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, alp
     if result.dtype == u.dtype == weight.dtype:
         flat = torch.addmm(result.reshape(-1, result.shape[-1]), u.reshape(-1, u.shape[-1]), weight.t(), alpha=alpha)
         return flat.view(result.shape)
-    return result + (alpha * F.linear(u, weight)).to(result.dtype)
+    mixed = torch.mm(u.reshape(-1, u.shape[-1]), weight.t()).view(*u.shape[:-1], weight.shape[0])  # not matmul: see
+    return result + (alpha * mixed).to(result.dtype)  # _channel_mix
 
 
 class _HyPSModule(nn.Module, HyPSLayer):
@@ -511,7 +512,9 @@ class Linear(_HyPSModule):
             # never the dense out x in update), and exactly zero while A == A0 and B == B0, since then every
             # product in it has an exactly-zero factor.
             a0, b0 = self.hyps_A0[adapter].to(a.dtype), self.hyps_B0[adapter].to(b.dtype)
-            u = F.linear(xa, torch.cat([b, b - b0]))  # (..., 2r)
+            bb = torch.cat([b, b - b0])
+            u = torch.mm(xa.reshape(-1, xa.shape[-1]), bb.t()).view(*xa.shape[:-1], bb.shape[0])  # (..., 2r); mm, not
+            # F.linear / matmul, whose kernel choice depends on requires_grad (see _channel_mix)
             result = _add_matmul(result, u, torch.cat([a - a0, a0], dim=1))
         if self._has_serial(adapter):
             down, up = self.hyps_down[adapter], self.hyps_up[adapter]
@@ -536,12 +539,18 @@ def _add_channel_mix(result: torch.Tensor, u: torch.Tensor, weight: torch.Tensor
     if result.dtype == u.dtype == weight.dtype:
         flat = torch.baddbmm(result.reshape(n, out, -1), weight.expand(n, *weight.shape), u3, alpha=alpha)
         return flat.view(result.shape)
-    return result + (alpha * torch.matmul(weight, u3)).view(result.shape).to(result.dtype)
+    return result + (alpha * torch.bmm(weight.expand(n, *weight.shape), u3)).view(result.shape).to(result.dtype)
 
 
 def _channel_mix(u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` (c, k) applied to the channels of u (N, k, *S) -> (N, c, *S)."""
-    return torch.matmul(weight, u.reshape(u.shape[0], u.shape[1], -1)).view(u.shape[0], weight.shape[0], *u.shape[2:])
+    """``weight`` (c, k) applied to the channels of u (N, k, *S) -> (N, c, *S).
+
+    An explicit ``bmm``, not ``torch.matmul``: matmul picks between a folded ``mm`` and a ``bmm`` by whether an operand
+    requires grad, so a trainable adapter and the same adapter loaded for inference would run other kernels (other
+    float32 rounding) on the same numbers."""
+    n = u.shape[0]
+    return torch.bmm(weight.expand(n, *weight.shape), u.reshape(n, u.shape[1], -1)).view(n, weight.shape[0],
+                                                                                          *u.shape[2:])
 
 
 _CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
