@@ -11,7 +11,12 @@ changes between them. Here every arm of both trees lives in its own worker proce
 ``benchmarks/efficiency.py`` :class:`ArmWorker`, with that tree on ``PYTHONPATH``), and the parent steps all of them
 round-robin, one training step at a time, starting one position later each round. Per tree and arm it reports the
 median step time (wall and process CPU) and the median over rounds of the per-round ratio to the tree's reference arm
-(the same round's LoRA step): the number a "within x of the ratio" criterion compares. The arms and backbone come from
+(the same round's LoRA step): the number a "within x of the ratio" criterion compares.
+
+A process keeps a speed of its own for its lifetime (memory placement; measured: the same arm in two processes 4-5%
+apart in every round), which interleaving cannot average out. ``--repeats K`` starts K fresh sets of worker processes
+one after the other; the reported ratio is the median over every round of every repeat, and each repeat's own median
+is listed, so the spread between processes shows. The arms and backbone come from
 this checkout's benchmark config (``benchmarks/configs/efficiency_cpu.yaml`` by default), so both trees build the
 same network, input and arm.
 
@@ -95,7 +100,7 @@ def git_head(tree: Path) -> str:
 
 
 def run(cfg: dict, backbone: str, arms: list[str], trees: dict[str, Path], steps: int, warmup: int,
-        log=print) -> dict:
+        log=print, repeats: int = 1) -> dict:
     spec, runc = cfg["backbones"][backbone], cfg["run"]
     reference = spec.get("reference", "lora")
     if reference not in arms:
@@ -103,55 +108,67 @@ def run(cfg: dict, backbone: str, arms: list[str], trees: dict[str, Path], steps
     unknown = [a for a in arms if a not in spec["arms"]]
     if unknown:
         raise SystemExit(f"arms {unknown} are not in backbone {backbone!r} of the config; it has {list(spec['arms'])}")
-    workers: dict[str, TreeWorker] = {}
     names = [f"{t}:{a}" for t in trees for a in arms]
-    try:
-        for n in names:
-            t, a = n.split(":")
-            job = {"backbone": spec, "arm": spec["arms"][a], "size": runc["size"], "batch": runc["batch"],
-                   "threads": runc["threads"], "device": "cpu", "seed": runc.get("seed", 0)}
-            workers[n] = TreeWorker(trees[t], job)
-        for n in names:
-            workers[n]._answer()  # ready
-        for n in names:
-            s = workers[n].call("setup")
-            log(f"  setup {n}: {s['setup_s']:.2f} s, {s['trainable']:,} trainable")
-            workers[n].call("train_begin")
-        load_start = load_average()
-        samples = round_robin(names, lambda n: workers[n].call("step"), warmup + steps, warmup,
-                              on_round=lambda i: log(f"  round {i + 1}/{warmup + steps} (load {load_average()})"))
-    finally:
-        for w in workers.values():
-            w.close()
+    load_start = load_average()
+    per_repeat: list[dict] = []
+    for k in range(repeats):
+        workers: dict[str, TreeWorker] = {}
+        try:
+            for n in names:
+                t, a = n.split(":")
+                job = {"backbone": spec, "arm": spec["arms"][a], "size": runc["size"], "batch": runc["batch"],
+                       "threads": runc["threads"], "device": "cpu", "seed": runc.get("seed", 0)}
+                workers[n] = TreeWorker(trees[t], job)
+            for n in names:
+                workers[n]._answer()  # ready
+            for n in names:
+                s = workers[n].call("setup")
+                log(f"  [{k + 1}/{repeats}] setup {n}: {s['setup_s']:.2f} s, {s['trainable']:,} trainable")
+                workers[n].call("train_begin")
+            per_repeat.append(round_robin(
+                names, lambda n: workers[n].call("step"), warmup + steps, warmup,
+                on_round=lambda i: log(f"  [{k + 1}/{repeats}] round {i + 1}/{warmup + steps} "
+                                       f"(load {load_average()})")))
+        finally:
+            for w in workers.values():
+                w.close()
+
+    def ratios(rep: dict, t: str, a: str, key: str) -> list[float]:
+        return [x[key] / r[key] for x, r in zip(rep[f"{t}:{a}"], rep[f"{t}:{reference}"])]
+
     rows = []
     for t in trees:
-        ref = samples[f"{t}:{reference}"]
         for a in arms:
-            s = samples[f"{t}:{a}"]
+            s = [x for rep in per_repeat for x in rep[f"{t}:{a}"]]
             rows.append({
                 "tree": t, "commit": git_head(trees[t]), "arm": a,
                 "step_s": median([x["wall_s"] for x in s]), "step_cpu_s": median([x["cpu_s"] for x in s]),
-                "ratio_wall": median([x["wall_s"] / r["wall_s"] for x, r in zip(s, ref)]),
-                "ratio_cpu": median([x["cpu_s"] / r["cpu_s"] for x, r in zip(s, ref)]),
+                "ratio_wall": median([q for rep in per_repeat for q in ratios(rep, t, a, "wall_s")]),
+                "ratio_cpu": median([q for rep in per_repeat for q in ratios(rep, t, a, "cpu_s")]),
+                "ratio_wall_by_repeat": [round(median(ratios(rep, t, a, "wall_s")), 4) for rep in per_repeat],
                 "wall_samples": [round(x["wall_s"], 4) for x in s],
             })
     return {"backbone": backbone, "model": spec["model"], "size": runc["size"], "threads": runc["threads"],
-            "steps": steps, "warmup": warmup, "reference": reference, "trees": {t: str(p) for t, p in trees.items()},
+            "steps": steps, "warmup": warmup, "repeats": repeats, "reference": reference,
+            "trees": {t: str(p) for t, p in trees.items()},
             "machine": machine_info(int(runc["threads"])),
             "load_average": {"start": load_start, "end": load_average()}, "rows": rows}
 
 
 def markdown(res: dict) -> str:
+    reps = res.get("repeats", 1)
     lines = [f"# Step time by source tree: {res['backbone']} {res['size']}^3, {res['threads']} thread(s), "
-             f"median of {res['steps']} interleaved steps", "",
+             f"median of {res['steps']} interleaved steps x {reps} set(s) of worker processes", "",
              f"Reference arm: `{res['reference']}` of the same tree and round. Load average: start "
              f"{res['load_average']['start']}, end {res['load_average']['end']}.", "",
-             "| tree | commit | arm | step (s) | step CPU (s) | ratio to ref (wall) | ratio to ref (CPU) |",
-             "|---|---|---|---:|---:|---:|---:|"]
+             "| tree | commit | arm | step (s) | step CPU (s) | ratio to ref (wall) | ratio to ref (CPU) | "
+             "wall ratio per process set |",
+             "|---|---|---|---:|---:|---:|---:|---|"]
     for r in res["rows"]:
         lines.append(f"| {r['tree']} | {r['commit']} | {r['arm']} | {fmt(r['step_s'], '{:.3f}')} | "
                      f"{fmt(r['step_cpu_s'], '{:.3f}')} | {fmt(r['ratio_wall'], '{:.3f}')} | "
-                     f"{fmt(r['ratio_cpu'], '{:.3f}')} |")
+                     f"{fmt(r['ratio_cpu'], '{:.3f}')} | "
+                     f"{', '.join(f'{q:.3f}' for q in r.get('ratio_wall_by_repeat', []))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -164,6 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--arms", default="lora,tcurlora,lorapt", help="comma-separated arm names of the config")
     p.add_argument("--steps", type=int, default=9)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=1, help="fresh sets of worker processes, one after the other")
     p.add_argument("--stem", default=None, help="output stem (default compare_versions_<backbone>)")
     args = p.parse_args(argv)
     for t in (args.base, args.head):
@@ -172,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_bench_config(args.config)
     trees = {"base": args.base.resolve(), "head": args.head.resolve()}
     res = run(cfg, args.backbone, args.arms.split(","), trees, args.steps, args.warmup,
-              log=lambda m: print(m, file=sys.stderr, flush=True))
+              log=lambda m: print(m, file=sys.stderr, flush=True), repeats=args.repeats)
     print_written(*write_result(res, RESULTS_DIR, args.stem or f"compare_versions_{args.backbone}", markdown))
 
 
