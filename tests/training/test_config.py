@@ -94,6 +94,16 @@ def test_config_loads_and_validates(name):
         assert cfg["synthetic"]["n_cases"] > 0 and all(p <= s for p, s in zip(cfg["patch"], cfg["synthetic"]["size"]))
         for spec in cfg["models"].values():
             model_kwargs(spec["model"])
+    elif name.startswith("learning_panel"):  # benchmarks/learning_panel.py: every backbone's pretraining, the arms
+        from benchmarks.learning_panel import pretrain_config
+
+        assert cfg["criterion"]["reference"] in cfg["arms"] and cfg["criterion"]["floor"] in cfg["arms"]
+        for spec in cfg["backbones"].values():
+            _check_training(pretrain_config(cfg, spec))
+        finetune = load_config(cfg["finetune"]["config"], cfg["finetune"]["overrides"], search=[BENCH_DIR])
+        _check_training(finetune)
+        for arm in cfg["arms"].values():
+            _check_arm(arm, finetune["model"])
     elif name == "evaluate_run":
         assert {"run_dir", "split", "eval"} <= set(cfg)
     elif name.startswith("diagnose"):
