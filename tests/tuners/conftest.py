@@ -15,3 +15,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def no_decomposition(monkeypatch):
+    """Every decomposition a method runs to build an adapter (tCURLoRA's tensor CUR and orthonormal whiteners,
+    LoRA-PT's truncated t-SVD, HyPS's SVD) raises: a load under this fixture proves it fills the adapter from the
+    file alone."""
+    import peft_tensor.tuners.hyps.layer as hyps_layer
+    import peft_tensor.tuners.lorapt.layer as lorapt_layer
+    import peft_tensor.tuners.tcurlora.layer as tcurlora_layer
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("loading ran a decomposition (tensor CUR, t-SVD or SVD)")
+
+    monkeypatch.setattr(tcurlora_layer, "tensor_cur", refuse)
+    monkeypatch.setattr(tcurlora_layer, "t_qr_whiteners", refuse)
+    monkeypatch.setattr(lorapt_layer, "truncated_t_svd", refuse)
+    monkeypatch.setattr(hyps_layer, "principal_factors", refuse)

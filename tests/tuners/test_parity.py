@@ -10,8 +10,6 @@ import torch
 from peft import PeftModel, get_peft_model
 from torch.utils.checkpoint import checkpoint
 
-import peft_tensor.tuners.lorapt.layer as lorapt_layer
-import peft_tensor.tuners.tcurlora.layer as tcurlora_layer
 from peft_tensor import HyPSConfig, LoraPTConfig, TCURLoraConfig
 from peft_tensor.errors import MergeError
 from tests._models import SWIN_TARGETS, UNETR_TARGETS, TinyMLP, tiny_unetr
@@ -170,16 +168,6 @@ def test_half_cast_of_a_monai_vit(method):
 
 
 # ------------------------------------------------------------------------------------ loading without decomposing
-@pytest.fixture
-def no_decomposition(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("loading ran a decomposition")
-
-    monkeypatch.setattr(tcurlora_layer, "tensor_cur", refuse)
-    monkeypatch.setattr(tcurlora_layer, "t_qr_whiteners", refuse)
-    monkeypatch.setattr(lorapt_layer, "truncated_t_svd", refuse)
-
-
 @pytest.mark.parametrize("method", ["tcurlora", "lorapt"])
 @pytest.mark.parametrize("low_cpu_mem_usage", [False, True])
 def test_loading_runs_no_decomposition_and_low_cpu_mem_usage_works(method, low_cpu_mem_usage, tmp_path, request):

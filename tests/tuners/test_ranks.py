@@ -13,8 +13,6 @@ import torch
 from peft import PeftModel, get_peft_model
 from torch import nn
 
-import peft_tensor.tuners.lorapt.layer as lorapt_layer
-import peft_tensor.tuners.tcurlora.layer as tcurlora_layer
 from peft_tensor import HyPSConfig, LoraPTConfig, TCURLoraConfig
 from peft_tensor.errors import PeftTensorError, RankError
 from peft_tensor.tuners._targets import is_conv
@@ -58,15 +56,6 @@ def _build(net, config):
         warnings.simplefilter("always")
         pm = get_peft_model(net, config)
     return pm, [str(w.message) for w in caught if "rank_cap" in str(w.message)]
-
-
-@pytest.fixture
-def no_decomposition(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("loading ran a decomposition")
-
-    monkeypatch.setattr(tcurlora_layer, "tensor_cur", refuse)
-    monkeypatch.setattr(lorapt_layer, "truncated_t_svd", refuse)
 
 
 # ------------------------------------------------------------------------------------------------- rank_pattern

@@ -13,7 +13,6 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 
-import peft_tensor.tuners.tcurlora.layer as tcurlora_layer
 from peft_tensor import TCURLoraConfig
 from peft_tensor.algebra import t_identity, t_product, t_transpose
 from tests._models import UNETR_TARGETS, tiny_unetr
@@ -86,19 +85,14 @@ def test_orthonormal_factors_are_t_orthonormal_and_span_the_paper_updates(base):
     assert 0.5 < ratio < 2.0, ratio
 
 
-def test_merge_equals_unmerged_and_save_load_is_exact_without_decomposition(base, tmp_path, monkeypatch):
+def test_merge_equals_unmerged_and_save_load_is_exact_without_decomposition(base, tmp_path, request):
     model = get_peft_model(copy.deepcopy(base), _config(init_weights=False, basis="orthonormal"))
     x = _x()
     with torch.no_grad():
         expected = model(x)
         assert not torch.allclose(expected, base(x), atol=1e-3)  # a non-trivial adapter
     model.save_pretrained(tmp_path)
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("loading ran a decomposition")
-
-    monkeypatch.setattr(tcurlora_layer, "tensor_cur", refuse)
-    monkeypatch.setattr(tcurlora_layer, "t_qr_whiteners", refuse)
+    request.getfixturevalue("no_decomposition")
     loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
     assert loaded.peft_config["default"].basis == "orthonormal"
     with torch.no_grad():

@@ -443,8 +443,13 @@ def _add_matmul(result: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, alp
     if result.dtype == u.dtype == weight.dtype:
         flat = torch.addmm(result.reshape(-1, result.shape[-1]), u.reshape(-1, u.shape[-1]), weight.t(), alpha=alpha)
         return flat.view(result.shape)
-    mixed = torch.mm(u.reshape(-1, u.shape[-1]), weight.t()).view(*u.shape[:-1], weight.shape[0])  # not matmul: see
-    return result + (alpha * mixed).to(result.dtype)  # _channel_mix
+    return result + (alpha * _linear(u, weight)).to(result.dtype)
+
+
+def _linear(u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``u @ weight.T`` for u (..., k), weight (out, k) as one ``mm`` over the flattened leading dims: not ``F.linear``
+    / ``torch.matmul``, whose kernel choice depends on ``requires_grad`` (see :func:`_channel_mix`)."""
+    return torch.mm(u.reshape(-1, u.shape[-1]), weight.t()).view(*u.shape[:-1], weight.shape[0])
 
 
 class _HyPSModule(nn.Module, HyPSLayer):
@@ -512,9 +517,7 @@ class Linear(_HyPSModule):
             # never the dense out x in update), and exactly zero while A == A0 and B == B0, since then every
             # product in it has an exactly-zero factor.
             a0, b0 = self.hyps_A0[adapter].to(a.dtype), self.hyps_B0[adapter].to(b.dtype)
-            bb = torch.cat([b, b - b0])
-            u = torch.mm(xa.reshape(-1, xa.shape[-1]), bb.t()).view(*xa.shape[:-1], bb.shape[0])  # (..., 2r); mm, not
-            # F.linear / matmul, whose kernel choice depends on requires_grad (see _channel_mix)
+            u = _linear(xa, torch.cat([b, b - b0]))  # (..., 2r)
             result = _add_matmul(result, u, torch.cat([a - a0, a0], dim=1))
         if self._has_serial(adapter):
             down, up = self.hyps_down[adapter], self.hyps_up[adapter]

@@ -35,14 +35,6 @@ CASES = {
 }
 
 
-@pytest.fixture
-def no_svd(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("loading ran an SVD")
-
-    monkeypatch.setattr(hyps_layer, "principal_factors", refuse)
-
-
 def _trained(case, tmp_path, **kw):
     """A non-trivial adapter of ``case`` saved to ``tmp_path``; returns (input, its output)."""
     build, make_x, cfg = CASES[case]
@@ -60,7 +52,7 @@ def _trained(case, tmp_path, **kw):
 def test_loading_runs_no_svd_and_reproduces_the_outputs_exactly(case, low_cpu_mem_usage, tmp_path, request):
     x, expected = _trained(case, tmp_path)
     build = CASES[case][0]
-    request.getfixturevalue("no_svd")
+    request.getfixturevalue("no_decomposition")
     with pytest.raises(AssertionError, match="SVD"):  # the patch is live: a fresh adapter needs the SVD
         get_peft_model(build(), HyPSConfig(**CASES[case][2]))
 
@@ -89,7 +81,7 @@ def test_loading_runs_no_svd_and_reproduces_the_outputs_exactly(case, low_cpu_me
 
 def test_peft_bare_loader_fills_an_empty_low_cpu_mem_usage_adapter(tmp_path, request):
     x, expected = _trained("conv", tmp_path)
-    request.getfixturevalue("no_svd")
+    request.getfixturevalue("no_decomposition")
     empty = get_peft_model(TinyConvNet(), HyPSConfig(target_modules=NET_TARGETS), low_cpu_mem_usage=True)
     assert any(p.is_meta for p in empty.parameters())
     set_peft_model_state_dict(empty, load_file(tmp_path / "adapter_model.safetensors"), low_cpu_mem_usage=True)
