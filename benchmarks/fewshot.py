@@ -95,9 +95,45 @@ def markdown(summary: dict) -> str:
             lines.append(f"| {arm} | {params} | {lr} | " + " | ".join(cell(arm, n, metric, digits) for n in ns)
                          + " |")
         lines.append("")
+    lines += gap_lines(summary)
     if summary.get("note"):
         lines.append(summary["note"])
     return "\n".join(lines).rstrip() + "\n"
+
+
+def paired_gaps(runs: list[dict], a: str, b: str, ns: list[int]) -> dict:
+    """{N: [Dice of arm a - Dice of arm b, per seed that ran both]}: paired by seed (same batches, same subjects)."""
+    out = {}
+    for n in ns:
+        dice = {(r["arm"], r["seed"]): r["dice"] for r in runs if r["n_train"] == n and r["dice"] is not None}
+        seeds = sorted({s for (arm, s) in dice if arm == a} & {s for (arm, s) in dice if arm == b})
+        if seeds:
+            out[n] = [dice[(a, s)] - dice[(b, s)] for s in seeds]
+    return out
+
+
+def gap_lines(summary: dict) -> list[str]:
+    """The ``benchmark.gap`` table: arm a - arm b per N, paired by seed, mean ± std, and whether it discriminates
+    (the mean paired gap above twice its std and twice the larger of the two arms' seed std)."""
+    gap = summary["grid"].get("gap")
+    if not gap:
+        return []
+    a, b = gap
+    ns = summary["grid"]["n_train"]
+    gaps = paired_gaps(summary["runs"], a, b, ns)
+    if not gaps:
+        return []
+    lines = [f"Paired gap {a} - {b} (test Dice, same seed):", "",
+             "| N | per seed | mean ± std | discriminates |", "|---:|---|---:|---|"]
+    for n, g in gaps.items():
+        v = np.asarray(g, float)
+        sd = float(v.std(ddof=1)) if v.size > 1 else 0.0
+        arm_sd = max((summary["aggregate"].get(arm, {}).get(str(n), {}).get("dice", {}).get("std") or 0.0)
+                     for arm in (a, b))
+        verdict = ("—" if v.size < 2 else
+                   "yes" if v.mean() > 2 * sd and v.mean() > 2 * arm_sd else "no")
+        lines.append(f"| {n} | " + " ".join(f"{x:+.3f}" for x in g) + f" | {v.mean():+.3f} ± {sd:.3f} | {verdict} |")
+    return lines + [""]
 
 
 def plot(summary: dict, path: Path) -> None:
@@ -138,12 +174,30 @@ def write_outputs(summary: dict, out: Path, stem: str) -> tuple[Path, Path, Path
     return js, md, png
 
 
+def _run_one(cfg: dict, arm, backbone: str, out_dir: str, n: int, seed: int) -> dict:
+    """One grid run (fine-tune + evaluate) as the summary's run record; also the worker of ``benchmark.workers``
+    (a fresh process: it sets its own thread count first)."""
+    configure_threads(cfg.get("threads"))
+    r = finetune_arm(cfg, arm, Path(backbone), Path(out_dir), data={**cfg["data"], "n_train": n}, seed=seed)
+    t = r.get("test", {})
+    return {"arm": arm_label(arm), "n_train": n, "seed": seed, "train_cases": r["n_train"], "steps": r["steps"],
+            "dice": t.get("dice", {}).get("mean"), "hd95": t.get("hd95", {}).get("mean"),
+            "dice_case_std": t.get("dice", {}).get("std"), "n_test_cases": t.get("dice", {}).get("n"),
+            "trainable": r["params"]["trainable"], "train_s": r["train_s"], "setup_s": r["setup_s"],
+            "rates": r.get("rates")}
+
+
 def main(cfg: dict) -> dict:
     t_start = time.time()
     bench = cfg["benchmark"]
     ns, seeds = [int(n) for n in bench["n_train"]], [int(s) for s in bench["seeds"]]
     arms = [arm_label(a) for a in cfg["arms"]]
     out, stem = Path(cfg.get("output_dir", "benchmarks/results")), cfg.get("stem", "fewshot_cpu")
+    workers = int(bench.get("workers") or 1)
+    if workers > 1 and str(cfg.get("threads")).lower() in ("none", "auto", ""):
+        raise ValueError(f"benchmark.workers={workers} runs {workers} fine-tunes at once: give threads a count "
+                         "(threads=1), so that every run uses the threads it records and the workers do not "
+                         "oversubscribe the cores")
     threads = configure_threads(cfg.get("threads"))
     cfg = {**cfg, "threads": threads}  # every run with the threads chosen once, at the start
     load_start = load_average()
@@ -159,11 +213,13 @@ def main(cfg: dict) -> dict:
     data_label = ("embedded template-derived hippocampus cohort (synthetic, not patient data)"
                   if cfg["data"].get("kind", "embedded") == "embedded"
                   else f"{cfg['data']['kind']} at {cfg['data'].get('root')}")
+    data_label += f", task {cfg['data'].get('task') or 'target'}"
     summary = {
         "data": data_label, "backbone": f"{backbone} ({'reused' if reused else f'pretrained in {pretrain_s:.0f} s'})",
         "grid": {"n_train": ns, "seeds": seeds, "arms": arms, "steps": cfg["finetune"]["train"].get("steps"),
                  "batch_size": cfg["finetune"]["train"].get("batch_size", 2),
-                 "n_runs": len(ns) * len(seeds) * len(arms)},
+                 "n_runs": len(ns) * len(seeds) * len(arms), "workers": workers,
+                 "gap": list(bench["gap"]) if bench.get("gap") and set(bench["gap"]) <= set(arms) else None},
         "machine": machine_line(), "threads": threads,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "peft_tensor": getattr(peft_tensor, "__version__", "?")},
@@ -171,24 +227,39 @@ def main(cfg: dict) -> dict:
         "runs": [], "aggregate": {}, "wall_s": 0.0, "config": cfg,
         "note": "N counts subjects; the embedded cohort gives two cases (left and right hippocampus) per subject.",
     }
+    # seeds outermost: a complete grid per seed first, so an interrupted run still has whole grids
+    jobs = [(arm, n, seed) for seed in seeds for n in ns for arm in cfg["arms"]]
+
+    def record(run: dict) -> None:
+        summary["n_test_cases"] = run.pop("n_test_cases")
+        summary["runs"].append(run)
+        summary["aggregate"] = aggregate(summary["runs"], arms, ns)
+        summary["wall_s"] = time.time() - t_start
+        write_outputs(summary, out, stem)
+
+    def folder(arm, n, seed) -> str:
+        return str(work / f"seed{seed}" / f"n{n}" / arm_label(arm))
+
     try:
-        for seed in seeds:  # outer: a complete grid per seed, so an interrupted run still has whole grids
-            for n in ns:
-                for arm in cfg["arms"]:
-                    name = arm_label(arm)
-                    print(f"[fewshot] seed {seed}, N = {n}, {name}", flush=True)
-                    r = finetune_arm(cfg, arm, backbone, work / f"seed{seed}" / f"n{n}" / name,
-                                     data={**cfg["data"], "n_train": n}, seed=seed)
-                    t = r.get("test", {})
-                    summary["n_test_cases"] = t.get("dice", {}).get("n")
-                    summary["runs"].append({
-                        "arm": name, "n_train": n, "seed": seed, "train_cases": r["n_train"], "steps": r["steps"],
-                        "dice": t.get("dice", {}).get("mean"), "hd95": t.get("hd95", {}).get("mean"),
-                        "dice_case_std": t.get("dice", {}).get("std"), "trainable": r["params"]["trainable"],
-                        "train_s": r["train_s"], "setup_s": r["setup_s"], "rates": r.get("rates")})
-                    summary["aggregate"] = aggregate(summary["runs"], arms, ns)
-                    summary["wall_s"] = time.time() - t_start
-                    write_outputs(summary, out, stem)
+        if workers == 1:
+            for arm, n, seed in jobs:
+                print(f"[fewshot] seed {seed}, N = {n}, {arm_label(arm)}", flush=True)
+                record(_run_one(cfg, arm, str(backbone), folder(arm, n, seed), n, seed))
+        else:  # fresh (spawned) processes: no OpenMP state forked from this one
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            print(f"[fewshot] {len(jobs)} runs in {workers} worker processes, {threads} thread(s) each", flush=True)
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                futures = {pool.submit(_run_one, cfg, arm, str(backbone), folder(arm, n, seed), n, seed):
+                           (arm_label(arm), n, seed) for arm, n, seed in jobs}
+                for fut in as_completed(futures):
+                    name, n, seed = futures[fut]
+                    run = fut.result()
+                    print(f"[fewshot] seed {seed}, N = {n}, {name}: test Dice {run['dice']:.3f}", flush=True)
+                    record(run)
+            order = {(arm_label(a), n, s): i for i, (a, n, s) in enumerate(jobs)}
+            summary["runs"].sort(key=lambda r: order[(r["arm"], r["n_train"], r["seed"])])
     finally:
         if not cfg.get("work_dir"):
             shutil.rmtree(work, ignore_errors=True)

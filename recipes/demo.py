@@ -31,7 +31,8 @@ def _backbone_dir(cfg: dict) -> Path:
     from peft_tensor.data.embedded import default_cache_dir
 
     key = {k: cfg[k] for k in ("seed", "data", "model")} | {"pretrain": cfg["pretrain"]}
-    key["data"] = {k: v for k, v in key["data"].items() if k not in ("cache_dir", "progress")}
+    # the fine-tuning task does not change the pretraining (always data.task=source)
+    key["data"] = {k: v for k, v in key["data"].items() if k not in ("cache_dir", "progress", "task", "shift")}
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     root = Path(cfg["data"].get("cache_dir") or default_cache_dir())  # data: free-form, keyed by data.kind
     return root / f"demo-backbone-{digest}"
@@ -98,7 +99,8 @@ def ensure_backbone(cfg: dict) -> tuple[Path, bool, float]:
     else:
         pre_cfg = {**_common(cfg), "output_dir": str(pre_dir), "model": cfg["model"],
                    **copy.deepcopy(cfg["pretrain"])}
-        pre_cfg["data"] = {**cfg["data"], "task": "source"}
+        # the source task, in the pretraining acquisition (data.shift describes the target_shift task only)
+        pre_cfg["data"] = {**{k: v for k, v in cfg["data"].items() if k != "shift"}, "task": "source"}
         print(f"[pretrain] {pre_cfg['train']['steps']} steps on the source task -> {pre_dir}")
         pretrain.main(pre_cfg)
         reused = False
@@ -110,7 +112,9 @@ def finetune_arm(cfg: dict, arm, backbone: Path, out_dir: Path, data: dict | Non
     """Fine-tune one arm (a name or ``{name: ..., **options}``) on the target task from the saved ``backbone``
     with ``cfg["finetune"]``, evaluate it on the held-out subjects; ``finetune.main``'s result.
 
-    ``data`` / ``seed`` replace ``cfg["data"]`` / ``cfg["seed"]`` for this run only (e.g. another ``n_train``)."""
+    ``data`` / ``seed`` replace ``cfg["data"]`` / ``cfg["seed"]`` for this run only (e.g. another ``n_train``).
+    The task is ``data.task`` (``target``, the default, or ``target_shift``: the same subjects under an acquisition
+    shift); ``source`` is the pretraining task and is refused."""
     arm_cfg = {"name": arm} if isinstance(arm, str) else dict(arm)
     name = arm_cfg["name"]
     data = cfg["data"] if data is None else data
@@ -118,7 +122,11 @@ def finetune_arm(cfg: dict, arm, backbone: Path, out_dir: Path, data: dict | Non
     stage_arm = ft_cfg.pop("arm", None) or {}
     if seed is not None:
         ft_cfg["seed"] = int(seed)
-    ft_cfg["data"] = {**data, "task": "target"}
+    task = data.get("task") or "target"
+    if task == "source":
+        raise ValueError("data.task=source is the pretraining task; fine-tune on data.task=target (the default) or "
+                         "target_shift")
+    ft_cfg["data"] = {**data, "task": task}
     ft_cfg["model"] = {**cfg["model"], "pretrained": str(backbone)}
     ft_cfg["arm"] = {**stage_arm, **arm_cfg} if name == stage_arm.get("name") else arm_cfg
     print(f"[finetune] {name}: {ft_cfg['train']['steps']} steps on {data.get('n_train', 5)} subjects")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from peft_tensor.training.config import load_config
 from tests._optional import require_template
 
@@ -43,3 +45,43 @@ def test_benchmark_fewshot_smoke(tmp_path):
     assert data["runs"][0]["rates"] == {"lr": 3e-3, "method_lr": None}
     assert (tmp_path / "out" / "smoke.png").stat().st_size > 1000
     assert (tmp_path / "runs" / "seed0" / "n2" / "decoder_only" / "results.json").is_file()
+
+
+def test_benchmark_fewshot_workers_shift_task_and_gap(tmp_path):
+    """The shifted-task grid's machinery: data.task=target_shift reaches every run, two spawned worker processes give
+    the same runs (same Dice, bit for bit) as one process, in the grid's order, and the paired gap table is printed."""
+    require_template()
+    from benchmarks import fewshot as bench
+
+    def config(stem, workers):
+        return load_config("fewshot_shift_cpu", search=[bench.CONFIG_DIR], overrides=[
+            f"output_dir={tmp_path / 'out'}", f"stem={stem}", "device=cpu", "threads=1",
+            f"data.cache_dir={tmp_path / 'cache'}", "data.progress=false", "data.n_source=1", "data.n_test=1",
+            "data.size=32", "data.spacing=3.0", "pretrain.train.steps=1", "finetune.train.steps=2",
+            "finetune.eval.overlap=0.0", "benchmark.n_train=[1]", "benchmark.seeds=[0,1]",
+            "arms=[full, decoder_only]", f"benchmark.workers={workers}",
+        ])
+
+    one = bench.main(config("one", 1))
+    two = bench.main(config("two", 2))
+    key = [(r["arm"], r["n_train"], r["seed"]) for r in one["runs"]]
+    assert key == [("full", 1, 0), ("decoder_only", 1, 0), ("full", 1, 1), ("decoder_only", 1, 1)]
+    assert [(r["arm"], r["n_train"], r["seed"]) for r in two["runs"]] == key
+    assert [r["dice"] for r in two["runs"]] == [r["dice"] for r in one["runs"]]
+    assert "task target_shift" in one["data"] and two["grid"]["workers"] == 2
+
+    text = (tmp_path / "out" / "two.md").read_text()
+    assert "Paired gap full - decoder_only" in text
+    gaps = bench.paired_gaps(two["runs"], "full", "decoder_only", [1])[1]
+    dice = {(r["arm"], r["seed"]): r["dice"] for r in two["runs"]}
+    assert gaps == [dice[("full", s)] - dice[("decoder_only", s)] for s in (0, 1)]
+    row = next(line for line in text.splitlines() if line.startswith("| 1 | "))
+    assert f"{gaps[0]:+.3f} {gaps[1]:+.3f}" in row
+
+
+def test_benchmark_fewshot_workers_need_a_thread_count():
+    from benchmarks import fewshot as bench
+
+    cfg = load_config("fewshot_shift_cpu", search=[bench.CONFIG_DIR], overrides=["threads=auto"])
+    with pytest.raises(ValueError, match=r"benchmark.workers=2 .*threads=1"):
+        bench.main(cfg)
