@@ -64,6 +64,13 @@ def load_panel_config(name: str = DEFAULT_CONFIG, overrides=None, budget: str | 
     for key in ("backbones", "tasks", "arms", "finetune", "steps", "criterion"):
         if not cfg.get(key):
             raise ValueError(f"the panel config needs {key!r}")
+    for key, kind, example in (("backbones", dict, "'backbones={demo: {config: pretrain_cpu, overrides: []}}'"),
+                               ("arms", dict, "'arms={lora: {name: lora, r: 8, decoder: head}, ...}'"),
+                               ("tasks", list, "'tasks=[target]'"), ("finetune", dict, "finetune.config=finetune_cpu"),
+                               ("criterion", dict, "criterion.min_ratio=0.9")):
+        if not isinstance(cfg[key], kind):
+            raise ValueError(f"{key} must be a {'mapping' if kind is dict else 'list'}, got {cfg[key]!r}: "
+                             f"e.g. {example}")
     crit = cfg["criterion"]
     for role in ("reference", "floor"):
         if crit[role] not in cfg["arms"]:

@@ -56,6 +56,10 @@ def test_the_default_panel_is_the_issues():
     assert small["steps"] == 7 and small["budget"] == "reduced" and small["backbones"] == cfg["backbones"]
     with pytest.raises(ValueError, match="budget 'huge' is not in the config's budgets"):
         lp.load_panel_config(budget="huge")
+    with pytest.raises(ValueError, match=r"arms must be a mapping, got 'seed=1': e.g. 'arms=\{lora"):
+        lp.load_panel_config(overrides=["arms=seed=1"])
+    with pytest.raises(ValueError, match="tasks must be a list"):
+        lp.load_panel_config(overrides=["tasks=target"])
 
 
 def test_a_backbone_is_cached_by_what_determines_its_weights():
