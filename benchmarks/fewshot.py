@@ -18,6 +18,8 @@ so far (seeds are the outer loop: the first seed's full grid completes first).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import platform
 import shutil
 import sys
@@ -187,6 +189,24 @@ def _run_one(cfg: dict, arm, backbone: str, out_dir: str, n: int, seed: int) -> 
             "rates": r.get("rates")}
 
 
+def run_key(cfg: dict, arm, backbone, n: int, seed: int) -> str:
+    """What decides a run's weights: the arm (and its method's registry defaults), N, seed, backbone, data, model,
+    fine-tuning stage, threads and the package version, as a sha1 (12 hex)."""
+    from peft_tensor import registry
+
+    data = {k: v for k, v in cfg["data"].items() if k not in ("cache_dir", "progress", "n_train")}
+    name = arm if isinstance(arm, str) else arm.get("name")
+    spec = registry.methods().get(name)  # a method's recipe defaults (rank, rates, weight decay) live in the code
+    defaults = (None if spec is None else
+                [dict(spec.arm_defaults), spec.lr, spec.weight_decay, registry.BASELINE_LR.get(name)])
+    if spec is None:
+        defaults = registry.BASELINE_LR.get(name)
+    key = {"arm": arm, "defaults": defaults, "n": n, "seed": seed, "backbone": str(backbone), "data": data,
+           "model": cfg["model"], "finetune": cfg["finetune"], "threads": cfg.get("threads"),
+           "device": cfg.get("device"), "version": getattr(peft_tensor, "__version__", "?")}
+    return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 def main(cfg: dict) -> dict:
     t_start = time.time()
     bench = cfg["benchmark"]
@@ -228,10 +248,24 @@ def main(cfg: dict) -> dict:
         "note": "N counts subjects; the embedded cohort gives two cases (left and right hippocampus) per subject.",
     }
     # seeds outermost: a complete grid per seed first, so an interrupted run still has whole grids
-    jobs = [(arm, n, seed) for seed in seeds for n in ns for arm in cfg["arms"]]
+    jobs = all_jobs = [(arm, n, seed) for seed in seeds for n in ns for arm in cfg["arms"]]
+    js = out / f"{stem}.json"
+    if bench.get("resume") and js.is_file():  # keep the runs of an earlier summary made with the same settings
+        keys = {run_key(cfg, arm, backbone, n, seed): (arm, n, seed) for arm, n, seed in jobs}
+        kept = [r for r in json.loads(js.read_text()).get("runs", []) if r.get("key") in keys]
+        done = {r["key"] for r in kept}
+        for r in kept:
+            summary["n_test_cases"] = r.get("n_test_cases", summary["n_test_cases"])
+            summary["runs"].append(r)
+        jobs = [j for j in jobs if run_key(cfg, j[0], backbone, j[1], j[2]) not in done]
+        print(f"[fewshot] resuming {js}: {len(kept)} run(s) kept, {len(jobs)} to run", flush=True)
+        if kept:
+            summary["aggregate"] = aggregate(summary["runs"], arms, ns)
 
     def record(run: dict) -> None:
-        summary["n_test_cases"] = run.pop("n_test_cases")
+        summary["n_test_cases"] = run.get("n_test_cases")
+        run["key"] = run_key(cfg, next(a for a in cfg["arms"] if arm_label(a) == run["arm"]), backbone,
+                             run["n_train"], run["seed"])
         summary["runs"].append(run)
         summary["aggregate"] = aggregate(summary["runs"], arms, ns)
         summary["wall_s"] = time.time() - t_start
@@ -258,8 +292,8 @@ def main(cfg: dict) -> dict:
                     run = fut.result()
                     print(f"[fewshot] seed {seed}, N = {n}, {name}: test Dice {run['dice']:.3f}", flush=True)
                     record(run)
-            order = {(arm_label(a), n, s): i for i, (a, n, s) in enumerate(jobs)}
-            summary["runs"].sort(key=lambda r: order[(r["arm"], r["n_train"], r["seed"])])
+        order = {(arm_label(a), n, s): i for i, (a, n, s) in enumerate(all_jobs)}  # the grid's order
+        summary["runs"].sort(key=lambda r: order.get((r["arm"], r["n_train"], r["seed"]), len(order)))
     finally:
         if not cfg.get("work_dir"):
             shutil.rmtree(work, ignore_errors=True)

@@ -219,6 +219,7 @@ class FewshotGrid:
     n_train: list = _f([5, 10, 20], "training-subject counts")
     seeds: list = _f([0, 1], "fine-tuning seeds")
     workers: int = _f(1, "fine-tunes run at once, each in its own process (needs threads: N, e.g. 1)")
+    resume: bool = _f(False, "keep the runs of an earlier <stem>.json made with the same settings; run the rest")
     gap: Optional[list] = _f(None, "[a, b]: also print arm a - arm b per N, paired by seed ([full, decoder_only])")
 
 

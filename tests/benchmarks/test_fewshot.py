@@ -78,6 +78,22 @@ def test_benchmark_fewshot_workers_shift_task_and_gap(tmp_path):
     row = next(line for line in text.splitlines() if line.startswith("| 1 | "))
     assert f"{gaps[0]:+.3f} {gaps[1]:+.3f}" in row
 
+    # resume: an earlier summary's runs made with the same settings are kept, only the new arm runs
+    saved = json.loads((tmp_path / "out" / "two.json").read_text())
+    for run in saved["runs"]:
+        run["kept"] = True  # a mark only a kept run carries
+    (tmp_path / "out" / "two.json").write_text(json.dumps(saved))
+    cfg = config("two", 1)
+    cfg["benchmark"]["resume"] = True
+    cfg["arms"] = ["full", "decoder_only", "frozen"]
+    three = bench.main(cfg)
+    assert [(r["arm"], r["seed"]) for r in three["runs"]] == [(a, s) for s in (0, 1)
+                                                               for a in ("full", "decoder_only", "frozen")]
+    assert [r["dice"] for r in three["runs"] if r["arm"] != "frozen"] == [r["dice"] for r in two["runs"]]
+    assert [r.get("kept", False) for r in three["runs"]] == [True, True, False] * 2
+    cfg["finetune"]["train"]["steps"] = 3  # another setting: nothing is kept
+    assert not any(r.get("kept") for r in bench.main(cfg)["runs"])
+
 
 def test_benchmark_fewshot_workers_need_a_thread_count():
     from benchmarks import fewshot as bench
