@@ -51,6 +51,21 @@ def shape_str(dims: Iterable) -> str:
 
 
 # -- the machine ------------------------------------------------------------------------------------------------------
+def arm_defaults(arm) -> Any:
+    """What the code, not the arm's config, decides about a recipe arm: its method's registry defaults (rank, rates,
+    weight decay) or PEFT LoRA's / PiSSA's registry rate; ``None`` for the other arms. Part of a benchmark's run key,
+    so that a run resumed from an earlier summary was made with today's defaults."""
+    from peft_tensor import registry
+
+    name = arm if isinstance(arm, str) else dict(arm).get("name")
+    name = str(name)[:-5] if str(name).endswith("_full") else name
+    spec = registry.methods().get(name)
+    if spec is not None:
+        return [dict(spec.arm_defaults), dict(spec.full_arm_defaults or {}), spec.lr, spec.full_lr,
+                spec.weight_decay]
+    return registry.BASELINE_LR.get(name)
+
+
 def load_average() -> list[float]:
     """1/5/15-minute load average rounded to 2 digits ([] where the platform has none)."""
     try:

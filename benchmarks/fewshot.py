@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 import peft_tensor
-from benchmarks._common import CONFIG_DIR, load_average, machine_line
+from benchmarks._common import CONFIG_DIR, arm_defaults, load_average, machine_line
 from peft_tensor.recipes.demo import arm_label, ensure_backbone, finetune_arm
 from peft_tensor.training import write_json
 from peft_tensor.training.arms import format_rates
@@ -192,16 +192,8 @@ def _run_one(cfg: dict, arm, backbone: str, out_dir: str, n: int, seed: int) -> 
 def run_key(cfg: dict, arm, backbone, n: int, seed: int) -> str:
     """What decides a run's weights: the arm (and its method's registry defaults), N, seed, backbone, data, model,
     fine-tuning stage, threads and the package version, as a sha1 (12 hex)."""
-    from peft_tensor import registry
-
     data = {k: v for k, v in cfg["data"].items() if k not in ("cache_dir", "progress", "n_train")}
-    name = arm if isinstance(arm, str) else arm.get("name")
-    spec = registry.methods().get(name)  # a method's recipe defaults (rank, rates, weight decay) live in the code
-    defaults = (None if spec is None else
-                [dict(spec.arm_defaults), spec.lr, spec.weight_decay, registry.BASELINE_LR.get(name)])
-    if spec is None:
-        defaults = registry.BASELINE_LR.get(name)
-    key = {"arm": arm, "defaults": defaults, "n": n, "seed": seed, "backbone": str(backbone), "data": data,
+    key = {"arm": arm, "defaults": arm_defaults(arm), "n": n, "seed": seed, "backbone": str(backbone), "data": data,
            "model": cfg["model"], "finetune": cfg["finetune"], "threads": cfg.get("threads"),
            "device": cfg.get("device"), "version": getattr(peft_tensor, "__version__", "?")}
     return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]

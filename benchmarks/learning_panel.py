@@ -39,7 +39,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file (python benchmarks/<script>.py): the checkout's root, for _common
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import CONFIG_DIR, load_average, machine_line
+from benchmarks._common import CONFIG_DIR, arm_defaults, load_average, machine_line
 
 DEFAULT_CONFIG = "learning_panel_cpu"
 # keys of a recipe config that do not change the weights a run produces
@@ -191,9 +191,13 @@ def run_cell(cfg: dict, backbone: dict, task: str, label: str, arm: dict, work: 
 
 
 def run_key(cfg: dict, backbone: dict, task: str, arm: dict) -> str:
-    """What makes two runs the same: the backbone's weights and the resolved fine-tuning config."""
-    return hashlib.sha1(json.dumps([backbone["sha256"], config_hash(finetune_config(
-        cfg, Path(backbone["path"]), task, arm, Path(".")))]).encode()).hexdigest()[:12]
+    """What makes two runs the same: the backbone's weights, the resolved fine-tuning config and the registry's
+    defaults for the arm (rank, rates, weight decay: :func:`benchmarks._common.arm_defaults`)."""
+    key = [backbone["sha256"], config_hash(finetune_config(cfg, Path(backbone["path"]), task, arm, Path(".")))]
+    defaults = arm_defaults(arm)
+    if defaults is not None:  # an arm the registry has nothing for keeps the key it had
+        key.append(defaults)
+    return hashlib.sha1(json.dumps(key).encode()).hexdigest()[:12]
 
 
 # -- the criterion and the tables -------------------------------------------------------------------------------------

@@ -36,6 +36,8 @@ def test_the_default_panel_is_the_issues():
     for label, arm in cfg["arms"].items():
         assert "method_lr" not in arm and "lr" not in arm  # every arm at its registry rate
         assert arm.get("decoder") == "head" or arm["name"] == "frozen"  # the adapter alone
+        if arm["name"] in ("tcurlora", "lorapt", "hyps"):
+            assert "r" not in arm  # our methods at their recipe defaults (the registry's rank)
     assert cfg["arms"]["lora"]["r"] == 8 and cfg["threads"] == 1
     assert cfg["steps"] == load_config(cfg["finetune"]["config"])["train"]["steps"]  # the recipe's step budget
     crit = {"reference": "lora", "floor": "frozen", "min_ratio": 0.9, "min_margin": 0.1}
@@ -120,3 +122,23 @@ def test_every_adapter_alone_beats_frozen_on_the_ci_panel(tmp_path):
     saved = json.loads((tmp_path / "out" / f"{cfg['stem']}.json").read_text())
     assert len(saved["runs"]) == 5 and all(r["threads"] == 1 and r["curve"] for r in saved["runs"])
     print(f"CI panel: {wall:.0f} s, margins over frozen {margins}")
+
+
+def test_a_run_is_kept_only_while_the_registry_defaults_it_ran_with_hold(monkeypatch):
+    """A resumed panel must not keep a run made before a method's registry default (rank, rate, weight decay)
+    changed: the run key holds them. Arms the registry says nothing about keep their key."""
+    import dataclasses
+
+    from peft_tensor import registry
+
+    cfg = lp.load_panel_config()
+    backbone = {"sha256": "0" * 64, "path": "/nonexistent/backbone"}
+    before = {label: lp.run_key(cfg, backbone, "target", arm) for label, arm in cfg["arms"].items()}
+    spec = registry.methods()["tcurlora"]
+    monkeypatch.setitem(registry._METHODS, "tcurlora", dataclasses.replace(spec, arm_defaults={"r": 4}))
+    after = {label: lp.run_key(cfg, backbone, "target", arm) for label, arm in cfg["arms"].items()}
+    assert after["tcurlora"] != before["tcurlora"]
+    assert {k: v for k, v in after.items() if k != "tcurlora"} == {k: v for k, v in before.items() if k != "tcurlora"}
+    monkeypatch.setitem(registry._METHODS, "tcurlora", dataclasses.replace(spec, weight_decay=2e-5))
+    assert lp.run_key(cfg, backbone, "target", cfg["arms"]["tcurlora"]) not in (before["tcurlora"],
+                                                                                  after["tcurlora"])

@@ -73,10 +73,13 @@ def test_a_network_without_preset_fine_tunes_with_its_own_target_list(caplog):
     # no list and no preset: say what to write, with names that fit the arm's r=8 (not the 1-channel input
     # convolution encoder.conv_init), never "use an arm <method>_full"
     with pytest.raises(TargetModulesError) as err:
-        apply_arm(build_model(NO_PRESET), {"name": "tcurlora"}, NO_PRESET)
+        apply_arm(build_model(NO_PRESET), {"name": "tcurlora", "r": 8}, NO_PRESET)
     message = str(err.value)
     assert message.startswith("tCURLoRA has no default targets for SegResNetDS (presets exist for UNETR")
     assert "pass target_modules naming the layers to adapt, e.g. target_modules=['blocks.0.conv1'" in message
+    with pytest.raises(TargetModulesError) as err:  # at the recipes' r=16: only layers wide enough for it
+        apply_arm(build_model(NO_PRESET), {"name": "tcurlora"}, NO_PRESET)
+    assert "e.g. target_modules=['layers.1.blocks.0.conv1', 'layers.1.blocks.0.conv2']" in str(err.value)
     assert "conv_init" not in message and "_full" not in message
     with pytest.raises(ValueError) as err:  # PEFT's LoRA needs the list here
         peft_config("lora", {"name": "lora"}, NO_PRESET)

@@ -46,14 +46,16 @@ def test_every_method_has_a_registry_learning_rate(method):
 
 @pytest.mark.parametrize("method", ["tcurlora", "lorapt"])
 def test_factor_weight_decay_is_the_registrys_or_the_arms(method):
-    """Adam's coupled weight decay pulls each factor towards zero; LoRA-PT's zero removes the principal part, and on a
-    backbone with small gradients that pull outweighs the data (docs/methods.md#weight-decay): the recipes train its
-    factors without it (registry), the decoder and head with optim.weight_decay; an arm may set its own."""
+    """Adam's coupled weight decay pulls each factor towards zero; LoRA-PT's zero removes the principal part,
+    tCURLoRA's the weights' CUR part, and on a backbone with small gradients that pull outweighs the data
+    (docs/methods.md#weight-decay): the recipes train their factors without it (registry), the decoder and head with
+    optim.weight_decay; an arm may set its own."""
     from peft_tensor.training.loop import make_optimizer
 
     settings = optimizer_settings({"name": method, "method_weight_decay": 0.0})
     assert optimizer_settings({"name": "lorapt"})["method_weight_decay"] == 0.0
-    assert "method_weight_decay" not in optimizer_settings({"name": "tcurlora"})  # optim.weight_decay
+    assert optimizer_settings({"name": "tcurlora"})["method_weight_decay"] == 0.0
+    assert "method_weight_decay" not in optimizer_settings({"name": "hyps"})  # optim.weight_decay
     assert optimizer_settings({"name": method, "method_weight_decay": 1e-4})["method_weight_decay"] == 1e-4
     cfg = {"name": "unetr", "img_size": 16, "feature_size": 8, "hidden_size": 32, "mlp_dim": 64, "num_heads": 4}
     model = apply_arm(build_model(cfg), {"name": method, "r": 2}, cfg)

@@ -13,10 +13,14 @@ __all__ = ["TCURLoraConfig", "TCURLoraGroup", "TCURLoraLayer", "TCURLoraModel"]
 
 register("tcurlora", peft_type="TCURLORA", config_cls=TCURLoraConfig, model_cls=TCURLoraModel, prefix="tcurlora_",
          summary="tCURLoRA: the r x r x L core U of a tensor CUR of stacked weights trains",
-         paper="arXiv 2501.02227 (MICCAI 2025)", arm_defaults={"r": 8},
+         paper="arXiv 2501.02227 (MICCAI 2025)",
+         # the recipes' rank: r=8 (the paper's, TCURLoraConfig's default) is stuck at the frozen network's Dice on
+         # some backbones of the learning panel, r=16 learns on every one (docs/methods.md#weight-decay)
+         arm_defaults={"r": 16}, full_arm_defaults={"r": 8},  # tcurlora_full: decoder convs too, measured at r=8
          lr=0.3,  # with core_scale="auto"; the core does not move at the recipes' 3e-3 (docs/methods.md)
          # tcurlora_full (cores on the decoder convolutions too) is unstable at 0.3 and trains at 0.03
          # (docs/convolutions.md)
-         # factors keep optim.weight_decay: without it the core learns on the pretrain_cpu backbone but loses on the
-         # demo's (docs/methods.md#weight-decay); arm.method_weight_decay=0 selects it
-         full_lr=0.03)
+         full_lr=0.03,
+         # coupled weight decay pulls the core to zero, i.e. the update to -s C U0 R: it removes the weights' CUR
+         # part (docs/methods.md#weight-decay)
+         weight_decay=0.0)
