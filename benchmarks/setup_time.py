@@ -7,7 +7,8 @@ part the methods differ in), and for LoRA-PT the distance of the adapter's princ
 the float64 exact truncated t-SVD of the same group tensor (``svd_method="full"``), as a fraction of ``max|W|`` and
 relative in Frobenius norm.
 
-Arms: ``tcurlora`` and ``lorapt`` (paper grouping, r=8, defaults), and ``lorapt_scipy``: the same default t-SVD
+Arms: ``tcurlora`` and ``lorapt`` (paper grouping, r=8, defaults), ``tcurlora_r16`` (the recipes' rank), and
+``lorapt_scipy``: the same default t-SVD
 run through SciPy's wrappers instead of the GIL-free OpenBLAS calls (what set-up used before; serial whatever the
 thread count). ``--weights decaying`` adds a rank-6 component of twice the bulk's spectral norm to every targeted
 weight (a synthetic stand-in for trained weights: a few strong directions over a flat bulk); ``random`` (default)
@@ -66,9 +67,11 @@ def peft_config(arm: str):
 
     if arm == "tcurlora":
         return TCURLoraConfig(r=8, grouping="paper", target_modules=TARGETS)
+    if arm == "tcurlora_r16":  # the recipes' rank (peft_tensor.registry)
+        return TCURLoraConfig(r=16, grouping="paper", target_modules=TARGETS)
     if arm in ("lorapt", "lorapt_scipy"):
         return LoraPTConfig(r=8, grouping="paper", target_modules=TARGETS)
-    raise SystemExit(f"unknown arm {arm!r}: use tcurlora, lorapt, lorapt_scipy")
+    raise SystemExit(f"unknown arm {arm!r}: use tcurlora, tcurlora_r16, lorapt, lorapt_scipy")
 
 
 class _Recorder:
@@ -197,7 +200,7 @@ def _group_medians(runs: list[dict]) -> list[dict]:
 
 def render(res: dict) -> str:
     m = res["machine"]
-    lines = [f"# Set-up time: UNETR-B, paper grouping, r=8 ({res['weights']} weights)", "",
+    lines = [f"# Set-up time: UNETR-B, paper grouping, r=8 unless the arm says ({res['weights']} weights)", "",
              f"`{res['command']}`", "",
              f"Machine: {m['cpu']}, {m['logical_cores']} logical cores, torch {m['torch']}, {m['platform']}. "
              f"Median of {res['reps']} runs of `get_peft_model` each; CPU = process CPU time (all threads). "
