@@ -263,3 +263,26 @@ def test_demo_pipeline_smoke_tiny(tmp_path):
     dice = result["results"][ARM]["test"]["dice"]["mean"]
     assert summary["metrics"]["dice"]["mean"] == pytest.approx(dice, abs=1e-6)
     assert (out / ARM / "eval_test" / "volumes.csv").is_file()
+
+
+def test_demo_fine_tunes_on_the_configured_target_task_and_shares_the_backbone_across_tasks(tmp_path, monkeypatch):
+    """The few-shot grid on the shifted task goes through the demo's fine-tuning: data.task picks the target task
+    (target_shift reaches the run, source is refused), and the cached pretraining is keyed without the fine-tuning task
+    or its acquisition shift (pretraining always reads the source task in T1), so both tasks share one backbone."""
+    from peft_tensor.recipes import demo
+
+    cfg = load_config("demo", [f"data.cache_dir={tmp_path}"])
+    shifted = {**cfg, "data": {**cfg["data"], "task": "target_shift", "shift": {"contrast": "flair"}}}
+    assert demo._backbone_dir(shifted) == demo._backbone_dir(cfg)
+    assert demo._backbone_dir({**cfg, "data": {**cfg["data"], "n_source": 3}}) != demo._backbone_dir(cfg)
+    with pytest.raises(ValueError, match="data.task=source is the pretraining task"):
+        demo.finetune_arm(cfg, "frozen", tmp_path / "backbone", tmp_path / "run",
+                          data={**cfg["data"], "task": "source"})
+
+    seen = {}
+    monkeypatch.setattr(demo.finetune, "main", lambda ft_cfg: seen.setdefault("data", ft_cfg["data"]))
+    demo.finetune_arm(shifted, "frozen", tmp_path / "backbone", tmp_path / "run")
+    assert seen["data"]["task"] == "target_shift" and seen["data"]["shift"] == {"contrast": "flair"}
+    seen.clear()
+    demo.finetune_arm(cfg, "frozen", tmp_path / "backbone", tmp_path / "run")
+    assert seen["data"]["task"] == "target"
