@@ -51,6 +51,15 @@ def shape_str(dims: Iterable) -> str:
 
 
 # -- the machine ------------------------------------------------------------------------------------------------------
+def gap_discriminates(gaps: list[float], arm_sd: float) -> Optional[bool]:
+    """Whether paired gaps (arm a - arm b, one per seed) tell the arms apart: the mean gap above twice its own sd and
+    twice the larger of the two arms' seed sd (``arm_sd``); ``None`` with fewer than two seeds."""
+    if len(gaps) < 2:
+        return None
+    mean, sd = statistics.fmean(gaps), statistics.stdev(gaps)
+    return mean > 2 * sd and mean > 2 * arm_sd
+
+
 def arm_defaults(arm) -> Any:
     """What the code, not the arm's config, decides about a recipe arm: its method's registry defaults (rank, rates,
     weight decay) or PEFT LoRA's / PiSSA's registry rate; ``None`` for the other arms. Part of a benchmark's run key,

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 import peft_tensor
-from benchmarks._common import CONFIG_DIR, arm_defaults, load_average, machine_line
+from benchmarks._common import CONFIG_DIR, arm_defaults, gap_discriminates, load_average, machine_line
 from peft_tensor.recipes.demo import arm_label, ensure_backbone, finetune_arm
 from peft_tensor.training import write_json
 from peft_tensor.training.arms import format_rates
@@ -132,8 +132,7 @@ def gap_lines(summary: dict) -> list[str]:
         sd = float(v.std(ddof=1)) if v.size > 1 else 0.0
         arm_sd = max((summary["aggregate"].get(arm, {}).get(str(n), {}).get("dice", {}).get("std") or 0.0)
                      for arm in (a, b))
-        verdict = ("—" if v.size < 2 else
-                   "yes" if v.mean() > 2 * sd and v.mean() > 2 * arm_sd else "no")
+        verdict = {None: "—", True: "yes", False: "no"}[gap_discriminates(g, arm_sd)]
         lines.append(f"| {n} | " + " ".join(f"{x:+.3f}" for x in g) + f" | {v.mean():+.3f} ± {sd:.3f} | {verdict} |")
     return lines + [""]
 
@@ -240,24 +239,24 @@ def main(cfg: dict) -> dict:
         "note": "N counts subjects; the embedded cohort gives two cases (left and right hippocampus) per subject.",
     }
     # seeds outermost: a complete grid per seed first, so an interrupted run still has whole grids
-    jobs = all_jobs = [(arm, n, seed) for seed in seeds for n in ns for arm in cfg["arms"]]
+    jobs = all_jobs = [(arm, n, seed, run_key(cfg, arm, backbone, n, seed))
+                       for seed in seeds for n in ns for arm in cfg["arms"]]
     js = out / f"{stem}.json"
     if bench.get("resume") and js.is_file():  # keep the runs of an earlier summary made with the same settings
-        keys = {run_key(cfg, arm, backbone, n, seed): (arm, n, seed) for arm, n, seed in jobs}
-        kept = [r for r in json.loads(js.read_text()).get("runs", []) if r.get("key") in keys]
+        wanted = {job[3] for job in jobs}
+        kept = [r for r in json.loads(js.read_text()).get("runs", []) if r.get("key") in wanted]
         done = {r["key"] for r in kept}
         for r in kept:
             summary["n_test_cases"] = r.get("n_test_cases", summary["n_test_cases"])
             summary["runs"].append(r)
-        jobs = [j for j in jobs if run_key(cfg, j[0], backbone, j[1], j[2]) not in done]
+        jobs = [job for job in jobs if job[3] not in done]
         print(f"[fewshot] resuming {js}: {len(kept)} run(s) kept, {len(jobs)} to run", flush=True)
         if kept:
             summary["aggregate"] = aggregate(summary["runs"], arms, ns)
 
-    def record(run: dict) -> None:
+    def record(run: dict, key: str) -> None:
         summary["n_test_cases"] = run.get("n_test_cases")
-        run["key"] = run_key(cfg, next(a for a in cfg["arms"] if arm_label(a) == run["arm"]), backbone,
-                             run["n_train"], run["seed"])
+        run["key"] = key
         summary["runs"].append(run)
         summary["aggregate"] = aggregate(summary["runs"], arms, ns)
         summary["wall_s"] = time.time() - t_start
@@ -268,23 +267,23 @@ def main(cfg: dict) -> dict:
 
     try:
         if workers == 1:
-            for arm, n, seed in jobs:
+            for arm, n, seed, key in jobs:
                 print(f"[fewshot] seed {seed}, N = {n}, {arm_label(arm)}", flush=True)
-                record(_run_one(cfg, arm, str(backbone), folder(arm, n, seed), n, seed))
+                record(_run_one(cfg, arm, str(backbone), folder(arm, n, seed), n, seed), key)
         else:  # fresh (spawned) processes: no OpenMP state forked from this one
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor, as_completed
 
             print(f"[fewshot] {len(jobs)} runs in {workers} worker processes, {threads} thread(s) each", flush=True)
             with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-                futures = {pool.submit(_run_one, cfg, arm, str(backbone), folder(arm, n, seed), n, seed):
-                           (arm_label(arm), n, seed) for arm, n, seed in jobs}
+                futures = {pool.submit(_run_one, cfg, arm, str(backbone), folder(arm, n, seed), n, seed): key
+                           for arm, n, seed, key in jobs}
                 for fut in as_completed(futures):
-                    name, n, seed = futures[fut]
                     run = fut.result()
-                    print(f"[fewshot] seed {seed}, N = {n}, {name}: test Dice {run['dice']:.3f}", flush=True)
-                    record(run)
-        order = {(arm_label(a), n, s): i for i, (a, n, s) in enumerate(all_jobs)}  # the grid's order
+                    print(f"[fewshot] seed {run['seed']}, N = {run['n_train']}, {run['arm']}: test Dice "
+                          f"{run['dice']:.3f}", flush=True)
+                    record(run, futures[fut])
+        order = {(arm_label(a), n, s): i for i, (a, n, s, _) in enumerate(all_jobs)}  # the grid's order
         summary["runs"].sort(key=lambda r: order.get((r["arm"], r["n_train"], r["seed"]), len(order)))
     finally:
         if not cfg.get("work_dir"):

@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # run as a file: the checkout's root, for benchma
 
 import numpy as np
 
-from benchmarks._common import load_average, machine_line
+from benchmarks._common import gap_discriminates, load_average, machine_line
 
 
 def stats(values: list) -> tuple[float, float]:
@@ -58,8 +58,8 @@ def task_table(runs: list[dict], task: str, arms: list[str], seeds: list[int], g
         gaps = [sel[(a, s)]["dice"] - sel[(b, s)]["dice"] for s in done]
         gm, gsd = stats(gaps)
         noise = max(sds.get(a, 0.0), sds.get(b, 0.0))
-        verdict = ("one seed: no verdict" if len(done) < 2 else
-                   "discriminates" if gm > 2 * gsd and gm > 2 * noise else "within seed noise")
+        verdict = {None: "one seed: no verdict", True: "discriminates",
+                   False: "within seed noise"}[gap_discriminates(gaps, noise)]
         lines.append(f"| gap {a} - {b} | " + " | ".join(
             f"{g:+.3f}" if s in done else "—" for s, g in zip(seeds, [dict(zip(done, gaps)).get(s) for s in seeds]))
             + f" | {gm:+.3f} ± {gsd:.3f} | {verdict} (larger arm sd {noise:.3f}) |")
