@@ -23,6 +23,22 @@ group tensor:
 Any ``finetune_cpu`` key can be overridden (``arm.*``, ``optim.*``); ``steps`` (default 20) is the number of
 training steps measured.
 
+``capture=N`` instead measures, per group tensor, how much of the task's weight gradient at init (averaged over
+``N`` batches) each adapter's update space can follow: the fraction ``|P(G)|^2 / |G|^2`` of the gradient ``G`` of the
+loss w.r.t. the stacked base weights that lies in the space of updates the adapter's trainable factors span at init
+(its tangent space; the first-order loss decrease of a step of given size is proportional to ``|P(G)|``). Columns:
+tCURLoRA's core at each rank of ``ranks`` (``C * X * R``: the selected columns' span x the selected rows' span, per
+Fourier slice), the same with random columns/rows (``rand``, mean of 3 draws), the best two-sided subspaces of that
+size for this very gradient (``best``, the sum of its top ``r`` squared singular values per Fourier slice: no
+choice of columns/rows does better), PEFT LoRA r=8 at init (``B`` trains: the rows of ``A``, Kaiming-uniform per
+layer) and LoRA-PT's principal factors (tubal rank ``lorapt_r``: ``U X + Y V^T`` per Fourier slice)::
+
+    python benchmarks/conditioning.py model.pretrained=runs/pre/backbone capture=4 data.task=target_shift
+    python benchmarks/conditioning.py model.pretrained=runs/pre/backbone capture=4 steps=150 arm.r=16
+
+With ``steps=N`` the gradient is taken after ``N`` steps of the tCURLoRA arm (its recipe rate): has the task's
+gradient left the spaces the core can move in?
+
 ``timing=N`` instead times tCURLoRA r=8 on UNETR-B (64^3, batch 1, paper grouping, one thread) in both core bases,
 alternated ``N`` times: set-up (``get_peft_model``) and one training step (forward + backward), medians::
 
@@ -79,6 +95,156 @@ def lorapt_rows(group) -> dict:
             "scale": group.scales()[0]}
 
 
+def _tangent_fractions(w: torch.Tensor, g: torch.Tensor, ranks, lorapt_r: int, gen: torch.Generator) -> dict:
+    """Fractions of ``|g|^2`` (``g``, ``w``: ``(L, n1, n2)`` float64) in each adapter's tangent space at init."""
+    from peft_tensor.algebra import tensor_cur
+
+    n_slices, n1, n2 = w.shape
+    fw = fourier_slice_weights(n_slices, dtype=torch.float64)
+    g_hat, w_hat = to_fourier(g), to_fourier(w)
+    total = float((fw * g_hat.abs().square().sum((-2, -1))).sum())
+
+    def two_sided(c_hat, r_hat):  # |Q_C Q_C^H G Q_R Q_R^H|^2 / |G|^2, per Fourier slice
+        qc = torch.linalg.qr(c_hat).Q
+        qr = torch.linalg.qr(r_hat.transpose(-1, -2).conj()).Q
+        p = qc.transpose(-1, -2).conj() @ g_hat @ qr
+        return float((fw * p.abs().square().sum((-2, -1))).sum()) / total
+
+    out = {}
+    sv = torch.linalg.svdvals(g_hat)
+    for r in ranks:
+        cur = tensor_cur(w, r)
+        out[f"tcur r={r}"] = two_sided(to_fourier(cur.C), to_fourier(cur.R))
+        rand = []
+        for _ in range(3):
+            ci = torch.randperm(n2, generator=gen)[:r]
+            ri = torch.randperm(n1, generator=gen)[:r]
+            rand.append(two_sided(w_hat[..., ci], w_hat[..., ri, :]))
+        out[f"rand r={r}"] = sum(rand) / len(rand)
+        out[f"best r={r}"] = float((fw * sv[..., :r].square().sum(-1)).sum()) / total
+    # PEFT LoRA r=8 at init: dW = dB A, the gradient's projection on the row space of A (per layer)
+    bound = (6.0 / n2) ** 0.5 / 5 ** 0.5  # kaiming_uniform_(a=sqrt(5)) bound; the span does not depend on it
+    a = (torch.rand(n_slices, 8, n2, generator=gen, dtype=torch.float64) * 2 - 1) * bound
+    qa = torch.linalg.qr(a.transpose(-1, -2)).Q  # (L, n2, 8)
+    out["lora r=8"] = float((g @ qa).square().sum()) / float(g.square().sum())
+    # LoRA-PT at init: dW = dU S V^T + U dS V^T + U S dV^T: per Fourier slice, P_U G + G P_V - P_U G P_V
+    u, _, vh = torch.linalg.svd(w_hat, full_matrices=False)
+    u, v = u[..., :lorapt_r], vh[..., :lorapt_r, :].transpose(-1, -2).conj()
+    pu = u.transpose(-1, -2).conj() @ g_hat
+    gv = g_hat @ v
+    both = u.transpose(-1, -2).conj() @ g_hat @ v
+    e = pu.abs().square().sum((-2, -1)) + gv.abs().square().sum((-2, -1)) - both.abs().square().sum((-2, -1))
+    out[f"lorapt r={lorapt_r}"] = float((fw * e).sum()) / total
+    return out
+
+
+def _first_step_cosines(w: torch.Tensor, g: torch.Tensor, r: int, gen: torch.Generator) -> dict:
+    """cos(dW, -G) of the weight change of Adam's first step (``-lr sign(grad)`` on every trainable entry), per
+    parametrisation: how much of a step's length descends (1: the steepest descent in the whole weight space)."""
+    from peft_tensor.algebra import t_qr_whiteners, tensor_cur
+
+    n_slices, n1, n2 = w.shape
+    cur = tensor_cur(w, r)
+    c_hat, r_hat = to_fourier(cur.C), to_fourier(cur.R)
+    wc, wr = t_qr_whiteners(cur.C, cur.R)
+    qc_hat, qr_hat = c_hat @ to_fourier(wc.double()), to_fourier(wr.double()) @ r_hat
+
+    def cos_of(delta_fn, shape):
+        x = torch.zeros(shape, dtype=torch.float64, requires_grad=True)
+        (delta_fn(x) * g).sum().backward()
+        with torch.no_grad():
+            d = delta_fn(-x.grad.sign())
+        return float((d * -g).sum() / (d.norm() * g.norm()).clamp_min(1e-300))
+
+    def hartley(x):
+        f = torch.fft.fft(x, dim=0)
+        return (f.real - f.imag) / n_slices ** 0.5
+
+    out = {
+        f"tcur paper r={r}": cos_of(lambda x: from_fourier(c_hat @ to_fourier(x) @ r_hat, n_slices), (n_slices, r, r)),
+        f"tcur orthonormal r={r}": cos_of(lambda x: from_fourier(qc_hat @ to_fourier(x) @ qr_hat, n_slices),
+                                          (n_slices, r, r)),
+        f"tcur fourier r={r}": cos_of(lambda x: from_fourier(c_hat @ to_fourier(hartley(x)) @ r_hat, n_slices),
+                                      (n_slices, r, r)),
+    }
+    bound = (6.0 / n2) ** 0.5 / 5 ** 0.5
+    a = (torch.rand(n_slices, 8, n2, generator=gen, dtype=torch.float64) * 2 - 1) * bound
+    out["lora r=8 (dB)"] = cos_of(lambda x: x @ a, (n_slices, n1, 8))
+    return out
+
+
+def capture(cfg: dict, n_batches: int, train_steps: int = 0, ranks=(8, 16, 32), lorapt_r: int = 32) -> None:
+    """Print the gradient fractions of :func:`_tangent_fractions` per group tensor (see the module docstring), at
+    init or, with ``train_steps``, after that many steps of the tCURLoRA arm (``arm.*``; the adapter alone) at its
+    method rate: the gradient of the adapted network then, in the same (fixed) spaces."""
+    from peft_tensor.data import train_loader
+    from peft_tensor.data.transforms import augmentation
+    from peft_tensor.training import apply_arm, load_backbone, model_config_for_task, set_seed
+    from peft_tensor.training.arms import optimizer_settings
+    from peft_tensor.training.loop import make_loss, make_optimizer, start_run, step_seed
+    from peft_tensor.training.schema import OptimConfig, fill_block
+
+    rs = start_run(cfg)
+    model_cfg = model_config_for_task(cfg["model"], rs.task)
+    model = load_backbone(model_cfg["pretrained"], model_cfg)[0]
+    set_seed(rs.seed)
+    arm = {**cfg["arm"], "name": "tcurlora"}
+    model = apply_arm(model, arm, model_cfg)  # the groups (identity at init)
+    tuner = model.base_model
+    groups = list(getattr(tuner, f"{tuner.prefix}groups")["default"])
+    aug = augmentation(rs.patch, float(cfg["train"]["crop_pos"]), float(cfg["train"]["crop_neg"]),
+                       cfg["train"]["crop"])
+    batch_size = int(cfg["train"]["batch_size"])
+    loss_fn = make_loss(cfg["train"]["loss"], rs.task)
+    model.train()
+    if train_steps:
+        optimizer = make_optimizer(model, fill_block(OptimConfig, {**cfg["optim"], **optimizer_settings(arm)},
+                                                     "optim"))
+        batches = iter(train_loader(rs.sources.get("train", []), rs.seed, batch_size, aug, 0, train_steps, 0, 1,
+                                    rs.loader_cfg, rs.dist.device, rs.task.softmax))
+        for step in range(train_steps):
+            step_seed(rs.seed, step)
+            images, labels = next(batches)
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(model(images).float(), labels).backward()
+            optimizer.step()
+    weights = {id(layer.get_base_layer().weight): layer.get_base_layer().weight
+               for g in groups for layer, _, _ in g._sources}
+    for w in weights.values():
+        w.requires_grad_(True)
+    batches = iter(train_loader(rs.sources.get("train", []), rs.seed + 1, batch_size, aug, 0, n_batches, 0, 1,
+                                rs.loader_cfg, rs.dist.device, rs.task.softmax))
+    for step in range(n_batches):
+        step_seed(rs.seed + 1, step)
+        images, labels = next(batches)
+        (loss_fn(model(images).float(), labels) / n_batches).backward()
+    gen = torch.Generator().manual_seed(0)
+    rows, tot_g, cos_rows = {}, {}, {}
+    for g in groups:
+        w = g.stacked_weight(torch.float64)
+        grad = torch.stack([layer.get_base_layer().weight.grad[r0:r1].double() for layer, r0, r1 in g._sources])
+        rows[g.name] = _tangent_fractions(w, grad, ranks, lorapt_r, gen)
+        for r in ranks[:2]:
+            cos_rows.setdefault(g.name, {}).update(_first_step_cosines(w, grad, r, gen))
+        tot_g[g.name] = float(grad.square().sum())
+    keys = list(next(iter(rows.values())))
+    total = sum(tot_g.values())
+    rows["all groups (|G|^2-weighted)"] = {k: sum(rows[n][k] * tot_g[n] for n in tot_g) / total for k in keys}
+    when = f"after {train_steps} steps of {arm}" if train_steps else "at init"
+    print(f"backbone {model_cfg['pretrained']}  task {cfg['data']['task']}  {n_batches} batches: fraction of the "
+          f"weight gradient in each adapter's update space at init, gradient {when}")
+    print("| group | " + " | ".join(keys) + " |")
+    print("|---|" + "---:|" * len(keys))
+    for name, row in rows.items():
+        print(f"| {name} | " + " | ".join(f"{row[k]:.3f}" for k in keys) + " |")
+    keys = list(next(iter(cos_rows.values())))
+    print("\ncos(dW, -G) of Adam's first step (every trainable entry moves by lr against its gradient's sign):")
+    print("| group | " + " | ".join(keys) + " |")
+    print("|---|" + "---:|" * len(keys))
+    for name, row in cos_rows.items():
+        print(f"| {name} | " + " | ".join(f"{row[k]:.3f}" for k in keys) + " |")
+
+
 def timing(repeats: int) -> None:
     import copy
     import statistics
@@ -116,17 +282,22 @@ def timing(repeats: int) -> None:
 
 def main(argv: list[str]) -> None:
     steps = 20
+    n_capture = 0
     rest = []
     for a in argv:
         if a.startswith("steps="):
             steps = int(a.split("=", 1)[1])
         elif a.startswith("timing="):
             return timing(int(a.split("=", 1)[1]))
+        elif a.startswith("capture="):
+            n_capture = int(a.split("=", 1)[1])
         else:
             rest.append(a)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config("finetune_cpu", ["threads=1", "progress=false", "data.progress=false", "arm.decoder=head",
                                            f"output_dir={tmp}", *rest], schema="finetune")
+        if n_capture:
+            return capture(cfg, n_capture, steps if "steps=" in " ".join(argv) else 0)
         run(cfg, steps)
 
 
