@@ -70,8 +70,10 @@ def arm_defaults(arm) -> Any:
     name = str(name)[:-5] if str(name).endswith("_full") else name
     spec = registry.methods().get(name)
     if spec is not None:
-        return [dict(spec.arm_defaults), dict(spec.full_arm_defaults or {}), spec.lr, spec.full_lr,
-                spec.weight_decay]
+        key = [dict(spec.arm_defaults), dict(spec.full_arm_defaults or {}), spec.lr, spec.full_lr, spec.weight_decay]
+        if spec.lr_by:  # only where set: the other methods' run keys stay as they were
+            key.append({k: dict(v) for k, v in spec.lr_by.items()})
+        return key
     return registry.BASELINE_LR.get(name)
 
 

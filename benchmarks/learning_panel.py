@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
+import itertools
 import json
 import shlex
 import shutil
@@ -71,6 +72,13 @@ def load_panel_config(name: str = DEFAULT_CONFIG, overrides=None, budget: str | 
         if not isinstance(cfg[key], kind):
             raise ValueError(f"{key} must be a {'mapping' if kind is dict else 'list'}, got {cfg[key]!r}: "
                              f"e.g. {example}")
+    seeds = cfg.get("seeds")
+    if seeds is None:
+        seeds = [cfg["seed"]]
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                             for v in seeds) or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be a list of distinct integers, got {seeds!r}: e.g. 'seeds=[0, 1, 2]'")
+    cfg["seeds"] = seeds
     crit = cfg["criterion"]
     for role in ("reference", "floor"):
         if crit[role] not in cfg["arms"]:
@@ -108,14 +116,16 @@ def pretrain_config(cfg: dict, spec: dict) -> dict:
     return load_config(spec["config"], over, schema="pretrain")
 
 
-def finetune_config(cfg: dict, backbone: Path, task: str, arm: dict, out_dir: Path) -> dict:
+def finetune_config(cfg: dict, backbone: Path, task: str, arm: dict, out_dir: Path, seed: int | None = None) -> dict:
     """The resolved fine-tuning config of one run: the panel's ``finetune`` config and overrides, the task, the arm,
-    the step budget and validation interval, the backbone, threads pinned, no resumable checkpoint."""
+    the fine-tuning seed (``seed``, else the config's ``seed``), the step budget and validation interval, the
+    backbone, threads pinned, no resumable checkpoint."""
     from peft_tensor.training.config import load_config
 
     ft = cfg["finetune"]
     run_cfg = load_config(ft["config"], [
-        *(ft.get("overrides") or []), *_common_overrides(cfg), f"data.task={task}", f"seed={cfg['seed']}",
+        *(ft.get("overrides") or []), *_common_overrides(cfg), f"data.task={task}",
+        f"seed={cfg['seed'] if seed is None else seed}",
         f"train.steps={cfg['steps']}", f"train.val_every={cfg.get('eval_every') or 0}", "train.checkpoint_every=0",
         f"model.pretrained={backbone}", f"output_dir={out_dir}"], schema=None)
     run_cfg["arm"] = dict(arm)
@@ -169,20 +179,21 @@ def steps_to_reach(curve: list, fraction: float = 0.9) -> int | None:
     return next(step for step, dice in curve if dice >= goal)
 
 
-def run_cell(cfg: dict, backbone: dict, task: str, label: str, arm: dict, work: Path) -> dict:
-    """Fine-tune and evaluate one arm on one task from one backbone; the run's row."""
+def run_cell(cfg: dict, backbone: dict, task: str, label: str, arm: dict, work: Path, seed: int | None = None) -> dict:
+    """Fine-tune and evaluate one arm on one task from one backbone with one fine-tuning seed; the run's row."""
     from peft_tensor.recipes import finetune
 
-    run_dir = work / backbone["name"] / task / label
+    seed = cfg["seed"] if seed is None else seed
+    run_dir = work / backbone["name"] / task / label / f"seed{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, never a resumed one
-    run_cfg = finetune_config(cfg, Path(backbone["path"]), task, arm, run_dir)
+    run_cfg = finetune_config(cfg, Path(backbone["path"]), task, arm, run_dir, seed)
     t0, c0 = time.time(), time.process_time()
     res = finetune.main(copy.deepcopy(run_cfg))
     wall, cpu = time.time() - t0, time.process_time() - c0
     curve = val_curve(run_dir)
     test = res["test"]["dice"]
-    return {"backbone": backbone["name"], "task": task, "arm": label, "method": arm["name"],
-            "key": run_key(cfg, backbone, task, arm), "rates": res.get("rates"),
+    return {"backbone": backbone["name"], "task": task, "arm": label, "method": arm["name"], "seed": seed,
+            "key": run_key(cfg, backbone, task, arm, seed), "rates": res.get("rates"),
             "trainable": res["params"]["trainable"], "steps": res["steps"], "dice": test["mean"],
             "dice_case_std": test["std"], "n_test_cases": test["n"],
             "curve": curve, "steps_to_reach": steps_to_reach(curve, float(cfg["criterion"].get("reach", 0.9))),
@@ -190,10 +201,10 @@ def run_cell(cfg: dict, backbone: dict, task: str, label: str, arm: dict, work: 
             "threads": run_cfg["threads"]}
 
 
-def run_key(cfg: dict, backbone: dict, task: str, arm: dict) -> str:
-    """What makes two runs the same: the backbone's weights, the resolved fine-tuning config and the registry's
-    defaults for the arm (rank, rates, weight decay: :func:`benchmarks._common.arm_defaults`)."""
-    key = [backbone["sha256"], config_hash(finetune_config(cfg, Path(backbone["path"]), task, arm, Path(".")))]
+def run_key(cfg: dict, backbone: dict, task: str, arm: dict, seed: int | None = None) -> str:
+    """What makes two runs the same: the backbone's weights, the resolved fine-tuning config (its seed included) and
+    the registry's defaults for the arm (rank, rates, weight decay: :func:`benchmarks._common.arm_defaults`)."""
+    key = [backbone["sha256"], config_hash(finetune_config(cfg, Path(backbone["path"]), task, arm, Path("."), seed))]
     defaults = arm_defaults(arm)
     if defaults is not None:  # an arm the registry has nothing for keeps the key it had
         key.append(defaults)
@@ -201,21 +212,44 @@ def run_key(cfg: dict, backbone: dict, task: str, arm: dict) -> str:
 
 
 # -- the criterion and the tables -------------------------------------------------------------------------------------
-def assess(runs: list[dict], criterion: dict) -> dict:
-    """{(backbone, task, arm): {ratio, margin, passed}}: each run's Dice over the reference arm's of its cell, its
-    margin over the floor arm's, and ``passed`` (both thresholds met; None for the reference and floor arms, or
-    when either is missing from the cell)."""
+def run_seed(run: dict, default: int = 0) -> int:
+    """A run's fine-tuning seed (summaries written before ``seeds`` existed: the panel's ``seed``)."""
+    return int(run.get("seed", default))
+
+
+def cell_means(runs: list[dict], default_seed: int = 0) -> dict:
+    """{(backbone, task, arm): {seed: Dice}} of the runs."""
+    out: dict = {}
+    for r in runs:
+        out.setdefault((r["backbone"], r["task"], r["arm"]), {})[run_seed(r, default_seed)] = r["dice"]
+    return out
+
+
+def assess(runs: list[dict], criterion: dict, default_seed: int = 0) -> dict:
+    """{(backbone, task, arm): {dice, seeds, ratio, margin, passed}}: each arm's mean Dice over its cell's seeds, its
+    ratio to the reference arm's mean and its margin over the floor arm's, both over the seeds the two arms share
+    (paired), and ``passed`` (both thresholds met; None for the reference and floor arms, or when either is missing
+    from the cell)."""
     ref, floor = criterion["reference"], criterion["floor"]
-    by = {(r["backbone"], r["task"], r["arm"]): r for r in runs}
+    by = cell_means(runs, default_seed)
     out = {}
-    for (b, t, a), r in by.items():
-        rd, fd = by.get((b, t, ref), {}).get("dice"), by.get((b, t, floor), {}).get("dice")
-        ratio = r["dice"] / rd if rd else None
-        margin = r["dice"] - fd if fd is not None else None
+    for (b, t, a), dice in by.items():
+        def paired(other):
+            o = by.get((b, t, other), {})
+            common = sorted(set(dice) & set(o))
+            if not common:
+                return None, None
+            return (sum(dice[s] for s in common) / len(common), sum(o[s] for s in common) / len(common))
+
+        mine, rd = paired(ref)
+        ratio = mine / rd if rd else None
+        mine_f, fd = paired(floor)
+        margin = mine_f - fd if fd is not None else None
         passed = None
         if a not in (ref, floor) and ratio is not None and margin is not None:
             passed = ratio >= float(criterion["min_ratio"]) and margin >= float(criterion["min_margin"]) - 1e-12
-        out[(b, t, a)] = {"ratio": ratio, "margin": margin, "passed": passed}
+        out[(b, t, a)] = {"dice": sum(dice.values()) / len(dice), "seeds": sorted(dice), "ratio": ratio,
+                          "margin": margin, "passed": passed}
     return out
 
 
@@ -228,8 +262,11 @@ def markdown(summary: dict) -> str:
 
     cfg, runs = summary["config"], summary["runs"]
     crit = cfg["criterion"]
-    verdicts = assess(runs, crit)
-    by = {(r["backbone"], r["task"], r["arm"]): r for r in runs}
+    default_seed = cfg.get("seed", 0)
+    verdicts = assess(runs, crit, default_seed)
+    seeds = cfg.get("seeds") or [default_seed]
+    multi = len(seeds) > 1
+    by = {(r["backbone"], r["task"], r["arm"], run_seed(r, default_seed)): r for r in runs}
     arms, tasks, backbones = list(cfg["arms"]), cfg["tasks"], list(cfg["backbones"])
     judged = [a for a in arms if a not in (crit["reference"], crit["floor"])]
     n_cells = len(backbones) * len(tasks)
@@ -237,41 +274,54 @@ def markdown(summary: dict) -> str:
              + (f" (budget `{cfg['budget']}`)" if cfg.get("budget") else ""), "",
              f"Each cell: few-shot fine-tuning ({summary['n_train']} training subjects x 2 hemispheres) for "
              f"{cfg['steps']} steps from the cell's backbone on its task, test Dice over {summary['n_test_cases']} "
-             f"held-out cases, seed {cfg['seed']}, {cfg['threads']} torch thread(s) per run; recipe config "
+             "held-out cases, " + (f"fine-tuning seeds {', '.join(map(str, seeds))} (a cell: the mean over its "
+                                    "seeds; ratios and margins paired by seed)" if multi else f"seed {seeds[0]}")
+             + f", {cfg['threads']} torch thread(s) per run; recipe config "
              f"`{cfg['finetune']['config']}`" + (f" + `{' '.join(cfg['finetune']['overrides'])}`"
                                                   if cfg['finetune'].get('overrides') else "") + ". "
              f"Criterion: each method's adapter alone >= {crit['min_ratio']:g}x the Dice of "
              f"{crit['reference']} and >= {crit['floor']} + {crit['min_margin']:g}. Steps to "
              f"{100 * float(crit.get('reach', 0.9)):.0f}%: the first validation (every {cfg.get('eval_every')} steps)"
              f" at {100 * float(crit.get('reach', 0.9)):.0f}% of the run's final validation Dice.", "",
-             "Test Dice (✓ / ✗: the criterion):", "",
+             "Test Dice" + (" (mean over the seeds)" if multi else "") + " (✓ / ✗: the criterion):", "",
              "| backbone | task | " + " | ".join(arms) + " |", "|---|---|" + "---:|" * len(arms)]
     for b in backbones:
         for t in tasks:
             cells = []
             for a in arms:
-                r, v = by.get((b, t, a)), verdicts.get((b, t, a), {})
+                v = verdicts.get((b, t, a))
+                if not v:
+                    cells.append("—")
+                    continue
                 mark = {True: " ✓", False: " ✗"}.get(v.get("passed"), "")
-                cells.append(f"{r['dice']:.3f}{mark}" if r else "—")
+                short = f" ({len(v['seeds'])} of {len(seeds)})" if multi and len(v["seeds"]) < len(seeds) else ""
+                cells.append(f"{v['dice']:.3f}{mark}{short}")
             lines.append(f"| {b} | {t} | " + " | ".join(cells) + " |")
     passes = {a: sum(1 for b in backbones for t in tasks if verdicts.get((b, t, a), {}).get("passed")) for a in judged}
     lines += ["", "Cells passing: " + ", ".join(f"{a} {passes[a]} / {n_cells}" for a in judged) + ".", "",
-              f"| backbone | task | arm | lr (adapter / rest) | trainable | test Dice | ÷ {crit['reference']} | "
-              f"− {crit['floor']} | steps to {100 * float(crit.get('reach', 0.9)):.0f}% | val Dice curve | pass |",
-              "|---|---|---|---:|---:|---:|---:|---:|---:|---|:---:|"]
+              "| backbone | task | arm |" + (" seed |" if multi else "") + " lr (adapter / rest) | trainable | "
+              f"test Dice | ÷ {crit['reference']} | − {crit['floor']} | steps to "
+              f"{100 * float(crit.get('reach', 0.9)):.0f}% | val Dice curve | pass |",
+              "|---|---|---|" + ("---:|" if multi else "") + "---:|---:|---:|---:|---:|---:|---|:---:|"]
     for b in backbones:
         for t in tasks:
             for a in arms:
-                r = by.get((b, t, a))
-                if not r:
-                    continue
-                v = verdicts[(b, t, a)]
-                curve = " ".join(f"{d:.2f}" for _, d in r["curve"])
-                passed = {True: "pass", False: "FAIL"}.get(v["passed"], "ref" if a == crit["reference"] else "floor"
-                                                             if a == crit["floor"] else "—")
-                lines.append(f"| {b} | {t} | {a} | {format_rates(r.get('rates'))} | {r['trainable']:,} | "
-                             f"{r['dice']:.3f} ± {r['dice_case_std']:.3f} | {_f(v['ratio'], '{:.2f}')} | "
-                             f"{_f(v['margin'], '{:+.3f}')} | {_f(r['steps_to_reach'], '{}')} | {curve} | {passed} |")
+                for seed in seeds:
+                    r = by.get((b, t, a, seed))
+                    if not r:
+                        continue
+                    # per run: against the reference / floor run of the same seed; the verdict is the cell's
+                    v = assess([x for x in runs if run_seed(x, default_seed) == seed and x["backbone"] == b
+                                and x["task"] == t], crit, default_seed)[(b, t, a)]
+                    cell = verdicts[(b, t, a)]
+                    curve = " ".join(f"{d:.2f}" for _, d in r["curve"])
+                    passed = {True: "pass", False: "FAIL"}.get(cell["passed"], "ref" if a == crit["reference"]
+                                                                else "floor" if a == crit["floor"] else "—")
+                    lines.append(f"| {b} | {t} | {a} |" + (f" {seed} |" if multi else "")
+                                 + f" {format_rates(r.get('rates'))} | {r['trainable']:,} | "
+                                 f"{r['dice']:.3f} ± {r['dice_case_std']:.3f} | {_f(v['ratio'], '{:.2f}')} | "
+                                 f"{_f(v['margin'], '{:+.3f}')} | {_f(r['steps_to_reach'], '{}')} | {curve} | "
+                                 f"{passed} |")
     lines += ["", "Backbones (pretrained once each, cached by the hash of their resolved config):", "",
               "| backbone | pretraining config | steps | threads | config hash | weights sha256 | pretraining |",
               "|---|---|---:|---:|---|---|---:|"]
@@ -282,7 +332,7 @@ def markdown(summary: dict) -> str:
             lines.append(f"| {name} | `{bb['config']}{' ' + over if over else ''}` | {bb['steps']} | "
                          f"{bb['threads']} | `{bb['hash']}` | `{bb['sha256'][:16]}` | {bb['pretrain_s']:.0f} s"
                          f"{' (cached)' if bb.get('reused') else ''} |")
-    n_runs = len(backbones) * len(tasks) * len(arms)
+    n_runs = len(backbones) * len(tasks) * len(arms) * len(seeds)
     cpu = sum(r["cpu_s"] for r in runs)
     lines += ["", f"Runs: {len(runs)} of {n_runs}; fine-tuning wall {sum(r['wall_s'] for r in runs) / 60:.1f} min, "
               f"process CPU {cpu / 60:.1f} min; panel wall {summary['wall_s'] / 60:.1f} min ({summary['machine']}, "
@@ -312,23 +362,23 @@ def main(cfg: dict, command: str | None = None) -> dict:
     try:
         for name, spec in cfg["backbones"].items():
             summary["backbones"][name] = backbone = ensure_backbone(cfg, name, spec)
-            for task in cfg["tasks"]:
-                for label, arm in cfg["arms"].items():
-                    key = run_key(cfg, backbone, task, arm)
-                    if key in earlier:
-                        row = {**earlier[key], "backbone": name, "arm": label}
-                        print(f"[panel] {name} / {task} / {label}: kept from {js}", flush=True)
-                    else:
-                        print(f"[panel] {name} / {task} / {label}: {cfg['steps']} steps", flush=True)
-                        row = run_cell(cfg, backbone, task, label, arm, work)
-                        print(f"[panel]   test Dice {row['dice']:.3f}, {row['wall_s']:.0f} s", flush=True)
-                    summary["runs"].append(row)
-                    summary["n_test_cases"] = row["n_test_cases"]
-                    summary["n_train"] = finetune_config(cfg, Path("."), task, arm, Path("."))["data"].get("n_train")
-                    summary["wall_s"] = time.time() - t_start
-                    out.mkdir(parents=True, exist_ok=True)
-                    write_json(js, summary)
-                    (out / f"{stem}.md").write_text(markdown(summary))
+            for task, (label, arm), seed in itertools.product(cfg["tasks"], cfg["arms"].items(), cfg["seeds"]):
+                key = run_key(cfg, backbone, task, arm, seed)
+                where = f"{name} / {task} / {label}" + (f" / seed {seed}" if len(cfg["seeds"]) > 1 else "")
+                if key in earlier:
+                    row = {**earlier[key], "backbone": name, "arm": label, "seed": seed}
+                    print(f"[panel] {where}: kept from {js}", flush=True)
+                else:
+                    print(f"[panel] {where}: {cfg['steps']} steps", flush=True)
+                    row = run_cell(cfg, backbone, task, label, arm, work, seed)
+                    print(f"[panel]   test Dice {row['dice']:.3f}, {row['wall_s']:.0f} s", flush=True)
+                summary["runs"].append(row)
+                summary["n_test_cases"] = row["n_test_cases"]
+                summary["n_train"] = finetune_config(cfg, Path("."), task, arm, Path("."))["data"].get("n_train")
+                summary["wall_s"] = time.time() - t_start
+                out.mkdir(parents=True, exist_ok=True)
+                write_json(js, summary)
+                (out / f"{stem}.md").write_text(markdown(summary))
     finally:
         torch.set_num_threads(threads_before)
         if not cfg.get("work_dir"):

@@ -70,6 +70,10 @@ class MethodSpec:
         lr: learning rate of the method's trainable factors in the recipes (``method_lr``; the decoder and head
             keep ``optim.lr``); ``None``: the recipe's ``optim.lr`` for everything.
         full_lr: the same for the whole-network arm ``<name>_full``; ``None``: ``lr``.
+        lr_by: learning rates of arms whose config sets a field to a given value, ``{field: {value: lr}}``, in place
+            of ``lr`` (not for the whole-network arm). The field's value is the arm config's, else ``arm_defaults``'.
+            E.g. ``{"basis": {"paper": 0.3}}``: when the recipes' default coordinates need another rate than the
+            paper's, an arm that asks for the paper's gets the paper's rate, not the default's.
         weight_decay: weight decay of the method's trainable factors in the recipes (``method_weight_decay``);
             ``None``: the recipe's ``optim.weight_decay``. Adam's weight decay is an L2 pull towards zero, which means
             something for weights but not for factors whose zero is not the identity (docs/methods.md#weight-decay).
@@ -90,6 +94,17 @@ class MethodSpec:
     full_lr: Optional[float] = None
     weight_decay: Optional[float] = None
     provider: str = "peft-tensor"
+    lr_by: Mapping[str, Mapping[Any, float]] = dataclasses.field(default_factory=dict)
+
+    def lr_for(self, arm_cfg: Mapping[str, Any], full: bool = False) -> Optional[float]:
+        """The recipes' learning rate of this method's factors for an arm config (``lr_by``, ``lr``, ``full_lr``)."""
+        if full:
+            return self.full_lr if self.full_lr is not None else self.lr
+        for key, table in self.lr_by.items():
+            value = arm_cfg.get(key, self.arm_defaults.get(key))
+            if isinstance(value, (str, int, float, bool)) and value in table:
+                return table[value]
+        return self.lr
 
     def targets_for(self, backbone: str) -> list[str]:
         """``target_modules`` for a backbone name (``"unetr"``, ``"swinunetr"``)."""
@@ -105,7 +120,7 @@ def register(name: str, *, peft_type: str, config_cls: type, model_cls: type, pr
              full_arm_defaults: Mapping[str, Any] | None = None,
              targets: Mapping[str, tuple[str, ...] | list[str]] | None = None, lr: float | None = None,
              full_lr: float | None = None, weight_decay: float | None = None,
-             provider: str = "peft-tensor") -> MethodSpec:
+             provider: str = "peft-tensor", lr_by: Mapping[str, Mapping[Any, float]] | None = None) -> MethodSpec:
     """Register a method with PEFT and with this registry (idempotent: a reload replaces the entry)."""
     if getattr(model_cls, "prefix", prefix) != prefix:
         raise ValueError(f"{model_cls.__name__}.prefix is {model_cls.prefix!r}, registered as {prefix!r}")
@@ -114,7 +129,8 @@ def register(name: str, *, peft_type: str, config_cls: type, model_cls: type, pr
                       full_arm_defaults=(None if full_arm_defaults is None
                                          else MappingProxyType(dict(full_arm_defaults))),
                       targets=MappingProxyType({k: tuple(v) for k, v in (targets or {}).items()}), lr=lr,
-                      full_lr=full_lr, weight_decay=weight_decay, provider=provider)
+                      full_lr=full_lr, weight_decay=weight_decay, provider=provider,
+                      lr_by=MappingProxyType({k: MappingProxyType(dict(v)) for k, v in (lr_by or {}).items()}))
     register_method(peft_type, config_cls, model_cls, prefix=prefix)
     _METHODS[name] = spec
     KNOWN_PROVIDERS[peft_type] = provider

@@ -180,7 +180,8 @@ def apply_arm(model: torch.nn.Module, arm_cfg: dict | str, model_cfg: dict) -> t
 def optimizer_settings(arm_cfg: dict) -> dict:
     """The arm's learning rates, laid over the recipe's ``optim`` section: ``lr`` / ``method_lr`` from the arm's
     config, else ``method_lr`` = the ``lr`` of the method's registry entry (the learning rate of its trainable
-    factors; the decoder and head keep ``optim.lr``; ``full_lr`` for a ``<method>_full`` arm) or, for PEFT's
+    factors; the decoder and head keep ``optim.lr``; ``full_lr`` for a ``<method>_full`` arm; ``lr_by`` for an arm
+    whose config picks another form, e.g. ``basis: paper``) or, for PEFT's
     ``lora`` and ``pissa``, their swept rate (:data:`peft_tensor.registry.BASELINE_LR`), else nothing; and
     ``method_weight_decay`` from the arm's config, else the registry entry's ``weight_decay`` (if it has one)."""
     from ..registry import baseline_lr
@@ -189,7 +190,7 @@ def optimizer_settings(arm_cfg: dict) -> dict:
     arm = canonical_arm(arm_cfg.get("name", "full"))
     full = arm.endswith(FULL_SUFFIX)
     spec = methods().get(arm[: -len(FULL_SUFFIX)] if full else arm)
-    lr = baseline_lr(arm) if spec is None else spec.full_lr if full and spec.full_lr is not None else spec.lr
+    lr = baseline_lr(arm) if spec is None else spec.lr_for(arm_cfg, full)
     if "method_lr" not in out and lr is not None:
         out["method_lr"] = lr
     if "method_weight_decay" not in out and spec is not None and spec.weight_decay is not None:

@@ -22,8 +22,8 @@ from tests._optional import require_template
 CI_MARGIN = 0.05
 
 
-def _run(arm, dice, backbone="b", task="t"):
-    return {"backbone": backbone, "task": task, "arm": arm, "method": arm, "dice": dice, "dice_case_std": 0.01,
+def _run(arm, dice, backbone="b", task="t", **extra):
+    return {**extra, "backbone": backbone, "task": task, "arm": arm, "method": arm, "dice": dice, "dice_case_std": 0.01,
             "rates": {"lr": 3e-3, "method_lr": None if arm == "frozen" else 0.3}, "trainable": 10,
             "curve": [[10, dice / 2], [20, dice]], "steps_to_reach": 20, "n_test_cases": 16, "wall_s": 1.0,
             "cpu_s": 1.0}
@@ -39,6 +39,7 @@ def test_the_default_panel_is_the_issues():
         if arm["name"] in ("tcurlora", "lorapt", "hyps"):
             assert "r" not in arm  # our methods at their recipe defaults (the registry's rank)
     assert cfg["arms"]["lora"]["r"] == 8 and cfg["threads"] == 1
+    assert len(cfg["seeds"]) >= 3  # a cell is judged on the mean over several fine-tuning seeds, never on one run
     assert cfg["steps"] == load_config(cfg["finetune"]["config"])["train"]["steps"]  # the recipe's step budget
     crit = {"reference": "lora", "floor": "frozen", "min_ratio": 0.9, "min_margin": 0.1}
     assert {k: cfg["criterion"][k] for k in crit} == crit
@@ -100,6 +101,39 @@ def test_steps_to_reach_and_the_criterion_table():
     assert "| b | t | tcurlora | 0.3 / 0.003 | 10 | 0.270 ± 0.010 | 0.90 | +0.220 | 20 | 0.14 0.27 | pass |" in lines
     assert "| b | t | frozen | 0.003 | 10 | 0.050 ± 0.010 | 0.17 | +0.000 | 20 | 0.03 0.05 | floor |" in lines
     assert lines[-1] == "Command: `python benchmarks/learning_panel.py`"
+
+
+def test_several_seeds_a_cell_is_the_mean_paired_by_seed():
+    crit = {"reference": "lora", "floor": "frozen", "min_ratio": 0.9, "min_margin": 0.1, "reach": 0.9}
+    runs = [_run("lora", 0.30, seed=0), _run("lora", 0.20, seed=1), _run("frozen", 0.05, seed=0),
+            _run("frozen", 0.05, seed=1), _run("tcurlora", 0.20, seed=0), _run("tcurlora", 0.26, seed=1),
+            _run("lorapt", 0.40, seed=0)]  # one seed only: judged against the reference's run of that seed
+    v = lp.assess(runs, crit)
+    assert v[("b", "t", "tcurlora")]["dice"] == pytest.approx(0.23) and v[("b", "t", "tcurlora")]["seeds"] == [0, 1]
+    assert v[("b", "t", "tcurlora")]["ratio"] == pytest.approx(0.92)  # 0.23 / 0.25: passes on the mean, not on seed 0
+    assert v[("b", "t", "tcurlora")]["passed"] is True
+    assert v[("b", "t", "lorapt")]["ratio"] == pytest.approx(0.40 / 0.30)  # paired: seed 0's LoRA only
+    # a single-seed summary from before `seeds`: its runs have no seed and count as the panel's
+    old = [{k: x for k, x in r.items() if k != "seed"} for r in runs if r.get("seed") == 1]
+    assert lp.assess(old, crit, default_seed=1)[("b", "t", "tcurlora")]["ratio"] == pytest.approx(1.3)
+
+    cfg = {"arms": {a: {"name": a} for a in ("tcurlora", "lorapt", "lora", "frozen")}, "tasks": ["t"],
+           "backbones": {"b": {}}, "criterion": crit, "steps": 20, "eval_every": 10, "seed": 0, "seeds": [0, 1],
+           "threads": 1, "finetune": {"config": "finetune_cpu", "overrides": []}}
+    summary = {"config": cfg, "runs": runs, "backbones": {}, "n_train": 5, "n_test_cases": 16, "wall_s": 60.0,
+               "machine": "x", "load_average_start": [], "command": None}
+    text = lp.markdown(summary)
+    lines = text.splitlines()
+    assert "fine-tuning seeds 0, 1 (a cell: the mean over its seeds" in text
+    assert "| b | t | 0.230 ✓ | 0.400 ✓ (1 of 2) | 0.250 | 0.050 |" in lines
+    # per run: against the same seed's reference; the verdict is the cell's
+    assert "| b | t | tcurlora | 0 | 0.3 / 0.003 | 10 | 0.200 ± 0.010 | 0.67 | +0.150 | 20 | 0.10 0.20 | pass |" in lines
+    assert "Runs: 7 of 8;" in text
+
+    with pytest.raises(ValueError, match="seeds must be a list of distinct integers"):
+        lp.load_panel_config(overrides=["seeds=[0, 0]"])
+    assert lp.load_panel_config(budget="ci")["seeds"] == [0]
+    assert lp.load_panel_config(overrides=["seeds=null", "seed=3"])["seeds"] == [3]
 
 
 @pytest.mark.panel

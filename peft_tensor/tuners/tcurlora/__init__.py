@@ -14,13 +14,16 @@ __all__ = ["TCURLoraConfig", "TCURLoraGroup", "TCURLoraLayer", "TCURLoraModel"]
 register("tcurlora", peft_type="TCURLORA", config_cls=TCURLoraConfig, model_cls=TCURLoraModel, prefix="tcurlora_",
          summary="tCURLoRA: the r x r x L core U of a tensor CUR of stacked weights trains",
          paper="arXiv 2501.02227 (MICCAI 2025)",
-         # the recipes' rank: r=8 (the paper's, TCURLoraConfig's default) is stuck at the frozen network's Dice on
-         # some backbones of the learning panel, r=16 learns on every one (docs/methods.md#weight-decay)
-         arm_defaults={"r": 16}, full_arm_defaults={"r": 8},  # tcurlora_full: decoder convs too, measured at r=8
-         lr=0.3,  # with core_scale="auto"; the core does not move at the recipes' 3e-3 (docs/methods.md)
+         # the recipes' form: r=16 in the orthonormal core basis at 2.0. The paper's form (r=8, basis 'paper', the
+         # config's own defaults) stalls or saturates below PEFT LoRA on the learning panel; r=16 alone learns more,
+         # the orthonormal coordinates at a rate for them most (docs/methods.md#tcurloras-recipe-form)
+         arm_defaults={"r": 16, "basis": "orthonormal"},
+         full_arm_defaults={"r": 8},  # tcurlora_full: decoder convs too, measured at r=8 in the paper basis
+         lr=2.0,  # of the orthonormal core (core_scale="auto"); the core does not move at the recipes' 3e-3
+         lr_by={"basis": {"paper": 0.3}},  # an arm that asks for the paper's core basis gets its swept rate
          # tcurlora_full (cores on the decoder convolutions too) is unstable at 0.3 and trains at 0.03
          # (docs/convolutions.md)
          full_lr=0.03,
-         # coupled weight decay pulls the core to zero, i.e. the update to -s C U0 R: it removes the weights' CUR
-         # part (docs/methods.md#weight-decay)
+         # coupled weight decay pulls the paper's core to zero, i.e. the update to -s C U0 R: it removes the weights'
+         # CUR part (docs/methods.md#weight-decay)
          weight_decay=0.0)
