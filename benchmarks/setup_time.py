@@ -2,12 +2,13 @@
 the exact truncated t-SVD (issue 13).
 
 Per arm and torch thread count: wall and process CPU time of ``get_peft_model`` (median of ``--reps`` runs, each on a
-fresh copy of the same base network), the time of each group's decomposition (tensor CUR / truncated t-SVD, the
-part the methods differ in), and for LoRA-PT the distance of the adapter's principal part ``U0 * S0 * V0^T`` from
-the float64 exact truncated t-SVD of the same group tensor (``svd_method="full"``), as a fraction of ``max|W|`` and
-relative in Frobenius norm.
+fresh copy of the same base network; the arms run round-robin, one set-up each per round), the time of each group's
+decomposition (tensor CUR / truncated t-SVD, the part the methods differ in), and for LoRA-PT the distance of the
+adapter's principal part ``U0 * S0 * V0^T`` from the float64 exact truncated t-SVD of the same group tensor
+(``svd_method="full"``), as a fraction of ``max|W|`` and relative in Frobenius norm.
 
-Arms: ``tcurlora`` and ``lorapt`` (paper grouping, r=8, defaults), ``tcurlora_r16`` (the recipes' rank), and
+Arms: ``tcurlora`` and ``lorapt`` (paper grouping, r=8, defaults), ``tcurlora_r16`` (the recipes' rank, the paper's
+core), ``tcurlora_recipe`` (the recipes' form: r=16, the core in orthonormal coordinates), and
 ``lorapt_scipy``: the same default t-SVD
 run through SciPy's wrappers instead of the GIL-free OpenBLAS calls (what set-up used before; serial whatever the
 thread count). ``--weights decaying`` adds a rank-6 component of twice the bulk's spectral norm to every targeted
@@ -67,11 +68,13 @@ def peft_config(arm: str):
 
     if arm == "tcurlora":
         return TCURLoraConfig(r=8, grouping="paper", target_modules=TARGETS)
-    if arm == "tcurlora_r16":  # the recipes' rank (peft_tensor.registry)
+    if arm == "tcurlora_r16":  # the recipes' rank (peft_tensor.registry), the paper's core
         return TCURLoraConfig(r=16, grouping="paper", target_modules=TARGETS)
+    if arm == "tcurlora_recipe":  # the recipes' form: r=16, the core in orthonormal coordinates (QR per slice)
+        return TCURLoraConfig(r=16, grouping="paper", basis="orthonormal", target_modules=TARGETS)
     if arm in ("lorapt", "lorapt_scipy"):
         return LoraPTConfig(r=8, grouping="paper", target_modules=TARGETS)
-    raise SystemExit(f"unknown arm {arm!r}: use tcurlora, tcurlora_r16, lorapt, lorapt_scipy")
+    raise SystemExit(f"unknown arm {arm!r}: use tcurlora, tcurlora_r16, tcurlora_recipe, lorapt, lorapt_scipy")
 
 
 class _Recorder:
@@ -160,26 +163,32 @@ def main(argv=None) -> int:
            "machine": {"cpu": platform.processor() or platform.machine(), "logical_cores": os.cpu_count(),
                        "torch": torch.__version__, "platform": platform.platform()},
            "weights": args.weights, "reps": args.reps, "runs": []}
-    errors_done = False
+    errors_done, error = False, None
     for threads in args.threads:
-        for arm in args.arms:
-            torch.set_num_threads(threads)
-            runs, load = [], os.getloadavg()[0]
-            for _ in range(args.reps):
+        torch.set_num_threads(threads)
+        # the arms round-robin, one set-up each per round: a process's set-ups slow down as it ages (measured: the
+        # third arm run back-to-back took 2x its time when run first), so every arm sees the same drift
+        runs = {arm: [] for arm in args.arms}
+        loads = {arm: [os.getloadavg()[0]] for arm in args.arms}
+        for _ in range(args.reps):
+            for arm in args.arms:
                 model, timing = set_up(base, arm)
-                runs.append(timing)
+                runs[arm].append(timing)
                 print(f"{arm:13s} threads {threads}: wall {timing['wall_s']:.2f} s, CPU {timing['cpu_s']:.2f} s "
                       f"(load {os.getloadavg()[0]:.1f})", flush=True)
-            entry = {"arm": arm, "threads": threads, "load_average_1min": [load, os.getloadavg()[0]],
-                     "wall_s": median([r["wall_s"] for r in runs]),
-                     "cpu_s": median([r["cpu_s"] for r in runs]),
-                     "wall_s_all": [r["wall_s"] for r in runs], "cpu_s_all": [r["cpu_s"] for r in runs],
-                     "groups": _group_medians(runs)}
-            if arm == "lorapt" and not args.no_error and not errors_done:
-                entry["error"] = lorapt_error(model)
-                errors_done = True
+                if arm == "lorapt" and not args.no_error and not errors_done:
+                    error = lorapt_error(model)
+                    errors_done = True
+                del model
+        for arm in args.arms:
+            entry = {"arm": arm, "threads": threads, "load_average_1min": [loads[arm][0], os.getloadavg()[0]],
+                     "wall_s": median([r["wall_s"] for r in runs[arm]]),
+                     "cpu_s": median([r["cpu_s"] for r in runs[arm]]),
+                     "wall_s_all": [r["wall_s"] for r in runs[arm]], "cpu_s_all": [r["cpu_s"] for r in runs[arm]],
+                     "groups": _group_medians(runs[arm]), "interleaved": True}
+            if arm == "lorapt" and error is not None and not any("error" in e for e in res["runs"]):
+                entry["error"] = error
             res["runs"].append(entry)
-            del model
     RESULTS_DIR.mkdir(exist_ok=True)
     from peft_tensor._atomic import atomic_write_text
 

@@ -85,11 +85,17 @@ class TCURLoraGroup(TensorGroup):
         """``(2, probes)`` float64: fixed random-sign projections of C and of R (all slices)."""
         g = torch.Generator().manual_seed(20250101)
         k = self.FINGERPRINT_PROBES
-        signs_c = (torch.randint(0, 2, (k, *c.shape), generator=g) * 2 - 1).to(c.device, torch.float64)
-        signs_r = (torch.randint(0, 2, (k, *r.shape), generator=g) * 2 - 1).to(r.device, torch.float64)
+
+        def project(t: torch.Tensor) -> torch.Tensor:
+            # sum_x t[x] * sign[p, x] with sign = 2 * bit - 1: 2 * (bits @ t) - sum(t). The same signs (the same draws
+            # of the generator) as before, without a float64 sign tensor the size of C; float32 sums, far inside
+            # FINGERPRINT_RTOL
+            bits = torch.randint(0, 2, (k, t.numel()), generator=g).to(t.device, torch.float32)
+            flat = t.detach().reshape(-1).float()
+            return 2 * (bits @ flat).double() - flat.double().sum()
+
         with torch.no_grad():
-            fc = torch.einsum("lij,klij->k", c.detach().double(), signs_c)
-            fr = torch.einsum("lij,klij->k", r.detach().double(), signs_r)
+            fc, fr = project(c), project(r)
         return torch.stack([fc, fr], dim=0).contiguous()
 
     def _base_key(self) -> tuple:
