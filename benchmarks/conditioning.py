@@ -173,35 +173,56 @@ def _first_step_cosines(w: torch.Tensor, g: torch.Tensor, r: int, gen: torch.Gen
     return out
 
 
+class _Setup:
+    """What both measurements start from: the run (``start_run``), the backbone with ``arm`` applied (the adapter
+    alone, as ``finetune_cpu`` builds it), its group tensors, the loss, the optimiser settings of the arm, and
+    ``batches(seed, n)``, the recipe's training batches."""
+
+    def __init__(self, cfg: dict, arm: dict):
+        from peft_tensor.data import train_loader
+        from peft_tensor.data.transforms import augmentation
+        from peft_tensor.training import apply_arm, load_backbone, model_config_for_task, set_seed
+        from peft_tensor.training.arms import optimizer_settings
+        from peft_tensor.training.loop import make_loss, start_run
+        from peft_tensor.training.schema import OptimConfig, fill_block
+
+        self.rs = rs = start_run(cfg)
+        self.model_cfg = model_config_for_task(cfg["model"], rs.task)
+        model = load_backbone(self.model_cfg["pretrained"], self.model_cfg)[0]
+        set_seed(rs.seed)
+        self.model = apply_arm(model, arm, self.model_cfg)
+        tuner = self.model.base_model
+        self.groups = list(getattr(tuner, f"{tuner.prefix}groups")["default"])
+        self.loss_fn = make_loss(cfg["train"]["loss"], rs.task)
+        self.optim_cfg = fill_block(OptimConfig, {**cfg["optim"], **optimizer_settings(arm)}, "optim")
+        aug = augmentation(rs.patch, float(cfg["train"]["crop_pos"]), float(cfg["train"]["crop_neg"]),
+                           cfg["train"]["crop"])
+        batch_size = int(cfg["train"]["batch_size"])
+        self.batches = lambda seed, n: iter(train_loader(rs.sources.get("train", []), seed, batch_size, aug, 0, n, 0,
+                                                         1, rs.loader_cfg, rs.dist.device, rs.task.softmax))
+
+
+def _print_table(rows: dict, keys: list, fmt: str = "{:.3f}") -> None:
+    print("| group | " + " | ".join(keys) + " |")
+    print("|---|" + "---:|" * len(keys))
+    for name, row in rows.items():
+        cells = [row.get(k, "") for k in keys]
+        print(f"| {name} | " + " | ".join(c if isinstance(c, str) else fmt.format(c) for c in cells) + " |")
+
+
 def capture(cfg: dict, n_batches: int, train_steps: int = 0, ranks=(8, 16, 32), lorapt_r: int = 32) -> None:
     """Print the gradient fractions of :func:`_tangent_fractions` per group tensor (see the module docstring), at
     init or, with ``train_steps``, after that many steps of the tCURLoRA arm (``arm.*``; the adapter alone) at its
     method rate: the gradient of the adapted network then, in the same (fixed) spaces."""
-    from peft_tensor.data import train_loader
-    from peft_tensor.data.transforms import augmentation
-    from peft_tensor.training import apply_arm, load_backbone, model_config_for_task, set_seed
-    from peft_tensor.training.arms import optimizer_settings
-    from peft_tensor.training.loop import make_loss, make_optimizer, start_run, step_seed
-    from peft_tensor.training.schema import OptimConfig, fill_block
+    from peft_tensor.training.loop import make_optimizer, step_seed
 
-    rs = start_run(cfg)
-    model_cfg = model_config_for_task(cfg["model"], rs.task)
-    model = load_backbone(model_cfg["pretrained"], model_cfg)[0]
-    set_seed(rs.seed)
     arm = {**cfg["arm"], "name": "tcurlora"}
-    model = apply_arm(model, arm, model_cfg)  # the groups (identity at init)
-    tuner = model.base_model
-    groups = list(getattr(tuner, f"{tuner.prefix}groups")["default"])
-    aug = augmentation(rs.patch, float(cfg["train"]["crop_pos"]), float(cfg["train"]["crop_neg"]),
-                       cfg["train"]["crop"])
-    batch_size = int(cfg["train"]["batch_size"])
-    loss_fn = make_loss(cfg["train"]["loss"], rs.task)
+    setup = _Setup(cfg, arm)  # the groups (identity at init)
+    rs, model, groups, loss_fn = setup.rs, setup.model, setup.groups, setup.loss_fn
     model.train()
     if train_steps:
-        optimizer = make_optimizer(model, fill_block(OptimConfig, {**cfg["optim"], **optimizer_settings(arm)},
-                                                     "optim"))
-        batches = iter(train_loader(rs.sources.get("train", []), rs.seed, batch_size, aug, 0, train_steps, 0, 1,
-                                    rs.loader_cfg, rs.dist.device, rs.task.softmax))
+        optimizer = make_optimizer(model, setup.optim_cfg)
+        batches = setup.batches(rs.seed, train_steps)
         for step in range(train_steps):
             step_seed(rs.seed, step)
             images, labels = next(batches)
@@ -212,8 +233,7 @@ def capture(cfg: dict, n_batches: int, train_steps: int = 0, ranks=(8, 16, 32), 
                for g in groups for layer, _, _ in g._sources}
     for w in weights.values():
         w.requires_grad_(True)
-    batches = iter(train_loader(rs.sources.get("train", []), rs.seed + 1, batch_size, aug, 0, n_batches, 0, 1,
-                                rs.loader_cfg, rs.dist.device, rs.task.softmax))
+    batches = setup.batches(rs.seed + 1, n_batches)
     for step in range(n_batches):
         step_seed(rs.seed + 1, step)
         images, labels = next(batches)
@@ -231,18 +251,11 @@ def capture(cfg: dict, n_batches: int, train_steps: int = 0, ranks=(8, 16, 32), 
     total = sum(tot_g.values())
     rows["all groups (|G|^2-weighted)"] = {k: sum(rows[n][k] * tot_g[n] for n in tot_g) / total for k in keys}
     when = f"after {train_steps} steps of {arm}" if train_steps else "at init"
-    print(f"backbone {model_cfg['pretrained']}  task {cfg['data']['task']}  {n_batches} batches: fraction of the "
-          f"weight gradient in each adapter's update space at init, gradient {when}")
-    print("| group | " + " | ".join(keys) + " |")
-    print("|---|" + "---:|" * len(keys))
-    for name, row in rows.items():
-        print(f"| {name} | " + " | ".join(f"{row[k]:.3f}" for k in keys) + " |")
-    keys = list(next(iter(cos_rows.values())))
+    print(f"backbone {setup.model_cfg['pretrained']}  task {cfg['data']['task']}  {n_batches} batches: fraction of "
+          f"the weight gradient in each adapter's update space at init, gradient {when}")
+    _print_table(rows, keys)
     print("\ncos(dW, -G) of Adam's first step (every trainable entry moves by lr against its gradient's sign):")
-    print("| group | " + " | ".join(keys) + " |")
-    print("|---|" + "---:|" * len(keys))
-    for name, row in cos_rows.items():
-        print(f"| {name} | " + " | ".join(f"{row[k]:.3f}" for k in keys) + " |")
+    _print_table(cos_rows, list(next(iter(cos_rows.values()))))
 
 
 def timing(repeats: int) -> None:
@@ -302,24 +315,13 @@ def main(argv: list[str]) -> None:
 
 
 def run(cfg: dict, steps: int) -> None:
-    from peft_tensor.data import train_loader
-    from peft_tensor.data.transforms import augmentation
-    from peft_tensor.training import apply_arm, load_backbone, model_config_for_task, set_seed
-    from peft_tensor.training.arms import optimizer_settings
-    from peft_tensor.training.loop import make_loss, make_optimizer, start_run, step_seed
-    from peft_tensor.training.schema import OptimConfig, fill_block
+    from peft_tensor.training.loop import make_optimizer, step_seed
 
-    rs = start_run(cfg)
-    model_cfg = model_config_for_task(cfg["model"], rs.task)
-    model = load_backbone(model_cfg["pretrained"], model_cfg)[0]
-    set_seed(rs.seed)
-    model = apply_arm(model, cfg["arm"], model_cfg)
+    setup = _Setup(cfg, cfg["arm"])
+    rs, model, groups, loss_fn, optim_cfg = setup.rs, setup.model, setup.groups, setup.loss_fn, setup.optim_cfg
     method = cfg["arm"]["name"]
-    tuner = model.base_model
-    groups = list(getattr(tuner, f"{tuner.prefix}groups")["default"])
-    optim_cfg = fill_block(OptimConfig, {**cfg["optim"], **optimizer_settings(cfg["arm"])}, "optim")
     wd = float(optim_cfg["weight_decay"])
-    print(f"backbone {model_cfg['pretrained']}  arm {dict(cfg['arm'])}  method lr {optim_cfg['method_lr']}  "
+    print(f"backbone {setup.model_cfg['pretrained']}  arm {dict(cfg['arm'])}  method lr {optim_cfg['method_lr']}  "
           f"weight decay {wd}  steps {steps}")
 
     rows = {}
@@ -329,12 +331,7 @@ def run(cfg: dict, steps: int) -> None:
             rows[g.name] = {"shape": f"{g.n_slices}x{g.n1}x{g.n2}"}
             rows[g.name].update(tcur_rows(g) if method == "tcurlora" else lorapt_rows(g))
 
-    train_cases = rs.sources.get("train", [])
-    aug = augmentation(rs.patch, float(cfg["train"]["crop_pos"]), float(cfg["train"]["crop_neg"]),
-                       cfg["train"]["crop"])
-    batches = iter(train_loader(train_cases, rs.seed, int(cfg["train"]["batch_size"]), aug, 0, steps, 0, 1,
-                                rs.loader_cfg, rs.dist.device, rs.task.softmax))
-    loss_fn = make_loss(cfg["train"]["loss"], rs.task)
+    batches = setup.batches(rs.seed, steps)
     optimizer = make_optimizer(model, optim_cfg)
     params = {g.name: [(n, p) for n, p in g.named_parameters(recurse=False) if p.requires_grad] for g in groups}
     first = {}
@@ -370,12 +367,7 @@ def run(cfg: dict, steps: int) -> None:
                 row[f"|g| {n.split('_', 1)[1]}"] = gn
                 row[f"wd/g {n.split('_', 1)[1]}"] = wdn / max(gn, 1e-30)
 
-    keys = list(dict.fromkeys(k for r in rows.values() for k in r))
-    print("| group | " + " | ".join(keys) + " |")
-    print("|---|" + "---:|" * len(keys))
-    for name, row in rows.items():
-        cells = [row.get(k, "") for k in keys]
-        print(f"| {name} | " + " | ".join(c if isinstance(c, str) else f"{c:.3g}" for c in cells) + " |")
+    _print_table(rows, list(dict.fromkeys(k for r in rows.values() for k in r)), "{:.3g}")
 
 
 if __name__ == "__main__":

@@ -217,7 +217,7 @@ def run_seed(run: dict, default: int = 0) -> int:
     return int(run.get("seed", default))
 
 
-def cell_means(runs: list[dict], default_seed: int = 0) -> dict:
+def dice_by_seed(runs: list[dict], default_seed: int = 0) -> dict:
     """{(backbone, task, arm): {seed: Dice}} of the runs."""
     out: dict = {}
     for r in runs:
@@ -231,7 +231,7 @@ def assess(runs: list[dict], criterion: dict, default_seed: int = 0) -> dict:
     (paired), and ``passed`` (both thresholds met; None for the reference and floor arms, or when either is missing
     from the cell)."""
     ref, floor = criterion["reference"], criterion["floor"]
-    by = cell_means(runs, default_seed)
+    by = dice_by_seed(runs, default_seed)
     out = {}
     for (b, t, a), dice in by.items():
         def paired(other):
@@ -311,16 +311,17 @@ def markdown(summary: dict) -> str:
                     if not r:
                         continue
                     # per run: against the reference / floor run of the same seed; the verdict is the cell's
-                    v = assess([x for x in runs if run_seed(x, default_seed) == seed and x["backbone"] == b
-                                and x["task"] == t], crit, default_seed)[(b, t, a)]
+                    ref, floor = by.get((b, t, crit["reference"], seed)), by.get((b, t, crit["floor"], seed))
+                    ratio = r["dice"] / ref["dice"] if ref and ref["dice"] else None
+                    margin = r["dice"] - floor["dice"] if floor else None
                     cell = verdicts[(b, t, a)]
                     curve = " ".join(f"{d:.2f}" for _, d in r["curve"])
                     passed = {True: "pass", False: "FAIL"}.get(cell["passed"], "ref" if a == crit["reference"]
                                                                 else "floor" if a == crit["floor"] else "—")
                     lines.append(f"| {b} | {t} | {a} |" + (f" {seed} |" if multi else "")
                                  + f" {format_rates(r.get('rates'))} | {r['trainable']:,} | "
-                                 f"{r['dice']:.3f} ± {r['dice_case_std']:.3f} | {_f(v['ratio'], '{:.2f}')} | "
-                                 f"{_f(v['margin'], '{:+.3f}')} | {_f(r['steps_to_reach'], '{}')} | {curve} | "
+                                 f"{r['dice']:.3f} ± {r['dice_case_std']:.3f} | {_f(ratio, '{:.2f}')} | "
+                                 f"{_f(margin, '{:+.3f}')} | {_f(r['steps_to_reach'], '{}')} | {curve} | "
                                  f"{passed} |")
     lines += ["", "Backbones (pretrained once each, cached by the hash of their resolved config):", "",
               "| backbone | pretraining config | steps | threads | config hash | weights sha256 | pretraining |",

@@ -163,25 +163,24 @@ def main(argv=None) -> int:
            "machine": {"cpu": platform.processor() or platform.machine(), "logical_cores": os.cpu_count(),
                        "torch": torch.__version__, "platform": platform.platform()},
            "weights": args.weights, "reps": args.reps, "runs": []}
-    errors_done, error = False, None
+    error = None  # LoRA-PT's error, measured once
     for threads in args.threads:
         torch.set_num_threads(threads)
         # the arms round-robin, one set-up each per round: a process's set-ups slow down as it ages (measured: the
         # third arm run back-to-back took 2x its time when run first), so every arm sees the same drift
         runs = {arm: [] for arm in args.arms}
-        loads = {arm: [os.getloadavg()[0]] for arm in args.arms}
+        load = os.getloadavg()[0]
         for _ in range(args.reps):
             for arm in args.arms:
                 model, timing = set_up(base, arm)
                 runs[arm].append(timing)
                 print(f"{arm:13s} threads {threads}: wall {timing['wall_s']:.2f} s, CPU {timing['cpu_s']:.2f} s "
                       f"(load {os.getloadavg()[0]:.1f})", flush=True)
-                if arm == "lorapt" and not args.no_error and not errors_done:
+                if arm == "lorapt" and not args.no_error and error is None:
                     error = lorapt_error(model)
-                    errors_done = True
                 del model
         for arm in args.arms:
-            entry = {"arm": arm, "threads": threads, "load_average_1min": [loads[arm][0], os.getloadavg()[0]],
+            entry = {"arm": arm, "threads": threads, "load_average_1min": [load, os.getloadavg()[0]],
                      "wall_s": median([r["wall_s"] for r in runs[arm]]),
                      "cpu_s": median([r["cpu_s"] for r in runs[arm]]),
                      "wall_s_all": [r["wall_s"] for r in runs[arm]], "cpu_s_all": [r["cpu_s"] for r in runs[arm]],

@@ -182,6 +182,24 @@ def test_tcurlora_old_file_without_fingerprint_loads(tmp_path):
     torch.testing.assert_close(loaded(x), y, rtol=0, atol=0)
 
 
+def test_tcurlora_fingerprint_matches_the_files_written_before_it_was_sped_up():
+    """Saved adapters carry the fingerprint of the original formula (float64 random-sign projections of C and R,
+    signs drawn from one seeded generator, C's first); today's cheaper sums must agree with it, or every adapter saved
+    before them warns on load."""
+    pm = _peft("tcurlora")
+    for group in pm.base_model.groups("default"):
+        c, r = group.cols, group.rows
+        g = torch.Generator().manual_seed(20250101)
+        k = group.FINGERPRINT_PROBES
+        signs_c = (torch.randint(0, 2, (k, *c.shape), generator=g) * 2 - 1).to(torch.float64)
+        signs_r = (torch.randint(0, 2, (k, *r.shape), generator=g) * 2 - 1).to(torch.float64)
+        before = torch.stack([torch.einsum("lij,klij->k", c.double(), signs_c),
+                              torch.einsum("lij,klij->k", r.double(), signs_r)])
+        now = group.base_fingerprint.view(torch.float64)
+        rel = float((now - before).norm() / before.norm())
+        assert rel < 1e-5 < group.FINGERPRINT_RTOL, rel
+
+
 # -- D (item 6): a tensor frozen between forward and backward ---------------------------------------------------------
 @pytest.mark.parametrize("method", list(CONFIGS))
 @pytest.mark.parametrize("delta_mode", ["factored", "dense"])
