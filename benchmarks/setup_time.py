@@ -2,9 +2,10 @@
 the exact truncated t-SVD (issue 13).
 
 Per arm and torch thread count: wall and process CPU time of ``get_peft_model`` (median of ``--reps`` runs, each on a
-fresh copy of the same base network; the arms run round-robin, one set-up each per round), the time of each group's
-decomposition (tensor CUR / truncated t-SVD, the part the methods differ in), and for LoRA-PT the distance of the
-adapter's principal part ``U0 * S0 * V0^T`` from the float64 exact truncated t-SVD of the same group tensor
+fresh copy of the same base network; the arms run round-robin, one set-up each per round, their order rotating from
+round to round, after one unrecorded round), each arm's time over the first arm's paired by round, the time of each
+group's decomposition (tensor CUR / truncated t-SVD, the part the methods differ in), and for LoRA-PT the distance of
+the adapter's principal part ``U0 * S0 * V0^T`` from the float64 exact truncated t-SVD of the same group tensor
 (``svd_method="full"``), as a fraction of ``max|W|`` and relative in Frobenius norm.
 
 Arms: ``tcurlora`` and ``lorapt`` (paper grouping, r=8, defaults), ``tcurlora_r16`` (the recipes' rank, the paper's
@@ -155,36 +156,76 @@ def main(argv=None) -> int:
     p.add_argument("--no-error", action="store_true", help="skip LoRA-PT's error (float64 full t-SVDs: ~1 min)")
     p.add_argument("--stem", default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fresh", action="store_true",
+                   help="time each set-up in a new process (a user's first get_peft_model; within one process "
+                        "later set-ups slow down as the allocator's state ages, by up to 2x)")
+    p.add_argument("--baseline", default=None, metavar="DIR",
+                   help="with --fresh: also time --baseline-arms with the peft_tensor of the checkout DIR (e.g. a git "
+                        "worktree of an earlier commit), labelled ARM@baseline")
+    p.add_argument("--baseline-arms", nargs="+", default=None,
+                   help="arms to time from --baseline (default: the first)")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a --fresh child: time one set-up, print JSON
+    p.add_argument("--root", default=None, help=argparse.SUPPRESS)  # the child's peft_tensor checkout
     args = p.parse_args(argv)
     stem = args.stem or ("setup_time_cpu" if args.weights == "random" else f"setup_time_cpu_{args.weights}")
+    if args.one:
+        if args.root:
+            sys.path.insert(0, str(Path(args.root).resolve()))
+        torch.set_num_threads(args.threads[0])
+        _, timing = set_up(build_unetr(args.seed, args.weights), args.one)
+        import peft_tensor
 
-    base = build_unetr(args.seed, args.weights)
+        timing["checkout"] = str(Path(peft_tensor.__file__).resolve().parents[1])  # whose code ran
+        print("TIMING " + json.dumps(timing))
+        return 0
+    if args.baseline and not args.fresh:
+        raise SystemExit("--baseline needs --fresh (the two checkouts' code runs in separate processes)")
+    labels = list(args.arms)
+    if args.baseline:
+        labels += [f"{arm}@baseline" for arm in (args.baseline_arms or args.arms[:1])]
+
+    base = None if args.fresh else build_unetr(args.seed, args.weights)
     res = {"command": " ".join(["python", "benchmarks/setup_time.py", *(argv if argv is not None else sys.argv[1:])]),
            "machine": {"cpu": platform.processor() or platform.machine(), "logical_cores": os.cpu_count(),
                        "torch": torch.__version__, "platform": platform.platform()},
-           "weights": args.weights, "reps": args.reps, "runs": []}
+           "weights": args.weights, "reps": args.reps, "fresh_process": args.fresh, "runs": []}
+    if args.baseline:
+        res["baseline"] = {"dir": args.baseline, "commit": _commit_of(args.baseline)}
     error = None  # LoRA-PT's error, measured once
     for threads in args.threads:
         torch.set_num_threads(threads)
         # the arms round-robin, one set-up each per round: a process's set-ups slow down as it ages (measured: the
-        # third arm run back-to-back took 2x its time when run first), so every arm sees the same drift
-        runs = {arm: [] for arm in args.arms}
+        # third arm run back-to-back took 2x its time when run first), so every arm sees the same drift.
+        # The arms' order rotates from round to round (a set-up's position in the round changes its time: the
+        # allocator's state), and one unrecorded round warms the process up first.
+        runs = {arm: [] for arm in labels}
         load = os.getloadavg()[0]
-        for _ in range(args.reps):
-            for arm in args.arms:
-                model, timing = set_up(base, arm)
+        if not args.fresh:
+            for arm in labels:
+                set_up(base, arm)  # the warm-up round, not recorded
+        for rnd in range(args.reps):
+            for arm in labels[rnd % len(labels):] + labels[:rnd % len(labels)]:
+                if args.fresh:
+                    model, timing = None, _fresh_set_up(arm, threads, args)
+                else:
+                    model, timing = set_up(base, arm)
                 runs[arm].append(timing)
                 print(f"{arm:13s} threads {threads}: wall {timing['wall_s']:.2f} s, CPU {timing['cpu_s']:.2f} s "
                       f"(load {os.getloadavg()[0]:.1f})", flush=True)
                 if arm == "lorapt" and not args.no_error and error is None:
-                    error = lorapt_error(model)
+                    error = lorapt_error(model if model is not None else set_up(build_unetr(args.seed, args.weights),
+                                                                                arm)[0])
                 del model
-        for arm in args.arms:
+        for arm in labels:
             entry = {"arm": arm, "threads": threads, "load_average_1min": [load, os.getloadavg()[0]],
                      "wall_s": median([r["wall_s"] for r in runs[arm]]),
                      "cpu_s": median([r["cpu_s"] for r in runs[arm]]),
                      "wall_s_all": [r["wall_s"] for r in runs[arm]], "cpu_s_all": [r["cpu_s"] for r in runs[arm]],
-                     "groups": _group_medians(runs[arm]), "interleaved": True}
+                     "groups": _group_medians(runs[arm]), "interleaved": True,
+                     # paired by round (the arms of a round run back to back): steadier than a ratio of medians when
+                     # the machine's speed shifts between rounds (measured: the same set-up at 0.7, 1.1 and 2.1 s)
+                     "wall_ratio_to_first": median([r["wall_s"] / f["wall_s"]
+                                                    for r, f in zip(runs[arm], runs[labels[0]])])}
             if arm == "lorapt" and error is not None and not any("error" in e for e in res["runs"]):
                 entry["error"] = error
             res["runs"].append(entry)
@@ -196,6 +237,29 @@ def main(argv=None) -> int:
     atomic_write_text(RESULTS_DIR / f"{stem}.md", table)
     print(table)
     return 0
+
+
+def _fresh_set_up(label: str, threads: int, args) -> dict:
+    """One set-up in a new process (``--one``); ``ARM@baseline`` runs the code of the ``--baseline`` checkout."""
+    import subprocess
+
+    arm, _, where = label.partition("@")
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--one", arm, "--threads", str(threads),
+           "--weights", args.weights, "--seed", str(args.seed)]
+    if where:
+        cmd += ["--root", args.baseline]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("TIMING ")]
+    if out.returncode != 0 or not lines:
+        raise SystemExit(f"set-up of {label} failed (exit {out.returncode}):\n{out.stderr[-2000:]}")
+    return json.loads(lines[-1][len("TIMING "):])
+
+
+def _commit_of(path: str) -> str:
+    import subprocess
+
+    out = subprocess.run(["git", "-C", path, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return out.stdout.strip() or "unknown"
 
 
 def _group_medians(runs: list[dict]) -> list[dict]:
@@ -211,15 +275,22 @@ def render(res: dict) -> str:
     lines = [f"# Set-up time: UNETR-B, paper grouping, r=8 unless the arm says ({res['weights']} weights)", "",
              f"`{res['command']}`", "",
              f"Machine: {m['cpu']}, {m['logical_cores']} logical cores, torch {m['torch']}, {m['platform']}. "
-             f"Median of {res['reps']} runs of `get_peft_model` each; CPU = process CPU time (all threads). "
+             f"Median of {res['reps']} runs of `get_peft_model` each"
+             + (", each in a new process" if res.get("fresh_process") else "")
+             + (f"; ARM@baseline: the code of commit {res['baseline']['commit']}" if res.get("baseline") else "")
+             + "; CPU = process CPU time (all threads). "
              "Groups: the decomposition of each group tensor (L x n1 x n2), wall / CPU s.", "",
-             "| arm | torch threads | wall s | CPU s | groups (wall / CPU s) | load average (1 min, before / after) |",
-             "|---|---:|---:|---:|---|---|"]
+             "Ratio: this arm's wall time over the first arm's in the same round, median over the rounds.", "",
+             "| arm | torch threads | wall s | CPU s | ratio | groups (wall / CPU s) | load average (1 min, before / "
+             "after) |",
+             "|---|---:|---:|---:|---:|---|---|"]
     for r in res["runs"]:
         groups = "; ".join(f"{'x'.join(map(str, g['shape']))}: {g['wall_s']:.2f} / {g['cpu_s']:.2f}"
                            for g in r["groups"])
         load = " / ".join(f"{x:.1f}" for x in r["load_average_1min"])
-        lines.append(f"| {r['arm']} | {r['threads']} | {r['wall_s']:.2f} | {r['cpu_s']:.2f} | {groups} | {load} |")
+        ratio = f"{r['wall_ratio_to_first']:.3f}" if "wall_ratio_to_first" in r else "-"
+        lines.append(f"| {r['arm']} | {r['threads']} | {r['wall_s']:.2f} | {r['cpu_s']:.2f} | {ratio} | {groups} | "
+                     f"{load} |")
     for r in res["runs"]:
         if "error" in r:
             lines += ["", "LoRA-PT principal part vs the float64 exact truncated t-SVD (`svd_method=\"full\"`):", "",

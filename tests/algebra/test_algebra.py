@@ -288,3 +288,46 @@ def test_default_t_svd_exact_at_layer_size():
     exact = _principal(truncated_t_svd(a.double(), 8, method="full"))
     got = _principal(truncated_t_svd(a, 8)).double()
     assert (got - exact).abs().max() / a.abs().max() < 1e-5
+
+
+def _t_orthonormality_error(q):
+    """max |Q^T * Q - I| for a t-orthonormal ``Q`` ``(L, n, k)``."""
+    gram = t_product(t_transpose(q), q)
+    return float((gram - t_identity(q.shape[-1], q.shape[0], dtype=q.dtype)).abs().max())
+
+
+@pytest.mark.parametrize("n_slices", [1, 4, 5])
+def test_qr_whiteners_orthonormalise_c_and_r_and_match_the_pseudo_inverse_form(n_slices):
+    """``C * Wc`` and ``Wr * R`` are t-orthonormal, and the triangular solve gives the pseudo-inverse of the QR
+    factor (what the whiteners were defined by) to float64 rounding."""
+    from peft_tensor.algebra import t_qr_whiteners
+    from peft_tensor.algebra.decompositions import from_fourier
+
+    c, r = _rand(n_slices, 9, 4, seed=1), _rand(n_slices, 4, 11, seed=2)
+    wc, wr = t_qr_whiteners(c, r)
+    assert _t_orthonormality_error(t_product(c, wc)) < 1e-12
+    assert _t_orthonormality_error(t_transpose(t_product(wr, r))) < 1e-12
+    # the definition: per Fourier slice the pseudo-inverse of the triangular QR factor (real QR on the real slices)
+    c_hat = to_fourier(c)
+    t = torch.linalg.qr(c_hat).R
+    t[..., 0, :, :] = torch.linalg.qr(c_hat[..., 0, :, :].real).R.to(t.dtype)
+    if n_slices % 2 == 0:
+        t[..., n_slices // 2, :, :] = torch.linalg.qr(c_hat[..., n_slices // 2, :, :].real).R.to(t.dtype)
+    expected = from_fourier(torch.linalg.pinv(t, rtol=1e-12), n_slices)
+    assert torch.allclose(wc, expected, rtol=0, atol=1e-12 * float(expected.abs().max()))
+
+
+def test_qr_whiteners_of_a_rank_deficient_c_are_finite_with_zero_directions():
+    """A repeated column of C (a rank-deficient factor) gives finite whiteners: ``C * Wc`` keeps orthonormal columns
+    and a zero one instead of infinities."""
+    from peft_tensor.algebra import t_qr_whiteners
+
+    c, r = _rand(4, 9, 4, seed=3), _rand(4, 4, 11, seed=4)
+    c[..., 3] = c[..., 1]
+    wc, wr = t_qr_whiteners(c, r)
+    assert torch.isfinite(wc).all() and torch.isfinite(wr).all()
+    q = t_product(c, wc)
+    gram_hat = to_fourier(t_product(t_transpose(q), q))
+    eig = torch.linalg.eigvalsh(gram_hat)  # per Fourier slice: three ones and a zero
+    assert torch.allclose(eig, torch.tensor([0.0, 1.0, 1.0, 1.0], dtype=eig.dtype).expand_as(eig), atol=1e-8)
+    assert _t_orthonormality_error(t_transpose(t_product(wr, r))) < 1e-12
