@@ -102,6 +102,12 @@ def test_full_arms_on_swinunetr_and_target_configs():
     assert set(hyps.target_modules) >= set(convs) and "attn.qkv" in hyps.target_modules
     unetr = {"name": "unetr", "img_size": 32, "feature_size": 8, "hidden_size": 96, "mlp_dim": 192, "num_heads": 4}
     assert peft_config("lorapt_full", {"name": "lorapt_full"}, unetr).r == 2
+    # the recipes' LoRA-PT arm: r=32, the core at a fifth of the factors' gain; the paper's recipe and the
+    # whole-network arm keep the core's gain at 1
+    lorapt = peft_config("lorapt", {"name": "lorapt"}, unetr)
+    assert (lorapt.r, lorapt.factor_scale, lorapt.core_gain) == (32, "auto", 0.2)
+    assert peft_config("lorapt_full", {"name": "lorapt_full"}, unetr).core_gain == 1.0
+    assert peft_config("lorapt", {"name": "lorapt", "factor_scale": 1.0, "core_gain": 1.0}, unetr).core_gain == 1.0
     # the whole-network tCURLoRA arm has its own core learning rate (0.3 is unstable there); others fall back to lr
     assert optimizer_settings({"name": "tcurlora_full"})["method_lr"] == 0.03
     # the recipes' tCURLoRA arm: r=16, orthonormal core at 2.0; an arm asking for the paper's core basis gets its 0.3

@@ -207,3 +207,34 @@ def test_hyps_serial_down_is_never_dead_on_arrival_on_unetr(seed):
         opt.step()
     dead = [n for n, v in seen.items() if v == 0.0]
     assert not dead, dead
+
+
+def test_lorapt_core_gain_scales_only_the_core_update_and_old_configs_keep_one():
+    """``core_gain`` multiplies the core's update ``S - S0`` and nothing else: an adapter at gain g computes what an
+    adapter at gain 1 computes with ``S - S0`` scaled by g (U and V as they are); configs written before the field
+    load with 1.0; a bad value is refused by name."""
+    assert LoraPTConfig(r=8, target_modules=["attn.qkv"], peft_tensor_version="0.1.0").core_gain == 1.0
+    for bad in (0, -0.5, float("nan"), "big", True, None):
+        with pytest.raises(Exception, match="core_gain must be a positive number"):
+            LoraPTConfig(r=8, target_modules=["attn.qkv"], core_gain=bad)
+    x, _ = _inputs()
+    models = {}
+    for gain in (1.0, 0.2):
+        torch.manual_seed(0)
+        models[gain] = get_peft_model(tiny_unetr(0), LoraPTConfig(r=2, target_modules=UNETR_TARGETS, grouping="paper",
+                                                                 core_gain=gain, init_weights=False))
+    one, low = models[1.0], models[0.2]
+    with torch.no_grad():
+        for g1, g2 in zip(one.base_model.groups("default"), low.base_model.groups("default")):
+            assert g2.scales() == (g1.scales()[0], g1.scales()[1] * 0.2)
+            # the same U, V and the core update S - S0 five times larger at gain 0.2: the same adapter
+            g2.lorapt_S.copy_(g1.lorapt_S_init + (g1.lorapt_S - g1.lorapt_S_init) / 0.2)
+        y1, y2 = one(x), low(x)
+    with one.disable_adapter():
+        base = one(x)
+    assert (y1 - base).abs().max() > 1e-4  # the adapter does something
+    torch.testing.assert_close(y2, y1, rtol=1e-4, atol=1e-5)
+    # every factor still receives a gradient at gain 0.2
+    low(x).square().mean().backward()
+    grads = {n: p.grad for n, p in low.named_parameters() if p.requires_grad and "lorapt_" in n}
+    assert grads and all(g is not None and g.abs().max() > 0 for g in grads.values())

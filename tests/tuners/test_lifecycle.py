@@ -45,7 +45,7 @@ CASES = {
                    lambda **kw: LoraPTConfig(r=3, target_modules=["lin1", "lin2", "lin3"], **kw)),
     "lorapt-mlp-diag": (TinyMLP, mlp_input,
                         lambda **kw: LoraPTConfig(r=3, target_modules=["lin0", "lin1", "lin2", "lin3"],
-                                                  core="diagonal", svd_method="full", **kw)),
+                                                  core="diagonal", svd_method="full", core_gain=0.2, **kw)),
     "tcurlora-vit": (tiny_vit, vit_input,
                      lambda **kw: TCURLoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], **kw)),
     # HyPS with its parallel branch only runs the whole matrix (the serial branch cannot merge, by design: its

@@ -106,7 +106,7 @@ def test_complete_file_still_loads_exactly(method, tmp_path):
 # -- B (item 4): add_weighted_adapter of adapters with different configs is the exact weighted sum ------------------
 WEIGHTED = {
     "tcurlora": [dict(core_scale=1.0), dict(core_scale="auto")],
-    "lorapt": [dict(factor_scale=1.0), dict(factor_scale="auto", core="diagonal")],
+    "lorapt": [dict(factor_scale=1.0), dict(factor_scale="auto", core="diagonal", core_gain=0.2)],
 }
 
 

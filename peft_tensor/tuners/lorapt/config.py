@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -46,6 +47,15 @@ class LoraPTConfig(GroupingConfigMixin, PeftTensorConfigMixin, PeftConfig):
                   "field existed load as 1.0."},
     )
 
+    core_gain: float = field(
+        default=1.0,
+        metadata={"help": "Multiplies the core's update scale: the adapter uses S0 + core_gain * a_S (S - S0), with "
+                  "a_S from factor_scale. Below 1 the core S moves less per optimiser step than the factors U and V, "
+                  "whose updates change the principal subspaces. 1.0 (the default, and what configs written before "
+                  "this field load as): a_S as factor_scale sets it. The recipes' LoRA-PT arm uses 0.2 (the "
+                  "registry's arm_defaults; evidence in docs/methods.md#lora-pts-recipe-form)."},
+    )
+
     frozen_term: str = field(
         default="factored",
         metadata={"help": "How the frozen initial part P0 = U0 * S0 * V0^T of D = P - P0 is applied. 'factored' "
@@ -66,6 +76,15 @@ class LoraPTConfig(GroupingConfigMixin, PeftTensorConfigMixin, PeftConfig):
         self._resolve_scale("factor_scale")  # before _check_common fills in peft_tensor_version
         self._check_common()
         self._check_grouping()
+        gain = self.core_gain
+        try:
+            ok = not isinstance(gain, bool) and math.isfinite(float(gain)) and float(gain) > 0
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise PeftTensorError(f"core_gain must be a positive number (1.0: the core moves as factor_scale sets), "
+                                  f"got {gain!r}.")
+        self.core_gain = float(gain)
         if self.core not in ("full", "diagonal"):
             raise PeftTensorError(f"core must be 'full' or 'diagonal', got {self.core!r}.")
         if self.frozen_term not in ("factored", "dense"):

@@ -40,6 +40,7 @@ class LoraPTGroup(TensorGroup):
     def _configure(self, config) -> None:
         self.diagonal = config.core == "diagonal"
         self.factor_scale = getattr(config, "factor_scale", 1.0)
+        self.core_gain = float(getattr(config, "core_gain", 1.0))
         self.frozen_term = getattr(config, "frozen_term", "factored")
 
     # Gain of each factor in factor_scale="auto": U, V and S each reach the weights with gain c at init (U and V
@@ -52,11 +53,12 @@ class LoraPTGroup(TensorGroup):
 
     def scales(self) -> tuple[float, float]:
         """``(a_UV, a_S)``: the adapter uses ``U0 + a_UV (U - U0)``, ``V0 + a_UV (V - V0)``, ``S0 + a_S (S - S0)``.
-        ``factor_scale='auto'``: ``(c / sigma_1, c)`` with ``sigma_1`` the largest Fourier-slice singular value of the
-        frozen ``S0`` and ``c = AUTO_GAIN`` (cached while S0 is unchanged); a number ``a``: ``(a, a)``; 1.0:
-        unscaled."""
+        ``factor_scale='auto'``: ``(c / sigma_1, c * core_gain)`` with ``sigma_1`` the largest Fourier-slice singular
+        value of the frozen ``S0`` and ``c = AUTO_GAIN`` (cached while S0 is unchanged); a number ``a``: ``(a, a *
+        core_gain)``; 1.0 with ``core_gain`` 1.0: unscaled."""
+        g = self.core_gain
         if self.factor_scale != "auto":
-            return float(self.factor_scale), float(self.factor_scale)
+            return float(self.factor_scale), float(self.factor_scale) * g
         s0 = self.lorapt_S_init
         key = (s0.data_ptr(), s0._version, s0.device)
         hit = self.__dict__.get("_scale_cache")
@@ -67,7 +69,7 @@ class LoraPTGroup(TensorGroup):
             c = self.AUTO_GAIN
             hit = (key, (c / sigma1 if sigma1 > 0 else c, c))
             self.__dict__["_scale_cache"] = hit
-        return hit[1]
+        return hit[1][0], hit[1][1] * g
 
     def _init_from_weight(self, weight: torch.Tensor, config) -> None:
         svd = truncated_t_svd(weight, self.rank, method=config.svd_method)
@@ -247,6 +249,7 @@ def _combine_lorapt(groups, weights, configs, combination_type):
     config.r = sum(c.r for c in configs)
     config.core = "diagonal" if diagonal else "full"
     config.factor_scale = 1.0  # the sources' scales are baked into the combined factors (effective_factor)
+    config.core_gain = 1.0
     # per-group ranks (rank_pattern, rank_cap) add up group by group: the combined config names each group whose sum
     # is not its r, module by module (anchored keys, PEFT's matching), and caps nothing
     config.rank_cap = False
