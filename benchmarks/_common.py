@@ -144,12 +144,17 @@ def versions() -> dict:
 
     out = {"torch": torch.__version__, "peft": peft.__version__, "transformers": transformers.__version__,
            "monai": monai.__version__, "peft_tensor": peft_tensor.__version__}
-    try:
-        out["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                           cwd=BENCH_DIR, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        out["git_commit"] = None
+    out["git_commit"] = short_commit(BENCH_DIR)
     return out
+
+
+def short_commit(path) -> Optional[str]:
+    """The short commit checked out at ``path`` (a checkout or a git worktree), ``None`` outside git."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=path,
+                              timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 # -- timing -----------------------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ if __package__ in (None, ""):  # run as a file (python benchmarks/<script>.py): 
 
 import torch
 
-from benchmarks._common import RESULTS_DIR, Stopwatch, median
+from benchmarks._common import RESULTS_DIR, Stopwatch, median, short_commit
 
 TARGETS = ["attn.qkv", "attn.out_proj", "mlp.linear1", "mlp.linear2"]
 
@@ -190,7 +190,7 @@ def main(argv=None) -> int:
                        "torch": torch.__version__, "platform": platform.platform()},
            "weights": args.weights, "reps": args.reps, "fresh_process": args.fresh, "runs": []}
     if args.baseline:
-        res["baseline"] = {"dir": args.baseline, "commit": _commit_of(args.baseline)}
+        res["baseline"] = {"dir": args.baseline, "commit": short_commit(args.baseline) or "unknown"}
     error = None  # LoRA-PT's error, measured once
     for threads in args.threads:
         torch.set_num_threads(threads)
@@ -253,13 +253,6 @@ def _fresh_set_up(label: str, threads: int, args) -> dict:
     if out.returncode != 0 or not lines:
         raise SystemExit(f"set-up of {label} failed (exit {out.returncode}):\n{out.stderr[-2000:]}")
     return json.loads(lines[-1][len("TIMING "):])
-
-
-def _commit_of(path: str) -> str:
-    import subprocess
-
-    out = subprocess.run(["git", "-C", path, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return out.stdout.strip() or "unknown"
 
 
 def _group_medians(runs: list[dict]) -> list[dict]:

@@ -53,6 +53,12 @@ def _real_slice_ids(n_slices: int) -> list[int]:
     return ids
 
 
+def _complex_slice_ids(n_slices: int) -> list[int]:
+    """The stored Fourier slices (``n_slices // 2 + 1``) other than the real DC / Nyquist ones."""
+    real = _real_slice_ids(n_slices)
+    return [i for i in range(n_slices // 2 + 1) if i not in real]
+
+
 def _randomized_svd(m: torch.Tensor, rank: int, oversample: int = 10, n_iter: int = 2):
     """Top-``rank`` SVD of a batch of matrices by randomized subspace iteration (Halko, Martinsson & Tropp 2011).
 
@@ -196,7 +202,7 @@ def _svd_fourier(a_hat: torch.Tensor, n_slices: int, rank: int, method: str = "a
     """Slice-wise truncated SVD of rfft slices, real on the DC/Nyquist slices. Returns complex U, real s, complex
     Vh."""
     real_ids = _real_slice_ids(n_slices)
-    complex_ids = [i for i in range(a_hat.shape[-3]) if i not in real_ids]
+    complex_ids = _complex_slice_ids(n_slices)
     n1, n2 = a_hat.shape[-2:]
     k = min(rank, n1, n2)
     u = a_hat.new_zeros(*a_hat.shape[:-2], n1, k)
@@ -287,7 +293,7 @@ def t_qr_whiteners(c: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torc
     n_slices = c.shape[SLICE_AXIS]
     c_hat, r_hat = to_fourier(c.double()), to_fourier(r.double())
     real = _real_slice_ids(n_slices)
-    complex_ids = [i for i in range(c_hat.shape[SLICE_AXIS]) if i not in real]
+    complex_ids = _complex_slice_ids(n_slices)
 
     def inverse_r(m_hat: torch.Tensor) -> torch.Tensor:
         k = m_hat.shape[-1]

@@ -70,6 +70,17 @@ def test_adapter_alone_moves_the_output_at_default_settings(method, lora_change)
     assert change > 0.25 * lora_change, (method, lr, change, lora_change)
 
 
+@pytest.mark.parametrize("method", sorted(_DEFAULTS))
+def test_adapter_alone_moves_the_output_in_the_recipes_form(method, lora_change):
+    """The recipes' form of each method (the registry's arm defaults: tCURLoRA r=16 in the orthonormal core,
+    LoRA-PT r=32 with core_gain 0.2, HyPS as configured) at the registry rate an arm gets: the same threshold."""
+    spec = get_method(method)
+    config = spec.config_cls(target_modules=UNETR_TARGETS, **spec.arm_defaults)
+    lr = spec.lr_for(dict(spec.arm_defaults)) or RECIPE_LR
+    change = _relative_output_change(config, lr)
+    assert change > 0.25 * lora_change, (method, dict(spec.arm_defaults), lr, change, lora_change)
+
+
 @pytest.mark.parametrize("make", [
     lambda **kw: TCURLoraConfig(r=4, target_modules=UNETR_TARGETS, grouping="by_shape", **kw),
     lambda **kw: LoraPTConfig(r=4, target_modules=UNETR_TARGETS, grouping="by_shape", **kw),
