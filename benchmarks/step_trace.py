@@ -131,7 +131,8 @@ def main(argv: list[str]) -> None:
             row, tr = trace_run(cfg, opts["backbone"], opts["task"], arm, int(seed), Path(tmp))
             s = tr.summary()
             if len(seeds) == 1:
-                print("| step | lr | adapter |g| | |g| / median of earlier | Adam step / lr sqrt(n) |")
+                print("| step | lr | adapter gradient norm | its ratio to the median of earlier steps | "
+                      "Adam step / lr sqrt(n) |")
                 print("|---:|---:|---:|---:|---:|")
                 for i, r in enumerate(tr.rows):
                     if i < 12 or (i + 1) % every == 0:
@@ -140,7 +141,8 @@ def main(argv: list[str]) -> None:
             lines.append(f"| {seed} | {row['dice']:.3f} | {s['max_spike']:.0f}x at step {s['max_spike_step']} | "
                          f"{s['first_step']:.2f} | {s['late_step']:.3f} | {curve} |")
         print()
-        print("| seed | test Dice | largest spike of |g| | Adam step, step 1 | median Adam step, 2nd half | "
+        print("| seed | test Dice | largest gradient spike (x median of earlier steps) | Adam step, step 1 | "
+              "median Adam step, 2nd half | "
               "validation Dice curve |")
         print("|---:|---:|---|---:|---:|---|")
         print("\n".join(lines))
