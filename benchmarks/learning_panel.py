@@ -270,7 +270,13 @@ def markdown(summary: dict) -> str:
     arms, tasks, backbones = list(cfg["arms"]), cfg["tasks"], list(cfg["backbones"])
     judged = [a for a in arms if a not in (crit["reference"], crit["floor"])]
     n_cells = len(backbones) * len(tasks)
-    lines = [f"# Learning panel: the adapter alone on {len(backbones)} backbone(s) x {len(tasks)} task(s)"
+    from peft_tensor.training.arms import trains_decoder
+
+    adapters = [dict(a) for a in cfg["arms"].values()
+                if isinstance(a, dict) and a.get("name") not in ("frozen", "decoder_only", "full")]
+    what = ("adapters with the decoder training" if any(trains_decoder(a) for a in adapters)
+            else "the adapter alone")
+    lines = [f"# Learning panel: {what} on {len(backbones)} backbone(s) x {len(tasks)} task(s)"
              + (f" (budget `{cfg['budget']}`)" if cfg.get("budget") else ""), "",
              f"Each cell: few-shot fine-tuning ({summary['n_train']} training subjects x 2 hemispheres) for "
              f"{cfg['steps']} steps from the cell's backbone on its task, test Dice over {summary['n_test_cases']} "
@@ -279,7 +285,7 @@ def markdown(summary: dict) -> str:
              + f", {cfg['threads']} torch thread(s) per run; recipe config "
              f"`{cfg['finetune']['config']}`" + (f" + `{' '.join(cfg['finetune']['overrides'])}`"
                                                   if cfg['finetune'].get('overrides') else "") + ". "
-             f"Criterion: each method's adapter alone >= {crit['min_ratio']:g}x the Dice of "
+             f"Criterion: each method's arm ({what}) >= {crit['min_ratio']:g}x the Dice of "
              f"{crit['reference']} and >= {crit['floor']} + {crit['min_margin']:g}. Steps to "
              f"{100 * float(crit.get('reach', 0.9)):.0f}%: the first validation (every {cfg.get('eval_every')} steps)"
              f" at {100 * float(crit.get('reach', 0.9)):.0f}% of the run's final validation Dice.", "",

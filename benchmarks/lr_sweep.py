@@ -55,10 +55,10 @@ def arm_for(method: str, lr, extra: dict | None = None) -> dict:
 
 
 def recipe_lr(method: str) -> str:
-    """The rate the recipes train ``method``'s adapter at today (registry), for the table."""
+    """The rate the recipes train ``method``'s adapter alone at today (registry), for the table."""
     from peft_tensor.training.arms import optimizer_settings
 
-    lr = optimizer_settings({"name": method}).get("method_lr")
+    lr = optimizer_settings({"name": method, "decoder": "head"}).get("method_lr")  # the adapter-alone rate
     return "—" if lr is None else f"{lr:g}"
 
 

@@ -25,8 +25,8 @@ from typing import Any, Mapping, Optional
 
 from ._registration import register_method
 
-__all__ = ["BASELINE_LR", "KNOWN_PROVIDERS", "MethodSpec", "SWINUNETR_TARGETS", "UNETR_TARGETS", "baseline_lr",
-           "get_method", "methods", "register"]
+__all__ = ["BASELINE_LR", "DECODER_RATE_FACTOR", "KNOWN_PROVIDERS", "MethodSpec", "SWINUNETR_TARGETS",
+           "UNETR_TARGETS", "baseline_lr", "get_method", "methods", "register"]
 
 # The Linear layers of MONAI's networks that the papers adapt (module-name suffixes, PEFT's ``target_modules``).
 UNETR_TARGETS = ("attn.qkv", "attn.out_proj", "mlp.linear1", "mlp.linear2")
@@ -42,6 +42,15 @@ DEFAULT_TARGETS = MappingProxyType({"unetr": UNETR_TARGETS, "swinunetr": SWINUNE
 #              "tcurlora": [0.3], "lorapt": [0.3], "hyps": [0.1]}'      (then 'grid={"pissa": [0.3, 1.0]}')
 # -> benchmarks/results/lr_sweep_baselines_cpu.{jsonl,md} (docs/methods.md, "Learning rates").
 BASELINE_LR: Mapping[str, float] = MappingProxyType({"lora": 0.03, "pissa": 0.3})
+
+# With the decoder training as well (every arm but ``decoder: head`` and the whole-network ``_full`` arms), the
+# recipes train an adapter's factors at this fraction of its adapter-alone rate (the registry's ``lr`` / ``lr_by``,
+# :data:`BASELINE_LR`). At the adapter-alone rates every adapter ends 0.02-0.06 Dice below decoder-only; at a tenth
+# each is at decoder-only's Dice, for tCURLoRA, LoRA-PT, HyPS and PEFT LoRA on the learning panel's three backbones
+# (shifted task, seeds 0 and 1) and for PiSSA too on the shifted few-shot grid (docs/methods.md, "Learning rates"):
+#   python benchmarks/learning_panel.py stem=learning_panel_cpu_decoder 'tasks=[target_shift]' 'seeds=[0, 1]' ...
+#   python benchmarks/fewshot.py --config fewshot_shift_cpu stem=fewshot_shift_cpu_decoder_rates ...
+DECODER_RATE_FACTOR = 0.1
 
 # peft_type -> distribution that provides it; filled by register(). A foreign method may be added by hand.
 KNOWN_PROVIDERS: dict[str, str] = {}

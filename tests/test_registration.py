@@ -97,14 +97,16 @@ def test_registry_lr_is_the_arms_method_lr(monkeypatch):
     from peft_tensor import registry
     from peft_tensor.training.arms import optimizer_settings
 
-    assert optimizer_settings({"name": "lora"}) == {"method_lr": registry.BASELINE_LR["lora"]}  # PEFT's: swept
+    alone = {"decoder": "head"}  # the registry's rates are the adapter's alone; with the decoder, a tenth
+    assert optimizer_settings({"name": "lora", **alone}) == {"method_lr": registry.BASELINE_LR["lora"]}  # swept
     assert optimizer_settings({"name": "full"}) == {}
     spec = registry.get_method("tcurlora")
     monkeypatch.setitem(registry._METHODS, "tcurlora", dataclasses.replace(spec, lr=0.03, weight_decay=None))
-    assert optimizer_settings({"name": "tcurlora"}) == {"method_lr": 0.03}
+    assert optimizer_settings({"name": "tcurlora", **alone}) == {"method_lr": 0.03}
+    assert optimizer_settings({"name": "tcurlora"}) == {"method_lr": 0.003}
     assert optimizer_settings({"name": "tcurlora", "method_lr": 1e-3, "lr": 2e-3}) == {"method_lr": 1e-3, "lr": 2e-3}
     monkeypatch.setitem(registry._METHODS, "tcurlora", dataclasses.replace(spec, lr=0.03, weight_decay=0.0))
-    assert optimizer_settings({"name": "tcurlora"}) == {"method_lr": 0.03, "method_weight_decay": 0.0}
+    assert optimizer_settings({"name": "tcurlora", **alone}) == {"method_lr": 0.03, "method_weight_decay": 0.0}
 
 
 def test_readme_methods_table_lists_every_registered_method():

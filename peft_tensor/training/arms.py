@@ -22,7 +22,8 @@ encoders encoder1-4 / encoder10, what the recipes trained before) or ``head`` (t
 alone), e.g. ``{name: tcurlora, decoder: head}``; an explicit ``modules_to_save`` wins. In a ``_full`` arm
 the ``decoder`` option names the modules whose convolutions are adapted (``paper`` or ``wide``), and the head
 trains. The adapter's factors train
-at the method's registry learning rate (``method_lr``, see :func:`optimizer_settings`), the decoder at ``optim.lr``.
+at the method's registry learning rate (``method_lr``, see :func:`optimizer_settings`: the adapter-alone rate, a
+tenth of it when the decoder trains too), the decoder at ``optim.lr``.
 An arm of one of our methods takes its config class,
 default fields and target modules per backbone from the method's registry entry
 (:func:`peft_tensor.registry.register`), so a new method is an arm without any change here.
@@ -182,20 +183,32 @@ def optimizer_settings(arm_cfg: dict) -> dict:
     config, else ``method_lr`` = the ``lr`` of the method's registry entry (the learning rate of its trainable
     factors; the decoder and head keep ``optim.lr``; ``full_lr`` for a ``<method>_full`` arm; ``lr_by`` for an arm
     whose config picks another form, e.g. ``basis: paper``) or, for PEFT's
-    ``lora`` and ``pissa``, their swept rate (:data:`peft_tensor.registry.BASELINE_LR`), else nothing; and
-    ``method_weight_decay`` from the arm's config, else the registry entry's ``weight_decay`` (if it has one)."""
-    from ..registry import baseline_lr
+    ``lora`` and ``pissa``, their swept rate (:data:`peft_tensor.registry.BASELINE_LR`), else nothing -- these are
+    the adapter-alone rates: an arm that trains the decoder too (:func:`trains_decoder`; not a ``_full`` arm) gets
+    :data:`peft_tensor.registry.DECODER_RATE_FACTOR` times that; and ``method_weight_decay`` from the arm's config,
+    else the registry entry's ``weight_decay`` (if it has one)."""
+    from ..registry import DECODER_RATE_FACTOR, baseline_lr
 
     out = {k: arm_cfg[k] for k in ("lr", "method_lr", "method_weight_decay") if k in arm_cfg}
     arm = canonical_arm(arm_cfg.get("name", "full"))
     full = arm.endswith(FULL_SUFFIX)
     spec = methods().get(arm[: -len(FULL_SUFFIX)] if full else arm)
     lr = baseline_lr(arm) if spec is None else spec.lr_for(arm_cfg, full)
+    if lr is not None and not full and trains_decoder(arm_cfg):
+        lr = float(f"{lr * DECODER_RATE_FACTOR:.12g}")  # 0.3 -> 0.03, not 0.030000000000000002
     if "method_lr" not in out and lr is not None:
         out["method_lr"] = lr
     if "method_weight_decay" not in out and spec is not None and spec.weight_decay is not None:
         out["method_weight_decay"] = spec.weight_decay
     return out
+
+
+def trains_decoder(arm_cfg: dict) -> bool:
+    """Whether an adapter arm trains the decoder as well as its adapter: every ``decoder`` option but ``head`` (the
+    adapter alone), and an explicit ``modules_to_save``."""
+    if arm_cfg.get("modules_to_save") is not None:
+        return True
+    return str(arm_cfg.get("decoder", "paper")) != "head"
 
 
 def arm_rates(arm_cfg: dict | str, optim_cfg: dict | None = None) -> dict:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peft_tensor.registry import BASELINE_LR, get_method
+from peft_tensor.registry import BASELINE_LR, DECODER_RATE_FACTOR, get_method
 from peft_tensor.training import load_config
 from tests._recipe_fixtures import TINY_MODEL, pairs_dataset
 
@@ -55,14 +55,17 @@ def test_the_finetune_recipe_trains_peft_lora_and_pissa_at_their_registry_rate(t
 
     data = pairs_dataset(tmp_path / "data", n=4)
     results = {}
-    for name, arm in (("lora", {"name": "lora", "r": 2}), ("pissa", {"name": "pissa", "r": 2}),
+    # LoRA alone (its swept rate), PiSSA with the decoder (a tenth of its swept rate), an arm's own rate, frozen
+    for name, arm in (("lora", {"name": "lora", "r": 2, "decoder": "head"}), ("pissa", {"name": "pissa", "r": 2}),
                       ("lora_own_rate", {"name": "lora", "r": 2, "method_lr": 0.02}), ("frozen", {"name": "frozen"})):
         results[name] = finetune.main(_cfg(data, tmp_path / name, arm))
     decoder_lr = load_config("finetune_cpu")["optim"]["lr"]
-    assert BASELINE_LR["lora"] != decoder_lr and BASELINE_LR["pissa"] != decoder_lr  # else nothing is tested
-    want = {"lora": BASELINE_LR["lora"], "pissa": BASELINE_LR["pissa"], "lora_own_rate": 0.02}
+    pissa_rate = float(f"{BASELINE_LR['pissa'] * DECODER_RATE_FACTOR:.12g}")  # 0.03, as the recipes round it
+    assert BASELINE_LR["lora"] != decoder_lr and pissa_rate != decoder_lr  # else nothing is tested
+    want = {"lora": BASELINE_LR["lora"], "pissa": pissa_rate, "lora_own_rate": 0.02}
     for (model, opt), (name, rate) in zip(optimizers, want.items()):
-        assert _group_rates(model, opt) == {"adapter": {rate}, "rest": {decoder_lr}}, name
+        rates = _group_rates(model, opt)
+        assert rates["rest"] == {decoder_lr} and rates["adapter"] == {rate}, name
         assert results[name]["rates"] == {"lr": decoder_lr, "method_lr": rate}
     model, opt = optimizers[-1]  # frozen: the head alone, one rate
     assert [g["initial_lr"] for g in opt.param_groups] == [decoder_lr]
@@ -73,7 +76,7 @@ def test_the_finetune_recipe_trains_peft_lora_and_pissa_at_their_registry_rate(t
     assert "| lr (adapter / rest) |" in table.splitlines()[0]
     rows = {line.split("|")[1].strip(): line.split("|")[3].strip() for line in table.splitlines()[2:]}
     assert rows == {"lora": f"{BASELINE_LR['lora']:g} / {decoder_lr:g}",
-                    "pissa": f"{BASELINE_LR['pissa']:g} / {decoder_lr:g}", "lora_own_rate": f"0.02 / {decoder_lr:g}",
+                    "pissa": f"{pissa_rate:g} / {decoder_lr:g}", "lora_own_rate": f"0.02 / {decoder_lr:g}",
                     "frozen": f"{decoder_lr:g}"}
     card = (tmp_path / "lora" / "adapter" / "README.md").read_text()
     assert f"lr {BASELINE_LR['lora']:g} / {decoder_lr:g} (adapter / decoder and head)" in card
@@ -91,8 +94,16 @@ def test_every_peft_arm_but_lora_full_has_a_swept_adapter_rate():
         method = arm.removesuffix("_full")
         swept = BASELINE_LR.get(method) or (get_method(method).full_lr if arm.endswith("_full") else None) \
             or get_method(method).lr
-        assert rates == {"lr": 3e-3, "method_lr": swept}, arm
-    assert arm_rates({"name": "lora", "lr": 1e-3}, optim) == {"lr": 1e-3, "method_lr": BASELINE_LR["lora"]}
+        if arm.endswith("_full"):  # the whole-network arm's own rate
+            assert rates == {"lr": 3e-3, "method_lr": swept}, arm
+            continue
+        # the swept rate is the adapter's alone; with the decoder training too, a tenth of it
+        assert arm_rates({"name": arm, "decoder": "head"}, optim) == {"lr": 3e-3, "method_lr": swept}, arm
+        assert rates == {"lr": 3e-3, "method_lr": pytest.approx(swept * DECODER_RATE_FACTOR, rel=1e-12)}, arm
+        assert arm_rates({"name": arm, "decoder": "wide"}, optim) == rates, arm
+    assert arm_rates({"name": "lora", "lr": 1e-3, "decoder": "head"}, optim) == {"lr": 1e-3,
+                                                                               "method_lr": BASELINE_LR["lora"]}
+    assert arm_rates({"name": "lora", "method_lr": 0.05}, optim)["method_lr"] == 0.05  # an arm's own rate wins
     assert format_rates({"lr": 3e-3, "method_lr": 0.3}) == "0.3 / 0.003"
     assert format_rates({"lr": 3e-3, "method_lr": None}) == "0.003" and format_rates(None) == "?"
 

@@ -110,16 +110,21 @@ def test_full_arms_on_swinunetr_and_target_configs():
     assert peft_config("lorapt", {"name": "lorapt", "factor_scale": 1.0, "core_gain": 1.0}, unetr).core_gain == 1.0
     # the whole-network tCURLoRA arm has its own core learning rate (0.3 is unstable there); others fall back to lr
     assert optimizer_settings({"name": "tcurlora_full"})["method_lr"] == 0.03
-    # the recipes' tCURLoRA arm: r=16, orthonormal core at 2.0; an arm asking for the paper's core basis gets its 0.3
-    assert optimizer_settings({"name": "tcurlora"})["method_lr"] == 2.0
-    assert optimizer_settings({"name": "tcurlora", "basis": "paper"})["method_lr"] == 0.3
+    # the recipes' tCURLoRA arm: r=16, orthonormal core at 2.0 alone; an arm asking for the paper's core basis gets its
+    # 0.3; with the decoder training too, a tenth of each
+    assert optimizer_settings({"name": "tcurlora", "decoder": "head"})["method_lr"] == 2.0
+    assert optimizer_settings({"name": "tcurlora", "basis": "paper", "decoder": "head"})["method_lr"] == 0.3
+    assert optimizer_settings({"name": "tcurlora"})["method_lr"] == 0.2
+    assert optimizer_settings({"name": "tcurlora", "basis": "paper"})["method_lr"] == 0.03
+    assert optimizer_settings({"name": "lorapt"})["method_lr"] == 0.03
+    assert optimizer_settings({"name": "hyps", "decoder": "wide"})["method_lr"] == 0.01
     assert optimizer_settings({"name": "tcurlora", "basis": "paper", "method_lr": 0.1})["method_lr"] == 0.1
     recipe = peft_config("tcurlora", {"name": "tcurlora"}, unetr)
     assert (recipe.r, recipe.basis) == (16, "orthonormal")
     assert peft_config("tcurlora", {"name": "tcurlora", "basis": "paper"}, unetr).basis == "paper"
     assert (peft_config("tcurlora_full", {"name": "tcurlora_full"}, unetr).basis,
             optimizer_settings({"name": "tcurlora_full", "basis": "paper"})["method_lr"]) == ("paper", 0.03)
-    assert optimizer_settings({"name": "hyps_full"}) == optimizer_settings({"name": "hyps"})
+    assert optimizer_settings({"name": "hyps_full"}) == optimizer_settings({"name": "hyps", "decoder": "head"})
     assert optimizer_settings({"name": "tcurlora_full", "method_lr": 0.1})["method_lr"] == 0.1
     by_target = {"_target_": "monai.networks.nets.UNETR", "in_channels": 1, "out_channels": 2, "img_size": [32] * 3,
                  "feature_size": 8, "hidden_size": 96, "mlp_dim": 192, "num_heads": 4}
