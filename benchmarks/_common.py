@@ -65,15 +65,14 @@ def arm_defaults(arm) -> Any:
     weight decay) or PEFT LoRA's / PiSSA's registry rate; ``None`` for the other arms. Part of a benchmark's run key,
     so that a run resumed from an earlier summary was made with today's defaults."""
     from peft_tensor import registry
-    from peft_tensor.training.arms import trains_decoder
+    from peft_tensor.training.arms import decoder_rate_factor
 
     cfg = {"name": arm} if isinstance(arm, str) else dict(arm)
     name = cfg.get("name")
-    full = str(name).endswith("_full")
-    name = str(name)[:-5] if full else name
+    name = str(name)[:-5] if str(name).endswith("_full") else name
     # the rate's factor with the decoder training, only where it applies: the other arms' run keys stay as they were
-    factor = ([{"decoder_rate_factor": registry.DECODER_RATE_FACTOR}]
-              if not full and "method_lr" not in cfg and trains_decoder(cfg) else [])
+    rate_factor = decoder_rate_factor(cfg) if "method_lr" not in cfg else 1.0
+    factor = [{"decoder_rate_factor": rate_factor}] if rate_factor != 1.0 else []
     spec = registry.methods().get(name)
     if spec is not None:
         key = [dict(spec.arm_defaults), dict(spec.full_arm_defaults or {}), spec.lr, spec.full_lr, spec.weight_decay]

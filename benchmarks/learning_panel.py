@@ -270,10 +270,10 @@ def markdown(summary: dict) -> str:
     arms, tasks, backbones = list(cfg["arms"]), cfg["tasks"], list(cfg["backbones"])
     judged = [a for a in arms if a not in (crit["reference"], crit["floor"])]
     n_cells = len(backbones) * len(tasks)
-    from peft_tensor.training.arms import trains_decoder
+    from peft_tensor.training.arms import PEFT_ARMS, canonical_arm, trains_decoder
 
     adapters = [dict(a) for a in cfg["arms"].values()
-                if isinstance(a, dict) and a.get("name") not in ("frozen", "decoder_only", "full")]
+                if isinstance(a, dict) and canonical_arm(a.get("name", "full")) in PEFT_ARMS]
     what = ("adapters with the decoder training" if any(trains_decoder(a) for a in adapters)
             else "the adapter alone")
     lines = [f"# Learning panel: {what} on {len(backbones)} backbone(s) x {len(tasks)} task(s)"

@@ -187,15 +187,16 @@ def optimizer_settings(arm_cfg: dict) -> dict:
     the adapter-alone rates: an arm that trains the decoder too (:func:`trains_decoder`; not a ``_full`` arm) gets
     :data:`peft_tensor.registry.DECODER_RATE_FACTOR` times that; and ``method_weight_decay`` from the arm's config,
     else the registry entry's ``weight_decay`` (if it has one)."""
-    from ..registry import DECODER_RATE_FACTOR, baseline_lr
+    from ..registry import baseline_lr
 
     out = {k: arm_cfg[k] for k in ("lr", "method_lr", "method_weight_decay") if k in arm_cfg}
     arm = canonical_arm(arm_cfg.get("name", "full"))
     full = arm.endswith(FULL_SUFFIX)
     spec = methods().get(arm[: -len(FULL_SUFFIX)] if full else arm)
     lr = baseline_lr(arm) if spec is None else spec.lr_for(arm_cfg, full)
-    if lr is not None and not full and trains_decoder(arm_cfg):
-        lr = float(f"{lr * DECODER_RATE_FACTOR:.12g}")  # 0.3 -> 0.03, not 0.030000000000000002
+    factor = decoder_rate_factor(arm_cfg)
+    if lr is not None and factor != 1.0:
+        lr = float(f"{lr * factor:.12g}")  # 0.3 -> 0.03, not 0.030000000000000002
     if "method_lr" not in out and lr is not None:
         out["method_lr"] = lr
     if "method_weight_decay" not in out and spec is not None and spec.weight_decay is not None:
@@ -209,6 +210,17 @@ def trains_decoder(arm_cfg: dict) -> bool:
     if arm_cfg.get("modules_to_save") is not None:
         return True
     return str(arm_cfg.get("decoder", "paper")) != "head"
+
+
+def decoder_rate_factor(arm_cfg: dict) -> float:
+    """The factor on the registry's adapter-alone rate of an arm: :data:`peft_tensor.registry.DECODER_RATE_FACTOR`
+    for an arm that trains the decoder too (:func:`trains_decoder`), 1.0 for the adapter alone and the ``_full``
+    arms (their own ``full_lr``)."""
+    from ..registry import DECODER_RATE_FACTOR
+
+    if canonical_arm(arm_cfg.get("name", "full")).endswith(FULL_SUFFIX) or not trains_decoder(arm_cfg):
+        return 1.0
+    return DECODER_RATE_FACTOR
 
 
 def arm_rates(arm_cfg: dict | str, optim_cfg: dict | None = None) -> dict:

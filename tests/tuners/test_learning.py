@@ -81,6 +81,22 @@ def test_adapter_alone_moves_the_output_in_the_recipes_form(method, lora_change)
     assert change > 0.25 * lora_change, (method, dict(spec.arm_defaults), lr, change, lora_change)
 
 
+@pytest.mark.parametrize("method", sorted(_DEFAULTS))
+def test_the_recipes_form_still_moves_the_output_at_its_with_decoder_rate(method, lora_change):
+    """With the decoder training, the recipes train an adapter at DECODER_RATE_FACTOR x its adapter-alone rate, and
+    PEFT LoRA at its own (3e-3, the rate of ``lora_change``): at that rate each method's recipe form must still move
+    the output by a quarter of LoRA's change in the same 5 steps, not sit still while the decoder learns."""
+    from peft_tensor.training.arms import optimizer_settings
+
+    spec = get_method(method)
+    config = spec.config_cls(target_modules=UNETR_TARGETS, **spec.arm_defaults)
+    lr = optimizer_settings({"name": method})["method_lr"]
+    lora_lr = optimizer_settings({"name": "lora"})["method_lr"]
+    assert lr < spec.lr_for(dict(spec.arm_defaults)) and lora_lr == RECIPE_LR  # the with-decoder rates
+    change = _relative_output_change(config, lr)
+    assert change > 0.25 * lora_change, (method, lr, change, lora_change)
+
+
 @pytest.mark.parametrize("make", [
     lambda **kw: TCURLoraConfig(r=4, target_modules=UNETR_TARGETS, grouping="by_shape", **kw),
     lambda **kw: LoraPTConfig(r=4, target_modules=UNETR_TARGETS, grouping="by_shape", **kw),
