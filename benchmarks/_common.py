@@ -78,6 +78,8 @@ def arm_defaults(arm) -> Any:
         key = [dict(spec.arm_defaults), dict(spec.full_arm_defaults or {}), spec.lr, spec.full_lr, spec.weight_decay]
         if spec.lr_by:  # only where set: the other methods' run keys stay as they were
             key.append({k: dict(v) for k, v in spec.lr_by.items()})
+        if spec.backbone_arm_defaults:  # likewise
+            key.append({"backbone": {k: dict(v) for k, v in spec.backbone_arm_defaults.items()}})
         return key + factor
     rate = registry.BASELINE_LR.get(name)
     return [rate, *factor] if rate is not None and factor else rate

@@ -75,6 +75,10 @@ class MethodSpec:
         full_arm_defaults: the same for the whole-network arm ``<name>_full`` (adapter on the encoder's Linears and
             the decoder's convolutions); ``None``: ``arm_defaults``. A rank that suits 768-wide Linears may exceed
             the channel count of a decoder's convolutions.
+        backbone_arm_defaults: config fields laid over ``arm_defaults`` for one backbone (the preset's name:
+            ``unetr``, ``swinunetr``, ...), ``{backbone: {field: value}}``, when the arm takes the preset's targets
+            (no ``target_modules`` of its own; not the whole-network arm). E.g. ``{"unetr": {"grouping": "paper"}}``:
+            a setting that needs the backbone's own layout.
         targets: ``target_modules`` per backbone name (``unetr``, ``swinunetr``); backbones not named here use
             :data:`DEFAULT_TARGETS`.
         lr: learning rate of the method's trainable factors in the recipes (``method_lr``; the decoder and head
@@ -105,6 +109,16 @@ class MethodSpec:
     weight_decay: Optional[float] = None
     provider: str = "peft-tensor"
     lr_by: Mapping[str, Mapping[Any, float]] = dataclasses.field(default_factory=dict)
+    backbone_arm_defaults: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+
+    def defaults_for(self, backbone: str | None = None, full: bool = False) -> dict[str, Any]:
+        """The config fields a recipe arm of this method uses unless its config sets them: ``arm_defaults``
+        (``full_arm_defaults`` for the whole-network arm), with ``backbone_arm_defaults[backbone]`` over them for an
+        arm on that backbone that takes the preset's targets (``backbone=None``: an arm with its own targets)."""
+        if full:
+            return dict(self.arm_defaults if self.full_arm_defaults is None else self.full_arm_defaults)
+        extra = self.backbone_arm_defaults.get(str(backbone).lower(), {}) if backbone else {}
+        return {**self.arm_defaults, **extra}
 
     def lr_for(self, arm_cfg: Mapping[str, Any], full: bool = False) -> Optional[float]:
         """The recipes' learning rate of this method's factors for an arm config (``lr_by``, ``lr``, ``full_lr``)."""
@@ -130,7 +144,8 @@ def register(name: str, *, peft_type: str, config_cls: type, model_cls: type, pr
              full_arm_defaults: Mapping[str, Any] | None = None,
              targets: Mapping[str, tuple[str, ...] | list[str]] | None = None, lr: float | None = None,
              full_lr: float | None = None, weight_decay: float | None = None,
-             provider: str = "peft-tensor", lr_by: Mapping[str, Mapping[Any, float]] | None = None) -> MethodSpec:
+             provider: str = "peft-tensor", lr_by: Mapping[str, Mapping[Any, float]] | None = None,
+             backbone_arm_defaults: Mapping[str, Mapping[str, Any]] | None = None) -> MethodSpec:
     """Register a method with PEFT and with this registry (idempotent: a reload replaces the entry)."""
     if getattr(model_cls, "prefix", prefix) != prefix:
         raise ValueError(f"{model_cls.__name__}.prefix is {model_cls.prefix!r}, registered as {prefix!r}")
@@ -140,7 +155,9 @@ def register(name: str, *, peft_type: str, config_cls: type, model_cls: type, pr
                                          else MappingProxyType(dict(full_arm_defaults))),
                       targets=MappingProxyType({k: tuple(v) for k, v in (targets or {}).items()}), lr=lr,
                       full_lr=full_lr, weight_decay=weight_decay, provider=provider,
-                      lr_by=MappingProxyType({k: MappingProxyType(dict(v)) for k, v in (lr_by or {}).items()}))
+                      lr_by=MappingProxyType({k: MappingProxyType(dict(v)) for k, v in (lr_by or {}).items()}),
+                      backbone_arm_defaults=MappingProxyType({str(k).lower(): MappingProxyType(dict(v))
+                                                              for k, v in (backbone_arm_defaults or {}).items()}))
     register_method(peft_type, config_cls, model_cls, prefix=prefix)
     _METHODS[name] = spec
     KNOWN_PROVIDERS[peft_type] = provider

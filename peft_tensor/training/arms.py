@@ -107,6 +107,7 @@ def peft_config(arm: str, arm_cfg: dict, model_cfg: dict):
     decoder = dict(arm_cfg).get("decoder", "paper")
     kw = {k: v for k, v in dict(arm_cfg).items() if k not in _RESERVED}
     spec = methods().get(method)
+    own_targets = "target_modules" in kw
     # our methods' tuners take the preset themselves when target_modules is missing, and refuse a network without
     # one naming layers that fit the rank: only PEFT's LoRA needs the preset's list here
     preset = _Preset(model_cfg, arm, need_targets=spec is None and "target_modules" not in kw)
@@ -118,8 +119,9 @@ def peft_config(arm: str, arm_cfg: dict, model_cfg: dict):
             convs = decoder_conv_targets(model_cfg, decoder, transposed=spec is not None) if full else []
             kw["target_modules"] = list(own or preset.get("paper")["target_modules"]) + convs
     if spec is not None:
-        defaults = spec.arm_defaults if not full or spec.full_arm_defaults is None else spec.full_arm_defaults
-        return spec.config_cls(**{**defaults, **kw})
+        # the backbone's own defaults (registry's backbone_arm_defaults) only with the preset's targets
+        backbone = None if full or own_targets or not spec.backbone_arm_defaults else preset.get("paper")["backbone"]
+        return spec.config_cls(**{**spec.defaults_for(backbone, full), **kw})
     from peft import LoraConfig
 
     if full:

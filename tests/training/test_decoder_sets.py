@@ -63,7 +63,9 @@ def test_factor_weight_decay_is_the_registrys_or_the_arms(method):
     decoder, factors = opt.param_groups
     assert (decoder["lr"], decoder["weight_decay"]) == (3e-3, 2e-5)
     assert (factors["lr"], factors["weight_decay"]) == (settings["method_lr"], 0.0)
-    assert all(p.dim() > 0 for p in factors["params"]) and len(factors["params"]) >= 4
+    # every group's factors: tCURLoRA's 3 cores on UNETR (the paper's grouping), LoRA-PT's U, S, V of 4 shape groups
+    assert all(p.dim() > 0 for p in factors["params"])
+    assert len(factors["params"]) == {"tcurlora": 3, "lorapt": 12}[method]
 
 
 def test_full_arms_adapt_the_decoder_convolutions_and_train_only_the_head():
@@ -120,7 +122,15 @@ def test_full_arms_on_swinunetr_and_target_configs():
     assert optimizer_settings({"name": "hyps", "decoder": "wide"})["method_lr"] == 0.01
     assert optimizer_settings({"name": "tcurlora", "basis": "paper", "method_lr": 0.1})["method_lr"] == 0.1
     recipe = peft_config("tcurlora", {"name": "tcurlora"}, unetr)
-    assert (recipe.r, recipe.basis) == (16, "orthonormal")
+    assert (recipe.r, recipe.basis, recipe.grouping) == (16, "orthonormal", "paper")  # UNETR: the paper's grouping
+    # the backbone's own default only with the preset's targets: not on SwinUNETR, not with the arm's own targets,
+    # not for the whole-network arm; an arm's own grouping wins
+    assert peft_config("tcurlora", {"name": "tcurlora"}, swin).grouping == "by_shape"
+    own = peft_config("tcurlora", {"name": "tcurlora", "target_modules": ["attn.qkv"]}, unetr)
+    assert (own.grouping, own.r) == ("by_shape", 16)
+    assert peft_config("tcurlora_full", {"name": "tcurlora_full"}, unetr).grouping == "by_shape"
+    assert peft_config("tcurlora", {"name": "tcurlora", "grouping": "by_shape"}, unetr).grouping == "by_shape"
+    assert peft_config("lorapt", {"name": "lorapt"}, unetr).grouping == "by_shape"
     assert peft_config("tcurlora", {"name": "tcurlora", "basis": "paper"}, unetr).basis == "paper"
     assert (peft_config("tcurlora_full", {"name": "tcurlora_full"}, unetr).basis,
             optimizer_settings({"name": "tcurlora_full", "basis": "paper"})["method_lr"]) == ("paper", 0.03)

@@ -18,6 +18,10 @@ register("tcurlora", peft_type="TCURLORA", config_cls=TCURLoraConfig, model_cls=
          # config's own defaults) stalls or saturates below PEFT LoRA on the learning panel; r=16 alone learns more,
          # the orthonormal coordinates at a rate for them most (docs/methods.md#tcurloras-recipe-form)
          arm_defaults={"r": 16, "basis": "orthonormal"},
+         # on UNETR, the paper's grouping (one attention tensor of q, k, v, out_proj slices per block, MLP up, MLP
+         # down): passes 5 / 6 panel cells against 4 / 6 by shape, at no extra step or set-up time
+         # (docs/methods.md#tcurloras-recipe-form)
+         backbone_arm_defaults={"unetr": {"grouping": "paper"}},
          full_arm_defaults={"r": 8},  # tcurlora_full: decoder convs too, measured at r=8 in the paper basis
          lr=2.0,  # of the orthonormal core (core_scale="auto"); the core does not move at the recipes' 3e-3
          lr_by={"basis": {"paper": 0.3}},  # an arm that asks for the paper's core basis gets its swept rate
