@@ -253,8 +253,60 @@ def assess(runs: list[dict], criterion: dict, default_seed: int = 0) -> dict:
     return out
 
 
+def ratio_interval(mine: dict, ref: dict, level: float = 0.9, max_exact: int = 6, draws: int = 20000):
+    """The ratio of paired means ``mean(mine) / mean(ref)`` over the seeds both have, and its ``level`` bootstrap
+    interval over those seeds: every resample of the seeds with replacement (``n ** n`` of them, exact and
+    deterministic for ``n <= max_exact``), else ``draws`` resamples from a fixed generator. ``(ratio, low, high)``;
+    ``None`` with fewer than two shared seeds or a reference mean of zero. The percentile interval says how far
+    the cell's ratio moves with the draw of its seeds; it does not change the criterion, which is on the ratio."""
+    common = sorted(set(mine) & set(ref))
+    n = len(common)
+    a, b = [mine[s] for s in common], [ref[s] for s in common]
+    if n < 2 or sum(b) == 0:
+        return None
+    if n <= max_exact:
+        samples = itertools.product(range(n), repeat=n)
+    else:
+        import random
+
+        rng = random.Random(0)
+        samples = ([rng.randrange(n) for _ in range(n)] for _ in range(draws))
+    ratios = sorted(sum(a[i] for i in idx) / sum(b[i] for i in idx) for idx in samples
+                    if sum(b[i] for i in idx) > 0)
+    tail = (1.0 - level) / 2
+
+    def pick(q):  # the lower empirical quantile: a resample's ratio, never interpolated
+        return ratios[min(len(ratios) - 1, max(0, int(q * len(ratios))))]
+
+    return sum(a) / sum(b), pick(tail), pick(1.0 - tail)
+
+
 def _f(v, spec="{:.3f}"):
     return "—" if v is None else spec.format(v)
+
+
+def _interval_table(runs, crit, default_seed, backbones, tasks, judged, level: float = 0.9) -> list[str]:
+    """Per cell and judged arm: its ratio to the reference (paired by seed) with a bootstrap interval over the seeds
+    (:func:`ratio_interval`), and whether the whole interval lies above or below ``min_ratio``."""
+    by = dice_by_seed(runs, default_seed)
+    least = float(crit["min_ratio"])
+    out = ["", f"Ratio to {crit['reference']} with its {100 * level:.0f}% bootstrap interval over the seeds (every "
+           "resample of the cell's seeds with replacement): *above* / *below* when the whole interval is on one side "
+           f"of {least:g}, *within* when it straddles it (the seeds cannot tell; the verdict above stays the "
+           "ratio's).", "", "| backbone | task | " + " | ".join(judged) + " |", "|---|---|" + "---:|" * len(judged)]
+    for b in backbones:
+        for t in tasks:
+            cells = []
+            for a in judged:
+                got = ratio_interval(by.get((b, t, a), {}), by.get((b, t, crit["reference"]), {}), level)
+                if got is None:
+                    cells.append("—")
+                    continue
+                ratio, low, high = got
+                side = "above" if low >= least else "below" if high < least else "within"
+                cells.append(f"{ratio:.3f} [{low:.2f}, {high:.2f}] {side}")
+            out.append(f"| {b} | {t} | " + " | ".join(cells) + " |")
+    return out
 
 
 def markdown(summary: dict) -> str:
@@ -304,7 +356,10 @@ def markdown(summary: dict) -> str:
                 cells.append(f"{v['dice']:.3f}{mark}{short}")
             lines.append(f"| {b} | {t} | " + " | ".join(cells) + " |")
     passes = {a: sum(1 for b in backbones for t in tasks if verdicts.get((b, t, a), {}).get("passed")) for a in judged}
-    lines += ["", "Cells passing: " + ", ".join(f"{a} {passes[a]} / {n_cells}" for a in judged) + ".", "",
+    lines += ["", "Cells passing: " + ", ".join(f"{a} {passes[a]} / {n_cells}" for a in judged) + "."]
+    if multi:
+        lines += _interval_table(runs, crit, default_seed, backbones, tasks, judged)
+    lines += ["",
               "| backbone | task | arm |" + (" seed |" if multi else "") + " lr (adapter / rest) | trainable | "
               f"test Dice | ÷ {crit['reference']} | − {crit['floor']} | steps to "
               f"{100 * float(crit.get('reach', 0.9)):.0f}% | val Dice curve | pass |",

@@ -133,10 +133,33 @@ def test_several_seeds_a_cell_is_the_mean_paired_by_seed():
     assert row in lines
     assert "Runs: 7 of 8;" in text
 
+    # the ratio's bootstrap interval over the seeds: printed beside the verdict, which it does not change
+    assert "| b | t | 0.920 [0.67, 1.30] within | — |" in lines  # lorapt: one seed, no interval
+
     with pytest.raises(ValueError, match="seeds must be a list of distinct integers"):
         lp.load_panel_config(overrides=["seeds=[0, 0]"])
     assert lp.load_panel_config(budget="ci")["seeds"] == [0]
     assert lp.load_panel_config(overrides=["seeds=null", "seed=3"])["seeds"] == [3]
+
+
+def test_the_ratio_interval_is_the_exact_bootstrap_over_the_seeds():
+    """Two seeds: the four resamples (0,0), (0,1), (1,0), (1,1) give ratios 0.2/0.3, 0.46/0.5 twice, 0.26/0.2;
+    the 90% interval's ends are the smallest and the largest. Equal per-seed ratios give a point; fewer than two
+    shared seeds, none."""
+    ratio, low, high = lp.ratio_interval({0: 0.20, 1: 0.26}, {0: 0.30, 1: 0.20})
+    assert ratio == pytest.approx(0.46 / 0.50)
+    assert (low, high) == (pytest.approx(0.20 / 0.30), pytest.approx(0.26 / 0.20))
+    assert lp.ratio_interval({0: 0.1, 1: 0.2, 2: 0.3}, {0: 0.2, 1: 0.4, 2: 0.6}) == pytest.approx((0.5, 0.5, 0.5))
+    assert lp.ratio_interval({0: 0.4}, {0: 0.3}) is None and lp.ratio_interval({0: 0.4, 1: 0.2}, {1: 0.3}) is None
+    # five seeds: 3,125 resamples; the interval holds the ratio and narrows as the per-seed ratios agree
+    mine, ref = {s: 0.2 + 0.01 * s for s in range(5)}, {s: 0.25 - 0.01 * s for s in range(5)}
+    r, lo, hi = lp.ratio_interval(mine, ref)
+    assert lo < r < hi
+    r2, lo2, hi2 = lp.ratio_interval({s: 0.2 + 0.001 * s for s in range(5)}, {s: 0.25 for s in range(5)})
+    assert hi2 - lo2 < (hi - lo) / 5
+    # more seeds than the exact enumeration takes: a fixed generator, so the table repeats
+    many, ref_many = {s: 0.2 + 0.01 * (s % 3) for s in range(8)}, {s: 0.25 for s in range(8)}
+    assert lp.ratio_interval(many, ref_many) == lp.ratio_interval(many, ref_many)
 
 
 @pytest.mark.panel
