@@ -120,7 +120,7 @@ def peft_config(arm: str, arm_cfg: dict, model_cfg: dict):
             kw["target_modules"] = list(own or preset.get("paper")["target_modules"]) + convs
     if spec is not None:
         # the backbone's own defaults (registry's backbone_arm_defaults) only with the preset's targets
-        backbone = None if full or own_targets or not spec.backbone_arm_defaults else preset.get("paper")["backbone"]
+        backbone = None if full or own_targets or not spec.backbone_arm_defaults else preset.backbone()
         return spec.config_cls(**{**spec.defaults_for(backbone, full), **kw})
     from peft import LoraConfig
 
@@ -145,6 +145,10 @@ class _Preset:
 
     def __init__(self, model_cfg: dict, arm: str, need_targets: bool):
         self.model_cfg, self.arm, self.need_targets, self._sets = model_cfg, arm, need_targets, {}
+
+    def backbone(self) -> str:
+        """The preset's backbone name (``""`` without a preset), from a decoder set already read if there is one."""
+        return next(iter(self._sets.values()))["backbone"] if self._sets else self.get("paper")["backbone"]
 
     def get(self, decoder: str) -> dict:
         if decoder not in self._sets:
