@@ -271,8 +271,8 @@ def ratio_interval(mine: dict, ref: dict, level: float = 0.9, max_exact: int = 6
 
         rng = random.Random(0)
         samples = ([rng.randrange(n) for _ in range(n)] for _ in range(draws))
-    ratios = sorted(sum(a[i] for i in idx) / sum(b[i] for i in idx) for idx in samples
-                    if sum(b[i] for i in idx) > 0)
+    sums = ((sum(a[i] for i in idx), sum(b[i] for i in idx)) for idx in samples)
+    ratios = sorted(x / y for x, y in sums if y > 0)
     tail = (1.0 - level) / 2
 
     def pick(q):  # the lower empirical quantile: a resample's ratio, never interpolated

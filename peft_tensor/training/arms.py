@@ -110,7 +110,7 @@ def peft_config(arm: str, arm_cfg: dict, model_cfg: dict):
     own_targets = "target_modules" in kw
     # our methods' tuners take the preset themselves when target_modules is missing, and refuse a network without
     # one naming layers that fit the rank: only PEFT's LoRA needs the preset's list here
-    preset = _Preset(model_cfg, arm, need_targets=spec is None and "target_modules" not in kw)
+    preset = _Preset(model_cfg, arm, need_targets=spec is None and not own_targets)
     if "modules_to_save" not in kw:
         kw["modules_to_save"] = preset.get("head" if full else decoder)["decoder"]
     if "target_modules" not in kw:

@@ -159,8 +159,10 @@ def test_the_ratio_interval_is_the_exact_bootstrap_over_the_seeds():
     r2, lo2, hi2 = lp.ratio_interval({s: 0.2 + 0.001 * s for s in range(5)}, {s: 0.25 for s in range(5)})
     assert hi2 - lo2 < (hi - lo) / 5
     # more seeds than the exact enumeration takes: a fixed generator, so the table repeats
-    many, ref_many = {s: 0.2 + 0.01 * (s % 3) for s in range(8)}, {s: 0.25 for s in range(8)}
-    assert lp.ratio_interval(many, ref_many) == lp.ratio_interval(many, ref_many)
+    # (distinct per-seed ratios: two draws from unseeded generators would differ in their quantiles)
+    many, ref_many = {s: 0.2 + 0.013 * s ** 1.5 for s in range(8)}, {s: 0.25 + 0.007 * s for s in range(8)}
+    r8, lo8, hi8 = lp.ratio_interval(many, ref_many)
+    assert lo8 < r8 < hi8 and lp.ratio_interval(many, ref_many) == (r8, lo8, hi8)
 
 
 @pytest.mark.panel
