@@ -3,6 +3,7 @@
 
     python benchmarks/flop_bound.py                                   # results/vit_blocks_cpu.json, first cell
     python benchmarks/flop_bound.py --results benchmarks/results/vit_blocks_cpu_1024x2.json
+    python benchmarks/flop_bound.py --work --ranks 8,16,32 --tokens 64   # counts only: by grouping and rank
 
 Each scheme is listed as the matmuls it adds to the frozen blocks per step (forward + backward), by shape, for a
 layer with input width ``n2``, ``s`` output slices of width ``n1`` (the fused qkv: ``s = 3``) in a group of ``L``
@@ -46,17 +47,28 @@ UNETR_B = (N_HIDDEN, N_MLP, BLOCKS)
 GROUP_OF = [0, 0, 1, 2]  # the layers' groups: attention, MLP up, MLP down
 
 
-def layers(dims=UNETR_B) -> list[tuple[int, int, int, int]]:
-    """Per block, ``(group L, input width n2, slices s, slice output width n1)`` of each adapted Linear."""
+def layers(dims=UNETR_B, grouping: str = "paper") -> list[tuple[int, int, int, int]]:
+    """Per block, ``(group L, input width n2, slices s, slice output width n1)`` of each adapted Linear.
+    ``grouping="by_shape"``: each Linear's weights over the blocks form a group of their own, the fused qkv one
+    ``3n``-row slice per block (``TCURLoraConfig.grouping``)."""
     n, m, blocks = dims
+    if grouping == "by_shape":
+        return [(blocks, n, 1, 3 * n), (blocks, n, 1, n), (blocks, n, 1, m), (blocks, m, 1, n)]
+    if grouping != "paper":
+        raise ValueError(f"grouping must be 'paper' or 'by_shape', got {grouping!r}")
     return [(4 * blocks, n, 3, n),  # attn.qkv: q, k, v slices
             (4 * blocks, n, 1, n),  # attn.out_proj
             (blocks, n, 1, m),      # mlp.linear1
             (blocks, m, 1, n)]      # mlp.linear2
 
 
+def group_of(grouping: str = "paper") -> list[int]:
+    """The group of each of :func:`layers`' Linears."""
+    return GROUP_OF if grouping == "paper" else [0, 1, 2, 3]
+
+
 def groups(dims=UNETR_B) -> list[tuple[int, int, int]]:
-    """``(L, n1, n2)`` of the attention, MLP-up and MLP-down group tensors."""
+    """``(L, n1, n2)`` of the attention, MLP-up and MLP-down group tensors (paper grouping)."""
     n, m, blocks = dims
     return [(4 * blocks, n, n), (blocks, m, n), (blocks, n, m)]
 
@@ -68,12 +80,12 @@ def floor_macs(tokens: int, dims=UNETR_B) -> int:
 
 
 def adapter_matmuls(method: str, scheme: str, tokens: int, r: int = RANK, group: int | None = None,
-                    dims=UNETR_B) -> list[tuple[int, int, int]]:
+                    dims=UNETR_B, grouping: str = "paper") -> list[tuple[int, int, int]]:
     """The ``(m, k, n)`` matmuls (``(m x k) @ (k x n)``) a scheme adds to one block's forward + backward on
     ``tokens`` tokens (of one group's layers if ``group`` is given; see the module docstring)."""
     t = tokens
     out = []
-    for (n_slices, n2, s, n1), g in zip(layers(dims), GROUP_OF):
+    for (n_slices, n2, s, n1), g in zip(layers(dims, grouping), group_of(grouping)):
         if group is not None and g != group:
             continue
         lq = n_slices * r
@@ -104,9 +116,9 @@ def adapter_matmuls(method: str, scheme: str, tokens: int, r: int = RANK, group:
 
 
 def adapter_macs(method: str, scheme: str, r: int = RANK, group: int | None = None, dims=UNETR_B,
-                 tokens: int = 64) -> float:
+                 tokens: int = 64, grouping: str = "paper") -> float:
     """Multiply-adds per token per block of :func:`adapter_matmuls` (linear in the token count)."""
-    return sum(m * k * n for m, k, n in adapter_matmuls(method, scheme, tokens, r, group, dims)) / tokens
+    return sum(m * k * n for m, k, n in adapter_matmuls(method, scheme, tokens, r, group, dims, grouping)) / tokens
 
 
 _MM_SECONDS: dict = {}
@@ -226,14 +238,50 @@ def report(results: dict, cell: int = 0, build: bool = True) -> str:
     return "\n".join(lines)
 
 
+def work_table(ranks=(8, 16, 32), tokens: int = 64, dims=UNETR_B) -> str:
+    """The factored schemes' matmul work by grouping and rank, against the frozen blocks' (counted, not timed): what
+    a rank or a grouping adds to a step, whatever the machine."""
+    blocks = dims[2]
+    floor = floor_macs(tokens, dims) * tokens * blocks
+    lines = [f"# Matmul work of the factored adapters on UNETR-B's {blocks} ViT blocks, {tokens} tokens", "",
+             "Command: `python benchmarks/flop_bound.py --work "
+             f"--ranks {','.join(map(str, ranks))} --tokens {tokens}`",
+             "",
+             f"Frozen blocks (the Linears' forward and input gradient, attention): {floor / 1e9:.2f} GMAC per step.",
+             "", "| method | grouping | r | inner width of each slice's factors (L r) | adapter GMAC / step "
+             "| x frozen blocks |", "|---|---|---:|---|---:|---:|"]
+    for method in ("tcurlora", "lorapt"):
+        for grouping in ("by_shape", "paper"):
+            for r in ranks:
+                work = adapter_macs(method, "factored", r=r, dims=dims, tokens=tokens, grouping=grouping)
+                work *= tokens * blocks
+                lq = sorted({n_slices * r for n_slices, *_ in layers(dims, grouping)})
+                lines.append(f"| {LABELS[method]} | {grouping} | {r} | {' / '.join(map(str, lq))} | "
+                             f"{work / 1e9:.2f} | {work / floor:.2f} |")
+    lines += ["", "Per Linear the factored path costs `T L q (n2 + s n1)` multiply-adds forward and up to twice that "
+              "backward (`T` tokens, `s` slices of the layer, `L q`: the group's slice count times the rank, the "
+              "inner width of every slice's factors). The paper's grouping puts q, k, v and out_proj of all blocks "
+              "in one 48-slice tensor: at r=16 the attention factors are 768 wide, as wide as the weights themselves, "
+              "where by shape (12-slice groups) they are 192."]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", default=str(RESULTS_DIR / "vit_blocks_cpu.json"))
     ap.add_argument("--cell", type=int, default=0, help="index of the (tokens, batch) cell in the results")
     ap.add_argument("--no-build", action="store_true", help="skip timing the D build of the hybrid scheme")
     ap.add_argument("--out", default=None, help="also write the table to this .md file")
+    ap.add_argument("--work", action="store_true",
+                    help="only count: the factored adapters' matmul work by grouping and rank (no results file, "
+                         "no timing)")
+    ap.add_argument("--ranks", default="8,16,32", help="with --work: the ranks to count, comma-separated")
+    ap.add_argument("--tokens", type=int, default=64, help="with --work: tokens per step (64: a 64^3 input)")
     args = ap.parse_args(argv)
-    text = report(json.loads(Path(args.results).read_text()), args.cell, build=not args.no_build)
+    if args.work:
+        text = work_table(tuple(int(r) for r in args.ranks.split(",")), args.tokens)
+    else:
+        text = report(json.loads(Path(args.results).read_text()), args.cell, build=not args.no_build)
     print(text)
     if args.out:
         from peft_tensor._atomic import atomic_write_text

@@ -152,11 +152,11 @@ def command_for(stem: str, script: str, files: dict, stems: dict, repo: Path, co
         return data["command"], "recorded in the JSON (`command`)"
     if isinstance(data, dict) and isinstance(data.get("config"), dict):
         return config_command(script, data["config"], configs)
-    if script == "flop_bound.py" and ".md" in files:
-        return flop_bound_command(files[".md"].read_text(), stems, repo)
     recorded = re.search(r"^Command: `([^`]+)`", files[".md"].read_text(), re.M) if ".md" in files else None
     if recorded:
         return recorded.group(1), "recorded in the table file's `Command:` line (the rest of it is in the table)"
+    if script == "flop_bound.py" and ".md" in files:
+        return flop_bound_command(files[".md"].read_text(), stems, repo)
     if script == "lr_sweep.py":
         return ("python benchmarks/lr_sweep.py", "not recorded in the JSON lines; the script's default config `demo` "
                 "(the fine-tuning steps of the runs are in the table)")
