@@ -17,6 +17,7 @@ from tests._optional import require
 
 REPO = Path(__file__).resolve().parent.parent
 MAPPED = {"peft_tensor.recipes": "recipes", "peft_tensor.model_cards": "model_cards"}
+DATA_PACKAGES = {"peft_tensor.recipes.configs": "recipes/configs"}  # data only (no __init__.py), listed explicitly
 CARD_TEMPLATES = ("adapter_card.md", "base_weights_card.md")
 
 
@@ -27,7 +28,7 @@ def _setuptools() -> dict:
 def test_package_list_covers_every_package_folder():
     found = {".".join(p.relative_to(REPO).parts[:-1]) for p in (REPO / "peft_tensor").rglob("__init__.py")}
     listed = set(_setuptools()["packages"])
-    assert listed == found | set(MAPPED), "update [tool.setuptools] packages in pyproject.toml"
+    assert listed == found | set(MAPPED) | set(DATA_PACKAGES), "update [tool.setuptools] packages in pyproject.toml"
     assert not any(name in ("recipes", "model_cards") or name.startswith(("recipes.", "model_cards.", "benchmarks",
                                                                           "tests")) for name in listed)
 
@@ -38,7 +39,10 @@ def test_top_level_folders_ship_through_package_dir_with_their_data():
     for package, folder in MAPPED.items():
         assert (REPO / folder / "__init__.py").is_file()
         assert not (REPO / package.replace(".", "/")).exists()  # no second copy inside peft_tensor/
-    assert "configs/*.yaml" in st["package-data"]["peft_tensor.recipes"]
+    assert st["package-data"]["peft_tensor.recipes.configs"] == ["*.yaml"]
+    assert "peft_tensor.recipes" not in st["package-data"]  # the configs are their own (data) package
+    for folder in DATA_PACKAGES.values():
+        assert (REPO / folder).is_dir() and not (REPO / folder / "__init__.py").exists()
     assert st["package-data"]["peft_tensor.model_cards"] == ["*.md"]
     assert sorted(p.name for p in (REPO / "model_cards").glob("*.md")) == sorted(CARD_TEMPLATES)
     assert not (REPO / "peft_tensor" / "hub" / "templates").exists()
@@ -57,6 +61,7 @@ def test_wheel_ships_the_card_templates_readable_through_importlib_resources(tmp
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                             "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    assert "absent from the `packages` configuration" not in build.stdout + build.stderr  # nothing it would drop
     (wheel,) = (tmp_path / "dist").glob("peft_tensor-*.whl")
     site = tmp_path / "site"
     with zipfile.ZipFile(wheel) as zf:
@@ -64,6 +69,8 @@ def test_wheel_ships_the_card_templates_readable_through_importlib_resources(tmp
         zf.extractall(site)
     for name in CARD_TEMPLATES:
         assert f"peft_tensor/model_cards/{name}" in names
+    configs = sorted(p.name for p in (REPO / "recipes" / "configs").glob("*.yaml"))
+    assert configs and all(f"peft_tensor/recipes/configs/{name}" in names for name in configs)
     assert not any(n.startswith(("model_cards/", "peft_tensor/hub/templates/")) for n in names)
     code = ("import hashlib, importlib.resources as r, peft_tensor\n"
             f"assert peft_tensor.__file__.startswith({str(site)!r}), peft_tensor.__file__\n"
