@@ -113,23 +113,29 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else ``platform.processor()`` or the architecture. It belongs in every
+    result: two CPUs with different kernels (MKL, oneDNN) round differently, so one pretraining config gives weights
+    that differ in their last bits, and every run from them differs too."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine_line() -> str:
-    """``<processor>, <n> cores``: the one-line machine description of the fewshot and loader results."""
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    """``<CPU model>, <n> cores``: the one-line machine description of the fewshot, loader and panel results."""
+    return f"{cpu_model()}, {os.cpu_count()} cores"
 
 
 def machine_info(threads: int) -> dict:
     """CPU model, cores, torch threads, platform, Python, memory and GPU (the efficiency / ViT-blocks results)."""
     import torch
 
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     info = {"cpu": cpu, "logical_cores": os.cpu_count(), "torch_threads": threads, "platform": platform.platform(),
             "python": platform.python_version()}
     try:

@@ -205,3 +205,18 @@ def test_a_run_is_kept_only_while_the_registry_defaults_it_ran_with_hold(monkeyp
     monkeypatch.setitem(registry._METHODS, "tcurlora", dataclasses.replace(spec, weight_decay=2e-5))
     assert lp.run_key(cfg, backbone, "target", cfg["arms"]["tcurlora"]) not in (before["tcurlora"],
                                                                                   after["tcurlora"])
+
+
+def test_machine_line_names_the_cpu_model(monkeypatch, tmp_path):
+    """A panel's backbones depend on the CPU (its kernels round differently), so its results name the CPU model."""
+    from benchmarks import _common
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9B14\n")
+    real_path = _common.Path
+    monkeypatch.setattr(_common, "Path", lambda p: info if p == "/proc/cpuinfo" else real_path(p))
+    assert _common.machine_line().startswith("AMD EPYC 9B14, ")
+    assert _common.machine_info(1)["cpu"] == "AMD EPYC 9B14"
+    monkeypatch.setattr(_common, "Path", lambda p: tmp_path / "absent" if p == "/proc/cpuinfo" else real_path(p))
+    monkeypatch.setattr(_common.platform, "processor", lambda: "")
+    assert _common.machine_line().startswith(_common.platform.machine() + ", ")
