@@ -87,14 +87,21 @@ def _yaml_value(v) -> str:
 
 
 def config_overrides(recorded: dict, current: dict, prefix: str = "") -> tuple[list[str], list[str]]:
-    """(``key.sub=value`` for each value of ``recorded`` that differs from ``current``, dicts compared key by key;
-    the recorded keys ``current`` does not have at all: an older config layout, which no override reproduces)."""
+    """(``key.sub=value`` for each value of ``recorded`` that differs from ``current``, dicts compared key by key, a
+    mapping of named entries (every value a dict: arms, backbones) whose entries differ as one ``key={...}``; the
+    recorded keys ``current`` does not have at all: an older config layout, which no override reproduces)."""
     out, absent = [], []
     for key, value in recorded.items():
         path = f"{prefix}{key}"
         if key not in current:
             absent.append(path)
         elif isinstance(value, dict) and isinstance(current[key], dict):
+            if set(value) != set(current[key]) and all(isinstance(v, dict) for v in
+                                                       (*value.values(), *current[key].values())):
+                # named entries (arms, backbones) added or left out: the recorded ones, whole (an override of a
+                # mapping replaces it), so the command runs those entries and no others
+                out.append(f"{path}={_yaml_value(value)}")
+                continue
             more, gone = config_overrides(value, current[key], path + ".")
             out, absent = out + more, absent + gone
         elif current[key] != value:

@@ -30,3 +30,23 @@ def test_every_current_result_is_on_the_page():
             body = [line for line in files[".md"].read_text().splitlines() if line and not line.startswith("#")]
             assert all(line in text for line in body), stem
     assert "archive/" not in "".join(line for line in text.splitlines() if line.startswith("### "))
+
+
+def test_reconstructed_command_replaces_a_mapping_of_named_entries_whole():
+    """Arms added or left out in a run are one override of the whole mapping (apply_overrides replaces a mapping),
+    so the command runs the recorded arms and no others; other values are overridden key by key."""
+    from benchmarks.render_results import config_overrides
+    from peft_tensor.training.config import apply_overrides
+
+    current = {"run": {"steps": 5, "size": 64}, "backbones": {"unetr": {"model": {"name": "unetr"}, "arms": {
+        "floor": {"name": "floor"}, "lora": {"name": "lora", "r": 8}, "full": {"name": "full"}}}}}
+    recorded = {"run": {"steps": 15, "size": 64}, "backbones": {"unetr": {"model": {"name": "unetr"}, "arms": {
+        "floor": {"name": "floor"}, "lora": {"name": "lora", "r": 8}, "t16": {"name": "tcurlora", "r": 16}}}}}
+    out, absent = config_overrides(recorded, current)
+    assert absent == []
+    assert out[0] == "run.steps=15"
+    assert out[1].startswith("backbones.unetr.arms={") and len(out) == 2
+    assert apply_overrides(current, out) == recorded
+    same_entries = {**recorded, "backbones": {"unetr": {**recorded["backbones"]["unetr"], "arms": {
+        **recorded["backbones"]["unetr"]["arms"], "t16": {"name": "tcurlora", "r": 32}}}}}
+    assert config_overrides(same_entries, recorded)[0] == ["backbones.unetr.arms.t16.r=32"]  # key by key
