@@ -309,6 +309,18 @@ def _interval_table(runs, crit, default_seed, backbones, tasks, judged, level: f
     return out
 
 
+def summed_ratio(runs: list[dict], arm: str, reference: str, default_seed: int = 0) -> float | None:
+    """``arm``'s test Dice summed over the (backbone, task, seed) runs it shares with ``reference``, over the
+    reference's sum on the same runs: one number for the whole panel (``None``: no shared run)."""
+    def dice(name):
+        return {(r["backbone"], r["task"], run_seed(r, default_seed)): r["dice"] for r in runs if r["arm"] == name}
+
+    mine, ref = dice(arm), dice(reference)
+    shared = mine.keys() & ref.keys()
+    total = sum(ref[k] for k in shared)
+    return sum(mine[k] for k in shared) / total if shared and total > 0 else None
+
+
 def markdown(summary: dict) -> str:
     from peft_tensor.training.arms import format_rates
 
@@ -357,6 +369,12 @@ def markdown(summary: dict) -> str:
             lines.append(f"| {b} | {t} | " + " | ".join(cells) + " |")
     passes = {a: sum(1 for b in backbones for t in tasks if verdicts.get((b, t, a), {}).get("passed")) for a in judged}
     lines += ["", "Cells passing: " + ", ".join(f"{a} {passes[a]} / {n_cells}" for a in judged) + "."]
+    summed = {a: summed_ratio(runs, a, crit["reference"], default_seed) for a in judged}
+    if any(v is not None for v in summed.values()):
+        lines += ["", f"Dice summed over the runs each arm shares with {crit['reference']} (paired by cell and "
+                  f"seed), over {crit['reference']}'s: "
+                  + ", ".join(f"{a} {v:.3f}x" for a, v in summed.items() if v is not None)
+                  + " (descriptive: the criterion is per cell)."]
     if multi:
         lines += _interval_table(runs, crit, default_seed, backbones, tasks, judged)
     lines += ["",

@@ -101,6 +101,10 @@ def test_steps_to_reach_and_the_criterion_table():
     assert "| b | t | 0.270 ✓ | 0.260 ✗ | 0.300 | 0.050 |" in lines
     assert "| b | u | 0.290 ✗ | — | 0.250 | 0.200 |" in lines
     assert "Cells passing: tcurlora 1 / 2, lorapt 0 / 2." in lines
+    # (0.27 + 0.29) / (0.30 + 0.25) over both cells; LoRA-PT ran one cell: 0.26 / 0.30
+    assert ("Dice summed over the runs each arm shares with lora (paired by cell and seed), over lora's: "
+            "tcurlora 1.018x, lorapt 0.867x (descriptive: the criterion is per cell).") in lines
+    assert lp.summed_ratio(runs, "hyps", "lora") is None  # no run
     assert "| b | t | tcurlora | 0.3 / 0.003 | 10 | 0.270 ± 0.010 | 0.90 | +0.220 | 20 | 0.14 0.27 | pass |" in lines
     assert "| b | t | frozen | 0.003 | 10 | 0.050 ± 0.010 | 0.17 | +0.000 | 20 | 0.03 0.05 | floor |" in lines
     assert lines[-1] == "Command: `python benchmarks/learning_panel.py`"
