@@ -312,13 +312,11 @@ def _interval_table(runs, crit, default_seed, backbones, tasks, judged, level: f
 def summed_ratio(runs: list[dict], arm: str, reference: str, default_seed: int = 0) -> float | None:
     """``arm``'s test Dice summed over the (backbone, task, seed) runs it shares with ``reference``, over the
     reference's sum on the same runs: one number for the whole panel (``None``: no shared run)."""
-    def dice(name):
-        return {(r["backbone"], r["task"], run_seed(r, default_seed)): r["dice"] for r in runs if r["arm"] == name}
-
-    mine, ref = dice(arm), dice(reference)
-    shared = mine.keys() & ref.keys()
-    total = sum(ref[k] for k in shared)
-    return sum(mine[k] for k in shared) / total if shared and total > 0 else None
+    by = dice_by_seed(runs, default_seed)
+    pairs = [(seeds[s], by[(b, t, reference)][s]) for (b, t, a), seeds in by.items() if a == arm
+             for s in seeds.keys() & by.get((b, t, reference), {}).keys()]
+    total = sum(ref for _, ref in pairs)
+    return sum(mine for mine, _ in pairs) / total if pairs and total > 0 else None
 
 
 def markdown(summary: dict) -> str:

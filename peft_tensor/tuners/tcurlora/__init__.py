@@ -19,8 +19,8 @@ register("tcurlora", peft_type="TCURLORA", config_cls=TCURLoraConfig, model_cls=
          # the orthonormal coordinates at a rate for them most (docs/methods.md#tcurloras-recipe-form)
          arm_defaults={"r": 16, "basis": "orthonormal"},
          # on UNETR, the paper's grouping (one attention tensor of q, k, v, out_proj slices per block, MLP up, MLP
-         # down): passes 5 / 6 panel cells against 4 / 6 by shape; its step time is the shape grouping's within the
-         # spread of two timing runs (docs/methods.md#tcurloras-recipe-form)
+         # down): each slice's factors are 48 r wide instead of 12 r, about twice the adapter's matmuls of the shape
+         # grouping; its panel evidence and step time: docs/methods.md#tcurloras-recipe-form
          backbone_arm_defaults={"unetr": {"grouping": "paper"}},
          full_arm_defaults={"r": 8},  # tcurlora_full: decoder convs too, measured at r=8 in the paper basis
          lr=2.0,  # of the orthonormal core (core_scale="auto"); the core does not move at the recipes' 3e-3
