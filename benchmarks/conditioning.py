@@ -92,7 +92,12 @@ def lorapt_rows(group) -> dict:
     core = torch.diag_embed(core) if group.diagonal else core
     sv = torch.linalg.svdvals(to_fourier(core))
     return {"s1/sr": float((sv[..., 0] / sv[..., -1].clamp_min(1e-30)).max()), "s1": float(sv[..., 0].max()),
-            "scale": group.scales()[0]}
+            "scale": _largest(group.scales()[0])}
+
+
+def _largest(scale) -> float:
+    """A LoRA-PT factor scale as one number: the largest per-component scale of ``factor_scale='per_component'``."""
+    return float(scale.max()) if isinstance(scale, torch.Tensor) else float(scale)
 
 
 def _tangent_fractions(w: torch.Tensor, g: torch.Tensor, ranks, lorapt_r: int, gen: torch.Generator) -> dict:

@@ -67,19 +67,20 @@ class PeftTensorConfigMixin:
         default=None, metadata={"help": "Version of peft_tensor that wrote this config; filled in automatically."}
     )
 
-    def _resolve_scale(self, name: str) -> None:
+    def _resolve_scale(self, name: str, modes: tuple[str, ...] = ("auto",)) -> None:
         """A scale field: ``None`` (a config file written before the field existed: ``1.0``, the unscaled form it was
-        trained with; a new config: ``'auto'``), ``'auto'`` or a positive number (strings from YAML parsed)."""
+        trained with; a new config: ``'auto'``), one of ``modes`` or a positive number (strings from YAML parsed)."""
         value = getattr(self, name)
         if value is None:
             value = 1.0 if self.peft_tensor_version is not None else "auto"
-        if isinstance(value, str) and value != "auto":
+        if isinstance(value, str) and value not in modes:
             try:
                 value = float(value)
             except ValueError:
                 value = None
         if value is None or (not isinstance(value, str) and not float(value) > 0):
-            raise PeftTensorError(f"{name} must be 'auto' or a positive number, got {getattr(self, name)!r}.")
+            named = " or ".join(repr(m) for m in modes)
+            raise PeftTensorError(f"{name} must be {named} or a positive number, got {getattr(self, name)!r}.")
         setattr(self, name, value)
 
     def _check_common(self) -> None:

@@ -268,3 +268,83 @@ def test_lorapt_core_gain_scales_only_the_core_update_and_old_configs_keep_one()
     low(x).square().mean().backward()
     grads = {n: p.grad for n, p in low.named_parameters() if p.requires_grad and "lorapt_" in n}
     assert grads and all(g is not None and g.abs().max() > 0 for g in grads.values())
+
+
+class _Spread(nn.Module):
+    """Four 16 x 16 Linears (one LoRA-PT group) whose singular values fall by 0.3x per component (random singular
+    vectors): a principal part with a wide spread, as pretrained weights have. ``rank`` < 16 zeroes the rest and
+    gives all four the same singular vectors, so every Fourier slice has that rank too."""
+
+    def __init__(self, rank: int = 16):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        s = 8.0 * 0.3 ** torch.arange(16.0)
+        s[rank:] = 0.0
+        self.lins = nn.ModuleList(nn.Linear(16, 16, bias=False) for _ in range(4))
+        with torch.no_grad():
+            for k, lin in enumerate(self.lins):
+                if rank == 16 or k == 0:
+                    q1, _ = torch.linalg.qr(torch.randn(16, 16, generator=g))
+                    q2, _ = torch.linalg.qr(torch.randn(16, 16, generator=g))
+                lin.weight.copy_((1.0 + 0.1 * k) * q1 @ torch.diag(s) @ q2.T)
+
+    def forward(self, x):
+        for lin in self.lins:
+            x = torch.tanh(lin(x))
+        return x
+
+
+_SPREAD_TARGETS = ["lins.0", "lins.1", "lins.2", "lins.3"]
+
+
+def _column_gains(mode: str) -> list[float]:
+    """|D|_F after moving each column of U by the same unit tube (the others at their initial values)."""
+    model = get_peft_model(_Spread(), LoraPTConfig(r=4, target_modules=_SPREAD_TARGETS, factor_scale=mode))
+    (group,) = model.base_model.groups("default")
+    step = torch.randn(group.lorapt_U.shape[:2], generator=torch.Generator().manual_seed(3))
+    gains = []
+    with torch.no_grad():
+        for i in range(group.rank):
+            group.lorapt_U.copy_(group.lorapt_U_init)
+            group.lorapt_U[:, :, i] += step / step.norm()
+            gains.append(float(group.dense_delta().norm()))
+    return gains
+
+
+def test_lorapt_per_component_scale_gives_every_principal_component_the_same_gain():
+    """``factor_scale='per_component'`` scales column ``i`` of ``U`` and ``V`` by ``c / sigma_i`` (``sigma_i``: the
+    component's largest Fourier-slice singular value), so the same step on any column moves the weights as much;
+    with ``'auto'`` (``c / sigma_1`` for all) the columns of the smaller components move them less."""
+    net = _Spread()
+    stacked = torch.stack([lin.weight.detach().double() for lin in net.lins])
+    sigma = torch.linalg.svdvals(torch.fft.rfft(stacked, dim=0))[:, :4].amax(0)  # independent of the package's SVD
+    model = get_peft_model(net, LoraPTConfig(r=4, target_modules=_SPREAD_TARGETS, factor_scale="per_component"))
+    (group,) = model.base_model.groups("default")
+    a, a_s = group.scales()
+    c = group.AUTO_GAIN
+    torch.testing.assert_close(a, c / sigma, rtol=1e-4, atol=0)
+    assert a_s == c and float(sigma[0] / sigma[-1]) > 2  # the spread this test is about
+    auto, per_component = _column_gains("auto"), _column_gains("per_component")
+    assert max(auto) / min(auto) > 2, auto
+    assert max(per_component) / min(per_component) < 1.15, per_component
+    assert math.isclose(per_component[0], auto[0], rel_tol=1e-5)  # the principal column: c / sigma_1 either way
+
+
+def test_lorapt_per_component_scale_floors_vanishing_components():
+    """Rank-deficient weights: components with (near-)zero singular values are amplified at most 1 / COMPONENT_FLOOR
+    times the principal one's scale, never divided by zero; training stays finite."""
+    model = get_peft_model(_Spread(rank=2), LoraPTConfig(r=4, target_modules=_SPREAD_TARGETS,
+                                                         factor_scale="per_component"))
+    (group,) = model.base_model.groups("default")
+    a, _ = group.scales()
+    assert bool(torch.isfinite(a).all())
+    torch.testing.assert_close(a[2:], a[0].expand(2) / group.COMPONENT_FLOOR, rtol=1e-6, atol=0)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    with pytest.raises(Exception, match="factor_scale must be 'auto' or 'per_component' or a positive number"):
+        LoraPTConfig(r=4, target_modules=_SPREAD_TARGETS, factor_scale="per_column")

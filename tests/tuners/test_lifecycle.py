@@ -46,6 +46,10 @@ CASES = {
     "lorapt-mlp-diag": (TinyMLP, mlp_input,
                         lambda **kw: LoraPTConfig(r=3, target_modules=["lin0", "lin1", "lin2", "lin3"],
                                                   core="diagonal", svd_method="full", core_gain=0.2, **kw)),
+    # the recipes' LoRA-PT form: one scale per principal component, the core at a fifth of its gain
+    "lorapt-mlp-percomp": (TinyMLP, mlp_input,
+                           lambda **kw: LoraPTConfig(r=3, target_modules=["lin1", "lin2", "lin3"],
+                                                     factor_scale="per_component", core_gain=0.2, **kw)),
     "tcurlora-vit": (tiny_vit, vit_input,
                      lambda **kw: TCURLoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], **kw)),
     # HyPS with its parallel branch only runs the whole matrix (the serial branch cannot merge, by design: its
@@ -58,7 +62,7 @@ CASES = {
                     lambda **kw: LoraPTConfig(r=2, target_modules=["query", "value", "intermediate.dense",
                                                                    "output.dense"], **kw)),
 }
-FAST = ["tcurlora-unetr-paper", "lorapt-unetr-paper", "tcurlora-mlp", "lorapt-mlp"]
+FAST = ["tcurlora-unetr-paper", "lorapt-unetr-paper", "tcurlora-mlp", "lorapt-mlp", "lorapt-mlp-percomp"]
 FAST_ALL = FAST + ["hyps-unetr", "hyps-mlp"]  # FAST alone where a test inspects the tensor groups themselves
 
 

@@ -41,8 +41,12 @@ class LoraPTConfig(GroupingConfigMixin, PeftTensorConfigMixin, PeftConfig):
         metadata={"help": "Scale of the factors' updates: the adapter uses U0 + a (U - U0), V0 + a (V - V0) and "
                   "S0 + a_S (S - S0). 'auto' (default for new adapters): a = c / sigma_1 and a_S = c, sigma_1 the "
                   "largest tubal singular value of the group's principal part and c = 0.2, so each factor reaches "
-                  "the weights with gain c (unscaled, a step on U or V is amplified by sigma_1^2, and plain SGD at "
-                  "PEFT's test lr 0.5 diverges where LoRA r=8 does not; see LoraPTGroup.AUTO_GAIN); 1.0: the "
+                  "the weights with gain at most c (unscaled, a step on U or V is amplified by sigma_1^2, and plain "
+                  "SGD at PEFT's test lr 0.5 diverges where LoRA r=8 does not; see LoraPTGroup.AUTO_GAIN); the "
+                  "columns of U and V that belong to smaller singular values reach the weights with gain "
+                  "c * sigma_i / sigma_1 only. 'per_component': a is one number per principal component, "
+                  "a_i = c / sigma_i (sigma_i: the component's largest Fourier-slice singular value, floored at "
+                  "sigma_1 / 100), so every column of U and V reaches the weights with gain c; a_S = c. 1.0: the "
                   "paper's unscaled form; a positive number: a = a_S = that number. Configs written before this "
                   "field existed load as 1.0."},
     )
@@ -73,7 +77,8 @@ class LoraPTConfig(GroupingConfigMixin, PeftTensorConfigMixin, PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = ensure_peft_type("LORAPT")
-        self._resolve_scale("factor_scale")  # before _check_common fills in peft_tensor_version
+        # before _check_common fills in peft_tensor_version
+        self._resolve_scale("factor_scale", ("auto", "per_component"))
         self._check_common()
         self._check_grouping()
         gain = self.core_gain

@@ -51,23 +51,39 @@ class LoraPTGroup(TensorGroup):
     # c = 0.2 stays finite on all 8 seeds, as LoRA r=8 does.
     AUTO_GAIN = 0.2
 
-    def scales(self) -> tuple[float, float]:
+    # factor_scale="per_component": a component's singular value is floored at this fraction of sigma_1, so a
+    # (near-)zero component (rank-deficient weights) is not amplified by more than 100x
+    COMPONENT_FLOOR = 0.01
+
+    def scales(self) -> tuple[float | torch.Tensor, float]:
         """``(a_UV, a_S)``: the adapter uses ``U0 + a_UV (U - U0)``, ``V0 + a_UV (V - V0)``, ``S0 + a_S (S - S0)``.
         ``factor_scale='auto'``: ``(c / sigma_1, c * core_gain)`` with ``sigma_1`` the largest Fourier-slice singular
-        value of the frozen ``S0`` and ``c = AUTO_GAIN`` (cached while S0 is unchanged); a number ``a``: ``(a, a *
-        core_gain)``; 1.0 with ``core_gain`` 1.0: unscaled."""
+        value of the frozen ``S0`` and ``c = AUTO_GAIN``; ``'per_component'``: ``a_UV`` is a float64 tensor ``(r,)``,
+        one scale per column of ``U`` and ``V``, ``c / max(sigma_i, COMPONENT_FLOOR sigma_1)`` with ``sigma_i`` the
+        largest norm over the Fourier slices of row ``i`` or column ``i`` of ``S0`` (for the f-diagonal ``S0`` of a
+        fresh adapter: the component's singular value), so a step on any column reaches the weights with gain ``c``;
+        both cached while ``S0`` is unchanged. A number ``a``: ``(a, a * core_gain)``; 1.0 with ``core_gain`` 1.0:
+        unscaled."""
         g = self.core_gain
-        if self.factor_scale != "auto":
+        if self.factor_scale not in ("auto", "per_component"):
             return float(self.factor_scale), float(self.factor_scale) * g
         s0 = self.lorapt_S_init
-        key = (s0.data_ptr(), s0._version, s0.device)
+        key = (s0.data_ptr(), s0._version, s0.device, self.factor_scale)
         hit = self.__dict__.get("_scale_cache")
         if hit is None or hit[0] != key:
             with torch.no_grad():
-                core = torch.diag_embed(s0.double()) if self.diagonal else s0.double()
-                sigma1 = float(torch.linalg.matrix_norm(to_fourier(core), ord=2).max())
-            c = self.AUTO_GAIN
-            hit = (key, (c / sigma1 if sigma1 > 0 else c, c))
+                core = to_fourier(torch.diag_embed(s0.double()) if self.diagonal else s0.double())
+                sigma1 = float(torch.linalg.matrix_norm(core, ord=2).max())
+                c = self.AUTO_GAIN
+                if self.factor_scale == "auto":
+                    a = c / sigma1 if sigma1 > 0 else c
+                elif sigma1 > 0:  # per component: U's column i meets row i of S V^T, V's column i column i of U S
+                    mags = core.abs()
+                    sigma = torch.maximum(mags.norm(dim=-1), mags.norm(dim=-2)).amax(0)  # (r,)
+                    a = c / sigma.clamp_min(self.COMPONENT_FLOOR * sigma1)
+                else:
+                    a = torch.full((s0.shape[-1],), c, dtype=torch.float64, device=s0.device)
+            hit = (key, (a, c))
             self.__dict__["_scale_cache"] = hit
         return hit[1][0], hit[1][1] * g
 
@@ -103,7 +119,10 @@ class LoraPTGroup(TensorGroup):
         a, a_s = self.scales()
         dt = compute_dtype(self.lorapt_U.dtype)  # float32, or float64 for a float64 model
         u, s, v = self.lorapt_U.to(dt), self.lorapt_S.to(dt), self.lorapt_V.to(dt)
-        if (a, a_s) != (1.0, 1.0):  # X0 + a (X - X0): exactly X0 at init (a * 0 = 0), the identity stays bit-exact
+        if isinstance(a, torch.Tensor):  # one scale per column of U and V (factor_scale='per_component')
+            a = a.to(device=u.device, dtype=dt)
+        # X0 + a (X - X0): exactly X0 at init (a * 0 = 0), the identity stays bit-exact
+        if isinstance(a, torch.Tensor) or (a, a_s) != (1.0, 1.0):
             u_init, s_init, v_init = self.lorapt_U_init.to(dt), self.lorapt_S_init.to(dt), self.lorapt_V_init.to(dt)
             u, s, v = u_init + (u - u_init) * a, s_init + (s - s_init) * a_s, v_init + (v - v_init) * a
         g = self._core_times_vt(s, v)
