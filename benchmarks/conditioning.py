@@ -6,7 +6,10 @@ group tensor:
 
 * ``kC``, ``kR`` (tCURLoRA): the largest condition number over the Fourier slices of the selected columns ``C`` and
   rows ``R``; ``kU0``: of the intersection's pseudo-inverse ``U0``; (LoRA-PT) ``s1/sr``: the spread of the principal
-  tubal singular values;
+  tubal singular values (largest over the Fourier slices); ``si/s1 med``, ``sr/s1``: per component (column of ``U``
+  and ``V``) its largest Fourier-slice singular value over ``sigma_1``, the median and the last (``r``-th) component:
+  with ``factor_scale='auto'`` a step on that column moves the weights this fraction of a step on the principal
+  column (``'per_component'``: all alike); ``scale``: the factors' scale (its largest per component);
 * ``gain`` (tCURLoRA): how far a unit step on one core entry moves the weights (``|dW|_F``), min / max over the core's
   entries -- the spread of the effective per-parameter step an optimiser that moves every entry by ``lr`` (Adam) sees;
   ``dir``: the same for the best / worst *direction* of the core (``sigma(C) sigma(R)``, its condition number);
@@ -91,8 +94,11 @@ def lorapt_rows(group) -> dict:
     core = group.lorapt_S_init.double()
     core = torch.diag_embed(core) if group.diagonal else core
     sv = torch.linalg.svdvals(to_fourier(core))
+    # per component (column of U and V) its largest Fourier-slice singular value over sigma_1: under
+    # factor_scale='auto' a unit step on that column moves the weights this fraction of a step on the principal one
+    comp = sv.amax(0) / sv.max().clamp_min(1e-30)
     return {"s1/sr": float((sv[..., 0] / sv[..., -1].clamp_min(1e-30)).max()), "s1": float(sv[..., 0].max()),
-            "scale": _largest(group.scales()[0])}
+            "si/s1 med": float(comp.median()), "sr/s1": float(comp[-1]), "scale": _largest(group.scales()[0])}
 
 
 def _largest(scale) -> float:

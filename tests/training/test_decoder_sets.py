@@ -104,11 +104,16 @@ def test_full_arms_on_swinunetr_and_target_configs():
     assert set(hyps.target_modules) >= set(convs) and "attn.qkv" in hyps.target_modules
     unetr = {"name": "unetr", "img_size": 32, "feature_size": 8, "hidden_size": 96, "mlp_dim": 192, "num_heads": 4}
     assert peft_config("lorapt_full", {"name": "lorapt_full"}, unetr).r == 2
-    # the recipes' LoRA-PT arm: r=32, the core at a fifth of the factors' gain; the paper's recipe and the
-    # whole-network arm keep the core's gain at 1
+    # the recipes' LoRA-PT arm: r=32, one scale per principal component, the core at a fifth of the factors' gain,
+    # at 0.1; an arm asking for 'auto' gets 'auto''s 0.3; the paper's recipe and the whole-network arm keep the
+    # core's gain at 1 and 'auto' (at 0.3)
     lorapt = peft_config("lorapt", {"name": "lorapt"}, unetr)
-    assert (lorapt.r, lorapt.factor_scale, lorapt.core_gain) == (32, "auto", 0.2)
-    assert peft_config("lorapt_full", {"name": "lorapt_full"}, unetr).core_gain == 1.0
+    assert (lorapt.r, lorapt.factor_scale, lorapt.core_gain) == (32, "per_component", 0.2)
+    assert optimizer_settings({"name": "lorapt", "decoder": "head"})["method_lr"] == 0.1
+    assert optimizer_settings({"name": "lorapt", "decoder": "head", "factor_scale": "auto"})["method_lr"] == 0.3
+    full = peft_config("lorapt_full", {"name": "lorapt_full"}, unetr)
+    assert (full.core_gain, full.factor_scale) == (1.0, "auto")
+    assert optimizer_settings({"name": "lorapt_full"})["method_lr"] == 0.3
     assert peft_config("lorapt", {"name": "lorapt", "factor_scale": 1.0, "core_gain": 1.0}, unetr).core_gain == 1.0
     # the whole-network tCURLoRA arm has its own core learning rate (0.3 is unstable there); others fall back to lr
     assert optimizer_settings({"name": "tcurlora_full"})["method_lr"] == 0.03
@@ -118,7 +123,8 @@ def test_full_arms_on_swinunetr_and_target_configs():
     assert optimizer_settings({"name": "tcurlora", "basis": "paper", "decoder": "head"})["method_lr"] == 0.3
     assert optimizer_settings({"name": "tcurlora"})["method_lr"] == 0.2
     assert optimizer_settings({"name": "tcurlora", "basis": "paper"})["method_lr"] == 0.03
-    assert optimizer_settings({"name": "lorapt"})["method_lr"] == 0.03
+    assert optimizer_settings({"name": "lorapt"})["method_lr"] == 0.01
+    assert optimizer_settings({"name": "lorapt", "factor_scale": "auto"})["method_lr"] == 0.03
     assert optimizer_settings({"name": "hyps", "decoder": "wide"})["method_lr"] == 0.01
     assert optimizer_settings({"name": "tcurlora", "basis": "paper", "method_lr": 0.1})["method_lr"] == 0.1
     recipe = peft_config("tcurlora", {"name": "tcurlora"}, unetr)

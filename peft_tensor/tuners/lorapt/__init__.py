@@ -14,10 +14,13 @@ __all__ = ["LoraPTConfig", "LoraPTGroup", "LoraPTLayer", "LoraPTModel"]
 
 register("lorapt", peft_type="LORAPT", config_cls=LoraPTConfig, model_cls=LoraPTModel, prefix="lorapt_",
          summary="LoRA-PT: principal t-SVD components train, residual frozen", paper="arXiv 2407.11292 (AIIM 2025)",
-         # the recipes' form: r=32, the core S at a fifth of the factors' gain (core_gain); the paper's form
-         # (factor_scale 1.0, core_gain 1.0) is finetune_unetr_lorapt (docs/methods.md#lora-pts-recipe-form)
-         arm_defaults={"r": 32, "core_gain": 0.2},
+         # the recipes' form: r=32, one factor scale per principal component (factor_scale='per_component'), the
+         # core S at a fifth of the factors' gain (core_gain); the paper's form (factor_scale 1.0, core_gain 1.0) is
+         # finetune_unetr_lorapt (docs/methods.md#lora-pts-recipe-form)
+         arm_defaults={"r": 32, "core_gain": 0.2, "factor_scale": "per_component"},
          full_arm_defaults={"r": 2},  # r=32 exceeds the decoder convs' channels; the whole-network arm as before
-         lr=0.3,  # with factor_scale="auto"; the factors do not move at the recipes' 3e-3 (docs/methods.md)
+         # the factors do not move at the recipes' 3e-3; per component every column moves the weights as much as the
+         # principal one, so the rate is lower than 'auto''s (an arm that asks for 'auto' gets that one's 0.3)
+         lr=0.1, lr_by={"factor_scale": {"auto": 0.3}}, full_lr=0.3,
          # coupled weight decay pulls U, S, V to zero: it removes the principal part (docs/methods.md#weight-decay)
          weight_decay=0.0)
