@@ -112,10 +112,21 @@ WEIGHTED = {
 
 @pytest.mark.parametrize("method", list(CONFIGS))
 def test_weighted_adapter_across_configs_is_exact(method):
+    _assert_weighted_is_exact(method, *WEIGHTED[method])
+
+
+def test_weighted_lorapt_with_per_component_scales_is_exact():
+    """The per-column scales of factor_scale='per_component' are baked into the combined factors as 'auto''s are."""
+    _assert_weighted_is_exact("lorapt", dict(factor_scale="per_component"),
+                              dict(factor_scale="per_component", core="diagonal", core_gain=0.2))
+    _assert_weighted_is_exact("lorapt", dict(factor_scale=1.0), dict(factor_scale="per_component"))
+
+
+def _assert_weighted_is_exact(method, first, second):
     torch.manual_seed(5)
-    pm = get_peft_model(_net(), CONFIGS[method](**WEIGHTED[method][0]), adapter_name="first")
+    pm = get_peft_model(_net(), CONFIGS[method](**first), adapter_name="first")
     torch.manual_seed(6)
-    pm.add_adapter("second", CONFIGS[method](**WEIGHTED[method][1]))
+    pm.add_adapter("second", CONFIGS[method](**second))
     weights = [0.7, -1.3]
     pm.base_model.add_weighted_adapter(["first", "second"], weights, "mix")
     for name in TARGETS:
