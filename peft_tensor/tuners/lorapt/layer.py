@@ -78,8 +78,7 @@ class LoraPTGroup(TensorGroup):
                 if self.factor_scale == "auto":
                     a = c / sigma1 if sigma1 > 0 else c
                 elif sigma1 > 0:  # per component: U's column i meets row i of S V^T, V's column i column i of U S
-                    mags = core.abs()
-                    sigma = torch.maximum(mags.norm(dim=-1), mags.norm(dim=-2)).amax(0)  # (r,)
+                    sigma = torch.maximum(core.norm(dim=-1), core.norm(dim=-2)).amax(0)  # (r,), real
                     a = c / sigma.clamp_min(self.COMPONENT_FLOOR * sigma1)
                 else:
                     a = torch.full((s0.shape[-1],), c, dtype=torch.float64, device=s0.device)
@@ -119,10 +118,10 @@ class LoraPTGroup(TensorGroup):
         a, a_s = self.scales()
         dt = compute_dtype(self.lorapt_U.dtype)  # float32, or float64 for a float64 model
         u, s, v = self.lorapt_U.to(dt), self.lorapt_S.to(dt), self.lorapt_V.to(dt)
-        if isinstance(a, torch.Tensor):  # one scale per column of U and V (factor_scale='per_component')
-            a = a.to(device=u.device, dtype=dt)
+        per_column = isinstance(a, torch.Tensor)  # one scale per column of U and V (factor_scale='per_component')
         # X0 + a (X - X0): exactly X0 at init (a * 0 = 0), the identity stays bit-exact
-        if isinstance(a, torch.Tensor) or (a, a_s) != (1.0, 1.0):
+        if per_column or (a, a_s) != (1.0, 1.0):
+            a = a.to(device=u.device, dtype=dt) if per_column else a
             u_init, s_init, v_init = self.lorapt_U_init.to(dt), self.lorapt_S_init.to(dt), self.lorapt_V_init.to(dt)
             u, s, v = u_init + (u - u_init) * a, s_init + (s - s_init) * a_s, v_init + (v - v_init) * a
         g = self._core_times_vt(s, v)
